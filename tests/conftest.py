@@ -1,0 +1,53 @@
+"""Shared fixtures: session-scoped gloo worker pools (see tests/dist_pool.py).
+
+Each pool is spawned the first time a test asks for it and shut down at the end of the session, so a test run
+pays for at most one spawn per pool size. Use them from test modules as::
+
+    from tests.dist_pool import model_parallel
+
+    def _task():                              # module level: workers import it by name
+        with model_parallel(tensor_model_parallel_size=2) as ps:
+            return ps.get_tensor_model_parallel_rank()
+
+    def test_tp_rank(dist_pool_2):
+        assert dist_pool_2.run(_task) == [0, 1]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import pytest
+
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Both ``tests.dist_pool`` and plain ``dist_pool`` resolve (workers see the same paths via dist_pool itself).
+for _path in (os.path.dirname(_TESTS_DIR), _TESTS_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from tests.dist_pool import DistPool  # noqa: E402
+
+
+def _pool(world_size: int) -> Iterator[DistPool]:
+    pool = DistPool(world_size)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dist_pool_2() -> Iterator[DistPool]:
+    yield from _pool(2)
+
+
+@pytest.fixture(scope="session")
+def dist_pool_4() -> Iterator[DistPool]:
+    yield from _pool(4)
+
+
+@pytest.fixture(scope="session")
+def dist_pool_8() -> Iterator[DistPool]:
+    yield from _pool(8)
