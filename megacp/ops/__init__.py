@@ -1,0 +1,39 @@
+"""Attention kernels that return log-sum-exp, and the LSE merges used by context parallelism."""
+
+from megacp.ops.attention import (
+    ENV_BACKEND,
+    AttentionBackend,
+    attention_with_lse,
+    attention_with_lse_by_positions,
+    available_backends,
+    bottom_right_causal_from_top_left,
+    bottom_right_causal_mask,
+    paged_attention_with_lse,
+    per_sequence,
+    per_sequence_masked,
+    register_backend,
+    rows_with_keys,
+    select_backend,
+)
+from megacp.ops.merge import dcp_merge, lse_merge_weights, merge_attn_states, merge_attn_states_n, pcp_merge
+
+__all__ = [
+    "ENV_BACKEND",
+    "AttentionBackend",
+    "attention_with_lse",
+    "attention_with_lse_by_positions",
+    "available_backends",
+    "bottom_right_causal_from_top_left",
+    "bottom_right_causal_mask",
+    "dcp_merge",
+    "lse_merge_weights",
+    "merge_attn_states",
+    "merge_attn_states_n",
+    "paged_attention_with_lse",
+    "pcp_merge",
+    "per_sequence",
+    "per_sequence_masked",
+    "register_backend",
+    "rows_with_keys",
+    "select_backend",
+]

@@ -1,0 +1,424 @@
+"""Attention that also returns the log-sum-exp of the scores (DESIGN §3 "Kernels / backends").
+
+Public interface (docs/architecture.md "Attention with LSE"):
+
+- ``attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, backend=None) -> (out, lse)``: packed
+  variable-length batch, GQA, ``causal`` = **bottom-right** alignment (query i of a sequence with lengths (lq, lk) sees
+  keys j <= i + lk - lq).
+- ``attention_with_lse_by_positions(...)``: the same with an explicit mask by absolute positions (query at position
+  ``qp`` sees key at ``kp`` iff ``kp <= qp``), for keys that are an arbitrary subset of a sequence, e.g. one CP rank's
+  interleaved KV shard.
+- ``paged_attention_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)``: decode over a paged cache.
+
+LSE convention: natural log, float32, ``[Tq, Hq]``. Rows that see no key get ``out = 0`` and ``lse = -inf`` whatever
+the kernel returns (some return 0 or NaN there), so partials merge exactly (megacp/ops/merge.py).
+
+Backends live in a small registry (``register_backend``). The automatic choice is the highest-priority backend that is
+``available`` for the query's device; ``MEGACP_ATTN_BACKEND`` or ``backend=`` forces one. A backend supplies a packed
+varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence`` /
+``per_sequence_masked``; a kernel with only top-left causal masking gets bottom-right alignment from
+``bottom_right_causal_from_top_left``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from megacp.ops.merge import merge_attn_states
+
+ENV_BACKEND = "MEGACP_ATTN_BACKEND"
+
+# (q [Tq,Hq,D], k [Tk,Hk,D], v, cu_seqlens_q [B+1], cu_seqlens_k [B+1], causal, scale) -> (out [Tq,Hq,D], lse [Tq,Hq])
+VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+# (q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions [Tq], k_positions [Tk], scale) -> (out, lse)
+PositionsFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+# One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
+SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+# One sequence with an explicit mask: (q, k, v, allowed [lq, lk] bool, scale) -> (out, lse)
+SeqMaskedFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One implementation of attention-with-LSE.
+
+    ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them); ``by_positions``
+    (optional) must return them normalised. Higher ``priority`` wins the automatic choice.
+    """
+
+    name: str
+    varlen: VarlenFn
+    available: Callable[[torch.device], bool]
+    priority: int = 0
+    by_positions: Optional[PositionsFn] = None
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    """Add (or replace) a backend in the registry."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends usable on ``device``, best first."""
+    device = torch.device(device)
+    ranked = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    return [b.name for b in ranked if b.available(device)]
+
+
+def select_backend(
+    device: torch.device | str, backend: str | None = None, need_positions: bool = False
+) -> AttentionBackend:
+    """``backend`` (or ``$MEGACP_ATTN_BACKEND``) if given, else the best available one for ``device``."""
+    device = torch.device(device)
+    name = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+    usable = [n for n in available_backends(device) if not need_positions or _BACKENDS[n].by_positions is not None]
+    if name is None:
+        if not usable:  # "torch" is always available, so this only happens if someone replaced it
+            raise ValueError(f"no attention backend is available on {device}; registered: {sorted(_BACKENDS)}")
+        return _BACKENDS[usable[0]]
+    if name not in usable:
+        what = "unknown" if name not in _BACKENDS else f"not available on {device}"
+        if name in _BACKENDS and need_positions and _BACKENDS[name].by_positions is None:
+            what = "without a by-positions (explicit mask) variant"
+        raise ValueError(
+            f"attention backend {name!r} (from backend= or ${ENV_BACKEND}) is {what}; choose one of {usable}"
+        )
+    return _BACKENDS[name]
+
+
+# ----------------------------------------------------------------------------------------------- public entry points
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool,
+    scale: float,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Packed varlen attention returning the softmax log-sum-exp.
+
+    # q: [Tq, Hq, D], k/v: [Tk, Hk, D], cu_seqlens_q/k: int [B+1] -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
+    ``causal`` is bottom-right aligned; rows that see no key give out 0 and lse -inf.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    impl = select_backend(q.device, backend)
+    out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale))
+    has_key = rows_with_keys(cu_seqlens_q, cu_seqlens_k, causal, q.shape[0])
+    return _normalise_empty_rows(out.to(q.dtype), lse.float(), has_key)
+
+
+def attention_with_lse_by_positions(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    scale: float,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Packed varlen attention with a causal mask by absolute positions.
+
+    # q: [Tq, Hq, D], k/v: [Tk, Hk, D], q_positions: int [Tq], k_positions: int [Tk]
+    # -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
+    Within each sequence, a query at position qp sees the keys with position kp <= qp (keys may be any subset of
+    the sequence in any order, e.g. a CP rank's interleaved shard). Rows that see no key give out 0 and lse -inf.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if q_positions.shape != (q.shape[0],) or k_positions.shape != (k.shape[0],):
+        raise ValueError(
+            f"q_positions {tuple(q_positions.shape)} / k_positions {tuple(k_positions.shape)} must be [Tq]={q.shape[0]}"
+            f" / [Tk]={k.shape[0]}"
+        )
+    impl = select_backend(q.device, backend, need_positions=True)
+    assert impl.by_positions is not None
+    out, lse = impl.by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, float(scale))
+    return out.to(q.dtype), lse.float()
+
+
+def paged_attention_with_lse(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Decode attention (one query per sequence, non-causal) over this rank's paged KV shard.
+
+    # q: [B, Hq, D], k_cache/v_cache: [num_blocks, block_size, Hkv, D], block_table: int [B, max_blocks] (local block
+    # ids), seq_lens: int [B] (local lengths, may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32)
+    Gathers each sequence's K/V into a contiguous buffer and runs ``attention_with_lse``; seq_len 0 gives out 0 and
+    lse -inf.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"paged_attention_with_lse: expected q [B, Hq, D] and k/v cache [num_blocks, block_size, Hkv, D], got "
+            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if block_table.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
+        raise ValueError(
+            f"paged_attention_with_lse: block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} "
+            f"need one row per query (B={q.shape[0]})"
+        )
+    block_size = k_cache.shape[1]
+    # Slot of every local token: block_table[b, j // block_size] * block_size + j % block_size, for j < seq_lens[b].
+    lens = seq_lens.to(device=q.device, dtype=torch.long)
+    max_len = int(lens.max().item()) if lens.numel() else 0
+    if max_len > block_table.shape[1] * block_size:
+        raise ValueError(
+            f"paged_attention_with_lse: seq_lens up to {max_len} need more than block_table's "
+            f"{block_table.shape[1]} blocks of {block_size}"
+        )
+    j = torch.arange(max_len, device=q.device)
+    blocks = block_table.to(device=q.device, dtype=torch.long)[:, j // block_size]  # [B, max_len]
+    slots = (blocks * block_size + j % block_size)[j.unsqueeze(0) < lens.unsqueeze(1)]  # flat, sequence order
+    k = k_cache.flatten(0, 1)[slots]
+    v = v_cache.flatten(0, 1)[slots]
+    cu_q = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    cu_k = torch.zeros(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(lens, 0)
+    return attention_with_lse(q, k, v, cu_q, cu_k, causal=False, scale=scale, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------- reusable helpers
+def bottom_right_causal_mask(lq: int, lk: int, device: torch.device | str = "cpu") -> Tensor:
+    """``allowed[i, j] = j <= i + lk - lq`` (bottom-right aligned causal mask).  # -> bool [lq, lk]"""
+    i = torch.arange(lq, device=device).unsqueeze(1)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    return j <= i + (lk - lq)
+
+
+def rows_with_keys(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, total_q: int) -> Tensor:
+    """Which packed query rows see at least one key (vectorised, no host sync).  # -> bool [Tq]"""
+    cu_q = cu_seqlens_q.long()
+    cu_k = cu_seqlens_k.long()
+    lq = cu_q[1:] - cu_q[:-1]
+    lk = cu_k[1:] - cu_k[:-1]
+    seq = torch.repeat_interleave(torch.arange(lq.numel(), device=cu_q.device), lq, output_size=total_q)
+    i = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
+    has = lk[seq] > 0
+    if causal:
+        has = has & (i + lk[seq] - lq[seq] >= 0)
+    return has
+
+
+def per_sequence(seq_fn: SeqFn) -> VarlenFn:
+    """Lift a one-sequence kernel to the packed varlen interface (loops over sequences, skips empty ones)."""
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+        outs, lses = [], []
+        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
+            if q1 == q0:
+                continue
+            if k1 == k0:
+                outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+                lses.append(_neg_inf(q1 - q0, q.shape[1], q.device))
+                continue
+            out, lse = seq_fn(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale)
+            outs.append(out.to(q.dtype))
+            lses.append(lse.float())
+        return _cat(outs, lses, q, v)
+
+    return varlen
+
+
+def per_sequence_masked(seq_fn: SeqMaskedFn) -> PositionsFn:
+    """Lift a one-sequence explicit-mask kernel to packed varlen attention by absolute positions (normalised)."""
+
+    def by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale):
+        outs, lses = [], []
+        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
+            if q1 == q0:
+                continue
+            allowed = k_positions[k0:k1].unsqueeze(0) <= q_positions[q0:q1].unsqueeze(1)  # [lq, lk]
+            has_key = allowed.any(dim=1).unsqueeze(1)  # [lq, 1]
+            if not bool(has_key.any()):
+                outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+                lses.append(_neg_inf(q1 - q0, q.shape[1], q.device))
+                continue
+            out, lse = seq_fn(q[q0:q1], k[k0:k1], v[k0:k1], allowed, scale)
+            out, lse = _normalise_empty_rows(out.to(q.dtype), lse.float(), has_key.squeeze(1))
+            outs.append(out)
+            lses.append(lse)
+        return _cat(outs, lses, q, v)
+
+    return by_positions
+
+
+def bottom_right_causal_from_top_left(
+    attn: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Bottom-right causal attention for one sequence from a kernel whose ``causal`` is top-left aligned.
+
+    # q: [lq, Hq, D], k/v: [lk, Hk, D] (lq, lk > 0) -> (out, lse float32)
+    lq <= lk: keys [0, lk-lq) are visible to every query (non-causal part) and keys [lk-lq, lk) form a square where
+    top-left == bottom-right; the two partials are merged by LSE. lq > lk: the first lq-lk queries see nothing, the
+    rest form a square. Note the LSE merge is not differentiable through a kernel whose lse has no gradient.
+    """
+    lq, lk = q.shape[0], k.shape[0]
+    if lq >= lk:
+        out, lse = attn(q[lq - lk :], k, v, True, scale)
+        if lq == lk:
+            return out, lse.float()
+        empty_out = out.new_zeros(lq - lk, *out.shape[1:])
+        return torch.cat([empty_out, out]), torch.cat([_neg_inf(lq - lk, q.shape[1], q.device), lse.float()])
+    d = lk - lq
+    o_prefix, l_prefix = attn(q, k[:d], v[:d], False, scale)
+    o_square, l_square = attn(q, k[d:], v[d:], True, scale)
+    return merge_attn_states(o_prefix, l_prefix, o_square, l_square)
+
+
+def _segments(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    return [((cq[b], cq[b + 1]), (ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
+def _neg_inf(rows: int, heads: int, device: torch.device) -> Tensor:
+    return torch.full((rows, heads), float("-inf"), dtype=torch.float32, device=device)
+
+
+def _cat(outs: list[Tensor], lses: list[Tensor], q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[2]), _neg_inf(0, q.shape[1], q.device)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _normalise_empty_rows(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Tensor, Tensor]:
+    """out 0 / lse -inf where ``has_key`` is False.  # out [T, H, D], lse [T, H], has_key bool [T]"""
+    keep = has_key.view(-1, 1)
+    lse = torch.where(keep, lse, torch.full_like(lse, float("-inf")))
+    out = torch.where(keep.unsqueeze(-1), out, torch.zeros_like(out))
+    return out, lse
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"attention_with_lse: expected q [Tq, Hq, D], k [Tk, Hk, D], v [Tk, Hk, Dv], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"attention_with_lse: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA"
+        )
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
+        raise ValueError(
+            f"attention_with_lse: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+            f"{tuple(cu_seqlens_k.shape)} must both be [B+1]"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- "torch" (reference)
+def _torch_seq_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Explicit matmul + masked softmax in float32 (float64 for float64 inputs); NaN-free for fully masked rows."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lq, hq, _ = q.shape
+    lk, hk, _ = k.shape
+    group = hq // hk
+    qg = q.to(compute).reshape(lq, hk, group, -1)  # query head h uses kv head h // group
+    scores = torch.einsum("qhgd,khd->hgqk", qg, k.to(compute)) * scale  # [Hk, G, lq, lk]
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows: exp(-inf - 0) = 0, no NaN
+    p = torch.exp(scores - m)
+    s = p.sum(dim=-1, keepdim=True)
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    out = torch.einsum("hgqk,khd->qhgd", p / s_safe, v.to(compute)).reshape(lq, hq, -1)
+    lse = torch.where(s > 0, m + torch.log(s_safe), torch.full_like(s, float("-inf")))
+    return out.to(q.dtype), lse.reshape(hq, lq).transpose(0, 1).float()
+
+
+def _torch_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    allowed = bottom_right_causal_mask(q.shape[0], k.shape[0], q.device) if causal else None
+    return _torch_seq_masked(q, k, v, allowed, scale)
+
+
+# ----------------------------------------------------------------------------------------------- "sdpa_cpu"
+_CPU_FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _sdpa_cpu_call(
+    q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One sequence through aten's CPU flash kernel (handles GQA natively; crashes on empty q or k, never pass them).
+
+    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32); mask: additive, q.dtype, [lq, lk]
+    """
+    out, lse = _CPU_FLASH_OP(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=top_left_causal,
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+def _sdpa_cpu_seq_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    # The kernel wants an additive mask in the query dtype; fully masked rows come back as lse 0 (normalised by caller).
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    return _sdpa_cpu_call(q, k, v, False, scale, mask)
+
+
+def _sdpa_cpu_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    if not causal:
+        return _sdpa_cpu_call(q, k, v, False, scale)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and q.shape[0] < k.shape[0]:
+        # The kernel's lse has no gradient, so the LSE-merge decomposition would drop terms: use one masked call.
+        return _sdpa_cpu_seq_masked(q, k, v, bottom_right_causal_mask(q.shape[0], k.shape[0], q.device), scale)
+    return bottom_right_causal_from_top_left(_sdpa_cpu_call, q, k, v, scale)
+
+
+def _sdpa_cpu_available(device: torch.device) -> bool:
+    return _CPU_FLASH_OP is not None and device.type == "cpu"
+
+
+def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    if q.dtype not in _CPU_FLASH_DTYPES or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(
+            f"attention backend 'sdpa_cpu' needs q/k/v of one dtype among {_CPU_FLASH_DTYPES}, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype}; use backend='torch'"
+        )
+    return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+
+
+register_backend(
+    AttentionBackend(
+        name="torch",
+        varlen=per_sequence(_torch_seq),
+        available=lambda device: True,
+        priority=0,
+        by_positions=per_sequence_masked(_torch_seq_masked),
+    )
+)
+register_backend(
+    AttentionBackend(
+        name="sdpa_cpu",
+        varlen=_sdpa_cpu_varlen,
+        available=_sdpa_cpu_available,
+        priority=10,
+        by_positions=per_sequence_masked(_sdpa_cpu_seq_masked),
+    )
+)

@@ -1,0 +1,119 @@
+"""Merging partial attention results by log-sum-exp (DESIGN §3 "LSE conventions").
+
+A partial result ``(o_i, l_i)`` is attention over a subset of the keys: ``o_i`` is the softmax-weighted value sum over
+that subset and ``l_i`` the natural-log sum of ``exp(scores)`` over it (float32, ``-inf`` when the subset is empty).
+Attention over the union of disjoint subsets is
+
+    L = logsumexp_i l_i,        o = Σ_i exp(l_i − L) · o_i .
+
+The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally; ``dcp_merge``
+and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``.
+Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # parallel_state imports torch.distributed; keep this module importable without it
+    from megacp.parallel_state import ParallelGroup
+
+
+def lse_merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights ``exp(l_i − L)`` and the merged ``L = logsumexp_i l_i`` over dim 0, safe for ``-inf`` entries.
+
+    # lses: [N, ...] -> (weights [N, ...] float32, lse [...] float32)
+    Where every ``l_i`` is ``-inf`` the weights are 0 and ``L`` is ``-inf``.
+    """
+    lses = lses.float()
+    m = lses.amax(dim=0)
+    # An all -inf column would give exp(-inf - -inf) = NaN: shift it by 0 instead (its weights are then exactly 0).
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(lses - m)
+    s = e.sum(dim=0)
+    nonempty = s > 0
+    s_safe = torch.where(nonempty, s, torch.ones_like(s))
+    lse = torch.where(nonempty, m + torch.log(s_safe), torch.full_like(s, float("-inf")))
+    return e / s_safe, lse
+
+
+def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge N partial attention states over dim 0.
+
+    # outs: [N, ..., D] (any float dtype), lses: [N, ...] -> (out [..., D] in outs.dtype, lse [...] float32)
+    """
+    if outs.shape[:-1] != lses.shape:
+        raise ValueError(f"merge_attn_states_n: outs {tuple(outs.shape)} must be lses {tuple(lses.shape)} plus a head_dim")
+    if outs.shape[0] == 0:
+        raise ValueError("merge_attn_states_n: need at least one partial state (N >= 1)")
+    weights, lse = lse_merge_weights(lses)
+    out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
+    return out.to(outs.dtype), lse
+
+
+def merge_attn_states(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partial attention states.
+
+    # o1, o2: [..., D]; l1, l2: [...] -> (out [..., D] in o1.dtype, lse [...] float32)
+    """
+    return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.float(), l2.float()]))
+
+
+def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
+    """This rank's ``exp(l_rank − L) · out`` in float32 and the group-wide ``L`` (lse all-gathered over ``group``)."""
+    all_lse = group.all_gather(lse.float().unsqueeze(0).contiguous(), dim=0)  # [W, ...]
+    weights, merged_lse = lse_merge_weights(all_lse)
+    scaled = weights[group.rank_in_group].unsqueeze(-1) * out.float()
+    return scaled, merged_lse
+
+
+def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) -> tuple[Tensor, Tensor]:
+    """Decode-CP merge: every rank attended all DCP ranks' heads against its own KV shard.
+
+    # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32)
+    Heads are ordered by DCP rank (the order of the Q all-gather); this rank keeps slice ``rank_in_group``.
+    All-gathers lse, rescales, and reduce-scatters the rescaled output over the head dim (in float32).
+    """
+    if group is None:
+        from megacp.parallel_state import get_dcp_group
+
+        group = get_dcp_group()
+    _check_merge_shapes("dcp_merge", out, lse)
+    if out.shape[1] % group.world_size != 0:
+        raise ValueError(
+            f"dcp_merge: head dim {out.shape[1]} must be Hq_local * dcp (dcp = {group.world_size}); "
+            "all-gather q over the DCP group's heads before attention"
+        )
+    if group.world_size == 1:
+        return out, lse.float()
+    scaled, merged_lse = _scale_for_group(out, lse, group)
+    local_heads = out.shape[1] // group.world_size
+    start = group.rank_in_group * local_heads
+    merged = group.reduce_scatter(scaled.contiguous(), dim=1)
+    return merged.to(out.dtype), merged_lse[:, start : start + local_heads].contiguous()
+
+
+def pcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) -> tuple[Tensor, Tensor]:
+    """Prefill-CP merge: same queries on every rank, each against its own KV shard.
+
+    # out: [B, H, D], lse: [B, H] -> (out [B, H, D] in out.dtype, lse [B, H] float32), identical on every rank
+    All-gathers lse, rescales, and all-reduces the rescaled output (in float32).
+    """
+    if group is None:
+        from megacp.parallel_state import get_pcp_group
+
+        group = get_pcp_group()
+    _check_merge_shapes("pcp_merge", out, lse)
+    if group.world_size == 1:
+        return out, lse.float()
+    scaled, merged_lse = _scale_for_group(out, lse, group)
+    merged = group.all_reduce(scaled.contiguous())
+    return merged.to(out.dtype), merged_lse
+
+
+def _check_merge_shapes(fn: str, out: Tensor, lse: Tensor) -> None:
+    if out.dim() != 3 or out.shape[:2] != lse.shape:
+        raise ValueError(f"{fn}: expected out [B, H, D] and lse [B, H], got {tuple(out.shape)} and {tuple(lse.shape)}")
