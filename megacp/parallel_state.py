@@ -1,0 +1,394 @@
+"""Process groups for TP / PCP / DCP / CP / DP / EP and their getters (Megatron style, one global state).
+
+Rank layout (DESIGN §1): ``world = dp·pcp·tp`` ranks laid out as ``arange(world).reshape(dp, pcp, tp)``, TP innermost.
+DCP groups are contiguous runs of ``dcp`` ranks inside a TP group; the CP group of a sequence's KV cache is the
+``pcp·dcp`` ranks with the same dp index and the same ``tp_rank // dcp``, ordered by ``cp_rank = pcp_rank·dcp + dcp_rank``.
+
+``rank_layout`` is the pure description of that layout; ``initialize_model_parallel`` turns it into torch process
+groups wrapped in ``ParallelGroup`` (the collectives the layers use). All state lives in the single ``_STATE``;
+``destroy_model_parallel`` destroys its groups and resets it, so a later initialisation with other sizes works.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megacp.config import validate_dcp, validate_kv_interleave, validate_sizes, validate_world_size
+
+GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
+
+# torch >= 2.10 renamed the flat collectives (the old names still work but warn).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def rank_layout(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    prefill_context_parallel_size: int = 1,
+    decode_context_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+) -> dict[str, list[list[int]]]:
+    """Every group of every kind: ``{"tp"|"pcp"|"dcp"|"cp"|"dp"|"ep": [group ranks in group order, ...]}``.
+
+    Raises ``ValueError`` when ``world_size != dp·pcp·tp``, ``tp % dcp != 0`` or a size is < 1.
+    """
+    tp, pcp, dcp, dp = (
+        tensor_model_parallel_size,
+        prefill_context_parallel_size,
+        decode_context_parallel_size,
+        data_parallel_size,
+    )
+    validate_sizes(tp, pcp, dcp, dp)
+    validate_dcp(tp, dcp)
+    validate_world_size(world_size, tp, pcp, dp)
+
+    def rank(d: int, p: int, t: int) -> int:
+        return (d * pcp + p) * tp + t
+
+    heads = tp // dcp  # DCP groups per TP group
+    return {
+        "tp": [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pcp)],
+        "dcp": [
+            [rank(d, p, h * dcp + i) for i in range(dcp)] for d in range(dp) for p in range(pcp) for h in range(heads)
+        ],
+        "pcp": [[rank(d, p, t) for p in range(pcp)] for d in range(dp) for t in range(tp)],
+        "cp": [
+            [rank(d, p, h * dcp + i) for p in range(pcp) for i in range(dcp)] for d in range(dp) for h in range(heads)
+        ],
+        "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pcp) for t in range(tp)],
+        "ep": [list(range(world_size))],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ParallelGroup
+class ParallelGroup:
+    """One process group seen from this rank: its members and the collectives the layers need.
+
+    Every collective returns its input unchanged when ``world_size == 1`` (then ``device_group`` may be None).
+    ``all_gather``, ``reduce_scatter`` and ``all_reduce`` are differentiable when the input requires grad.
+    """
+
+    def __init__(self, name: str, ranks: list[int], device_group: dist.ProcessGroup | None, rank: int):
+        self.name = name
+        self.ranks = list(ranks)
+        self.rank_in_group = self.ranks.index(rank)
+        self.world_size = len(self.ranks)
+        self.device_group = device_group
+
+    def __repr__(self) -> str:
+        return f"ParallelGroup({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        return x.requires_grad and torch.is_grad_enabled()
+
+    def _split_size(self, x: torch.Tensor, dim: int, op: str) -> int:
+        if x.shape[dim] % self.world_size != 0:
+            raise ValueError(
+                f"{self.name}.{op}: dim {dim} of shape {tuple(x.shape)} must be divisible by the group size "
+                f"{self.world_size}; pad it to a multiple of {self.world_size}"
+            )
+        return x.shape[dim] // self.world_size
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's ``x`` (equal shapes) along ``dim`` in group order: ``[.., n, ..] -> [.., W·n, ..]``."""
+        if self.world_size == 1:
+            return x
+        if self._needs_autograd(x):
+            return _AllGather.apply(x, self, dim)
+        return self._all_gather(x, dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over ranks, keep this rank's equal slice along ``dim``: ``[.., W·n, ..] -> [.., n, ..]``."""
+        if self.world_size == 1:
+            return x
+        if self._needs_autograd(x):
+            return _ReduceScatter.apply(x, self, dim)
+        return self._reduce_scatter(x, dim)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks. In place on ``x`` unless it requires grad (then a new, differentiable tensor)."""
+        if self.world_size == 1:
+            return x
+        if self._needs_autograd(x):
+            return _AllReduce.apply(x, self)
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int = 0, gather_dim: int = 0) -> torch.Tensor:
+        """Split ``x`` into W equal chunks along ``scatter_dim``, send chunk i to rank i, concatenate the chunks
+        received (in group order) along ``gather_dim``."""
+        if self.world_size == 1:
+            return x
+        scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+        chunk = self._split_size(x, scatter_dim, "all_to_all")
+        send = x.movedim(scatter_dim, 0).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.device_group)
+        # recv: [W·chunk, rest...], block i from rank i -> W tensors shaped like x with chunk rows on scatter_dim
+        pieces = recv.reshape(self.world_size, chunk, *send.shape[1:]).movedim(1, scatter_dim + 1).unbind(0)
+        return torch.cat(pieces, dim=gather_dim)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy ``x`` of group rank ``src`` into ``x`` on every rank (in place); returns ``x``."""
+        if self.world_size == 1:
+            return x
+        dist.broadcast(x, src=self.ranks[src], group=self.device_group)
+        return x
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.device_group)
+
+    # Flat collectives: gloo only has the flat tensor versions, so move `dim` to the front and back.
+    def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.dim()
+        front = x.movedim(dim, 0).contiguous()
+        out = torch.empty((self.world_size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_flat(out, front, group=self.device_group)
+        return out.movedim(0, dim).contiguous() if dim else out
+
+    def _reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.dim()
+        n = self._split_size(x, dim, "reduce_scatter")
+        front = x.movedim(dim, 0).contiguous()
+        out = torch.empty((n, *front.shape[1:]), dtype=x.dtype, device=x.device)
+        _reduce_scatter_flat(out, front, op=dist.ReduceOp.SUM, group=self.device_group)
+        return out.movedim(0, dim).contiguous() if dim else out
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ParallelGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return group._all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group._reduce_scatter(grad, ctx.dim), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ParallelGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return group._reduce_scatter(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group._all_gather(grad, ctx.dim), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group.device_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group.device_group)
+        return grad, None
+
+
+# ------------------------------------------------------------------------------------------------ global state
+@dataclass
+class ParallelState:
+    groups: dict[str, ParallelGroup]
+    world: ParallelGroup
+    decode_context_parallel_size: int
+    enable_expert_parallel: bool
+    cp_kv_cache_interleave_size: int
+    owned_groups: list[dist.ProcessGroup] = field(default_factory=list)  # destroyed by destroy_model_parallel
+
+
+_STATE: ParallelState | None = None
+
+
+def _init_distributed_from_env(backend: str | None, timeout: timedelta | None) -> None:
+    """torchrun sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain ``python script.py`` gets a 1-rank world."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, **kwargs)
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    prefill_context_parallel_size: int = 1,
+    decode_context_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    enable_expert_parallel: bool = False,
+    cp_kv_cache_interleave_size: int = 1,
+    backend: str | None = None,
+    timeout: timedelta | None = None,
+) -> None:
+    """Create the TP/PCP/DCP/CP/DP/EP groups of DESIGN §1 on every rank (a collective: all ranks must call it).
+
+    Initialises ``torch.distributed`` from torchrun's environment if needed (``backend=None``: nccl with CUDA, else
+    gloo). The sizes are validated before any collective, so a bad configuration raises ``ValueError`` everywhere.
+    """
+    global _STATE
+    if _STATE is not None:
+        raise RuntimeError(
+            "model parallel is already initialized; call megacp.parallel_state.destroy_model_parallel() first"
+        )
+    validate_kv_interleave(cp_kv_cache_interleave_size)
+    if not dist.is_initialized():
+        _init_distributed_from_env(backend, timeout)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    layout = rank_layout(
+        world_size, tensor_model_parallel_size, prefill_context_parallel_size, decode_context_parallel_size,
+        data_parallel_size,
+    )
+    groups: dict[str, ParallelGroup] = {}
+    owned: list[dist.ProcessGroup] = []
+    # new_group is collective over the whole world: every rank creates every group, in the same order.
+    # Size-1 groups need no communicator (all ranks agree on the sizes, so all skip the same calls).
+    for name in GROUP_NAMES:
+        for ranks in layout[name]:
+            pg = None
+            if len(ranks) > 1:
+                pg = dist.new_group(ranks, timeout=timeout, backend=backend)
+                if rank in ranks:
+                    owned.append(pg)
+            if rank in ranks:
+                groups[name] = ParallelGroup(name, ranks, pg, rank)
+    world = ParallelGroup("world", list(range(world_size)), dist.group.WORLD, rank)
+    _STATE = ParallelState(
+        groups=groups,
+        world=world,
+        decode_context_parallel_size=decode_context_parallel_size,
+        enable_expert_parallel=enable_expert_parallel,
+        cp_kv_cache_interleave_size=cp_kv_cache_interleave_size,
+        owned_groups=owned,
+    )
+
+
+def model_parallel_is_initialized() -> bool:
+    return _STATE is not None
+
+
+def destroy_model_parallel() -> None:
+    """Destroy every group created by ``initialize_model_parallel`` and forget all state (the default group stays)."""
+    global _STATE
+    state, _STATE = _STATE, None
+    if state is None or not dist.is_initialized():
+        return
+    for pg in state.owned_groups:
+        dist.destroy_process_group(pg)
+
+
+def _state() -> ParallelState:
+    if _STATE is None:
+        raise RuntimeError(
+            "megacp model parallel is not initialized: call "
+            "megacp.parallel_state.initialize_model_parallel(tensor_model_parallel_size=..., ...) first"
+        )
+    return _STATE
+
+
+# ------------------------------------------------------------------------------------------------ getters
+def get_world_group() -> ParallelGroup:
+    return _state().world
+
+
+def get_tp_group() -> ParallelGroup:
+    return _state().groups["tp"]
+
+
+def get_pcp_group() -> ParallelGroup:
+    return _state().groups["pcp"]
+
+
+def get_dcp_group() -> ParallelGroup:
+    return _state().groups["dcp"]
+
+
+def get_cp_group() -> ParallelGroup:
+    """The ``pcp·dcp`` ranks sharing one sequence's KV cache, in ``cp_rank`` order."""
+    return _state().groups["cp"]
+
+
+def get_dp_group() -> ParallelGroup:
+    return _state().groups["dp"]
+
+
+def get_ep_group() -> ParallelGroup:
+    """All ``dp·pcp·tp`` ranks; whether MoE experts are split over them is ``expert_parallel_enabled()``."""
+    return _state().groups["ep"]
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return get_tp_group().rank_in_group
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return get_tp_group().world_size
+
+
+def get_prefill_context_parallel_rank() -> int:
+    return get_pcp_group().rank_in_group
+
+
+def get_prefill_context_parallel_world_size() -> int:
+    return get_pcp_group().world_size
+
+
+def get_decode_context_parallel_rank() -> int:
+    return get_dcp_group().rank_in_group
+
+
+def get_decode_context_parallel_world_size() -> int:
+    return get_dcp_group().world_size
+
+
+def get_context_parallel_rank() -> int:
+    """``cp_rank = pcp_rank·dcp + dcp_rank`` (equals the rank's position in the CP group)."""
+    return get_prefill_context_parallel_rank() * _state().decode_context_parallel_size + get_decode_context_parallel_rank()
+
+
+def get_context_parallel_world_size() -> int:
+    """``pcp·dcp``: how many ranks share (and shard) one sequence's KV cache."""
+    return get_cp_group().world_size
+
+
+def get_data_parallel_rank() -> int:
+    return get_dp_group().rank_in_group
+
+
+def get_data_parallel_world_size() -> int:
+    return get_dp_group().world_size
+
+
+def get_expert_parallel_rank() -> int:
+    return get_ep_group().rank_in_group
+
+
+def get_expert_parallel_world_size() -> int:
+    return get_ep_group().world_size
+
+
+def expert_parallel_enabled() -> bool:
+    return _state().enable_expert_parallel
+
+
+def get_cp_kv_cache_interleave_size() -> int:
+    return _state().cp_kv_cache_interleave_size
