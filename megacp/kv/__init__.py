@@ -1,0 +1,28 @@
+"""Paged, context-parallel KV cache: slot math, block table, allocator, cache (DESIGN §2)."""
+
+from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
+from megacp.kv.block_table import BlockTable, validate_kv_layout
+from megacp.kv.layout import (
+    cp_local_index,
+    cp_local_positions,
+    cp_local_seq_lens,
+    cp_local_slot,
+    cp_owner_rank,
+    kv_capacity_tokens,
+)
+from megacp.kv.paged_cache import PagedKVCache
+
+__all__ = [
+    "BlockAllocator",
+    "BlockTable",
+    "KVCacheFullError",
+    "PagedKVCache",
+    "blocks_needed",
+    "cp_local_index",
+    "cp_local_positions",
+    "cp_local_seq_lens",
+    "cp_local_slot",
+    "cp_owner_rank",
+    "kv_capacity_tokens",
+    "validate_kv_layout",
+]

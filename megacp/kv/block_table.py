@@ -1,0 +1,159 @@
+"""CP-aware block table: virtual block ids per request, and token -> local cache slot (DESIGN §2).
+
+Every CP rank keeps the same table (the scheduler's virtual block ids); what differs per rank is which tokens it
+owns. ``compute_slot_mapping`` turns (request, position) pairs into this rank's physical slots, ``-1`` where another
+CP rank stores the token, ready for ``PagedKVCache.write``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import LongTensor, Tensor
+
+from megacp.kv.layout import cp_local_seq_lens, cp_local_slot, cp_owner_rank
+
+
+def validate_kv_layout(block_size: int, cp_world_size: int = 1, cp_rank: int = 0, interleave_size: int = 1) -> None:
+    """Raise one actionable ``ValueError`` for a bad block size / CP size / interleave combination."""
+    if block_size < 1:
+        raise ValueError(f"--block-size={block_size} must be >= 1 (16 is the usual choice)")
+    if cp_world_size < 1:
+        raise ValueError(
+            f"cp_world_size={cp_world_size} must be >= 1 (it is --prefill-context-parallel-size * "
+            f"--decode-context-parallel-size)"
+        )
+    if not 0 <= cp_rank < cp_world_size:
+        raise ValueError(f"cp_rank={cp_rank} must be in [0, {cp_world_size}) for cp_world_size={cp_world_size}")
+    if not 1 <= interleave_size <= block_size or block_size % interleave_size != 0:
+        divisors = [d for d in range(1, block_size + 1) if block_size % d == 0]
+        raise ValueError(
+            f"--cp-kv-cache-interleave-size={interleave_size} must divide --block-size={block_size} "
+            f"(1 <= interleave <= block size); valid values: {divisors}"
+        )
+
+
+class BlockTable:
+    """Virtual block ids of up to ``max_num_reqs`` requests, plus this CP rank's slot math.
+
+    ``table``: [max_num_reqs, max_num_blocks_per_req] long; entries past a row's length are 0 (a valid block id,
+    so kernels that read a whole row never index out of range; ``num_blocks`` says how many entries are real).
+    One virtual block covers ``block_size·cp_world_size`` token positions.
+    """
+
+    def __init__(
+        self,
+        block_size: int,
+        max_num_reqs: int,
+        max_num_blocks_per_req: int,
+        cp_world_size: int = 1,
+        cp_rank: int = 0,
+        interleave_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        validate_kv_layout(block_size, cp_world_size, cp_rank, interleave_size)
+        if max_num_reqs < 1:
+            raise ValueError(f"max_num_reqs={max_num_reqs} must be >= 1 (the number of requests run at once)")
+        if max_num_blocks_per_req < 1:
+            raise ValueError(f"max_num_blocks_per_req={max_num_blocks_per_req} must be >= 1")
+        self.block_size = block_size
+        self.max_num_reqs = max_num_reqs
+        self.max_num_blocks_per_req = max_num_blocks_per_req
+        self.cp_world_size = cp_world_size
+        self.cp_rank = cp_rank
+        self.interleave_size = interleave_size
+        self.device = torch.device(device)
+        self.table = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
+        # Host copy of the row lengths: validation and appends must not sync with the device.
+        self._num_blocks = [0] * max_num_reqs
+        self.num_blocks = torch.zeros(max_num_reqs, dtype=torch.long, device=self.device)
+
+    @property
+    def tokens_per_block(self) -> int:
+        """Token positions covered by one virtual block: ``block_size·cp_world_size``."""
+        return self.block_size * self.cp_world_size
+
+    def _check_req(self, req_index: int) -> None:
+        if not 0 <= req_index < self.max_num_reqs:
+            raise ValueError(f"req_index={req_index} out of range [0, {self.max_num_reqs}) (max_num_reqs)")
+
+    def _write(self, req_index: int, start: int, block_ids: Sequence[int] | Tensor) -> None:
+        ids = torch.as_tensor(block_ids, dtype=torch.long).reshape(-1)
+        end = start + ids.numel()
+        if end > self.max_num_blocks_per_req:
+            raise ValueError(
+                f"request row {req_index} would hold {end} blocks but max_num_blocks_per_req="
+                f"{self.max_num_blocks_per_req}; raise it or use a larger --block-size"
+            )
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"block ids for request row {req_index} must be >= 0, got {ids.tolist()}")
+        self.table[req_index, start:end] = ids.to(self.device)
+        self.table[req_index, end:] = 0
+        self._num_blocks[req_index] = end
+        self.num_blocks[req_index] = end
+
+    def set_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
+        """Make ``block_ids`` (virtual block ids, in sequence order) the whole row of request ``req_index``."""
+        self._check_req(req_index)
+        self._write(req_index, 0, block_ids)
+
+    def append_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
+        """Append ``block_ids`` to the row of request ``req_index`` (the sequence grew past its blocks)."""
+        self._check_req(req_index)
+        self._write(req_index, self._num_blocks[req_index], block_ids)
+
+    def clear_row(self, req_index: int) -> None:
+        """Forget the blocks of request ``req_index`` (the allocator frees them separately)."""
+        self._check_req(req_index)
+        self._write(req_index, 0, [])
+
+    def row(self, req_index: int) -> LongTensor:
+        """The real block ids of one request: [num_blocks] long."""
+        self._check_req(req_index)
+        return self.table[req_index, : self._num_blocks[req_index]]
+
+    def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
+        """This rank's cache slot of each token; ``-1`` for tokens another CP rank stores.
+
+        req_indices: [T] int (table row of each token), positions: [T] int (absolute position) -> [T] long on
+        ``self.device``. Raises ``ValueError`` naming the request when a position lies past its row's blocks.
+        """
+        req = torch.as_tensor(req_indices, dtype=torch.long).to(self.device).reshape(-1)
+        pos = torch.as_tensor(positions, dtype=torch.long).to(self.device).reshape(-1)
+        if req.shape != pos.shape:
+            raise ValueError(f"req_indices {tuple(req.shape)} and positions {tuple(pos.shape)} must have equal length")
+        if req.numel() == 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        if int(req.min()) < 0 or int(req.max()) >= self.max_num_reqs:
+            raise ValueError(f"req_indices must be in [0, {self.max_num_reqs}), got {req.unique().tolist()}")
+        if int(pos.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got min {int(pos.min())}")
+        vblock = pos // self.tokens_per_block
+        bad = vblock >= self.num_blocks[req]
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            r, p = int(req[i]), int(pos[i])
+            raise ValueError(
+                f"request row {r}: position {p} needs virtual block {p // self.tokens_per_block} but the row has "
+                f"{self._num_blocks[r]} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
+                f"(blocks_needed(num_tokens, block_size, cp_world_size))"
+            )
+        block_ids = self.table[req, vblock]
+        slots = cp_local_slot(pos, block_ids, self.block_size, self.cp_world_size, self.interleave_size)
+        owned = cp_owner_rank(pos, self.cp_world_size, self.interleave_size) == self.cp_rank
+        return torch.where(owned, slots, torch.full_like(slots, -1))
+
+    def local_block_table(self, req_indices: Tensor | Sequence[int]) -> LongTensor:
+        """Rows of the given requests for the paged decode kernel: [B, max_num_blocks_per_req] long.
+
+        The block ids are the same on every CP rank; what makes them "local" is that this rank's cache holds only
+        its share, ``cp_local_seq_lens`` tokens per request, densely from slot 0 of the row's first block.
+        """
+        req = torch.as_tensor(req_indices, dtype=torch.long).to(self.device).reshape(-1)
+        return self.table[req]
+
+    def local_seq_lens(self, seq_lens: Tensor | Sequence[int]) -> LongTensor:
+        """This rank's share of each sequence length: [B] -> [B] long (see ``cp_local_seq_lens``)."""
+        lens = torch.as_tensor(seq_lens, dtype=torch.long).to(self.device)
+        return cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size)

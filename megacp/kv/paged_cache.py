@@ -1,0 +1,100 @@
+"""One layer's paged K/V cache on one rank (DESIGN §2).
+
+Physical layout ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is ``(s // block_size,
+s % block_size)``. Under CP the rank holds only its share of each sequence, densely in local order (see
+``megacp.kv.layout``), so ``gather(row, cp_local_seq_len)`` returns exactly the local shard.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import LongTensor, Tensor
+
+
+class PagedKVCache:
+    """K and V block pools of one attention layer: ``.k``, ``.v`` [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value < 1:
+                raise ValueError(f"PagedKVCache {name}={value} must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def num_tokens_capacity(self) -> int:
+        """Token slots on this rank: ``num_blocks·block_size``. The CP group as a whole holds ``W`` times as many
+        tokens (``kv_capacity_tokens``), since each token is stored on one rank only."""
+        return self.num_blocks * self.block_size
+
+    def write(self, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        """Store tokens at their slots; tokens with slot ``-1`` (owned by another CP rank, or padding) are skipped.
+
+        k, v: [T, Hkv, D]; slot_mapping: [T] int (from ``BlockTable.compute_slot_mapping``).
+        """
+        expected = (self.num_kv_heads, self.head_dim)
+        if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != expected:
+            raise ValueError(
+                f"PagedKVCache.write wants k, v of shape [T, {self.num_kv_heads}, {self.head_dim}], "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        slots = torch.as_tensor(slot_mapping, dtype=torch.long).to(self.device).reshape(-1)
+        if slots.numel() != k.shape[0]:
+            raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
+        keep = slots >= 0
+        slots = slots[keep]
+        if slots.numel() and int(slots.max()) >= self.num_tokens_capacity:
+            raise ValueError(
+                f"slot {int(slots.max())} is outside this cache's {self.num_tokens_capacity} slots "
+                f"({self.num_blocks} blocks of {self.block_size}); the block table and cache disagree on num_blocks"
+            )
+        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, slots, k.detach()[keep].to(self.dtype))
+        flat_v.index_copy_(0, slots, v.detach()[keep].to(self.dtype))
+
+    def local_slots(self, block_ids_row: Tensor | Sequence[int], local_len: int) -> LongTensor:
+        """Slots of local indices ``0 .. local_len-1`` of one request: [local_len] long."""
+        row = torch.as_tensor(block_ids_row, dtype=torch.long).to(self.device).reshape(-1)
+        if local_len < 0 or local_len > row.numel() * self.block_size:
+            raise ValueError(
+                f"local_len={local_len} does not fit the request's {row.numel()} blocks of {self.block_size} "
+                f"slots; pass the rank-local length (cp_local_seq_lens), not the global one"
+            )
+        j = torch.arange(local_len, device=self.device)
+        return row[j // self.block_size] * self.block_size + j % self.block_size
+
+    def gather(self, block_ids_row: Tensor | Sequence[int], local_len: int) -> tuple[Tensor, Tensor]:
+        """One request's local K/V shard in local order: (k [local_len, Hkv, D], v [local_len, Hkv, D]).
+
+        ``block_ids_row``: the request's block ids (``BlockTable.row``); ``local_len``: its rank-local length.
+        Entry ``j`` is the token at position ``cp_local_positions(...)[j]``.
+        """
+        slots = self.local_slots(block_ids_row, local_len)
+        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
+        return flat_k.index_select(0, slots), flat_v.index_select(0, slots)
