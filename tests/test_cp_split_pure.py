@@ -1,0 +1,225 @@
+"""Pure tests of the PCP head–tail split and of the per-step metadata (no processes).
+
+The multi-rank behaviour is simulated: metadata is built for every (pcp_rank, dcp_rank) of a CP group and the
+collectives are replaced by plain concatenation / summation over the simulated ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacp.kv import BlockTable
+from megacp.layers.cp_metadata import (
+    build_step_metadata,
+    pcp_chunk_size,
+    pcp_restore_index,
+    pcp_split_positions,
+)
+
+
+# ------------------------------------------------------------------------------------------- pcp_split_positions
+def test_split_hand_examples():
+    assert pcp_split_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert pcp_split_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    # 5 tokens, pcp 2: padded to 8, chunks of 2; rank 0 gets 0,1 and padding 6,7
+    assert pcp_split_positions(5, 2, 0).tolist() == [0, 1, 6, 7]
+    assert pcp_split_positions(5, 2, 1).tolist() == [2, 3, 4, 5]
+    # 1 token, pcp 4: padded to 8, chunks of 1
+    assert [pcp_split_positions(1, 4, r).tolist() for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert pcp_split_positions(12, 3, 2).tolist() == [4, 5, 6, 7]
+    assert pcp_split_positions(13, 3, 0).tolist() == [0, 1, 2, 15, 16, 17]
+    # pcp 1 neither splits nor pads
+    assert pcp_split_positions(3, 1, 0).tolist() == [0, 1, 2]
+    assert pcp_chunk_size(13, 3) == 3 and pcp_chunk_size(13, 1) == 13
+
+
+@pytest.mark.parametrize("pcp", [1, 2, 3, 4, 8])
+def test_split_covers_every_position_once(pcp):
+    for n in range(0, 70):
+        parts = [pcp_split_positions(n, pcp, r) for r in range(pcp)]
+        assert len({p.numel() for p in parts}) == 1, "every rank must hold the same number of rows"
+        allpos = torch.cat(parts)
+        assert sorted(allpos.tolist()) == list(range(allpos.numel()))  # a permutation of the padded prompt
+        pad = allpos.numel() - n
+        assert 0 <= pad < (2 * pcp if pcp > 1 else 1)
+        if pcp > 1:
+            assert allpos.numel() % (2 * pcp) == 0
+
+
+@pytest.mark.parametrize("pcp", [2, 3, 4])
+def test_split_balances_causal_work(pcp):
+    def work(pos: torch.Tensor, n: int) -> int:  # a causal query at position p attends p + 1 keys
+        return int((pos[pos < n] + 1).sum())
+
+    for n in (4 * pcp, 10 * pcp, 64 * pcp):
+        works = [work(pcp_split_positions(n, pcp, r), n) for r in range(pcp)]
+        assert len(set(works)) == 1, works  # a multiple of 2·pcp: exactly equal
+        contiguous = [work(torch.arange(r * n // pcp, (r + 1) * n // pcp), n) for r in range(pcp)]
+        assert max(contiguous) > max(works)
+    # with padding: the imbalance is at most one chunk's worth of a full row per rank
+    for n in range(1, 200):
+        works = [work(pcp_split_positions(n, pcp, r), n) for r in range(pcp)]
+        c = pcp_chunk_size(n, pcp)
+        assert max(works) - min(works) <= 2 * c * n
+
+
+@pytest.mark.parametrize("pcp", [1, 2, 4])
+def test_restore_index(pcp):
+    for n in range(0, 40):
+        gathered = torch.cat([pcp_split_positions(n, pcp, r) for r in range(pcp)])
+        assert gathered[pcp_restore_index(n, pcp)].tolist() == list(range(n))
+
+
+def test_split_rejects_bad_args():
+    with pytest.raises(ValueError, match="prefill-context-parallel-size"):
+        pcp_split_positions(4, 2, 2)
+    with pytest.raises(ValueError):
+        pcp_split_positions(-1, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------- build_step_metadata
+BLOCK = 4
+
+
+def _tables(pcp, dcp, interleave, lengths):
+    """One BlockTable per CP rank, same virtual blocks (a shuffled id per block, to exercise the indirection)."""
+    W = pcp * dcp
+    per_req = [-(-L // (BLOCK * W)) for L in lengths]
+    ids = torch.randperm(sum(per_req), generator=torch.Generator().manual_seed(0)).tolist()
+    tables = []
+    for R in range(W):
+        bt = BlockTable(BLOCK, len(lengths), max(per_req), cp_world_size=W, cp_rank=R, interleave_size=interleave)
+        start = 0
+        for i, n in enumerate(per_req):
+            bt.set_row(i, ids[start:start + n])
+            start += n
+        tables.append(bt)
+    return tables
+
+
+def _metas(pcp, dcp, interleave, computed, new):
+    lengths = [c + n for c, n in zip(computed, new)]
+    tables = _tables(pcp, dcp, interleave, lengths)
+    req = list(range(len(computed)))
+    return {
+        (r, d): build_step_metadata(req, computed, new, tables[r * dcp + d], pcp_size=pcp, pcp_rank=r,
+                                    dcp_size=dcp, dcp_rank=d)
+        for r in range(pcp) for d in range(dcp)
+    }
+
+
+CASES = [
+    # (computed, new): fresh prompts of awkward lengths, decodes, and chunks over cached context
+    ([0, 0, 0, 0], [1, 3, 7, 37]),
+    ([5, 0, 9, 2, 0], [1, 2, 1, 6, 13]),
+    ([3, 8], [1, 1]),
+]
+
+
+@pytest.mark.parametrize("pcp,dcp,interleave", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (4, 1, 4), (3, 1, 2), (1, 2, 1)])
+@pytest.mark.parametrize("computed,new", CASES)
+def test_metadata_tokens_positions_and_gather(pcp, dcp, interleave, computed, new):
+    metas = _metas(pcp, dcp, interleave, computed, new)
+    total_new = sum(new)
+    offsets = [sum(new[:i]) for i in range(len(new))]
+    req_of_token = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))
+    rel_of_token = torch.cat([torch.arange(n) for n in new])
+    decodes = [i for i in range(len(new)) if computed[i] > 0 and new[i] == 1]
+    prefills = [i for i in range(len(new)) if i not in decodes]
+
+    sizes = {m.num_local_tokens for m in metas.values()}
+    assert len(sizes) == 1, "T_local must be equal on all ranks (all-gathers need equal shapes)"
+    for (r, d), m in metas.items():
+        assert m.num_decodes == len(decodes)
+        assert m.token_index[: m.num_decodes].tolist() == [offsets[i] for i in decodes]
+        real = m.token_index >= 0
+        ti = m.token_index[real]
+        expected_pos = torch.tensor(computed)[req_of_token[ti]] + rel_of_token[ti]
+        assert torch.equal(m.positions[real], expected_pos)
+        # DCP ranks of one PCP rank compute the same tokens
+        assert torch.equal(m.token_index, metas[(r, 0)].token_index)
+
+    # every new token is computed by exactly one PCP rank (decodes: by all of them)
+    seen = torch.zeros(total_new, dtype=torch.long)
+    for r in range(pcp):
+        m = metas[(r, 0)]
+        ti = m.token_index[m.num_decodes:]
+        seen.index_add_(0, ti[ti >= 0], torch.ones_like(ti[ti >= 0]))
+    assert all(int(seen[offsets[i] + k]) == 1 for i in prefills for k in range(new[i]))
+
+    # simulate the all-gather of the prefill rows' "K" (here: the token index) and restore sequence order
+    expected_seq = torch.cat([torch.arange(offsets[i], offsets[i] + new[i]) for i in prefills]) if prefills else \
+        torch.zeros(0, dtype=torch.long)
+    for d in range(dcp):
+        gathered = torch.cat([metas[(r, d)].token_index[metas[(r, d)].num_decodes:] for r in range(pcp)])
+        for r in range(pcp):
+            assert torch.equal(gathered[metas[(r, d)].prefill_gather_index], expected_seq)
+
+    # each token's K/V is written by exactly one CP rank (decode and prefill alike)
+    writes = torch.zeros(total_new, dtype=torch.long)
+    for m in metas.values():
+        writes[torch.tensor([offsets[i] for i in decodes], dtype=torch.long)[m.decode_slots >= 0]] += 1
+        writes[expected_seq[m.prefill_slots >= 0]] += 1
+    assert writes.tolist() == [1] * total_new
+
+    # logits rows: every request's last new token, provided by exactly one PCP rank
+    provided = torch.zeros(len(new), dtype=torch.long)
+    for r in range(pcp):
+        m = metas[(r, 0)]
+        mine = m.logits_rows >= 0
+        provided += mine.long()
+        assert torch.equal(m.token_index[m.logits_rows[mine]],
+                           torch.tensor([offsets[i] + new[i] - 1 for i in range(len(new))])[mine])
+    assert provided.tolist() == [1] * len(new)
+
+
+@pytest.mark.parametrize("pcp", [1, 2, 4])
+def test_metadata_chunks_are_causal_prefixes(pcp):
+    computed, new = [0, 4, 0], [9, 5, 1]
+    metas = _metas(pcp, 1, 1, computed, new)
+    for (r, _), m in metas.items():
+        # positions of the sequence-ordered new-token K/V
+        seq_pos = torch.cat([torch.arange(computed[i], computed[i] + new[i]) for i in range(len(new))])
+        seq_req = torch.cat([torch.full((n,), i) for i, n in enumerate(new)])
+        cu_q, cu_k = m.cu_seqlens_q.tolist(), m.cu_seqlens_k.tolist()
+        assert cu_q[-1] == m.chunk_q_rows.numel() and cu_k[-1] == m.chunk_k_index.numel()
+        for c in range(len(cu_q) - 1):
+            q_pos = m.positions[m.chunk_q_rows[cu_q[c]:cu_q[c + 1]]]
+            k = m.chunk_k_index[cu_k[c]:cu_k[c + 1]]
+            # keys are the request's new tokens from its first one up to the chunk's last query
+            assert seq_req[k].unique().numel() == 1
+            req = int(seq_req[k[0]])
+            assert seq_pos[k].tolist() == list(range(computed[req], int(q_pos[-1]) + 1))
+            assert q_pos.tolist() == list(range(int(q_pos[0]), int(q_pos[-1]) + 1))
+        # context rows: exactly the local rows of request 1 (the only prefill with cached context)
+        assert m.ctx_rows.numel() == m.ctx_is_real.numel() == m.ctx_local_lens.numel()
+        assert set(m.token_index[m.ctx_rows[m.ctx_is_real]].tolist()) <= set(range(9, 14))
+        assert m.ctx_local_lens.tolist() == [int(m.local_context_lens[1])] * m.ctx_rows.numel()
+    real_ctx = sum(int(m.ctx_is_real.sum()) for m in metas.values())
+    assert real_ctx == 5
+
+
+def test_metadata_local_lengths_follow_design_formula():
+    computed, new = [0, 10, 3], [5, 1, 4]
+    W, I = 4, 2
+    metas = _metas(2, 2, I, computed, new)
+    for (r, d), m in metas.items():
+        R = r * 2 + d
+        for L, got in zip(computed, m.local_context_lens.tolist()):
+            base = (L // I // W) * I
+            assert got == base + min(max(L - base * W - R * I, 0), I)
+        # decode of request 1: the local shard includes the new token at position 10
+        L = 11
+        base = (L // I // W) * I
+        assert m.decode_local_seq_lens.tolist() == [base + min(max(L - base * W - R * I, 0), I)]
+        # context rows of request 2 see its 3 cached tokens' local share
+        assert set(m.ctx_local_lens.tolist()) <= {m.local_context_lens[2].item()}
+
+
+def test_metadata_rejects_mismatched_table():
+    bt = BlockTable(BLOCK, 2, 4, cp_world_size=2, cp_rank=0)
+    with pytest.raises(ValueError, match="cp_world_size"):
+        build_step_metadata([0], [0], [3], bt, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
+    with pytest.raises(ValueError, match="num_new_tokens"):
+        build_step_metadata([0], [0], [0], bt, pcp_size=2, pcp_rank=0, dcp_size=1, dcp_rank=0)
