@@ -1,0 +1,295 @@
+"""The MoE layer: softmax top-k router, SwiGLU experts, optional gated shared expert (Mixtral, Qwen2-MoE).
+
+Token flow over the flattened ``dp·pcp·tp`` expert group (DESIGN §4), ``T`` local tokens per rank:
+
+1. Ranks of one attention-TP group hold the *same* tokens, ranks of different PCP/DP groups hold *different* numbers
+   of different tokens. Each TP rank therefore contributes only its ``1/tp`` slice of the local tokens (the
+   "sequence parallel" split), so the gathered set holds every distinct token exactly once and the router runs
+   once per token. The slice and its router logits are all-gathered over the expert group: counts first, then
+   slices padded to the largest count (gloo has no uneven all-gather), then unpadded.
+2. Every rank runs its part of the experts on all gathered tokens: without EP its ``1/flat_size`` slice of every
+   expert's intermediate dimension, with EP only the (token, expert) pairs whose expert is local. Either way the
+   result is a partial sum, and each routed (token, expert) pair is computed exactly once across the group.
+   The shared expert is always sharded over the intermediate dimension of the flattened group.
+3. The partial sums are reduce-scattered back by the same padded chunks (each rank gets the full output of the
+   slice it contributed) and all-gathered inside the TP group to restore the rank's ``T`` tokens.
+
+Decode tokens that every PCP rank runs (DESIGN §3) are simply treated as different tokens: redundant, still exact.
+The math (``route``, ``swiglu``, ``expert_forward``) is pure and tested against transformers without processes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacp.moe.config import MoEParallelConfig, determine_expert_map
+
+_EXPERT_PROJ_ALIASES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
+                        "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral names its projections w1/w3/w2
+_PER_EXPERT_NAME = re.compile(r"^experts\.(\d+)\.(\w+)\.weight$")
+_SHARED_NAME = re.compile(r"^shared_expert\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (in float32), then top-k; optionally renormalise the k weights to sum to 1.
+
+    router_logits: [N, E] -> (weights float32 [N, k], expert ids long [N, k]). Mixtral always renormalises;
+    Qwen2-MoE does when its config's ``norm_topk_prob`` is true.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))``. x: [N, H], w13: [2I, H] (gate rows then up rows), w2: [H, I] -> [N, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def expert_forward(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted sum of the routed experts that are local; non-local (token, expert) pairs contribute nothing.
+
+    x: [N, H]; w13: [E_local, 2I, H]; w2: [E_local, H, I]; topk_weights/topk_ids: [N, k] (global expert ids);
+    expert_map: [E] global -> local index or -1 (None: all experts local, identity) -> [N, H] in x.dtype.
+    Accumulates in float32 (the router weights are float32), casts once at the end.
+    """
+    local_ids = topk_ids if expert_map is None else expert_map[topk_ids]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        token_idx, k_pos = torch.where(local_ids == e)
+        if token_idx.numel() == 0:
+            continue
+        y = swiglu(x[token_idx], w13[e], w2[e]).float() * topk_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y)
+    return out.to(x.dtype)
+
+
+def shard_range(size: int, num_shards: int, shard: int) -> tuple[int, int]:
+    """Balanced ``[start, end)`` of ``shard`` when ``size`` is split into ``num_shards`` (sizes differ by <= 1)."""
+    return shard * size // num_shards, (shard + 1) * size // num_shards
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+class MoELayer(nn.Module):
+    """Sparse MoE block on local tokens: ``forward(hidden [T, H]) -> [T, H]`` (the routed experts plus, when
+    ``shared_expert_intermediate_size`` is set, ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``).
+
+    Parameters (this rank's shares): ``router_weight [E, H]`` (replicated), ``w13 [E_local, 2·I_shard, H]``
+    (gate rows then up rows), ``w2 [E_local, H, I_shard]``, and for the shared expert ``shared_w13 [2·S_shard, H]``,
+    ``shared_w2 [H, S_shard]``, ``shared_gate_weight [1, H]`` (replicated). Load them with ``load_weight``.
+    ``ep_group``/``tp_group`` default to ``parallel_state.get_ep_group()``/``get_tp_group()`` (resolved at the first
+    forward that needs them).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        shared_expert_intermediate_size: int | None = None,
+        parallel_config: MoEParallelConfig | None = None,
+        placement: str = "linear",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        ep_group: Any = None,
+        tp_group: Any = None,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoELayer: top_k (num_experts_per_tok) must be in 1..{num_experts}, got {top_k}")
+        cfg = parallel_config or MoEParallelConfig.make(1, 1, 1, use_ep=False)
+        self.parallel_config = cfg
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self._ep_group, self._tp_group = ep_group, tp_group
+
+        self.num_local_experts, expert_map = determine_expert_map(cfg.ep_size, cfg.ep_rank, num_experts, placement)
+        self.register_buffer("expert_map", expert_map, persistent=False)
+        # Routed experts: sharded over the intermediate dim by the config's tp (flat group without EP, 1 with EP).
+        self._expert_shard = shard_range(intermediate_size, cfg.tp_size, cfg.tp_rank)
+        i_shard = self._expert_shard[1] - self._expert_shard[0]
+        kw = {"dtype": dtype, "device": device}
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * i_shard, hidden_size, **kw), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, i_shard, **kw), requires_grad=False)
+        if shared_expert_intermediate_size:
+            # The shared expert sees every token, so it is always sharded over the whole flattened group.
+            self._shared_shard = shard_range(shared_expert_intermediate_size, cfg.flat_size, cfg.flat_rank)
+            s_shard = self._shared_shard[1] - self._shared_shard[0]
+            self.shared_w13 = nn.Parameter(torch.empty(2 * s_shard, hidden_size, **kw), requires_grad=False)
+            self.shared_w2 = nn.Parameter(torch.empty(hidden_size, s_shard, **kw), requires_grad=False)
+            self.shared_gate_weight = nn.Parameter(torch.empty(1, hidden_size, **kw), requires_grad=False)
+        # Global expert id of each local expert, for the loaders.
+        if expert_map is None:
+            self.local_expert_ids = list(range(num_experts))
+        else:
+            local = torch.nonzero(expert_map >= 0).flatten()
+            by_local_index = torch.empty_like(local)
+            by_local_index[expert_map[local]] = local
+            self.local_expert_ids = by_local_index.tolist()
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [T, H] (this rank's tokens) -> [T, H]."""
+        if self.parallel_config.flat_size == 1:
+            return self.partial_forward(hidden, F.linear(hidden, self.router_weight))
+        return self._distributed_forward(hidden)
+
+    def partial_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the MoE output for tokens x: [N, H] with router_logits [N, E] -> [N, H]."""
+        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        out = expert_forward(x, self.w13, self.w2, weights, ids, self.expert_map)
+        if self.shared_expert_intermediate_size:
+            # sigmoid(g(x)) * Σ_r shared_r(x) = Σ_r sigmoid(g(x)) * shared_r(x): gating the partial sum is exact.
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate_weight)) * swiglu(x, self.shared_w13, self.shared_w2)
+        return out
+
+    def _distributed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        cfg = self.parallel_config
+        ep_group, tp_group = self._groups()
+        num_tokens, h = hidden.shape
+        tp, tp_rank = cfg.dense_tp_size, cfg.dense_tp_rank
+        # 1. This TP rank's slice of the (TP-replicated) local tokens, with its router logits.
+        chunk = -(-num_tokens // tp)
+        mine = hidden[tp_rank * chunk:(tp_rank + 1) * chunk]
+        n_mine = mine.shape[0]
+        payload = torch.cat([mine, F.linear(mine, self.router_weight)], dim=1)  # [n_mine, H + E]
+        counts = ep_group.all_gather(torch.tensor([n_mine], dtype=torch.long, device=hidden.device))  # [flat]
+        max_count = int(counts.max())
+        if max_count == 0:  # no rank has tokens (every rank sees the same counts, so all return here)
+            return hidden.new_zeros(hidden.shape)
+        padded = payload.new_zeros(max_count, payload.shape[1])
+        padded[:n_mine] = payload
+        gathered = ep_group.all_gather(padded)  # [flat * max_count, H + E]
+        valid = (torch.arange(max_count, device=hidden.device)[None, :] < counts[:, None]).flatten()
+        tokens = gathered[valid]
+        # 2. This rank's partial sum for every distinct token.
+        partial = self.partial_forward(tokens[:, :h], tokens[:, h:])
+        # 3. Sum the partials and hand each rank the slice it contributed, then rebuild the TP group's tokens.
+        back = partial.new_zeros(valid.shape[0], h)
+        back[valid] = partial
+        mine_out = ep_group.reduce_scatter(back)[:n_mine]  # [n_mine, H]
+        if tp == 1:
+            return mine_out
+        slice_out = mine_out.new_zeros(chunk, h)
+        slice_out[:n_mine] = mine_out
+        return tp_group.all_gather(slice_out)[:num_tokens]
+
+    def _groups(self) -> tuple[Any, Any]:
+        cfg = self.parallel_config
+        if self._ep_group is None or (cfg.dense_tp_size > 1 and self._tp_group is None):
+            from megacp import parallel_state
+
+            self._ep_group = self._ep_group or parallel_state.get_ep_group()
+            if cfg.dense_tp_size > 1:
+                self._tp_group = self._tp_group or parallel_state.get_tp_group()
+        if self._ep_group.world_size != cfg.flat_size or self._ep_group.rank_in_group != cfg.flat_rank:
+            raise ValueError(
+                f"MoELayer: the expert group has size {self._ep_group.world_size} and rank "
+                f"{self._ep_group.rank_in_group}, but the MoEParallelConfig says dp·pcp·tp = {cfg.flat_size} and "
+                f"flat rank {cfg.flat_rank}; build the config with MoEParallelConfig.make from parallel_state's sizes"
+            )
+        if cfg.dense_tp_size > 1 and self._tp_group.world_size != cfg.dense_tp_size:
+            raise ValueError(
+                f"MoELayer: the TP group has size {self._tp_group.world_size}, the MoEParallelConfig expects "
+                f"{cfg.dense_tp_size}; pass tp_size=get_tensor_model_parallel_world_size() to MoEParallelConfig.make"
+            )
+        return self._ep_group, self._tp_group
+
+    # ------------------------------------------------------------------------------------------- loading
+    def load_weight(self, name: str, weight: Any) -> bool:
+        """Load one checkpoint tensor named relative to the HF MoE block (``model.layers.N.mlp.`` stripped).
+
+        Accepted names: ``gate.weight`` [E, H]; per expert ``experts.{e}.{gate_proj|up_proj|down_proj}.weight``
+        (or Mixtral's ``w1|w3|w2``); the fused layout of transformers v5 ``experts.gate_up_proj`` [E, 2I, H] and
+        ``experts.down_proj`` [E, H, I]; ``shared_expert.{gate_proj|up_proj|down_proj}.weight`` and
+        ``shared_expert_gate.weight`` [1, H]. ``weight`` is a tensor or a lazy safetensors slice (``get_slice``):
+        only this rank's share is read. Returns False when the tensor belongs to another rank's expert.
+        """
+        if name == "gate.weight":
+            return _copy(self.router_weight, weight, (slice(None),), (self.num_experts, self.hidden_size), name)
+        if name == "shared_expert_gate.weight" and self.shared_expert_intermediate_size:
+            return _copy(self.shared_gate_weight, weight, (slice(None),), (1, self.hidden_size), name)
+        if name == "experts.gate_up_proj":
+            for local, g in enumerate(self.local_expert_ids):
+                self._load_gate_up(self.w13[local], weight, g, name)
+            return bool(self.local_expert_ids)
+        if name == "experts.down_proj":
+            s, e = self._expert_shard
+            shape = (self.num_experts, self.hidden_size, self.intermediate_size)
+            for local, g in enumerate(self.local_expert_ids):
+                _copy(self.w2[local], weight, (slice(g, g + 1), slice(None), slice(s, e)), shape, name)
+            return bool(self.local_expert_ids)
+        match = _PER_EXPERT_NAME.match(name)
+        if match and match.group(2) in _EXPERT_PROJ_ALIASES:
+            return self.load_expert_weight(int(match.group(1)), match.group(2), weight)
+        match = _SHARED_NAME.match(name)
+        if match and self.shared_expert_intermediate_size:
+            s, e = self._shared_shard
+            full = (self.shared_expert_intermediate_size, self.hidden_size)
+            if match.group(1) == "down_proj":
+                return _copy(self.shared_w2, weight, (slice(None), slice(s, e)), full[::-1], name)
+            rows = slice(0, e - s) if match.group(1) == "gate_proj" else slice(e - s, 2 * (e - s))
+            return _copy(self.shared_w13[rows], weight, (slice(s, e),), full, name)
+        raise ValueError(
+            f"MoELayer.load_weight: unknown MoE weight {name!r} (expected gate.weight, experts.<e>.<gate_proj|up_proj|"
+            f"down_proj>.weight, experts.gate_up_proj, experts.down_proj"
+            + (", shared_expert.*.weight, shared_expert_gate.weight)" if self.shared_expert_intermediate_size else
+               "; this layer has no shared expert)")
+        )
+
+    def load_expert_weight(self, expert_id: int, name: str, weight: Any) -> bool:
+        """Load one expert's projection (``gate_proj``/``up_proj`` [I, H], ``down_proj`` [H, I], or Mixtral's
+        ``w1``/``w3``/``w2``) from the full tensor or a lazy slice. Returns False (reads nothing) for a non-local expert.
+        """
+        if name not in _EXPERT_PROJ_ALIASES:
+            raise ValueError(f"MoELayer.load_expert_weight: name must be one of {sorted(_EXPERT_PROJ_ALIASES)}, got {name!r}")
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"MoELayer.load_expert_weight: expert_id {expert_id} is out of range 0..{self.num_experts - 1}")
+        local = expert_id if self.expert_map is None else int(self.expert_map[expert_id])
+        if local < 0:
+            return False
+        proj = _EXPERT_PROJ_ALIASES[name]
+        s, e = self._expert_shard
+        full = (self.intermediate_size, self.hidden_size)
+        if proj == "down_proj":
+            return _copy(self.w2[local], weight, (slice(None), slice(s, e)), full[::-1], name)
+        rows = slice(0, e - s) if proj == "gate_proj" else slice(e - s, 2 * (e - s))
+        return _copy(self.w13[local, rows], weight, (slice(s, e),), full, name)
+
+    def _load_gate_up(self, dst: torch.Tensor, weight: Any, g: int, name: str) -> None:
+        # Fused [E, 2I, H]: gate rows 0..I, up rows I..2I; this rank needs rows [s, e) of each half.
+        s, e = self._expert_shard
+        i = self.intermediate_size
+        shape = (self.num_experts, 2 * i, self.hidden_size)
+        _copy(dst[: e - s], weight, (slice(g, g + 1), slice(s, e)), shape, name)
+        _copy(dst[e - s:], weight, (slice(g, g + 1), slice(i + s, i + e)), shape, name)
+
+
+def _copy(dst: torch.Tensor, src: Any, index: tuple[slice, ...], full_shape: tuple[int, ...], name: str) -> bool:
+    """Copy ``src[index]`` (tensor or lazy safetensors slice of shape ``full_shape``) into ``dst`` (dtype-converting)."""
+    shape = tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
+    if shape != tuple(full_shape):
+        raise ValueError(f"MoELayer: checkpoint tensor {name!r} has shape {list(shape)}, expected {list(full_shape)}")
+    with torch.no_grad():
+        dst.copy_(src[index].reshape(dst.shape))
+    return True
