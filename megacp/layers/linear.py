@@ -1,0 +1,328 @@
+"""Megatron-style tensor-parallel linear layers.
+
+Column parallel: the weight ``[out, in]`` is split along ``out``; each TP rank computes its slice of the output.
+Row parallel: the weight is split along ``in``; each rank multiplies its slice of the input and the partial
+products are summed with an all-reduce. A column layer followed by a row layer (QKV → o_proj, gate/up → down)
+needs exactly one all-reduce.
+
+Every layer has ``weight_loader(param, loaded, ...)``: ``loaded`` is the *full* Hugging Face tensor, or a
+safetensors lazy slice (``safe_open(...).get_slice(name)``); the loader indexes only this rank's rows/columns so
+a rank never materialises another rank's shard.
+
+The collectives are wrapped in Megatron's conjugate autograd pairs (copy ↔ all-reduce, gather ↔ split) so
+``kv_cache=None`` prefill stays differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacp import parallel_state
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_tp_group(group: Any | None) -> Any:
+    """``group`` or, when None, ``parallel_state.get_tp_group()``."""
+    return group if group is not None else parallel_state.get_tp_group()
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """``numerator // denominator``; ValueError naming ``what`` when it does not divide."""
+    if numerator % denominator != 0:
+        raise ValueError(
+            f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator}); "
+            f"choose --tensor-parallel-size among the divisors of {numerator}"
+        )
+    return numerator // denominator
+
+
+def loaded_shape(loaded: Any) -> tuple[int, ...]:
+    """Shape of a full tensor or of a safetensors lazy slice."""
+    if isinstance(loaded, torch.Tensor):
+        return tuple(loaded.shape)
+    return tuple(loaded.get_shape())
+
+
+def check_shape(loaded: Any, expected: Sequence[int]) -> None:
+    shape = loaded_shape(loaded)
+    if shape != tuple(expected):
+        raise ValueError(f"checkpoint tensor has shape {list(shape)}, the model config expects {list(expected)}")
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a loaded (CPU, any dtype) tensor into a parameter slice of the same shape."""
+    dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
+    """Replicated parameter (norm weights, biases of row-parallel layers): copy the whole tensor."""
+    check_shape(loaded, param.shape)
+    with torch.no_grad():
+        copy_into(param.data, loaded[:])
+
+
+def new_param(shape: Sequence[int], dtype: torch.dtype | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype or torch.get_default_dtype()), requires_grad=False)
+
+
+# --------------------------------------------------------------------------- conjugate collectives
+class _CopyToTP(torch.autograd.Function):
+    """Forward identity, backward all-reduce (input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.group.all_reduce(grad.contiguous().clone()), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward all-reduce, backward identity (output of a row-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        return group.all_reduce(x.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward all-gather along the last dim, backward keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return group.all_gather(x.contiguous(), dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        g = ctx.group
+        return grad.chunk(g.world_size, dim=-1)[g.rank_in_group].contiguous(), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1 or not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return group.all_reduce(x.contiguous())  # in place is fine: x is a fresh matmul output
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    return _GatherFromTP.apply(x, group)
+
+
+# --------------------------------------------------------------------------- layers
+class ColumnParallelLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W ``[output_size, input_size]`` split along the output dim.
+
+    forward: x ``[T, input_size]`` → ``[T, output_size / tp]`` (or ``[T, output_size]`` with ``gather_output``).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        group: Any | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_tp_group(group)
+        self.tp_size = self.group.world_size
+        self.tp_rank = self.group.rank_in_group
+        self.input_size = input_size
+        self.output_size = output_size
+        self.output_size_per_partition = divide(output_size, self.tp_size, "linear output size")
+        self.gather_output = gather_output
+        self.weight = new_param((self.output_size_per_partition, input_size), params_dtype)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = new_param((self.output_size_per_partition,), params_dtype)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """Keep rows ``[rank·n, (rank+1)·n)`` of the full ``[output_size, ...]`` tensor."""
+        check_shape(loaded, (self.output_size, *param.shape[1:]))
+        n = self.output_size_per_partition
+        start = self.tp_rank * n
+        with torch.no_grad():
+            copy_into(param.data, loaded[start : start + n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        return gather_from_tp_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W ``[output_size, input_size]`` split along the input dim.
+
+    forward: x ``[T, input_size / tp]`` (already split, e.g. attention heads) → ``[T, output_size]``, summed over
+    TP (``reduce_results=False`` leaves the partial sum, without bias, for a caller that reduces later).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce_results: bool = True,
+        group: Any | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = resolve_tp_group(group)
+        self.tp_size = self.group.world_size
+        self.tp_rank = self.group.rank_in_group
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_size_per_partition = divide(input_size, self.tp_size, "linear input size")
+        self.reduce_results = reduce_results
+        self.weight = new_param((output_size, self.input_size_per_partition), params_dtype)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            # Replicated; added once, after the reduction.
+            self.bias = new_param((output_size,), params_dtype)
+            self.bias.weight_loader = default_weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """Keep columns ``[rank·n, (rank+1)·n)`` of the full ``[output_size, input_size]`` tensor."""
+        check_shape(loaded, (self.output_size, self.input_size))
+        n = self.input_size_per_partition
+        start = self.tp_rank * n
+        with torch.no_grad():
+            copy_into(param.data, loaded[:, start : start + n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if not self.reduce_results:
+            return y
+        y = reduce_from_tp_region(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul (MLP gate/up).
+
+    The local weight is the concatenation of each output's local slice: ``[gate_local | up_local]``.
+    forward: x ``[T, input_size]`` → ``[T, sum(output_sizes) / tp]``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        bias: bool = False,
+        group: Any | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        group = resolve_tp_group(group)
+        self.output_sizes = list(output_sizes)
+        for size in self.output_sizes:
+            divide(size, group.world_size, "MLP intermediate size")
+        super().__init__(input_size, sum(self.output_sizes), bias=bias, group=group, params_dtype=params_dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:  # type: ignore[override]
+        """Load output ``shard_id`` (0 = gate, 1 = up) from its full ``[output_sizes[shard_id], ...]`` tensor."""
+        if shard_id is None:
+            raise ValueError("MergedColumnParallelLinear.weight_loader needs shard_id (index into output_sizes)")
+        full = self.output_sizes[shard_id]
+        check_shape(loaded, (full, *param.shape[1:]))
+        n = full // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        start = self.tp_rank * n
+        with torch.no_grad():
+            copy_into(param.data[offset : offset + n], loaded[start : start + n])
+
+
+def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """``(num_local_kv_heads, first_kv_head)`` of a TP rank.
+
+    tp ≤ num_kv_heads: KV heads are split evenly. tp > num_kv_heads: each rank holds one KV head, replicated on
+    ``tp / num_kv_heads`` adjacent ranks (DESIGN §3 GQA), so rank r holds head ``r // (tp / num_kv_heads)``.
+    """
+    if tp_size <= num_kv_heads:
+        n = divide(num_kv_heads, tp_size, "num_key_value_heads")
+        return n, tp_rank * n
+    if tp_size % num_kv_heads != 0:
+        raise ValueError(
+            f"--tensor-parallel-size ({tp_size}) larger than num_key_value_heads ({num_kv_heads}) must be a multiple "
+            f"of it so every KV head is replicated on the same number of ranks; use tp={num_kv_heads} or "
+            f"a multiple of {num_kv_heads}"
+        )
+    return 1, tp_rank // (tp_size // num_kv_heads)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection; local output ``[q (Hq/tp heads) | k (Hkv_local) | v (Hkv_local)]``, each head ``head_dim``.
+
+    forward: x ``[T, hidden]`` → ``[T, (Hq_local + 2·Hkv_local)·head_dim]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        group: Any | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        group = resolve_tp_group(group)
+        tp_size, tp_rank = group.world_size, group.rank_in_group
+        self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads, self.kv_head_start = kv_head_layout(num_kv_heads, tp_size, tp_rank)
+        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, local_out * tp_size, bias=bias, group=group, params_dtype=params_dtype)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str | None = None) -> None:  # type: ignore[override]
+        """Load the full HF ``q_proj``/``k_proj``/``v_proj`` weight or bias (``shard_id`` "q", "k" or "v")."""
+        d = self.head_dim
+        if shard_id == "q":
+            full_heads, offset, size, start = self.total_num_heads, 0, self.q_size, self.tp_rank * self.q_size
+        elif shard_id in ("k", "v"):
+            full_heads, size, start = self.total_num_kv_heads, self.kv_size, self.kv_head_start * d
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+        else:
+            raise ValueError(f"QKVParallelLinear.weight_loader shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        check_shape(loaded, (full_heads * d, *param.shape[1:]))
+        with torch.no_grad():
+            copy_into(param.data[offset : offset + size], loaded[start : start + size])
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv ``[T, local_out]`` → q ``[T, Hq_local, D]``, k and v ``[T, Hkv_local, D]``."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = qkv.shape[0]
+        return (
+            q.reshape(t, self.num_heads, self.head_dim),
+            k.reshape(t, self.num_kv_heads, self.head_dim),
+            v.reshape(t, self.num_kv_heads, self.head_dim),
+        )
