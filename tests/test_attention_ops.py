@@ -1,0 +1,352 @@
+"""attention_with_lse backends, paged decode and LSE merges against an independent float64 SDPA reference (pure CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacp.ops import attention as attn_mod
+from megacp.ops import (
+    AttentionBackend,
+    attention_with_lse,
+    attention_with_lse_by_positions,
+    available_backends,
+    merge_attn_states,
+    merge_attn_states_n,
+    paged_attention_with_lse,
+    register_backend,
+    select_backend,
+)
+
+BACKENDS = ["torch", "sdpa_cpu"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+D = 8
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def _ref_seq(q, k, v, allowed, scale):
+    """float64 SDPA with an explicit boolean mask; lse = logsumexp of the masked scores.  # q [lq,Hq,D], k/v [lk,Hk,D]"""
+    lq, hq, _ = q.shape
+    if lq == 0:
+        return torch.zeros(0, hq, v.shape[2], dtype=torch.float64), torch.zeros(0, hq, dtype=torch.float64)
+    g = hq // k.shape[1]
+    qh = q.double().transpose(0, 1)  # [Hq, lq, D]
+    kh = k.double().repeat_interleave(g, dim=1).transpose(0, 1)
+    vh = v.double().repeat_interleave(g, dim=1).transpose(0, 1)
+    has_key = allowed.any(dim=1)  # [lq]
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(dim=-1)  # [Hq, lq]; -inf for empty rows
+    if k.shape[0] == 0:
+        out = torch.zeros(hq, lq, v.shape[2], dtype=torch.float64)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)
+        out = torch.where(has_key.view(1, -1, 1), out, torch.zeros_like(out))  # SDPA gives NaN there
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def _ref_varlen(q, k, v, lens, causal, scale, q_pos=None, k_pos=None):
+    """Packed reference; lens = [(lq, lk)]; masks are bottom-right causal, or by positions when given."""
+    outs, lses, qo, ko = [], [], 0, 0
+    for lq, lk in lens:
+        if q_pos is not None:
+            allowed = k_pos[ko : ko + lk].view(1, -1) <= q_pos[qo : qo + lq].view(-1, 1)
+        elif causal:
+            allowed = torch.tensor([[j <= i + lk - lq for j in range(lk)] for i in range(lq)], dtype=torch.bool)
+        else:
+            allowed = torch.ones(lq, lk, dtype=torch.bool)
+        allowed = allowed.view(lq, lk)
+        o, l = _ref_seq(q[qo : qo + lq], k[ko : ko + lk], v[ko : ko + lk], allowed, scale)
+        outs.append(o)
+        lses.append(l)
+        qo, ko = qo + lq, ko + lk
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _packed(lens, hq, hk, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(a for a, _ in lens), sum(b for _, b in lens)
+    q = torch.randn(tq, hq, D, generator=g).to(dtype)
+    k = torch.randn(tk, hk, D, generator=g).to(dtype)
+    v = torch.randn(tk, hk, D, generator=g).to(dtype)
+    return q, k, v, _cu([a for a, _ in lens]), _cu([b for _, b in lens])
+
+
+def _assert_close(out, lse, ref_out, ref_lse, **tol):
+    tol = tol or TOL
+    assert lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)  # -inf must match -inf exactly
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+
+
+# lq == 1, lq < lk, lq == lk, lq > lk, lk == 0, lq == 0, all in one packed batch
+MIXED_LENS = [(1, 1), (3, 3), (2, 7), (1, 6), (5, 2), (3, 0), (0, 4), (4, 9)]
+
+
+# ------------------------------------------------------------------------------------------------ backends
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (6, 1)])
+def test_backend_matches_reference(backend, causal, hq, hk):
+    q, k, v, cu_q, cu_k = _packed(MIXED_LENS, hq, hk)
+    scale = 0.37
+    out, lse = attention_with_lse(q, k, v, cu_q, cu_k, causal, scale, backend=backend)
+    ref_out, ref_lse = _ref_varlen(q, k, v, MIXED_LENS, causal, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+    _assert_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_bf16_keeps_dtype_and_is_close(backend):
+    q, k, v, cu_q, cu_k = _packed(MIXED_LENS, 4, 2, dtype=torch.bfloat16)
+    out, lse = attention_with_lse(q, k, v, cu_q, cu_k, True, 1 / math.sqrt(D), backend=backend)
+    ref_out, ref_lse = _ref_varlen(q, k, v, MIXED_LENS, True, 1 / math.sqrt(D))
+    assert out.dtype == torch.bfloat16
+    _assert_close(out, lse, ref_out, ref_lse, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    q, k, v, cu_q, cu_k = _packed([(0, 0), (0, 3)], 2, 2)
+    out, lse = attention_with_lse(q, k, v, cu_q, cu_k, True, 1.0, backend=backend)
+    assert out.shape == (0, 2, D) and lse.shape == (0, 2)
+
+
+def test_sdpa_cpu_gradients_match_torch_backend():
+    """Causal lq < lk with grad takes sdpa_cpu's masked path (the LSE-merge decomposition would drop terms)."""
+    lens = [(2, 5), (3, 3), (1, 4)]
+    grads = {}
+    for backend in BACKENDS:
+        q, k, v, cu_q, cu_k = _packed(lens, 4, 2, seed=3)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out, _ = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[backend] = [t.grad for t in (q, k, v)]
+    for a, b in zip(grads["torch"], grads["sdpa_cpu"]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_torch_backend_lse_is_differentiable():
+    """The reference backend's lse carries gradients (a merge of partials needs them to differentiate exactly)."""
+    lens = [(2, 5), (3, 1)]
+    q, k, v, cu_q, cu_k = _packed(lens, 2, 2, dtype=torch.float64)
+    q.requires_grad_(True)
+    _, lse = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend="torch")
+    weights = torch.randn(lse.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(torch.where(torch.isinf(lse), 0, lse * weights).sum(), q)
+    q_ref = q.detach().clone().requires_grad_(True)
+    _, ref_lse = _ref_varlen(q_ref, k, v, lens, True, 0.5)
+    (ref_grad,) = torch.autograd.grad(torch.where(torch.isinf(ref_lse), 0, ref_lse * weights).sum(), q_ref)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ empty-row handling
+def test_kernel_lse_zero_and_nan_rows_are_normalised(monkeypatch):
+    """A kernel returning lse 0 / NaN out for rows that see no key is normalised by attention_with_lse."""
+
+    def sloppy(q, k, v, cu_q, cu_k, causal, scale):
+        out, lse = attn_mod.per_sequence(attn_mod._torch_seq)(q, k, v, cu_q, cu_k, causal, scale)
+        empty = ~attn_mod.rows_with_keys(cu_q, cu_k, causal, q.shape[0])
+        out[empty] = float("nan")
+        lse[empty] = 0.0
+        return out, lse
+
+    monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
+    register_backend(AttentionBackend("sloppy", sloppy, lambda d: True, priority=-1))
+    q, k, v, cu_q, cu_k = _packed(MIXED_LENS, 2, 2)
+    out, lse = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend="sloppy")
+    ref_out, ref_lse = _ref_varlen(q, k, v, MIXED_LENS, True, 0.5)
+    assert torch.isinf(ref_lse).any()  # the case really has rows without keys
+    _assert_close(out, lse, ref_out, ref_lse)
+
+
+def test_rows_with_keys():
+    cu_q, cu_k = _cu([2, 3, 1, 0]), _cu([1, 0, 4, 2])
+    assert attn_mod.rows_with_keys(cu_q, cu_k, True, 6).tolist() == [False, True, False, False, False, True]
+    assert attn_mod.rows_with_keys(cu_q, cu_k, False, 6).tolist() == [True, True, False, False, False, True]
+
+
+def test_bottom_right_causal_mask():
+    assert attn_mod.bottom_right_causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert attn_mod.bottom_right_causal_mask(3, 2).tolist() == [[False, False], [True, False], [True, True]]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_backend_selection(monkeypatch):
+    assert available_backends("cpu")[:2] == ["sdpa_cpu", "torch"]
+    monkeypatch.delenv(attn_mod.ENV_BACKEND, raising=False)
+    assert select_backend("cpu").name == "sdpa_cpu"
+    assert select_backend("cpu", backend="torch").name == "torch"
+    monkeypatch.setenv(attn_mod.ENV_BACKEND, "torch")
+    assert select_backend("cpu").name == "torch"
+    monkeypatch.setenv(attn_mod.ENV_BACKEND, "nope")
+    with pytest.raises(ValueError, match=r"'nope'.*unknown.*sdpa_cpu"):
+        select_backend("cpu")
+    monkeypatch.delenv(attn_mod.ENV_BACKEND)
+    monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
+    register_backend(AttentionBackend("gpu_only", attn_mod.per_sequence(attn_mod._torch_seq), lambda d: d.type == "cuda", 99))
+    assert select_backend("cpu").name == "sdpa_cpu"  # higher priority but unavailable on CPU
+    with pytest.raises(ValueError, match=r"not available on cpu.*\['sdpa_cpu', 'torch'\]"):
+        select_backend("cpu", backend="gpu_only")
+    register_backend(AttentionBackend("no_pos", attn_mod.per_sequence(attn_mod._torch_seq), lambda d: True, 50))
+    assert select_backend("cpu").name == "no_pos"
+    assert select_backend("cpu", need_positions=True).name == "sdpa_cpu"
+    with pytest.raises(ValueError, match="by-positions"):
+        select_backend("cpu", backend="no_pos", need_positions=True)
+
+
+def test_bad_shapes_raise():
+    q, k, v, cu_q, cu_k = _packed([(2, 3)], 3, 2)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention_with_lse(q, k, v, cu_q, cu_k, True, 1.0)
+    with pytest.raises(ValueError, match=r"\[B\+1\]"):
+        attention_with_lse(q[:, :2], k, v, cu_q, cu_k[:1], True, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ CP shards + merge
+def _owner(p, w, i):
+    return (p // i) % w
+
+
+# (tokens already cached, new tokens): decode, single-token prompt, prefill, chunked prefill, long-ish prompt
+CP_REQS = [(0, 1), (5, 1), (0, 6), (7, 4), (0, 13), (11, 1), (2, 9)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("interleave", [1, 2, 4])
+def test_cp_sharded_causal_attention_merges_to_unsplit(backend, w, interleave):
+    """Split K/V as the CP cache does (token p on shard (p // I) % W), attend per shard with the causal mask by
+    absolute positions, merge with merge_attn_states_n: equals unsplit causal attention."""
+    hq, hk, scale = 4, 2, 0.41
+    lens = [(new, done + new) for done, new in CP_REQS]
+    q, k, v, cu_q, _ = _packed(lens, hq, hk, seed=w * 10 + interleave)
+    q_pos = torch.cat([torch.arange(done, done + new) for done, new in CP_REQS])
+    ref_out, ref_lse = _ref_varlen(q, k, v, lens, True, scale)
+
+    k_seq = torch.split(k, [lk for _, lk in lens])
+    v_seq = torch.split(v, [lk for _, lk in lens])
+    outs, lses, saw_empty_shard = [], [], False
+    for r in range(w):
+        ks, vs, kp, shard_lens = [], [], [], []
+        for (done, new), kk, vv in zip(CP_REQS, k_seq, v_seq):
+            pos = torch.arange(done + new)
+            mine = pos[_owner(pos, w, interleave) == r]
+            saw_empty_shard |= mine.numel() == 0
+            ks.append(kk[mine])
+            vs.append(vv[mine])
+            kp.append(mine)
+            shard_lens.append(mine.numel())
+        o, l = attention_with_lse_by_positions(
+            q, torch.cat(ks), torch.cat(vs), cu_q, _cu(shard_lens), q_pos, torch.cat(kp), scale, backend=backend
+        )
+        assert not torch.isnan(o).any() and not torch.isnan(l).any()
+        outs.append(o)
+        lses.append(l)
+    assert saw_empty_shard == (w > 1)  # request (0, 1) has one token, so every other shard is empty for it
+    out, lse = merge_attn_states_n(torch.stack(outs), torch.stack(lses))
+    _assert_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w,interleave", [(1, 1), (2, 1), (3, 2), (4, 4), (8, 1)])
+def test_cp_sharded_paged_decode_merges_to_unsplit(backend, w, interleave):
+    """Decode: each CP shard's paged cache (random block ids) via paged_attention_with_lse, merged = unsplit decode."""
+    hq, hk, block_size, scale = 4, 2, 4, 0.3
+    seq_lens = [1, 2, 9, 17, 5]
+    g = torch.Generator().manual_seed(w + 7 * interleave)
+    q = torch.randn(len(seq_lens), hq, D, generator=g)
+    k_full = [torch.randn(n, hk, D, generator=g) for n in seq_lens]
+    v_full = [torch.randn(n, hk, D, generator=g) for n in seq_lens]
+    ref_out, ref_lse = _ref_varlen(
+        q, torch.cat(k_full), torch.cat(v_full), [(1, n) for n in seq_lens], False, scale
+    )
+    outs, lses = [], []
+    for r in range(w):
+        local = [torch.arange(n)[_owner(torch.arange(n), w, interleave) == r] for n in seq_lens]
+        max_blocks = max(1, max(-(-len(p) // block_size) for p in local))
+        num_blocks = len(seq_lens) * max_blocks
+        block_table = torch.randperm(num_blocks, generator=g).view(len(seq_lens), max_blocks)
+        k_cache = torch.full((num_blocks, block_size, hk, D), float("nan"))  # unused slots must never be read
+        v_cache = torch.full_like(k_cache, float("nan"))
+        for b, pos in enumerate(local):
+            for j, p in enumerate(pos.tolist()):  # local slot j: local order is position order
+                k_cache[block_table[b, j // block_size], j % block_size] = k_full[b][p]
+                v_cache[block_table[b, j // block_size], j % block_size] = v_full[b][p]
+        local_lens = torch.tensor([len(p) for p in local])
+        o, l = paged_attention_with_lse(q, k_cache, v_cache, block_table, local_lens, scale, backend=backend)
+        outs.append(o)
+        lses.append(l)
+    out, lse = merge_attn_states_n(torch.stack(outs), torch.stack(lses))
+    _assert_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_matches_contiguous(backend):
+    hq, hk, block_size, scale = 6, 3, 3, 0.25
+    seq_lens = torch.tensor([0, 1, 7, 3, 0, 12])
+    g = torch.Generator().manual_seed(1)
+    max_blocks = 5
+    num_blocks = len(seq_lens) * max_blocks + 2
+    block_table = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks)
+    k_cache = torch.randn(num_blocks, block_size, hk, D, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, hk, D, generator=g)
+    q = torch.randn(len(seq_lens), hq, D, generator=g)
+    ks, vs = [], []
+    for b, n in enumerate(seq_lens.tolist()):
+        kb = k_cache[block_table[b]].flatten(0, 1)[:n]  # contiguous gather through the table
+        vb = v_cache[block_table[b]].flatten(0, 1)[:n]
+        ks.append(kb)
+        vs.append(vb)
+    out, lse = paged_attention_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, backend=backend)
+    ref_out, ref_lse = _ref_varlen(q, torch.cat(ks), torch.cat(vs), [(1, n) for n in seq_lens.tolist()], False, scale)
+    assert torch.isinf(lse[0]).all() and (out[0] == 0).all()
+    _assert_close(out, lse, ref_out, ref_lse)
+
+
+# ------------------------------------------------------------------------------------------------ merges
+def test_merge_two_halves_of_keys_equals_whole():
+    q, k, v, cu_q, cu_k = _packed([(3, 10)], 4, 2)
+    full_o, full_l = attention_with_lse(q, k, v, cu_q, cu_k, False, 0.5)
+    o1, l1 = attention_with_lse(q, k[:4], v[:4], cu_q, _cu([4]), False, 0.5)
+    o2, l2 = attention_with_lse(q, k[4:], v[4:], cu_q, _cu([6]), False, 0.5)
+    o, l = merge_attn_states(o1, l1, o2, l2)
+    torch.testing.assert_close(o, full_o, **TOL)
+    torch.testing.assert_close(l, full_l, **TOL)
+
+
+def test_merge_with_minus_inf_is_exact_and_nan_free():
+    o = torch.randn(3, 2, 5, D)
+    lse = torch.randn(3, 2, 5)
+    lse[0, 0] = float("-inf")  # one empty partial: the other passes through unchanged
+    lse[:, 1, :2] = float("-inf")  # all empty: out 0, lse -inf
+    out, l = merge_attn_states_n(o, lse)
+    assert not torch.isnan(out).any() and not torch.isnan(l).any()
+    torch.testing.assert_close(l[0], torch.logsumexp(lse[1:, 0], dim=0))
+    w = torch.softmax(lse[1:, 0], dim=0)
+    torch.testing.assert_close(out[0], (w.unsqueeze(-1) * o[1:, 0]).sum(0))
+    assert torch.isneginf(l[1, :2]).all() and (out[1, :2] == 0).all()
+    torch.testing.assert_close(l[1, 2:], torch.logsumexp(lse[:, 1, 2:], dim=0))
+    # a single -inf partial merged with a finite one returns the finite one exactly
+    o2, l2 = merge_attn_states(o[0, 0], lse[0, 0], o[1, 0], lse[1, 0])
+    torch.testing.assert_close(o2, o[1, 0])
+    torch.testing.assert_close(l2, lse[1, 0])
+
+
+def test_merge_dtype_and_fp32_compute():
+    o = torch.randn(2, 4, D).to(torch.bfloat16)
+    lse = torch.tensor([[0.0, 1.0, -2.0, float("-inf")], [1.0, float("-inf"), 3.0, float("-inf")]])
+    out, l = merge_attn_states(o[0], lse[0], o[1], lse[1])
+    assert out.dtype == torch.bfloat16 and l.dtype == torch.float32
+    w = torch.softmax(lse[:, :3], dim=0)
+    ref = (w.unsqueeze(-1) * o[:, :3].float()).sum(0)
+    torch.testing.assert_close(out[:3].float(), ref, atol=1e-2, rtol=1e-2)
+    assert (out[3] == 0).all() and torch.isneginf(l[3])
