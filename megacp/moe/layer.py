@@ -149,7 +149,10 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [T, H] (this rank's tokens) -> [T, H]."""
+        """hidden: [T, H] (this rank's tokens) -> [T, H].
+
+        A collective over the flattened group: every rank calls it the same number of times, also with ``T = 0``.
+        """
         if self.parallel_config.flat_size == 1:
             return self.partial_forward(hidden, F.linear(hidden, self.router_weight))
         return self._distributed_forward(hidden)
