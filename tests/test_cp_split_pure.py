@@ -193,9 +193,9 @@ def test_metadata_chunks_are_causal_prefixes(pcp):
             assert seq_pos[k].tolist() == list(range(computed[req], int(q_pos[-1]) + 1))
             assert q_pos.tolist() == list(range(int(q_pos[0]), int(q_pos[-1]) + 1))
         # context rows: exactly the local rows of request 1 (the only prefill with cached context)
-        assert m.ctx_rows.numel() == m.ctx_is_real.numel() == m.ctx_local_lens.numel()
+        assert m.ctx_rows.numel() == m.ctx_is_real.numel()
         assert set(m.token_index[m.ctx_rows[m.ctx_is_real]].tolist()) <= set(range(9, 14))
-        assert m.ctx_local_lens.tolist() == [int(m.local_context_lens[1])] * m.ctx_rows.numel()
+        assert m.ctx_local_lens.tolist() == [int(m.local_context_lens[1])]
     real_ctx = sum(int(m.ctx_is_real.sum()) for m in metas.values())
     assert real_ctx == 5
 
@@ -214,7 +214,7 @@ def test_metadata_local_lengths_follow_design_formula():
         base = (L // I // W) * I
         assert m.decode_local_seq_lens.tolist() == [base + min(max(L - base * W - R * I, 0), I)]
         # context rows of request 2 see its 3 cached tokens' local share
-        assert set(m.ctx_local_lens.tolist()) <= {m.local_context_lens[2].item()}
+        assert m.ctx_local_lens.tolist() == [m.local_context_lens[2].item()]
 
 
 def test_metadata_rejects_mismatched_table():
@@ -223,3 +223,33 @@ def test_metadata_rejects_mismatched_table():
         build_step_metadata([0], [0], [3], bt, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
     with pytest.raises(ValueError, match="num_new_tokens"):
         build_step_metadata([0], [0], [0], bt, pcp_size=2, pcp_rank=0, dcp_size=1, dcp_rank=0)
+
+
+@pytest.mark.parametrize("pcp,dcp,interleave", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (1, 4, 4), (4, 1, 2)])
+def test_metadata_context_queries_and_slots(pcp, dcp, interleave):
+    computed, new = [6, 0, 11, 3], [3, 4, 9, 1]  # requests 0 and 2 are prefills over cached context
+    lengths = [c + n for c, n in zip(computed, new)]
+    tables = _tables(pcp, dcp, interleave, lengths)
+    metas = _metas(pcp, dcp, interleave, computed, new)
+    W = pcp * dcp
+    offsets = [sum(new[:i]) for i in range(len(new))]
+    req_of_token = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))
+    for (r, d), m in metas.items():
+        R = r * dcp + d
+        # the CP all-gather of the context rows' token indices, regrouped by request
+        gathered = torch.cat([metas[(w // dcp, w % dcp)].token_index[metas[(w // dcp, w % dcp)].ctx_rows]
+                              for w in range(W)])[m.ctx_q_perm]
+        cu = m.ctx_cu_seqlens_q.tolist()
+        assert len(cu) == 3
+        for s, req in enumerate([0, 2]):
+            seg = gathered[cu[s]:cu[s + 1]]
+            real = seg[seg >= 0]
+            assert sorted(real.tolist()) == sorted(list(range(offsets[req], offsets[req] + new[req])) * dcp)
+            assert (req_of_token[real] == req).all()
+        # the context slots: this rank's positions < num_computed, in position order
+        cuk = m.ctx_cu_seqlens_k.tolist()
+        for s, req in enumerate([0, 2]):
+            pos = torch.arange(computed[req])
+            pos = pos[(pos // interleave) % W == R]
+            expect = tables[R].compute_slot_mapping(torch.full_like(pos, req), pos)
+            assert torch.equal(m.ctx_kv_slots[cuk[s]:cuk[s + 1]], expect)

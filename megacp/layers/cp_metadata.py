@@ -117,13 +117,19 @@ class StepMetadata:
     cu_seqlens_q: Tensor  # [num_chunks+1] int32
     cu_seqlens_k: Tensor  # [num_chunks+1] int32
 
-    # Prefill over cached context: every local row (padding included, so the count is equal on all CP ranks) of the
-    # prefill requests that already have tokens in the cache, with the request's block-table row and local
-    # context length (the context is positions < num_computed, which are the first local slots).
+    # Prefill over cached context ("pass-Q", see ContextParallelAttention._prefill_over_context): every local row
+    # (padding included, so the count is equal on all CP ranks) of the S prefill requests that already have tokens
+    # in the cache. The queries are all-gathered over the CP group into [W, Tc] rows; ``ctx_q_perm`` regroups those
+    # W·Tc rows request by request, so one varlen non-causal call attends each request's queries (from all CP
+    # ranks) to the request's local context shard, read from the cache at ``ctx_kv_slots``. The context is the
+    # positions < num_computed, which are the first ``ctx_local_lens`` local slots of the request.
     ctx_rows: LongTensor  # [Tc] local rows
     ctx_is_real: Tensor  # [Tc] bool, False for padding rows
-    ctx_block_table: LongTensor  # [Tc, max_blocks]
-    ctx_local_lens: LongTensor  # [Tc]
+    ctx_q_perm: LongTensor  # [W·Tc] rows of the gathered, flattened [W·Tc] queries, request after request
+    ctx_kv_slots: LongTensor  # [sum(ctx_local_lens)] this rank's cache slots of the context, request after request
+    ctx_local_lens: LongTensor  # [S]
+    ctx_cu_seqlens_q: Tensor  # [S+1] int32, over the permuted W·Tc rows
+    ctx_cu_seqlens_k: Tensor  # [S+1] int32, over ctx_kv_slots
 
     # [num_reqs] local row of each request's last new token where this rank provides it for the logits, else -1.
     logits_rows: LongTensor
@@ -176,10 +182,6 @@ def _parallel_coords(
             dcp_rank = ps.get_decode_context_parallel_rank() if dcp_rank is None else dcp_rank
     return (1 if pcp_size is None else pcp_size, 0 if pcp_rank is None else pcp_rank,
             1 if dcp_size is None else dcp_size, 0 if dcp_rank is None else dcp_rank)
-
-
-def _empty(*shape: int) -> LongTensor:
-    return torch.zeros(shape, dtype=torch.long)
 
 
 def build_step_metadata(
@@ -275,8 +277,8 @@ def build_step_metadata(
         if c0 > 0:
             ctx_rows.append(row + torch.arange(L))
             ctx_real.append(real)
-            ctx_req += [req_indices[i]] * L
-            ctx_len.append(torch.full((L,), c0, dtype=torch.long))
+            ctx_req.append(req_indices[i])
+            ctx_len.append(c0)
 
         last_owner, last_j = int(owner[-1]), int(j[-1])
         if last_owner == r:
@@ -287,8 +289,21 @@ def build_step_metadata(
     def cat(parts: list[Tensor], dtype: torch.dtype = torch.long) -> Tensor:
         return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
-    max_blocks = block_table.max_num_blocks_per_req
-    ctx_lens = cat(ctx_len)
+    # Context: regroup the CP-gathered queries by request, and list each request's local context slots.
+    ctx_rows_t = cat(ctx_rows)
+    tc = ctx_rows_t.numel()
+    ctx_local = cp_local_seq_lens(torch.tensor(ctx_len, dtype=torch.long), W, R, I)
+    ctx_perm, ctx_slots, ctx_cu_q, ctx_cu_k, start = [], [], [0], [0], 0
+    for s, part in enumerate(ctx_rows):
+        rows = start + torch.arange(part.numel())  # this request's entries in ctx_rows
+        ctx_perm.append((torch.arange(W).unsqueeze(1) * tc + rows.unsqueeze(0)).reshape(-1))
+        start += part.numel()
+        n_local = int(ctx_local[s])
+        j = torch.arange(n_local)
+        block_row = block_table.row(ctx_req[s]).cpu()
+        ctx_slots.append(block_row[j // block_table.block_size] * block_table.block_size + j % block_table.block_size)
+        ctx_cu_q.append(ctx_cu_q[-1] + W * part.numel())
+        ctx_cu_k.append(ctx_cu_k[-1] + n_local)
     to = dict(device=device)
     return StepMetadata(
         num_reqs=n_req, num_decodes=n_dec, pcp_size=P, pcp_rank=r, dcp_size=D, dcp_rank=d,
@@ -305,10 +320,13 @@ def build_step_metadata(
         chunk_k_index=cat(k_index).to(**to),
         cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
         cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        ctx_rows=cat(ctx_rows).to(**to),
+        ctx_rows=ctx_rows_t.to(**to),
         ctx_is_real=cat(ctx_real, torch.bool).to(**to),
-        ctx_block_table=(block_table.local_block_table(ctx_req).cpu() if ctx_req else _empty(0, max_blocks)).to(**to),
-        ctx_local_lens=cp_local_seq_lens(ctx_lens, W, R, I).to(**to),
+        ctx_q_perm=cat(ctx_perm).to(**to),
+        ctx_kv_slots=cat(ctx_slots).to(**to),
+        ctx_local_lens=ctx_local.to(**to),
+        ctx_cu_seqlens_q=torch.tensor(ctx_cu_q, dtype=torch.int32, device=device),
+        ctx_cu_seqlens_k=torch.tensor(ctx_cu_k, dtype=torch.int32, device=device),
         logits_rows=logits_rows.to(**to),
         pcp_group=pcp_group,
     )

@@ -1,0 +1,226 @@
+"""Context-parallel attention: PCP prefill, prefill over cached context, DCP/PCP decode (DESIGN §3).
+
+One step's local tokens (``StepMetadata``, built once per step in ``cp_metadata.py``) are decode rows first, then
+each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path:
+
+- ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
+  every rank attends to its local paged shard (returning LSE), ``dcp_merge`` rescales and reduce-scatters back to
+  this rank's heads, and ``pcp_merge`` rescales and all-reduces over the PCP ranks (which hold the other shards).
+- ``_prefill_pcp``: prefill rows. K/V are all-gathered over PCP and restored to sequence order; each rank writes the
+  tokens it owns into its cache; each local chunk (head and tail of the DualChunkSwap split) attends causally,
+  bottom-right aligned, to the request's new tokens up to the chunk's end.
+- ``_prefill_over_context``: prefill rows of requests with tokens already cached (chunked prefill, a follow-up turn).
+  Their queries also attend to the context, which lives sharded over the ``pcp·dcp`` ranks of the CP group. We pass
+  Q, not KV ("pass-Q", Meta's CP inference paper): the new chunk is usually much shorter than the cached context, so
+  moving the queries (``W·Tc`` rows) is cheaper than moving the context K/V, and the CP group's merge is exactly the
+  DCP decode merge with the group's ranks in place of heads. The partial result is then LSE-merged with the causal
+  attention over the new tokens from ``_prefill_pcp``.
+
+Conventions: q ``[T, Hq_local, D]``, k/v ``[T, Hkv_local, D]``; LSE natural log, float32, ``-inf`` for a row that sees
+no key (an empty local shard), so every merge is exact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from megacp.config import validate_model_parallel
+from megacp.kv.paged_cache import PagedKVCache
+from megacp.layers.cp_metadata import (
+    StepMetadata,
+    build_step_metadata,
+    pcp_chunk_size,
+    pcp_restore_index,
+    pcp_split_positions,
+)
+from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
+from megacp.ops.merge import dcp_merge, merge_attn_states, pcp_merge
+
+if TYPE_CHECKING:
+    from megacp.parallel_state import ParallelGroup
+
+__all__ = [
+    "ContextParallelAttention",
+    "StepMetadata",
+    "build_step_metadata",
+    "pcp_chunk_size",
+    "pcp_restore_index",
+    "pcp_split_positions",
+]
+
+
+class _SingleRank:
+    """Stand-in group for a process without ``parallel_state`` (single device): every collective is the identity."""
+
+    name = "local"
+    world_size = 1
+    rank_in_group = 0
+
+    def all_gather(self, x: Tensor, dim: int = 0) -> Tensor:
+        return x
+
+    def reduce_scatter(self, x: Tensor, dim: int = 0) -> Tensor:
+        return x
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _group(given: "ParallelGroup | None", getter: str) -> "ParallelGroup | _SingleRank":
+    if given is not None:
+        return given
+    from megacp import parallel_state as ps
+
+    return getattr(ps, getter)() if ps.model_parallel_is_initialized() else _SingleRank()
+
+
+class ContextParallelAttention(nn.Module):
+    """Attention core of one layer (after QKV projection and RoPE, before the output projection).
+
+    ``num_heads`` / ``num_kv_heads`` are the model's *global* head counts; this TP rank gets ``num_heads / tp`` query
+    heads and ``max(1, num_kv_heads / tp)`` KV heads (replicated when ``tp > num_kv_heads``, DESIGN §3 GQA). Groups
+    default to ``parallel_state``'s (or to a single rank when it is not initialised); ``backend`` picks the attention
+    kernel (see ``megacp.ops.attention``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: str | None = None,
+        pcp_group: "ParallelGroup | None" = None,
+        dcp_group: "ParallelGroup | None" = None,
+        cp_group: "ParallelGroup | None" = None,
+        tp_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        from megacp import parallel_state as ps
+
+        initialised = ps.model_parallel_is_initialized()
+        tp = tp_size if tp_size is not None else (ps.get_tensor_model_parallel_world_size() if initialised else 1)
+        self.pcp_group = _group(pcp_group, "get_pcp_group")
+        self.dcp_group = _group(dcp_group, "get_dcp_group")
+        self.cp_group = _group(cp_group, "get_cp_group")
+        validate_model_parallel(num_heads, num_kv_heads, tp, self.dcp_group.world_size)
+        if self.cp_group.world_size != self.pcp_group.world_size * self.dcp_group.world_size:
+            raise ValueError(
+                f"cp_group has {self.cp_group.world_size} ranks but pcp·dcp = {self.pcp_group.world_size}·"
+                f"{self.dcp_group.world_size}; pass the groups of one parallel_state (or none)"
+            )
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_local_heads = num_heads // tp
+        self.num_local_kv_heads = max(1, num_kv_heads // tp)
+        self.head_dim = head_dim
+        self.scale = float(scale)
+        self.backend = backend
+
+    # ------------------------------------------------------------------------------------------------ entry point
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache | None) -> Tensor:
+        """Attention output of this rank's local tokens.
+
+        # q: [T_local, Hq_local, D], k/v: [T_local, Hkv_local, D] (rows in meta's local order) -> [T_local, Hq_local, D]
+        With ``kv_cache=None`` (training-style) the step must be prefill-only without cached context; that path is
+        differentiable (the PCP all-gather's backward is a reduce-scatter). Padding rows return zeros.
+        """
+        self._check_shapes(q, k, v, meta)
+        if kv_cache is None and (meta.num_decodes or meta.ctx_rows.numel()):
+            raise ValueError(
+                "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
+                "pass the layer's PagedKVCache (kv_cache=None is only for prefill-only steps without context)"
+            )
+        T, B = meta.num_local_tokens, meta.num_decodes
+        out = q.new_zeros(T, self.num_local_heads, self.head_dim)
+        if B:
+            out = out.index_copy(0, torch.arange(B, device=q.device), self._decode(q[:B], k[:B], v[:B], meta, kv_cache))
+        if meta.num_prefill_rows == 0:
+            return out
+        o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], meta, kv_cache)
+        out = out.index_copy(0, meta.chunk_q_rows, o_new)
+        if meta.ctx_rows.numel():
+            lse = q.new_full((T, self.num_local_heads), float("-inf"), dtype=torch.float32)
+            lse = lse.index_copy(0, meta.chunk_q_rows, lse_new)
+            o_ctx, lse_ctx = self._prefill_over_context(q[meta.ctx_rows], meta, kv_cache)
+            merged, _ = merge_attn_states(out[meta.ctx_rows], lse[meta.ctx_rows], o_ctx, lse_ctx)
+            real = meta.ctx_is_real
+            out = out.index_copy(0, meta.ctx_rows[real], merged[real])
+        return out
+
+    # ------------------------------------------------------------------------------------------------ decode
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache) -> Tensor:
+        """Decode rows (identical on every PCP rank).
+
+        # q: [B, Hq_local, D], k/v: [B, Hkv_local, D] -> [B, Hq_local, D]
+        The new token's K/V is written first, on its owning CP rank only, so it is attended exactly once.
+        """
+        kv_cache.write(k, v, meta.decode_slots)
+        # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all, attend to our
+        # shard, and let dcp_merge hand each rank back its own heads, LSE-corrected.
+        q_all = self.dcp_group.all_gather(q, dim=1)  # [B, dcp·Hq_local, D]
+        out, lse = paged_attention_with_lse(
+            q_all, kv_cache.k, kv_cache.v, meta.decode_block_table, meta.decode_local_seq_lens, self.scale,
+            backend=self.backend,
+        )
+        out, lse = dcp_merge(out, lse, self.dcp_group)  # [B, Hq_local, D]
+        # The PCP ranks hold the other shards of the same sequences and computed the same queries.
+        out, _ = pcp_merge(out, lse, self.pcp_group)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ prefill
+    def _prefill_pcp(
+        self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache | None
+    ) -> tuple[Tensor, Tensor]:
+        """Causal attention of the local prefill chunks over their requests' new tokens.
+
+        # q: [T_local, Hq_local, D] (all rows; the chunks' rows are meta.chunk_q_rows),
+        # k/v: [T_local − num_decodes, Hkv_local, D] (the prefill rows)
+        # -> (out [Q, Hq_local, D], lse [Q, Hq_local] float32) for the Q rows meta.chunk_q_rows
+        """
+        # Every PCP rank has the same number of prefill rows, so one flat all-gather collects all of them.
+        k_seq = self.pcp_group.all_gather(k, dim=0)[meta.prefill_gather_index]  # [N_new, Hkv_local, D], in order
+        v_seq = self.pcp_group.all_gather(v, dim=0)[meta.prefill_gather_index]
+        if kv_cache is not None:
+            kv_cache.write(k_seq, v_seq, meta.prefill_slots)  # only the tokens this CP rank owns (others: slot -1)
+        # One varlen sequence per chunk: its real queries against the request's keys up to the chunk's end. With
+        # bottom-right alignment the chunk's last query sees every key, its first sees the prefix up to itself.
+        return attention_with_lse(
+            q[meta.chunk_q_rows], k_seq[meta.chunk_k_index], v_seq[meta.chunk_k_index],
+            meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
+        )
+
+    def _prefill_over_context(self, q: Tensor, meta: StepMetadata, kv_cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+        """Attention of prefill rows to their requests' cached context, sharded over the CP group ("pass-Q").
+
+        # q: [Tc, Hq_local, D] (meta.ctx_rows, padding included so Tc is equal on every CP rank)
+        # -> (out [Tc, Hq_local, D], lse [Tc, Hq_local] float32) over all context tokens of the request
+        Every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context precedes
+        the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
+        """
+        W, Tc, H = self.cp_group.world_size, q.shape[0], self.num_local_heads
+        q_all = self.cp_group.all_gather(q.unsqueeze(0), dim=0).flatten(0, 1)  # [W·Tc, Hq_local, D], CP rank major
+        k_ctx = kv_cache.k.flatten(0, 1)[meta.ctx_kv_slots]  # [sum ctx_local_lens, Hkv_local, D], local order
+        v_ctx = kv_cache.v.flatten(0, 1)[meta.ctx_kv_slots]
+        out_seq, lse_seq = attention_with_lse(
+            q_all[meta.ctx_q_perm], k_ctx, v_ctx, meta.ctx_cu_seqlens_q, meta.ctx_cu_seqlens_k,
+            causal=False, scale=self.scale, backend=self.backend,
+        )
+        out = torch.empty_like(out_seq).index_copy_(0, meta.ctx_q_perm, out_seq)  # back to CP-rank-major rows
+        lse = torch.empty_like(lse_seq).index_copy_(0, meta.ctx_q_perm, lse_seq)
+        # [W·Tc] rows -> [Tc, W·H]: the gathered ranks become "heads", ordered by CP rank, as dcp_merge expects.
+        out = out.view(W, Tc, H, -1).permute(1, 0, 2, 3).reshape(Tc, W * H, -1)
+        lse = lse.view(W, Tc, H).permute(1, 0, 2).reshape(Tc, W * H)
+        return dcp_merge(out, lse, self.cp_group)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata) -> None:
+        T, Hq, Hkv, D = meta.num_local_tokens, self.num_local_heads, self.num_local_kv_heads, self.head_dim
+        if tuple(q.shape) != (T, Hq, D) or tuple(k.shape) != (T, Hkv, D) or k.shape != v.shape:
+            raise ValueError(
+                f"ContextParallelAttention expects q [{T}, {Hq}, {D}] and k, v [{T}, {Hkv}, {D}] (local tokens of "
+                f"the step, this TP rank's heads of num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}), "
+                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
