@@ -28,7 +28,10 @@ D = 8
 
 # ------------------------------------------------------------------------------------------------ reference
 def _ref_seq(q, k, v, allowed, scale):
-    """float64 SDPA with an explicit boolean mask; lse = logsumexp of the masked scores.  # q [lq,Hq,D], k/v [lk,Hk,D]"""
+    """float64 SDPA with an explicit boolean mask; lse = logsumexp of the masked scores.
+
+    # q: [lq, Hq, D], k/v: [lk, Hk, D], allowed: bool [lq, lk] -> (out [lq, Hq, D], lse [lq, Hq]) float64
+    """
     lq, hq, _ = q.shape
     if lq == 0:
         return torch.zeros(0, hq, v.shape[2], dtype=torch.float64), torch.zeros(0, hq, dtype=torch.float64)
@@ -192,11 +195,12 @@ def test_backend_selection(monkeypatch):
         select_backend("cpu")
     monkeypatch.delenv(attn_mod.ENV_BACKEND)
     monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
-    register_backend(AttentionBackend("gpu_only", attn_mod.per_sequence(attn_mod._torch_seq), lambda d: d.type == "cuda", 99))
+    torch_varlen = attn_mod.per_sequence(attn_mod._torch_seq)
+    register_backend(AttentionBackend("gpu_only", torch_varlen, lambda d: d.type == "cuda", 99))
     assert select_backend("cpu").name == "sdpa_cpu"  # higher priority but unavailable on CPU
     with pytest.raises(ValueError, match=r"not available on cpu.*\['sdpa_cpu', 'torch'\]"):
         select_backend("cpu", backend="gpu_only")
-    register_backend(AttentionBackend("no_pos", attn_mod.per_sequence(attn_mod._torch_seq), lambda d: True, 50))
+    register_backend(AttentionBackend("no_pos", torch_varlen, lambda d: True, 50))
     assert select_backend("cpu").name == "no_pos"
     assert select_backend("cpu", need_positions=True).name == "sdpa_cpu"
     with pytest.raises(ValueError, match="by-positions"):

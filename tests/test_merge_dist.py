@@ -71,7 +71,8 @@ def _check_all_empty_rows() -> dict:
     """A sequence no rank holds (length 0 everywhere) merges to out 0 / lse -inf, not NaN."""
     from megacp.ops import dcp_merge, pcp_merge
 
-    with model_parallel(tensor_model_parallel_size=2, prefill_context_parallel_size=2, decode_context_parallel_size=2) as ps:
+    sizes = {"tensor_model_parallel_size": 2, "prefill_context_parallel_size": 2, "decode_context_parallel_size": 2}
+    with model_parallel(**sizes) as ps:
         rank = ps.get_context_parallel_rank()
         out = torch.randn(2, 4, D)
         lse = torch.full((2, 4), float("-inf"))

@@ -317,7 +317,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
         )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
-            f"attention_with_lse: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA"
+            f"attention_with_lse: query heads ({q.shape[1]}) must be a multiple of key/value heads "
+            f"({k.shape[1]}) for GQA"
         )
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
         raise ValueError(
@@ -395,13 +396,23 @@ def _sdpa_cpu_available(device: torch.device) -> bool:
     return _CPU_FLASH_OP is not None and device.type == "cpu"
 
 
-def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+def _check_sdpa_cpu_dtypes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dtype not in _CPU_FLASH_DTYPES or q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(
             f"attention backend 'sdpa_cpu' needs q/k/v of one dtype among {_CPU_FLASH_DTYPES}, got "
             f"{q.dtype}/{k.dtype}/{v.dtype}; use backend='torch'"
         )
+
+
+def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    _check_sdpa_cpu_dtypes(q, k, v)
     return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+
+
+def _sdpa_cpu_by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale):
+    _check_sdpa_cpu_dtypes(q, k, v)
+    lifted = per_sequence_masked(_sdpa_cpu_seq_masked)
+    return lifted(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale)
 
 
 register_backend(
@@ -419,6 +430,6 @@ register_backend(
         varlen=_sdpa_cpu_varlen,
         available=_sdpa_cpu_available,
         priority=10,
-        by_positions=per_sequence_masked(_sdpa_cpu_seq_masked),
+        by_positions=_sdpa_cpu_by_positions,
     )
 )

@@ -6,9 +6,10 @@ Attention over the union of disjoint subsets is
 
     L = logsumexp_i l_i,        o = Σ_i exp(l_i − L) · o_i .
 
-The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally; ``dcp_merge``
-and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``.
-Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``, never NaN.
+The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
+``dcp_merge`` and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``.
+Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``,
+never NaN.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     # outs: [N, ..., D] (any float dtype), lses: [N, ...] -> (out [..., D] in outs.dtype, lse [...] float32)
     """
     if outs.shape[:-1] != lses.shape:
-        raise ValueError(f"merge_attn_states_n: outs {tuple(outs.shape)} must be lses {tuple(lses.shape)} plus a head_dim")
+        raise ValueError(
+            f"merge_attn_states_n: outs {tuple(outs.shape)} must be lses {tuple(lses.shape)} plus a head_dim"
+        )
     if outs.shape[0] == 0:
         raise ValueError("merge_attn_states_n: need at least one partial state (N >= 1)")
     weights, lse = lse_merge_weights(lses)
@@ -63,7 +66,7 @@ def merge_attn_states(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[T
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
-    """This rank's ``exp(l_rank − L) · out`` in float32 and the group-wide ``L`` (lse all-gathered over ``group``)."""
+    """This rank's ``exp(l_rank − L) · out`` (float32) and the group-wide ``L`` (lse all-gathered over ``group``)."""
     all_lse = group.all_gather(lse.float().unsqueeze(0).contiguous(), dim=0)  # [W, ...]
     weights, merged_lse = lse_merge_weights(all_lse)
     scaled = weights[group.rank_in_group].unsqueeze(-1) * out.float()
@@ -73,7 +76,8 @@ def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[
 def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) -> tuple[Tensor, Tensor]:
     """Decode-CP merge: every rank attended all DCP ranks' heads against its own KV shard.
 
-    # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32)
+    # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp]
+    # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32)
     Heads are ordered by DCP rank (the order of the Q all-gather); this rank keeps slice ``rank_in_group``.
     All-gathers lse, rescales, and reduce-scatters the rescaled output over the head dim (in float32).
     """
