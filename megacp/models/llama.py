@@ -1,0 +1,209 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) built from megacp's tensor-parallel layers.
+
+    embed → N × [RMSNorm → QKV → RoPE(meta.positions) → ContextParallelAttention → o_proj (+res)
+                 RMSNorm → gate/up → SiLU·mul → down (+res)] → RMSNorm
+
+Every layer works on this rank's local tokens (PCP-split during prefill); only attention talks across PCP/DCP
+ranks, and only the row-parallel projections / vocab layers across TP. The engine picks the rows it needs
+with ``meta.select_logits_hidden(hidden)`` and then calls ``compute_logits``. This file uses no
+``torch.distributed`` directly: every collective lives in the layers.
+
+Weights are loaded by name: ``hf_weight_loaders()`` maps each Hugging Face tensor name to a function that takes
+the full tensor (or a safetensors lazy slice) and keeps this rank's shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacp.kv.paged_cache import PagedKVCache
+from megacp.layers.cp_attention import ContextParallelAttention
+from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from megacp.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
+from megacp.layers.norm import RMSNorm
+from megacp.layers.rotary import RotaryEmbedding
+from megacp.models.config import ModelConfig
+
+WeightLoader = Callable[[Any], None]  # takes a full tensor or a safetensors slice
+
+
+class LlamaAttention(nn.Module):
+    """forward: hidden ``[T_local, hidden]`` → ``[T_local, hidden]`` (summed over TP)."""
+
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.qkv_bias,
+            params_dtype=params_dtype,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            bias=config.o_proj_bias,
+            params_dtype=params_dtype,
+        )
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.attn = ContextParallelAttention(  # takes the global head counts
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.attention_scale,
+            tp_size=self.qkv_proj.tp_size,
+        )
+
+    def forward(self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))  # [T, Hq_l, D], [T, Hkv_l, D] ×2
+        q, k = self.rotary_emb(meta.positions, q, k)
+        out = self.attn(q, k, v, meta, kv_cache)  # [T, Hq_l, D]
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) · up(x))``; x ``[T, hidden]`` → ``[T, hidden]``."""
+
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias, params_dtype=params_dtype
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, params_dtype=params_dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.self_attn = LlamaAttention(config, params_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.mlp = LlamaMLP(config, params_dtype)
+
+    def forward(self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def hf_weight_loaders(self, prefix: str) -> dict[str, WeightLoader]:
+        """``{HF name: loader}`` for ``model.layers.N.*`` (prefix ``"model.layers.N."``)."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.qkv_proj
+        loaders: dict[str, WeightLoader] = {
+            f"{prefix}input_layernorm.weight": _bind(self.input_layernorm.weight),
+            f"{prefix}post_attention_layernorm.weight": _bind(self.post_attention_layernorm.weight),
+            f"{prefix}self_attn.o_proj.weight": _bind(attn.o_proj.weight),
+            f"{prefix}mlp.gate_proj.weight": _bind(mlp.gate_up_proj.weight, 0),
+            f"{prefix}mlp.up_proj.weight": _bind(mlp.gate_up_proj.weight, 1),
+            f"{prefix}mlp.down_proj.weight": _bind(mlp.down_proj.weight),
+        }
+        for shard_id in ("q", "k", "v"):
+            loaders[f"{prefix}self_attn.{shard_id}_proj.weight"] = _bind(qkv.weight, shard_id)
+            if qkv.bias is not None:
+                loaders[f"{prefix}self_attn.{shard_id}_proj.bias"] = _bind(qkv.bias, shard_id)
+        if attn.o_proj.bias is not None:
+            loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj.bias)
+        if mlp.gate_up_proj.bias is not None:
+            loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(mlp.gate_up_proj.bias, 0)
+            loaders[f"{prefix}mlp.up_proj.bias"] = _bind(mlp.gate_up_proj.bias, 1)
+            loaders[f"{prefix}mlp.down_proj.bias"] = _bind(mlp.down_proj.bias)
+        return loaders
+
+
+def _bind(param: nn.Parameter, *shard: Any) -> WeightLoader:
+    """A one-argument loader: ``param.weight_loader(param, loaded, *shard)``."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    return lambda loaded: loader(param, loaded, *shard)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama / Mistral / Qwen2 decoder with a vocab-parallel LM head (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, params_dtype) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_weights(self.embed_tokens)
+        qkv = self.layers[0].self_attn.qkv_proj if config.num_hidden_layers else None
+        self.head_dim = config.head_dim
+        self.num_local_heads = qkv.num_heads if qkv else 0
+        self.num_local_kv_heads = qkv.num_kv_heads if qkv else 0  # per TP rank: what the engine allocates
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: Any, kv_caches: list[PagedKVCache] | None = None
+    ) -> torch.Tensor:
+        """input_ids ``[T_local]`` (this rank's tokens, PCP padding included) → final hidden ``[T_local, hidden]``."""
+        if kv_caches is not None and len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for a model with {len(self.layers)} layers")
+        hidden = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[N, hidden]`` → float32 logits ``[N, vocab_size]``, the full vocabulary on every TP rank."""
+        return self.lm_head.compute_logits(hidden).float()
+
+    def hf_weight_loaders(self) -> dict[str, WeightLoader]:
+        """Every Hugging Face tensor name this model expects → the function that loads it."""
+        loaders: dict[str, WeightLoader] = {
+            "model.embed_tokens.weight": _bind(self.embed_tokens.weight),
+            "model.norm.weight": _bind(self.norm.weight),
+        }
+        if not self.config.tie_word_embeddings:
+            loaders["lm_head.weight"] = _bind(self.lm_head.weight)
+        for i, layer in enumerate(self.layers):
+            loaders.update(layer.hf_weight_loaders(f"model.layers.{i}."))
+        return loaders
+
+    def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full (unsharded) shape of every expected HF tensor, e.g. to build seeded random weights."""
+        c = self.config
+        h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, h)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            per_layer = {
+                "input_layernorm.weight": (h,),
+                "post_attention_layernorm.weight": (h,),
+                "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+                "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
+                "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
+                "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+                "mlp.gate_proj.weight": (inter, h),
+                "mlp.up_proj.weight": (inter, h),
+                "mlp.down_proj.weight": (h, inter),
+            }
+            if c.qkv_bias:
+                per_layer.update({
+                    "self_attn.q_proj.bias": (c.num_attention_heads * d,),
+                    "self_attn.k_proj.bias": (c.num_key_value_heads * d,),
+                    "self_attn.v_proj.bias": (c.num_key_value_heads * d,),
+                })
+            if c.o_proj_bias:
+                per_layer["self_attn.o_proj.bias"] = (h,)
+            if c.mlp_bias:
+                per_layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+            shapes.update({p + k: v for k, v in per_layer.items()})
+        return shapes

@@ -1,0 +1,147 @@
+"""Build a model and fill it from a Hugging Face checkpoint directory, each rank reading only its shards.
+
+A checkpoint is ``config.json`` plus ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (whose
+``weight_map`` names the file of every tensor). Files are opened with ``safetensors.safe_open`` and tensors taken
+as lazy slices (``get_slice``), so a rank's weight loaders read only the rows/columns they keep.
+``load_model(None, ...)`` builds the seeded tiny Llama instead (identical weights on every rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import torch
+
+from megacp import parallel_state
+from megacp.config import validate_model_parallel
+from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
+from megacp.models.llama import LlamaForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that the model recomputes (or, tied, shares): present or not, both are fine.
+_OPTIONAL_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: str) -> dict[str, list[str]]:
+    """``{safetensors file path: [tensor names]}`` for a checkpoint directory (single file or sharded index)."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, filename in weight_map.items():
+            files.setdefault(os.path.join(model_dir, filename), []).append(name)
+        missing = sorted(p for p in files if not os.path.isfile(p))
+        if missing:
+            raise ValueError(f"{index_path} lists shard file(s) that do not exist: {', '.join(missing)}")
+        return files
+    if os.path.isfile(single_path):
+        from safetensors import safe_open
+
+        with safe_open(single_path, framework="pt") as f:
+            return {single_path: list(f.keys())}
+    raise ValueError(
+        f"no weights in {model_dir}: expected {SINGLE_FILE} or {INDEX_FILE} (+ its shards); "
+        f"save the model with save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def _check_names(expected: set[str], found: set[str], model_dir: str) -> None:
+    missing = sorted(expected - found)
+    unexpected = sorted(n for n in found - expected if not n.endswith(_OPTIONAL_SUFFIXES) and n != "lm_head.weight")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {model_dir} does not match its config.json ({'; '.join(problems)}); "
+            f"check that config.json and the safetensors files belong to the same model"
+        )
+
+
+def _iter_slices(files: dict[str, list[str]], wanted: set[str]) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    for path, names in files.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                if name in wanted:
+                    yield name, f.get_slice(name)
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: str, files: dict[str, list[str]] | None = None) -> None:
+    """Fill ``model`` from the safetensors in ``model_dir``; ValueError naming missing/unexpected/misshapen tensors."""
+    loaders = model.hf_weight_loaders()
+    files = checkpoint_files(model_dir) if files is None else files
+    found = {name for names in files.values() for name in names}
+    _check_names(set(loaders), found, model_dir)
+    for name, loaded in _iter_slices(files, set(loaders)):
+        try:
+            loaders[name](loaded)
+        except ValueError as e:
+            raise ValueError(f"{name} in {model_dir}: {e}") from e
+
+
+def seeded_hf_weights(model: LlamaForCausalLM, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random full (unsharded) HF-named tensors from ``seed``: same on every rank, so sharding them is consistent.
+
+    Linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms ~ 1 + N(0, 0.1²): logits with clear argmax
+    margins, so greedy outputs do not hinge on rounding.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in sorted(model.hf_weight_shapes().items()):
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif "embed_tokens" in name:
+            t = torch.randn(shape, generator=gen)
+        elif len(shape) == 2:
+            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        else:  # biases
+            t = 0.1 * torch.randn(shape, generator=gen)
+        weights[name] = t
+    return weights
+
+
+def _validate_parallel(config: ModelConfig) -> None:
+    if not parallel_state.model_parallel_is_initialized():
+        raise ValueError("load_model needs megacp.parallel_state.initialize_model_parallel(...) to be called first")
+    validate_model_parallel(
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_decode_context_parallel_world_size(),
+    )
+
+
+def load_model(
+    model_dir: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """Build the model for this rank's TP shard and load it; ``model_dir=None`` → the seeded tiny Llama.
+
+    Checks (ValueError, the same on every rank, before any collective): checkpoint directory/config/weights exist,
+    ``model_type`` is supported, heads fit ``tp`` and ``dcp`` (DESIGN §3 GQA rule), tensor names and shapes match.
+    """
+    if model_dir is None:
+        config, files = build_tiny_llama_config(), None
+    else:
+        config, files = load_model_config(model_dir), checkpoint_files(model_dir)
+    _validate_parallel(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config, params_dtype=dtype)
+    if model_dir is None:
+        loaders = model.hf_weight_loaders()
+        for name, tensor in seeded_hf_weights(model, seed).items():
+            loaders[name](tensor)
+    else:
+        load_weights(model, model_dir, files)
+    return model.eval()
