@@ -1,0 +1,172 @@
+"""megacp.config: every validation error fires, names its flag and proposes a valid alternative."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megacp.config import (
+    ParallelConfig,
+    validate_dcp,
+    validate_kv_interleave,
+    validate_model_parallel,
+    validate_parallel_config,
+    validate_sizes,
+    validate_world_size,
+)
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def _legal_values(msg: str, label: str) -> list[int]:
+    """Parse "legal ... values ...: 1, 2, 4" after ``label`` in a message."""
+    m = re.search(re.escape(label) + r"[^:]*: ([0-9, ]+)", msg)
+    assert m, f"no '{label}' list in: {msg}"
+    return [int(v) for v in m.group(1).replace(" ", "").strip(",").split(",")]
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        (dict(tp=0), "--tensor-parallel-size/-tp"),
+        (dict(pcp=-1), "--prefill-context-parallel-size/-pcp"),
+        (dict(dcp=0), "--decode-context-parallel-size/-dcp"),
+        (dict(dp=0), "--data-parallel-size/-dp"),
+        (dict(tp=1.5), "--tensor-parallel-size/-tp"),
+        (dict(tp=True), "--tensor-parallel-size/-tp"),
+    ],
+)
+def test_sizes_must_be_positive_integers(kwargs, flag):
+    msg = _error(validate_sizes, **kwargs)
+    assert flag in msg and ">= 1" in msg
+    assert f"{flag.split('/')[-1]} 1" in msg  # the alternative
+    validate_sizes(**{k: 1 for k in kwargs})
+
+
+# ------------------------------------------------------------------------------------------------ world size
+def test_world_size_mismatch_example_from_the_brief():
+    msg = _error(validate_world_size, 6, tp=2, pcp=2, dp=1)
+    assert "--nproc-per-node 6" in msg and "dp·pcp·tp = 1·2·2 = 4" in msg
+    assert "--nproc-per-node 4" in msg  # relaunch alternative
+    assert "-tp 3" in msg  # 1·2·3 = 6 keeps -pcp 2
+    assert "-pcp 3" in msg  # 1·3·2 = 6 keeps -tp 2
+    assert "--tensor-parallel-size/-tp" in msg and "--prefill-context-parallel-size/-pcp" in msg
+
+
+def test_world_size_alternatives_are_valid():
+    for world, tp, pcp, dp in [(6, 2, 2, 1), (8, 3, 1, 1), (4, 1, 1, 2), (12, 4, 2, 1), (5, 2, 2, 1)]:
+        msg = _error(validate_world_size, world, tp=tp, pcp=pcp, dp=dp)
+        for new_tp in re.findall(r"use -tp (\d+)", msg):
+            validate_world_size(world, tp=int(new_tp), pcp=pcp, dp=dp)
+        for new_pcp in re.findall(r"use -pcp (\d+)", msg):
+            validate_world_size(world, tp=tp, pcp=int(new_pcp), dp=dp)
+        (n,) = re.findall(r"launch with --nproc-per-node (\d+)", msg)
+        validate_world_size(int(n), tp=tp, pcp=pcp, dp=dp)
+    validate_world_size(8, tp=2, pcp=2, dp=2)
+
+
+# ------------------------------------------------------------------------------------------------ tp % dcp
+@pytest.mark.parametrize("tp,dcp", [(4, 3), (2, 4), (6, 4)])
+def test_dcp_must_divide_tp(tp, dcp):
+    msg = _error(validate_dcp, tp, dcp)
+    assert "--decode-context-parallel-size/-dcp" in msg and "--tensor-parallel-size/-tp" in msg
+    legal = _legal_values(msg, "legal -dcp values")
+    assert legal == [d for d in range(1, tp + 1) if tp % d == 0]
+    for d in legal:
+        validate_dcp(tp, d)
+
+
+# ------------------------------------------------------------------------------------------------ interleave
+@pytest.mark.parametrize("interleave,block_size", [(32, 16), (3, 16), (0, 16), (5, 8)])
+def test_interleave_vs_block_size(interleave, block_size):
+    msg = _error(validate_kv_interleave, interleave, block_size)
+    assert "--cp-kv-cache-interleave-size" in msg
+    legal = _legal_values(msg, "legal values")
+    assert legal == [d for d in range(1, block_size + 1) if block_size % d == 0]
+    for i in legal:
+        validate_kv_interleave(i, block_size)
+    if interleave >= 1:
+        assert "--block-size" in msg
+
+
+def test_interleave_and_block_size_basics():
+    assert "--block-size" in _error(validate_kv_interleave, 1, 0)
+    assert "--cp-kv-cache-interleave-size" in _error(validate_kv_interleave, 0)
+    validate_kv_interleave(64)  # no block size known yet: only >= 1 is checked
+    validate_kv_interleave(16, 16)
+    validate_kv_interleave(1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ heads vs tp / dcp
+def _gqa_reference(num_heads: int, num_kv_heads: int, tp: int, dcp: int) -> bool:
+    """DESIGN §3 GQA rule, written out independently of megacp.config."""
+    if num_heads % tp:
+        return False
+    if tp > num_kv_heads:
+        return tp % num_kv_heads == 0 and (tp // num_kv_heads) % dcp == 0
+    return num_kv_heads % tp == 0 and dcp == 1
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 8), (8, 8), (28, 4), (12, 2), (16, 1), (6, 3)])
+def test_model_parallel_rule_exhaustive(num_heads, num_kv_heads):
+    for tp in range(1, 2 * num_heads + 1):
+        for dcp in [d for d in range(1, tp + 1) if tp % d == 0]:
+            ok = _gqa_reference(num_heads, num_kv_heads, tp, dcp)
+            if ok:
+                validate_model_parallel(num_heads, num_kv_heads, tp, dcp)
+                continue
+            msg = _error(validate_model_parallel, num_heads, num_kv_heads, tp, dcp)
+            if _gqa_reference(num_heads, num_kv_heads, tp, 1):  # tp fine, dcp is the problem
+                assert "--decode-context-parallel-size/-dcp" in msg, msg
+                legal = _legal_values(msg, "legal -dcp values")
+                assert legal == [d for d in range(1, tp + 1) if tp % d == 0 and _gqa_reference(num_heads, num_kv_heads, tp, d)]
+                assert legal and all(_gqa_reference(num_heads, num_kv_heads, tp, d) for d in legal)
+                for t in re.findall(r"keep -dcp \d+ with -tp (\d+)", msg):
+                    assert _gqa_reference(num_heads, num_kv_heads, int(t), dcp), msg
+            else:
+                assert "--tensor-parallel-size/-tp" in msg, msg
+                legal = _legal_values(msg, "legal -tp values")
+                assert legal == [t for t in range(1, num_heads + 1) if _gqa_reference(num_heads, num_kv_heads, t, 1)]
+
+
+def test_model_parallel_examples():
+    msg = _error(validate_model_parallel, 32, 8, tp=16, dcp=4)  # each KV head on 2 ranks: dcp 4 cannot share one
+    assert "legal -dcp values for -tp 16: 1, 2" in msg and "keep -dcp 4 with -tp 32" in msg
+    msg = _error(validate_model_parallel, 32, 8, tp=4, dcp=2)  # tp <= kv heads: no room for dcp
+    assert "legal -dcp values for -tp 4: 1" in msg
+    msg = _error(validate_model_parallel, 32, 8, tp=3)
+    assert "legal -tp values: 1, 2, 4, 8, 16, 32" in msg
+    assert "num_key_value_heads" in _error(validate_model_parallel, 32, 6, tp=2)
+    validate_model_parallel(32, 8, tp=16, dcp=2)
+    validate_model_parallel(32, 8, tp=8, dcp=1)
+
+
+# ------------------------------------------------------------------------------------------------ ParallelConfig
+def test_parallel_config_validate_runs_every_check():
+    ParallelConfig(2, 2, 2, cp_kv_cache_interleave_size=4, block_size=16).validate(world_size=4, num_heads=8, num_kv_heads=1)
+    assert "--nproc-per-node 4" in _error(ParallelConfig(2, 2).validate, world_size=6)
+    assert "legal -dcp values for -tp 4" in _error(ParallelConfig(4, decode_context_parallel_size=3).validate, 4)
+    assert "--block-size 16" in _error(ParallelConfig(cp_kv_cache_interleave_size=3, block_size=16).validate, 1)
+    assert "--decode-context-parallel-size" in _error(ParallelConfig(4, decode_context_parallel_size=4).validate, 4, 8, 2)
+    assert "--tensor-parallel-size" in _error(ParallelConfig(0).validate)
+    ParallelConfig(2, 3).validate()  # world size unknown: skipped
+
+
+def test_parallel_config_derived_values():
+    cfg = ParallelConfig(4, 2, 2, 3, enable_expert_parallel=True, cp_kv_cache_interleave_size=8)
+    assert (cfg.world_size, cfg.cp_world_size) == (24, 4)
+    assert cfg.initialize_kwargs() == dict(
+        tensor_model_parallel_size=4,
+        prefill_context_parallel_size=2,
+        decode_context_parallel_size=2,
+        data_parallel_size=3,
+        enable_expert_parallel=True,
+        cp_kv_cache_interleave_size=8,
+    )
+    validate_parallel_config(24, 4, 2, 2, 3, 8, 16)
