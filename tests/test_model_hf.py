@@ -6,6 +6,7 @@ rank of a dp=2 pool is a world of its own for the model) and sharded (tp=2, pcp=
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -145,14 +146,14 @@ def _prefill_logits(model, prompts: list[list[int]], use_cache: bool) -> torch.T
         return model.compute_logits(meta.select_logits_hidden(hidden))
 
 
-def _check_prefill(sizes: dict, kinds: list[str], refs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Load each checkpoint under ``sizes`` and return the max |logits − transformers| per checkpoint."""
+def _check_prefill(sizes: dict, dirs: dict[str, str], refs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Load each checkpoint ``{kind: dir}`` under ``sizes``; return the max |logits − transformers| per checkpoint."""
     from tests.dist_pool import model_parallel
 
     errors: dict[str, float] = {}
     with model_parallel(**sizes):
-        for kind in kinds:
-            model = load_model(hf_models.model_dir(kind), torch.float32, "cpu")
+        for kind, path in dirs.items():
+            model = load_model(path, torch.float32, "cpu")
             ref = torch.stack(refs[kind])
             for use_cache in (True, False):
                 got = _prefill_logits(model, PROMPTS, use_cache)
@@ -161,9 +162,44 @@ def _check_prefill(sizes: dict, kinds: list[str], refs: dict[str, list[torch.Ten
     return errors
 
 
+_BIASED_DIR: list[str] = []
+
+
+def _biased_llama_dir() -> str:
+    """A Llama with attention and MLP biases and tied embeddings; *every* tensor random (HF inits biases to 0,
+    which would let a bias-loading bug pass)."""
+    if not _BIASED_DIR:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(5)
+        cfg = LlamaConfig(
+            vocab_size=hf_models.VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=500000.0,
+        )
+        model = LlamaForCausalLM(cfg).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.15)
+                elif "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0.0, 0.1)
+        path = tempfile.mkdtemp(prefix="megacp-llama-bias-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        model.save_pretrained(path)
+        _BIASED_DIR.append(path)
+    return _BIASED_DIR[0]
+
+
+def _model_dir(kind: str) -> str:
+    return _biased_llama_dir() if kind == "llama_bias" else hf_models.model_dir(kind)
+
+
 def _hf_dirs_and_refs(kinds: list[str]) -> dict[str, list[torch.Tensor]]:
-    # hf_models builds the checkpoints in this (the pytest) process; workers only read them.
-    return {k: hf_models.last_logits_reference(hf_models.model_dir(k), PROMPTS) for k in kinds}
+    # The checkpoints are built in this (the pytest) process; workers only read them.
+    return {k: hf_models.last_logits_reference(_model_dir(k), PROMPTS) for k in kinds}
 
 
 def _assert_all_close(results: list[dict[str, float]]) -> None:
@@ -173,7 +209,7 @@ def _assert_all_close(results: list[dict[str, float]]) -> None:
     assert len(results[0]) > 0
 
 
-ALL_KINDS = ["llama", "llama_sharded", "mistral", "qwen2"]
+ALL_KINDS = ["llama", "llama_sharded", "mistral", "qwen2", "llama_bias"]
 
 
 @pytest.fixture(scope="module")
@@ -181,42 +217,38 @@ def refs() -> dict[str, list[torch.Tensor]]:
     return _hf_dirs_and_refs(ALL_KINDS)
 
 
-def _with_dirs(dirs: dict[str, str], fn, *args):
-    """Run ``fn`` in a worker after pointing ``hf_models.model_dir`` at the checkpoints built in this process."""
-    hf_models._DIRS.update(dirs)
-    return fn(*args)
-
-
-def _dirs() -> dict[str, str]:
-    return {k: hf_models.model_dir(k) for k in ALL_KINDS}
+def _dirs(kinds: list[str] = ALL_KINDS) -> dict[str, str]:
+    return {k: _model_dir(k) for k in kinds}
 
 
 def test_prefill_unsharded_matches_transformers(dist_pool_2, refs) -> None:
     # dp=2: each rank is a tp=pcp=dcp=1 model of its own
-    results = dist_pool_2.run(_with_dirs, _dirs(), _check_prefill, {"data_parallel_size": 2}, ALL_KINDS, refs)
+    results = dist_pool_2.run(_check_prefill, {"data_parallel_size": 2}, _dirs(ALL_KINDS), refs)
     _assert_all_close(results)
 
 
 def test_prefill_tp2_matches_transformers(dist_pool_2, refs) -> None:
-    # llama: 1 KV head replicated on both ranks; mistral/qwen2: 2 KV heads split; qwen2: bias + tied embeddings
+    # llama: 1 KV head replicated on both ranks; mistral/qwen2: 2 KV heads split; qwen2: bias + tied embeddings;
+    # llama_bias: q/k/v/o and MLP biases (row-parallel biases added once), tied embeddings
     sizes = {"tensor_model_parallel_size": 2}
-    results = dist_pool_2.run(_with_dirs, _dirs(), _check_prefill, sizes, ["llama", "mistral", "qwen2"], refs)
+    kinds = ["llama", "mistral", "qwen2", "llama_bias"]
+    results = dist_pool_2.run(_check_prefill, sizes, _dirs(kinds), refs)
     _assert_all_close(results)
 
 
 def test_prefill_pcp2_and_tp2_dcp2_match_transformers(dist_pool_2, refs) -> None:
     results = dist_pool_2.run(
-        _with_dirs, _dirs(), _check_prefill, {"prefill_context_parallel_size": 2}, ["llama_sharded", "qwen2"], refs
+        _check_prefill, {"prefill_context_parallel_size": 2}, _dirs(["llama_sharded", "qwen2"]), refs
     )
     _assert_all_close(results)
     sizes = {"tensor_model_parallel_size": 2, "decode_context_parallel_size": 2, "cp_kv_cache_interleave_size": 2}
-    results = dist_pool_2.run(_with_dirs, _dirs(), _check_prefill, sizes, ["llama"], refs)
+    results = dist_pool_2.run(_check_prefill, sizes, _dirs(["llama"]), refs)
     _assert_all_close(results)
 
 
 def test_prefill_tp2_pcp2_dcp2_matches_transformers(dist_pool_4, refs) -> None:
     sizes = {"tensor_model_parallel_size": 2, "prefill_context_parallel_size": 2, "decode_context_parallel_size": 2}
-    results = dist_pool_4.run(_with_dirs, _dirs(), _check_prefill, sizes, ["llama"], refs)
+    results = dist_pool_4.run(_check_prefill, sizes, _dirs(["llama"]), refs)
     _assert_all_close(results)
 
 

@@ -30,7 +30,7 @@ def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
 
 
 def vocab_range(vocab_size: int, tp_size: int, tp_rank: int) -> tuple[int, int, int]:
-    """``(start, end, rows_per_rank)``: this rank's padded row range; real rows are ``[start, min(end, vocab_size))``."""
+    """``(start, end, rows_per_rank)``: this rank's padded rows; the real ones are ``[start, min(end, vocab_size))``."""
     per_rank = pad_vocab_size(vocab_size, tp_size) // tp_size
     start = tp_rank * per_rank
     return start, start + per_rank, per_rank

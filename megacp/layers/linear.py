@@ -244,7 +244,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             divide(size, group.world_size, "MLP intermediate size")
         super().__init__(input_size, sum(self.output_sizes), bias=bias, group=group, params_dtype=params_dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:  # type: ignore[override]
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded: Any, shard_id: int | None = None
+    ) -> None:
         """Load output ``shard_id`` (0 = gate, 1 = up) from its full ``[output_sizes[shard_id], ...]`` tensor."""
         if shard_id is None:
             raise ValueError("MergedColumnParallelLinear.weight_loader needs shard_id (index into output_sizes)")
@@ -276,7 +278,7 @@ def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, 
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection; local output ``[q (Hq/tp heads) | k (Hkv_local) | v (Hkv_local)]``, each head ``head_dim``.
+    """Fused q/k/v projection; local output ``[q (Hq/tp heads) | k (Hkv_local) | v (Hkv_local)]`` × ``head_dim``.
 
     forward: x ``[T, hidden]`` → ``[T, (Hq_local + 2·Hkv_local)·head_dim]``.
     """
@@ -303,7 +305,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str | None = None) -> None:  # type: ignore[override]
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded: Any, shard_id: str | None = None
+    ) -> None:
         """Load the full HF ``q_proj``/``k_proj``/``v_proj`` weight or bias (``shard_id`` "q", "k" or "v")."""
         d = self.head_dim
         if shard_id == "q":

@@ -149,7 +149,8 @@ def model_config_from_dict(cfg: dict[str, Any]) -> ModelConfig:
     parser = _ARCH_PARSERS.get(model_type)  # type: ignore[arg-type]
     if parser is None:
         raise ValueError(
-            f"unsupported model_type {model_type!r} in config.json; megacp supports: {', '.join(supported_model_types())}"
+            f"unsupported model_type {model_type!r} in config.json; "
+            f"megacp supports: {', '.join(supported_model_types())}"
         )
     try:
         fields = parser(cfg)

@@ -204,6 +204,8 @@ class LlamaForCausalLM(nn.Module):
             if c.o_proj_bias:
                 per_layer["self_attn.o_proj.bias"] = (h,)
             if c.mlp_bias:
-                per_layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+                per_layer.update(
+                    {"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)}
+                )
             shapes.update({p + k: v for k, v in per_layer.items()})
         return shapes
