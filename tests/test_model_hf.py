@@ -303,23 +303,30 @@ def test_load_errors_tp2(dist_pool_2) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- built-in model
-def _builtin_summary() -> tuple[list[float], float, float]:
+def _builtin_summary() -> tuple[list[float], float, float, float]:
     """Seeded tiny Llama under tp=2: its logits must equal the unsharded model's (same seed, same weights)."""
     from tests.dist_pool import model_parallel
 
     with model_parallel(tensor_model_parallel_size=2):
         model = load_model(None, torch.float32, "cpu", seed=3)
         sharded = _prefill_logits(model, [[1, 2, 3, 4, 5]], use_cache=True)[0]
+        bf16 = _prefill_logits(load_model(None, torch.bfloat16, "cpu", seed=3), [[1, 2, 3, 4, 5]], use_cache=True)[0]
     with model_parallel(data_parallel_size=2):
         model = load_model(None, torch.float32, "cpu", seed=3)
         full = _prefill_logits(model, [[1, 2, 3, 4, 5]], use_cache=True)[0]
         other_seed = _prefill_logits(load_model(None, seed=4), [[1, 2, 3, 4, 5]], use_cache=True)[0]
-    return full[:4].tolist(), float((sharded - full).abs().max()), float((other_seed - full).abs().max())
+    return (
+        full[:4].tolist(),
+        float((sharded - full).abs().max()),
+        float((other_seed - full).abs().max()),
+        float((bf16 - full).abs().max()),
+    )
 
 
 def test_builtin_model_is_seeded_and_shards_consistently(dist_pool_2) -> None:
     results = dist_pool_2.run(_builtin_summary)
     assert results[0][0] == results[1][0]  # identical weights on every rank
-    for _, tp_vs_full, seed_change in results:
+    for _, tp_vs_full, seed_change, bf16_vs_fp32 in results:
         assert tp_vs_full <= 1e-5  # tp=2 shards of the seeded weights compute the unsharded model
         assert seed_change > 0.1  # and the seed really picks the weights
+        assert bf16_vs_fp32 < 0.2  # --dtype bfloat16 runs end to end, within bf16 rounding (logits are O(1))
