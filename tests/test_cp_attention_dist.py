@@ -89,10 +89,14 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int) -> dict:
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
 
-    W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    if ps.model_parallel_is_initialized():
+        W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+    else:  # one process, no torch.distributed: the layer and the metadata fall back to a single rank
+        W, R, tp_rank = 1, 0, 0
     assert W == pcp * dcp
     num_kv = _num_kv_heads(tp, dcp)
-    hs, kvs = _head_slices(tp, ps.get_tensor_model_parallel_rank(), num_kv)
+    hs, kvs = _head_slices(tp, tp_rank, num_kv)
 
     # The schedule: (request, num_new) per step; requests 0..4 are the first packed prefill, 5 arrives in step 2.
     prompts = [1, 3, 2 * pcp - 1, 37, 100]
@@ -128,13 +132,14 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int) -> dict:
         out = layer(q, k, v, meta, cache)
         expected = torch.stack([refs[int(r)][int(p), hs] for r, p in zip(req_of_row, pos_of_row)]).to(out.dtype)
         err = (out[real] - expected[real]).abs().max().item() if bool(real.any()) else 0.0
-        assert err <= ATOL, f"step {s}: max error {err:.3g} vs single-device attention (tp={tp} pcp={pcp} dcp={dcp} I={interleave})"
-        assert bool((out[~real] == 0).all()), f"step {s}: padding rows must be zero"
+        where = f"step {s} (tp={tp} pcp={pcp} dcp={dcp} interleave={interleave})"
+        assert err <= ATOL, f"{where}: max error {err:.3g} vs single-device attention"
+        assert bool((out[~real] == 0).all()), f"{where}: padding rows must be zero"
         # the logits rows: last new token of each request, the same on every PCP rank
         picked = meta.select_logits_hidden(out.flatten(1))
         last = torch.stack([refs[i][done[i] + n - 1, hs].flatten() for i, n in step]).to(out.dtype)
         lerr = (picked - last).abs().max().item()
-        assert lerr <= ATOL, f"step {s}: select_logits_hidden error {lerr:.3g}"
+        assert lerr <= ATOL, f"{where}: select_logits_hidden error {lerr:.3g}"
         max_err, checked = max(max_err, err, lerr), checked + int(real.sum()) + len(step)
         for i, n in step:
             done[i] += n
@@ -146,8 +151,8 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int) -> dict:
         p = torch.arange(L)
         off = p % (BLOCK * W)
         mine = (off // interleave) % W == R
-        slot = torch.tensor(rows[i])[p // (BLOCK * W)] * BLOCK + (off // (W * interleave)) * interleave + off % interleave
-        slot = slot[mine]
+        block_id = torch.tensor(rows[i])[p // (BLOCK * W)]
+        slot = (block_id * BLOCK + (off // (W * interleave)) * interleave + off % interleave)[mine]
         assert torch.equal(flat_k[slot], seqs[i][1][p[mine]][:, kvs]), f"request {i}: cached K differs"
         assert torch.equal(flat_v[slot], seqs[i][2][p[mine]][:, kvs]), f"request {i}: cached V differs"
         written[slot] = True
@@ -166,6 +171,36 @@ def _matrix_task(tp: int, pcp: int, dcp: int) -> list[dict]:
     return results
 
 
+def test_single_device_without_parallel_state():
+    """The same scenario in this process, no torch.distributed: every collective is the identity."""
+    from megacp import parallel_state as ps
+
+    assert not ps.model_parallel_is_initialized()
+    result = _scenario(1, 1, 1, interleave=1)
+    assert result["owned"] == 1 + 5 + 5 + 3 + 2 + 5 + 1 + 5 + 37 + 11 + 5 + 100 + 1 + 5 + 3 + 5
+
+
+def test_layer_rejects_bad_inputs():
+    from megacp.kv import BlockTable, PagedKVCache
+    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+
+    with pytest.raises(ValueError, match="decode-context-parallel-size|tensor-parallel-size"):
+        ContextParallelAttention(4, 2, HEAD_DIM, 0.5, tp_size=3)
+    layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
+    bt = BlockTable(BLOCK, 2, 2)
+    bt.set_row(0, [0])
+    bt.set_row(1, [1])
+    cache = PagedKVCache(2, BLOCK, 2, HEAD_DIM)
+    meta = build_step_metadata([0, 1], [3, 0], [1, 4], bt)  # a decode and a prefill
+    q, k = torch.zeros(5, NUM_HEADS, HEAD_DIM), torch.zeros(5, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="kv_cache"):
+        layer(q, k, k, meta, None)
+    with pytest.raises(ValueError, match="expects q"):
+        layer(q[:4], k[:4], k[:4], meta, cache)
+    with pytest.raises(ValueError, match="BlockTable"):
+        build_step_metadata([0], [3], [1], None)
+
+
 @pytest.mark.parametrize("tp,pcp,dcp", CONFIGS, ids=[f"tp{t}-pcp{p}-dcp{d}" for t, p, d in CONFIGS])
 def test_cp_attention_matches_single_device(dist_pool_8, tp, pcp, dcp):
     results = dist_pool_8.run(_matrix_task, tp, pcp, dcp)
@@ -178,16 +213,14 @@ def test_cp_attention_matches_single_device(dist_pool_8, tp, pcp, dcp):
 
 # ------------------------------------------------------------------------------------------------ backward
 def _backward_task(pcp: int) -> float:
-    from megacp.kv import BlockTable
     from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
 
-    with model_parallel(prefill_context_parallel_size=pcp, data_parallel_size=8 // pcp) as ps:
+    with model_parallel(prefill_context_parallel_size=pcp, data_parallel_size=8 // pcp):
         prompts = [1, 3, 2 * pcp - 1, 37, 20]
         num_kv = 2
         seqs = _sequences(prompts, num_kv, seed=500)
-        bt = BlockTable(BLOCK, len(prompts), 1, cp_world_size=pcp, cp_rank=ps.get_context_parallel_rank())
         req_ids = list(range(len(prompts)))
-        meta = build_step_metadata(req_ids, [0] * len(prompts), prompts, bt)
+        meta = build_step_metadata(req_ids, [0] * len(prompts), prompts, None)  # no KV cache: training-style
         hs, kvs = slice(0, NUM_HEADS), slice(0, num_kv)
         (q, k, v), real, req_of_row, pos_of_row = _local_inputs(
             meta, req_ids, hs, kvs, seqs, [0] * len(prompts), prompts, with_grad=True)

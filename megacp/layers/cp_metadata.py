@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # keep the pure parts importable without torch.distributed se
 def pcp_split_positions(num_tokens: int, pcp_size: int, pcp_rank: int) -> LongTensor:
     """This PCP rank's positions in the padded prompt: head chunk, then tail chunk (DESIGN §3).
 
-    -> [2·c] long with ``c = ceil(num_tokens / (2·pcp)) ``; entries ``>= num_tokens`` are padding.
+    -> [2·c] long with ``c = ceil(num_tokens / (2·pcp))``; entries ``>= num_tokens`` are padding.
     Rank ``r`` takes chunk ``r`` and chunk ``2·pcp−1−r``, so causal work is balanced ("DualChunkSwap").
     With ``pcp_size == 1`` nothing is split or padded: ``arange(num_tokens)``.
     """
@@ -60,7 +60,7 @@ def pcp_split_positions(num_tokens: int, pcp_size: int, pcp_rank: int) -> LongTe
 
 
 def pcp_chunk_size(num_tokens: int, pcp_size: int) -> int:
-    """Tokens per chunk ``c`` of the head–tail split: ``ceil(num_tokens / (2·pcp))`` (``num_tokens`` when pcp == 1)."""
+    """Tokens per chunk ``c`` of the head–tail split: ``ceil(num_tokens / (2·pcp))`` (all of them when pcp == 1)."""
     if pcp_size == 1:
         return num_tokens
     return -(-num_tokens // (2 * pcp_size))
@@ -184,11 +184,28 @@ def _parallel_coords(
             1 if dcp_size is None else dcp_size, 0 if dcp_rank is None else dcp_rank)
 
 
+class _NoCacheTable:
+    """The one part of ``BlockTable`` a cache-free (prefill-only) step needs: every token's slot is -1."""
+
+    interleave_size = 1
+    max_num_blocks_per_req = 1
+    device = torch.device("cpu")
+
+    def __init__(self, cp_world_size: int, cp_rank: int) -> None:
+        self.cp_world_size, self.cp_rank = cp_world_size, cp_rank
+
+    def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
+        return torch.full((len(positions),), -1, dtype=torch.long)
+
+    def local_block_table(self, req_indices: Tensor) -> LongTensor:
+        return torch.zeros(len(req_indices), 1, dtype=torch.long)
+
+
 def build_step_metadata(
     req_indices: Sequence[int],
     num_computed_tokens: Sequence[int],
     num_new_tokens: Sequence[int],
-    block_table: BlockTable,
+    block_table: BlockTable | None,
     device: torch.device | str | None = None,
     pcp_size: int | None = None,
     pcp_rank: int | None = None,
@@ -200,7 +217,8 @@ def build_step_metadata(
 
     req_indices: each scheduled request's row in ``block_table``; num_computed_tokens: tokens already cached per
     request; num_new_tokens: tokens computed this step per request (>= 1). Blocks for all ``num_computed + num_new``
-    positions must already be in ``block_table`` (this rank's CP-aware table). PCP/DCP sizes and ranks default to
+    positions must already be in ``block_table`` (this rank's CP-aware table); ``block_table=None`` means no KV cache
+    (training-style: prefill-only, nothing cached, every slot -1). PCP/DCP sizes and ranks default to
     ``parallel_state``'s (or 1/0 when it is not initialised). Tensors land on ``device`` (default: the table's).
     """
     n_req = len(req_indices)
@@ -212,6 +230,13 @@ def build_step_metadata(
     if any(n < 1 for n in num_new_tokens) or any(c < 0 for c in num_computed_tokens):
         raise ValueError("build_step_metadata: every request needs num_new_tokens >= 1 and num_computed_tokens >= 0")
     P, r, D, d = _parallel_coords(pcp_size, pcp_rank, dcp_size, dcp_rank)
+    if block_table is None:
+        if any(c > 0 for c in num_computed_tokens):
+            raise ValueError(
+                "build_step_metadata: requests with num_computed_tokens > 0 read the KV cache; pass the rank's "
+                "BlockTable (block_table=None is only for prefill-only steps without a cache)"
+            )
+        block_table = _NoCacheTable(P * D, r * D + d)
     W, R, I = block_table.cp_world_size, block_table.cp_rank, block_table.interleave_size
     if W != P * D or R != r * D + d:
         raise ValueError(
