@@ -15,6 +15,7 @@ from megacp.ops.attention import (
     rows_with_keys,
     select_backend,
 )
+from megacp.ops import backends_cuda as _backends_cuda  # noqa: E402,F401  (registers "te", "cudnn", "flash")
 from megacp.ops.merge import dcp_merge, lse_merge_weights, merge_attn_states, merge_attn_states_n, pcp_merge
 
 __all__ = [

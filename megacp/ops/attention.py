@@ -37,6 +37,8 @@ ENV_BACKEND = "MEGACP_ATTN_BACKEND"
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 # (q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions [Tq], k_positions [Tk], scale) -> (out, lse)
 PositionsFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+# (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale) -> (out, lse) normalised, or None to use the gather path
+PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Optional[tuple[Tensor, Tensor]]]
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
 SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 # One sequence with an explicit mask: (q, k, v, allowed [lq, lk] bool, scale) -> (out, lse)
@@ -48,7 +50,9 @@ class AttentionBackend:
     """One implementation of attention-with-LSE.
 
     ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them); ``by_positions``
-    (optional) must return them normalised. Higher ``priority`` wins the automatic choice.
+    (optional) must return them normalised. Higher ``priority`` wins the automatic choice. ``paged`` (optional) is a
+    decode kernel reading the paged cache directly (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional)
+    explains, in the error of a forced but unavailable backend, why it cannot run.
     """
 
     name: str
@@ -56,6 +60,8 @@ class AttentionBackend:
     available: Callable[[torch.device], bool]
     priority: int = 0
     by_positions: Optional[PositionsFn] = None
+    paged: Optional[PagedFn] = None
+    unavailable_reason: Optional[Callable[[torch.device], str]] = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -88,6 +94,9 @@ def select_backend(
         what = "unknown" if name not in _BACKENDS else f"not available on {device}"
         if name in _BACKENDS and need_positions and _BACKENDS[name].by_positions is None:
             what = "without a by-positions (explicit mask) variant"
+        elif name in _BACKENDS and _BACKENDS[name].unavailable_reason is not None:
+            why = _BACKENDS[name].unavailable_reason(device)
+            what += f" ({why})" if why else ""
         raise ValueError(
             f"attention backend {name!r} (from backend= or ${ENV_BACKEND}) is {what}; choose one of {usable}"
         )
@@ -160,8 +169,8 @@ def paged_attention_with_lse(
 
     # q: [B, Hq, D], k_cache/v_cache: [num_blocks, block_size, Hkv, D], block_table: int [B, max_blocks] (local block
     # ids), seq_lens: int [B] (local lengths, may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32)
-    Gathers each sequence's K/V into a contiguous buffer and runs ``attention_with_lse``; seq_len 0 gives out 0 and
-    lse -inf.
+    Uses the backend's paged kernel when it has one (reads the cache through the block table), else gathers each
+    sequence's K/V into a contiguous buffer and runs ``attention_with_lse``; seq_len 0 gives out 0 and lse -inf.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -173,6 +182,11 @@ def paged_attention_with_lse(
             f"paged_attention_with_lse: block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} "
             f"need one row per query (B={q.shape[0]})"
         )
+    impl = select_backend(q.device, backend)
+    if impl.paged is not None:
+        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale))
+        if res is not None:
+            return res[0].to(q.dtype), res[1].float()
     block_size = k_cache.shape[1]
     # Slot of every local token: block_table[b, j // block_size] * block_size + j % block_size, for j < seq_lens[b].
     lens = seq_lens.to(device=q.device, dtype=torch.long)

@@ -1,0 +1,291 @@
+"""CUDA attention-with-LSE backends: Transformer Engine ("te"), cuDNN SDPA ("cudnn"), FlashAttention-2 ("flash").
+
+All three plug into the registry of ``megacp.ops.attention`` and share its contract: packed varlen
+``q [Tq, Hq, D], k/v [Tk, Hk, D]``, ``cu_seqlens`` int ``[B+1]``, causal = bottom-right aligned, natural-log float32
+LSE ``[Tq, Hq]``. Decode over the paged cache goes to the Triton kernel of ``megacp.ops.paged_decode`` when Triton is
+there (``paged`` hook), else to the gather path.
+
+- "te": ``transformer_engine.pytorch``'s low-level ``fused_attn_fwd`` on the packed THD layout, one call per step for
+  all sequences (``padding_causal_bottom_right`` or ``padding`` masks). The call is the one recorded in
+  ``shared/te-wheels/README.md``: ``o_format="thd"`` always (leaving it out corrupts the heap), both padded
+  cu_seqlens, stats ``[T, H, 1]`` = natural-log LSE.
+- "cudnn": ``aten::_scaled_dot_product_cudnn_attention`` per sequence. Its causal mask is top-left, so a chunk with
+  fewer queries than keys runs as an unmasked prefix plus a square causal part, merged by LSE
+  (``bottom_right_causal_from_top_left``).
+- "flash": ``aten::_flash_attention_forward`` on the packed layout (varlen; its causal mask is bottom-right; GQA
+  native).
+
+Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
+reference backend on the same device, so a CUDA run of the small float32 tests still works.
+
+Transformer Engine is optional and fragile: it is imported lazily, on first use, inside ``except Exception``. On a
+machine with a system cuDNN besides PyTorch's pip cuDNN, TE loads the system one unless ``CUDNN_PATH`` points at
+PyTorch's, after which PyTorch's own cuDNN kernels refuse to run. We detect that situation *before* importing TE,
+keep TE out of the automatic choice, and say how to fix it when someone forces ``backend="te"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+
+import torch
+from torch import Tensor
+
+from megacp.ops import paged_decode
+from megacp.ops.attention import (
+    AttentionBackend,
+    bottom_right_causal_from_top_left,
+    per_sequence,
+    register_backend,
+    select_backend,
+)
+
+_HALF = (torch.float16, torch.bfloat16)
+_FUSED_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether q/k/v suit the fused kernels: one half dtype, head dim a multiple of 8 and at most 256."""
+    D = q.shape[-1]
+    return (
+        q.dtype in _HALF and k.dtype == q.dtype and v.dtype == q.dtype
+        and D % 8 == 0 and D <= _FUSED_MAX_HEAD_DIM and v.shape[-1] == D
+    )
+
+
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    return select_backend(q.device, "torch").varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+
+
+def lse_rows(lse: Tensor, cu_q: list[int], heads: int) -> Tensor:
+    """Bring a kernel's LSE to ``[Tq, H]`` whatever layout it came in.
+
+    # lse: [Tq, H, 1] (TE THD stats) | [H, Tq] (unpadded varlen) | [B, H, max_q(+padding)] (padded per sequence)
+    # -> [Tq, H] float32
+    """
+    total = cu_q[-1]
+    if lse.dim() == 3 and lse.shape[0] == total and lse.shape[1] == heads and lse.shape[2] == 1:
+        return lse[..., 0].float()
+    if lse.dim() == 2 and lse.shape == (heads, total):
+        return lse.t().float()
+    if lse.dim() == 3 and lse.shape[0] == len(cu_q) - 1 and lse.shape[1] == heads:
+        lens = torch.tensor([b - a for a, b in zip(cu_q[:-1], cu_q[1:])], device=lse.device)
+        seq = torch.repeat_interleave(torch.arange(len(lens), device=lse.device), lens, output_size=total)
+        starts = torch.tensor(cu_q[:-1], device=lse.device)
+        within = torch.arange(total, device=lse.device) - starts[seq]
+        return lse[seq, :, within].float()
+    raise ValueError(f"unexpected LSE layout {tuple(lse.shape)} for {total} query rows and {heads} heads")
+
+
+def _keep_sequences(q, k, v, cu_q: list[int], cu_k: list[int]):
+    """Drop sequences with no queries or no keys (kernels differ on them; their rows are out 0 / lse -inf anyway).
+
+    Returns ``None`` when every sequence is kept, else ``(q_rows, q, k, v, cu_q, cu_k)`` for the kept ones, with
+    ``q_rows`` the kept query rows' indices in the original packing.
+    """
+    keep = [b for b in range(len(cu_q) - 1) if cu_q[b + 1] > cu_q[b] and cu_k[b + 1] > cu_k[b]]
+    if len(keep) == len(cu_q) - 1:
+        return None
+    dev = q.device
+
+    def rows(cu):
+        parts = [torch.arange(cu[b], cu[b + 1], device=dev) for b in keep]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+
+    def cums(cu):
+        out = [0]
+        for b in keep:
+            out.append(out[-1] + cu[b + 1] - cu[b])
+        return out
+
+    q_rows, k_rows = rows(cu_q), rows(cu_k)
+    return q_rows, q[q_rows], k[k_rows], v[k_rows], cums(cu_q), cums(cu_k)
+
+
+def _packed(kernel):
+    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale) -> (out, lse [Tq, H])``.
+
+    Handles what every packed kernel needs: the float32/odd-shape fallback, empty batches and sequences without
+    queries or keys (dropped before the call, filled with out 0 / lse -inf after).
+    """
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+        if not fused_shapes_ok(q, k, v):
+            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # one host sync: the kernels need max lengths
+        kept = _keep_sequences(q, k, v, cu_q, cu_k)
+        if kept is None:
+            return kernel(q, k, v, cu_q, cu_k, causal, scale)
+        q_rows, qs, ks, vs, cq, ck = kept
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+        if q_rows.numel():
+            o, l = kernel(qs, ks, vs, cq, ck, causal, scale)
+            out[q_rows] = o.to(out.dtype)
+            lse[q_rows] = l
+        return out, lse
+
+    return varlen
+
+
+def _cu_tensor(cu: list[int], device) -> Tensor:
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _max_len(cu: list[int]) -> int:
+    return max(b - a for a, b in zip(cu[:-1], cu[1:]))
+
+
+def _paged(q, k_cache, v_cache, block_table, seq_lens, scale):
+    """Paged decode for the CUDA backends: the Triton kernel when it can run, else the gather path (None)."""
+    if not paged_decode.available(q.device) or not fused_shapes_ok(q, k_cache, v_cache):
+        return None
+    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------- "te"
+def cudnn_clash() -> str | None:
+    """Why importing TE here would break PyTorch's cuDNN, or None if we see no reason.
+
+    The clash: PyTorch uses its pip cuDNN (``nvidia.cudnn``); TE, unless ``CUDNN_PATH`` points at that copy, may load
+    a system cuDNN of another version, after which PyTorch's cuDNN refuses to start.
+    """
+    try:
+        import nvidia.cudnn as pip_cudnn  # the copy PyTorch loads (absent when torch bundles or uses the system one)
+
+        torch_dir = os.path.realpath(list(pip_cudnn.__path__)[0])
+    except Exception:  # noqa: BLE001
+        return None
+    chosen = os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME")
+    if chosen and os.path.realpath(chosen) == torch_dir:
+        return None
+    system = sorted(
+        p for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/local/cuda/lib64", "/lib64")
+        for p in glob.glob(os.path.join(d, "libcudnn.so*"))
+    )
+    if not system:
+        return None
+    return (
+        f"a system cuDNN ({system[0]}) is installed besides PyTorch's ({torch_dir}/lib) and CUDNN_PATH does not point "
+        f"at PyTorch's, so Transformer Engine would load the system copy and break PyTorch's cuDNN kernels. Fix: "
+        f"export CUDNN_PATH={torch_dir}; export LD_LIBRARY_PATH=$CUDNN_PATH/lib:$LD_LIBRARY_PATH (before Python "
+        f"starts), or use backend 'cudnn' / 'flash'"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _te_state() -> tuple[tuple | None, str]:
+    """``((fused_attn_fwd, sub-backend), "")`` when TE is usable, else ``(None, reason)``. Imports TE at most once."""
+    clash = cudnn_clash()
+    if clash is not None:
+        return None, clash
+    try:
+        import transformer_engine.pytorch  # noqa: F401  (loads the extension and registers transformer_engine_torch)
+        from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_fwd
+    except Exception as exc:  # noqa: BLE001  (ImportError, RuntimeError from a broken install, OSError, ...)
+        reason = f"transformer_engine does not import ({type(exc).__name__}: {exc})"
+        if "undefined symbol" in str(exc) or "cudnn" in str(exc).lower():
+            reason += "; this looks like the cuDNN version clash: " + (
+                "export CUDNN_PATH to PyTorch's nvidia.cudnn folder and prepend $CUDNN_PATH/lib to LD_LIBRARY_PATH")
+        return None, reason
+    return (fused_attn_fwd, FusedAttnBackend["F16_arbitrary_seqlen"]), ""
+
+
+def te_unavailable_reason() -> str:
+    """Empty when TE can be used, else why not (imports TE on first call)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return _te_state()[1]
+
+
+def _te_kernel(q, k, v, cu_q, cu_k, causal, scale):
+    te, reason = _te_state()
+    if te is None:
+        raise ValueError(f"attention backend 'te' cannot run: {reason}")
+    fwd, sub_backend = te
+    mask = "padding_causal_bottom_right" if causal else "padding"
+    cq, ck = _cu_tensor(cu_q, q.device), _cu_tensor(cu_k, q.device)
+    out, aux = fwd(
+        True, _max_len(cu_q), _max_len(cu_k), cq, ck, q.contiguous(), k.contiguous(), v.contiguous(), q.dtype,
+        sub_backend, cu_seqlens_q_padded=cq, cu_seqlens_kv_padded=ck, attn_scale=scale, dropout=0.0,
+        qkv_layout="thd_thd_thd", o_format="thd", attn_mask_type=mask,
+        window_size=(-1, 0) if causal else (-1, -1), rng_gen=None,
+    )
+    return out.view(q.shape[0], q.shape[1], v.shape[2]), lse_rows(aux[0], cu_q, q.shape[1])
+
+
+def _te_available(device: torch.device) -> bool:
+    return _is_cuda(device) and te_unavailable_reason() == ""
+
+
+# ----------------------------------------------------------------------------------------------- "cudnn"
+_CUDNN_OP = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+
+
+def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One sequence through cuDNN SDPA, equal head counts.
+
+    # q: [lq, H, D], k/v: [lk, H, D] -> (out [lq, H, D], lse [lq, H] float32)
+    """
+    res = _CUDNN_OP(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        None, True, 0.0, top_left_causal, False, scale=scale,
+    )
+    out, lse = res[0], res[1]
+    return out[0].transpose(0, 1), lse.reshape(q.shape[1], -1)[:, : q.shape[0]].t().float()
+
+
+def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # the op wants equal head counts; repeating K/V once is cheap next to a prefill's FLOPs
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if not causal:
+        return _cudnn_call(q, k, v, False, scale)
+    return bottom_right_causal_from_top_left(_cudnn_call, q, k, v, scale)
+
+
+def _cudnn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    if not fused_shapes_ok(q, k, v):
+        return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return per_sequence(_cudnn_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+
+
+def _cudnn_available(device: torch.device) -> bool:
+    return _CUDNN_OP is not None and _is_cuda(device) and torch.backends.cudnn.is_available()
+
+
+# ----------------------------------------------------------------------------------------------- "flash"
+_FLASH_OP = getattr(torch.ops.aten, "_flash_attention_forward", None)
+
+
+def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale):
+    res = _FLASH_OP(
+        q, k, v, _cu_tensor(cu_q, q.device), _cu_tensor(cu_k, q.device), _max_len(cu_q), _max_len(cu_k),
+        0.0, causal, False, scale=scale,
+    )
+    return res[0], lse_rows(res[1], cu_q, q.shape[1])
+
+
+def _flash_available(device: torch.device) -> bool:
+    return _FLASH_OP is not None and _is_cuda(device) and torch.backends.cuda.is_flash_attention_available()
+
+
+# ----------------------------------------------------------------------------------------------- registration
+# Priorities (higher wins the automatic choice) follow docs/benchmarks.md: see there for the measurements.
+PRIORITY = {"te": 40, "cudnn": 35, "flash": 30}
+
+register_backend(
+    AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged,
+                     unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "")
+)
+register_backend(AttentionBackend("cudnn", _cudnn_varlen, _cudnn_available, PRIORITY["cudnn"], paged=_paged))
+register_backend(AttentionBackend("flash", _packed(_flash_kernel), _flash_available, PRIORITY["flash"], paged=_paged))
+
+__all__ = ["PRIORITY", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]

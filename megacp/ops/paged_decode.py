@@ -1,0 +1,235 @@
+"""Paged decode attention with LSE: a Triton kernel that reads K/V straight from the paged cache.
+
+The generic path (``paged_attention_with_lse`` in ``attention.py``) gathers each sequence's K/V into a contiguous
+copy and then runs a prefill kernel, so every decode step reads the cache twice and writes it once. This kernel reads
+the cache once, through the block table, the way vLLM's paged attention does, and returns the log-sum-exp needed by
+the DCP/PCP merges.
+
+Design (split-KV, "flash decoding"): one program per (sequence, KV head, split of the sequence). A program loads the
+``G = Hq / Hkv`` query heads that share its KV head (GQA: the K/V tile is read once for all of them), walks its
+tokens in tiles of ``BLOCK_N``, looking up every token's block in the block table, and keeps an online softmax in
+base 2. It writes a float32 partial output and a partial LSE per split; a second small kernel merges the splits by
+LSE. Splits give enough programs to fill the GPU when the batch is small and the context long.
+
+Without Triton (CPU, or no ``triton`` package) ``available()`` is False and callers use the gather path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # optional: never let a missing or broken Triton break ``import megacp``
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001
+    triton = None
+    tl = None
+
+_LOG2E = 1.4426950408889634
+_BLOCK_N = 64  # tokens per tile
+_MAX_SPLITS = 64  # cap on splits per sequence (the merge kernel walks them in chunks)
+_MERGE_CHUNK = 16  # splits the merge kernel loads at once
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the Triton kernel can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu"
+
+
+def choose_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 132) -> tuple[int, int]:
+    """Split-KV plan: ``(num_splits, tokens_per_split)`` with ``tokens_per_split`` a multiple of the tile size.
+
+    Aims at about four programs per multiprocessor over ``batch · num_kv_heads · num_splits`` programs, never a
+    split shorter than one tile, never more than ``_MAX_SPLITS`` splits. ``max_tokens`` is the longest sequence (or
+    an upper bound on it, e.g. the block table's capacity).
+    """
+    tiles = max(1, -(-max_tokens // _BLOCK_N))
+    want = max(1, -(-4 * num_sms // max(1, batch * num_kv_heads)))
+    splits = min(want, tiles, _MAX_SPLITS)
+    tokens_per_split = -(-tiles // splits) * _BLOCK_N
+    splits = max(1, -(-max(1, max_tokens) // tokens_per_split))
+    return splits, tokens_per_split
+
+
+def paged_decode_with_lse(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Decode attention (one query per sequence, non-causal) over a paged K/V cache, with LSE.
+
+    # q: [B, Hq, D], k_cache/v_cache: [num_blocks, block_size, Hkv, D], block_table: int [B, max_blocks],
+    # seq_lens: int [B] (may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32 natural log)
+    ``max_seq_len`` (optional, a host int bounding ``seq_lens``) sizes the split plan; without it the block table's
+    capacity is used, which needs no device sync. A sequence of length 0 gives out 0 and lse -inf.
+    """
+    if triton is None:
+        raise ValueError("paged_decode_with_lse needs the 'triton' package; use paged_attention_with_lse(backend='torch')")
+    B, Hq, D = q.shape
+    num_blocks, block_size, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv != 0:
+        raise ValueError(
+            f"paged_decode_with_lse: q {tuple(q.shape)} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} "
+            f"need equal head dims, equal cache shapes and Hq a multiple of Hkv"
+        )
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("paged_decode_with_lse: the caches' head_dim must be contiguous")
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return out, lse
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    group = Hq // Hkv
+    cap = block_table.shape[1] * block_size
+    bound = cap if max_seq_len is None else max(0, min(int(max_seq_len), cap))
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits, tokens_per_split = choose_splits(B, Hkv, bound, num_sms)
+    out_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    seq_lens = seq_lens.to(device=q.device)
+    block_table = block_table.to(device=q.device)
+    d_pad = max(16, triton.next_power_of_2(D))
+    _split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, out_part, lse_part,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        float(scale) * _LOG2E, tokens_per_split,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=_BLOCK_N,
+        # float32 caches (tests, CPU-style runs) must not silently drop to tf32 in the matrix units
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    _merge_kernel[(B, Hq)](
+        out_part, lse_part, out, lse, splits,
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        HEAD_DIM=D, D_PAD=d_pad, CHUNK=_MERGE_CHUNK,
+        num_warps=4,
+    )
+    return out, lse
+
+
+def kv_read_bytes(batch: int, seq_len: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of K and V a decode step must read at least: ``2 · B · L · Hkv · D · itemsize``."""
+    return 2 * batch * seq_len * num_kv_heads * head_dim * itemsize
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh,
+        stride_kn, stride_kt, stride_kh,
+        stride_vn, stride_vt, stride_vh,
+        stride_btb,
+        stride_ob, stride_oh, stride_os,
+        stride_lb, stride_lh,
+        scale_log2, tokens_per_split,
+        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(lens_ptr + b).to(tl.int32)
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, seq_len)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        bt_row = bt_ptr + b * stride_btb
+        # Every tile starts below ``end``, so it holds at least one real token and m_i is finite after it.
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            t_ok = t < end
+            blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+            kv_mask = t_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (blk * stride_kn + (t % BLOCK_SIZE) * stride_kt)[:, None] + kvh * stride_kh
+                        + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N], base-2 logits
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (blk * stride_vn + (t % BLOCK_SIZE) * stride_vt)[:, None] + kvh * stride_vh
+                        + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        has = l_i > 0
+        l_safe = tl.where(has, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+        tl.store(o_ptrs, out, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
+        stride_pb, stride_ph, stride_ps,
+        stride_plb, stride_plh,
+        stride_ob, stride_oh, stride_lb,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, D_PAD)
+        d_ok = d < HEAD_DIM
+        lse_row = part_lse_ptr + b * stride_plb + h * stride_plh
+        part_row = part_ptr + b * stride_pb + h * stride_ph
+        # Pass 1: the largest partial LSE (-inf if every split was empty).
+        m = tl.full([CHUNK], float("-inf"), tl.float32)
+        for s0 in range(0, num_splits, CHUNK):
+            s = s0 + tl.arange(0, CHUNK)
+            m = tl.maximum(m, tl.load(lse_row + s, mask=s < num_splits, other=float("-inf")))
+        m_all = tl.max(m, 0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        # Pass 2: weights exp(lse_s - m), weighted sum of the partial outputs (empty splits weigh 0 and are not read).
+        total = tl.zeros([CHUNK], tl.float32)
+        acc = tl.zeros([CHUNK, D_PAD], tl.float32)
+        for s0 in range(0, num_splits, CHUNK):
+            s = s0 + tl.arange(0, CHUNK)
+            ls = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
+            w = tl.exp(ls - m_safe)
+            live = ls > float("-inf")
+            o = tl.load(part_row + s[:, None] * stride_ps + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+            total += w
+            acc += o * w[:, None]
+        tot = tl.sum(total, 0)
+        res = tl.sum(acc, 0) / tl.where(tot > 0, tot, 1.0)
+        lse = tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(lse_ptr + b * stride_lb + h, lse)
+
+
+__all__ = ["available", "choose_splits", "paged_decode_with_lse", "kv_read_bytes"]
