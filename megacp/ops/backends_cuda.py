@@ -230,9 +230,9 @@ _CUDNN_OP = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
 
 
 def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One sequence through cuDNN SDPA, equal head counts.
+    """One sequence through cuDNN SDPA.
 
-    # q: [lq, H, D], k/v: [lk, H, D] -> (out [lq, H, D], lse [lq, H] float32)
+    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32)
     """
     res = _CUDNN_OP(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
@@ -242,10 +242,25 @@ def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: f
     return out[0].transpose(0, 1), lse.reshape(q.shape[1], -1)[:, : q.shape[0]].t().float()
 
 
+# Whether the cuDNN op takes fewer K/V heads than query heads (GQA) itself; None until the first GQA call tells.
+_CUDNN_GQA: dict[str, bool | None] = {"native": None}
+
+
 def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     group = q.shape[1] // k.shape[1]
-    if group > 1:  # the op wants equal head counts; repeating K/V once is cheap next to a prefill's FLOPs
+    if group > 1 and _CUDNN_GQA["native"] is not False:
+        try:
+            res = _cudnn_seq_heads(q, k, v, causal, scale)
+            _CUDNN_GQA["native"] = True
+            return res
+        except RuntimeError:  # this torch/cuDNN wants equal head counts: repeat K/V from now on
+            _CUDNN_GQA["native"] = False
+    if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _cudnn_seq_heads(q, k, v, causal, scale)
+
+
+def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     if not causal:
         return _cudnn_call(q, k, v, False, scale)
     return bottom_right_causal_from_top_left(_cudnn_call, q, k, v, scale)

@@ -1,0 +1,112 @@
+"""Paged decode attention: KV read bandwidth of the Triton paged kernel vs contiguous SDPA, same run, same GPU.
+
+For each (batch B, context length, DCP size) the rank holds a shard of ``L = context / dcp`` tokens per sequence in a
+paged cache ``[num_blocks, block_size, Hkv, D]`` with shuffled block ids, and attends all ``Hq`` query heads (DCP
+gathers them) to it. A step must read at least ``2·B·L·Hkv·D·2`` bytes of K and V; bandwidth = those bytes / time.
+
+- ``paged``: ``megacp.ops.paged_decode.paged_decode_with_lse`` (reads the cache through the block table; LSE out),
+- ``sdpa``: ``F.scaled_dot_product_attention`` over a contiguous ``[B, Hkv, L, D]`` copy (enable_gqa): the baseline,
+- ``gather_sdpa``: gather the paged shard into a contiguous copy, then SDPA (what a paged cache costs without a
+  paged kernel).
+
+Times are medians of ``triton.testing.do_bench`` (which clears the L2 cache between runs).
+
+    python bench/decode.py --batch 1 16 64 --context 8192 32768 131072 --dcp 1 2 4 8 --json-out decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit, environment, require_cuda  # noqa: E402
+from megacp.ops import paged_decode  # noqa: E402
+
+
+def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens: int) -> dict | None:
+    from triton.testing import do_bench
+
+    if B * L > max_tokens:
+        return None
+    per = -(-L // block)
+    g = torch.Generator(device="cuda").manual_seed(B * 7 + L)
+    k_cache = torch.randn(B * per, block, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v_cache = torch.randn(B * per, block, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    ids = torch.randperm(B * per, device="cuda", generator=g).to(torch.int32)
+    block_table = ids.view(B, per)
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = d ** -0.5
+    # contiguous copy of the same K/V, [B, Hkv, L, D]
+    slots = (block_table.long().unsqueeze(-1) * block + torch.arange(block, device="cuda")).view(B, -1)[:, :L]
+    k_contig = k_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous()
+    v_contig = v_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous()
+    q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
+
+    def paged():
+        return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=L)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q4, k_contig, v_contig, scale=scale, enable_gqa=True)
+
+    def gather_sdpa():
+        k = k_cache.flatten(0, 1)[slots].transpose(1, 2)
+        v = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+        return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+
+    out, _ = paged()
+    ref = sdpa()[:, :, 0]
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    nbytes = 2 * B * L * hkv * d * 2
+    row = {"batch": B, "shard_tokens": L, "kv_bytes": nbytes, "rel_err_vs_sdpa": err}
+    for name, fn in (("paged", paged), ("sdpa", sdpa), ("gather_sdpa", gather_sdpa)):
+        ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+        row[f"{name}_us"] = ms * 1e3
+        row[f"{name}_TBps"] = nbytes / ms / 1e9
+    row["paged_vs_sdpa"] = row["paged_TBps"] / row["sdpa_TBps"]
+    del k_cache, v_cache, k_contig, v_contig
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--dcp", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="skip cases with B·L above this")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    require_cuda()
+    rows = []
+    for ctx in args.context:
+        for dcp in args.dcp:
+            for B in args.batch:
+                row = bench_case(B, ctx // dcp, args.heads, args.kv_heads, args.head_dim, args.block_size,
+                                 args.max_tokens)
+                if row is not None:
+                    rows.append({"context": ctx, "dcp": dcp, **row})
+    result = {"benchmark": "decode", "env": environment(),
+              "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                        "block_size": args.block_size, "dtype": "bfloat16"},
+              "results": rows}
+    emit(result, args.json_out)
+    print("context dcp batch shard  paged_TB/s sdpa_TB/s gather+sdpa_TB/s paged/sdpa", flush=True)
+    for r in rows:
+        print(f"{r['context']:>7} {r['dcp']:>3} {r['batch']:>5} {r['shard_tokens']:>6} {r['paged_TBps']:10.2f} "
+              f"{r['sdpa_TBps']:9.2f} {r['gather_sdpa_TBps']:16.2f} {r['paged_vs_sdpa']:10.2f}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One session on the GPU machine (see bench/README.md): install Transformer Engine if its parts were copied to
+# /root/te, apply the cuDNN fix, run the GPU tests and the benchmarks, write logs and JSON under $OUT.
+#   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [e2e]     (default: all four)
+set -o pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-tests prefill decode e2e}
+
+if ls /root/te/part* >/dev/null 2>&1 && [ -d .te/small ]; then
+  cat /root/te/part* > /root/te/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl
+  python3 -m pip install -q --no-deps --no-index /root/te/transformer_engine_cu13-*.whl .te/small/*.whl 2>&1 | tail -3
+  export MEGACP_REQUIRE_TE=1
+fi
+# Point TE (and everything else) at PyTorch's own cuDNN: the system one in /lib clashes (shared/te-wheels/README.md).
+CUDNN_PATH=$(python3 -c "import nvidia.cudnn as c; print(c.__path__[0])") && export CUDNN_PATH
+export LD_LIBRARY_PATH=$CUDNN_PATH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, megacp.ops as o; from megacp.ops.backends_cuda import te_unavailable_reason as r
+print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'backends', o.available_backends('cuda'),
+      'te:', r() or 'ok')"
+
+for step in $steps; do
+  case $step in
+    tests) timeout 150 python3 -m pytest -q -m gpu -rs tests/test_gpu_backends.py 2>&1 | tee "$OUT/tests.log" ;;
+    prefill) timeout 140 python3 bench/prefill_split.py --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
+    decode) timeout 90 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
+    e2e) timeout 170 python3 bench/e2e.py --json-out "$OUT/e2e.json" 2>&1 | tail -30 ;;
+    *) echo "unknown step $step (tests, prefill, decode, e2e)" ;;
+  esac
+  echo "== $step exit ${PIPESTATUS[0]}"
+done
