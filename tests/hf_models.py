@@ -134,3 +134,18 @@ def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
         if t in eos_ids:
             return tokens[: i + 1]
     return tokens
+
+
+def save_word_tokenizer(path: str):
+    """Write a whitespace word-level ``tokenizer.json`` covering all ``VOCAB_SIZE`` ids into ``path``; return it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the quick brown fox jumps over lazy dog".split()
+    vocab = {f"tok{i}": i for i in range(VOCAB_SIZE)}
+    for i, w in enumerate(words):
+        del vocab[f"tok{10 + i}"]
+        vocab[w] = 10 + i
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="tok0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return tokenizer

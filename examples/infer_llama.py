@@ -1,0 +1,314 @@
+"""Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
+
+    torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
+    torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
+
+``--nproc-per-node`` must equal dp·pcp·tp (``-dp`` defaults to 1; with dp > 1 the prompts are dealt round-robin to
+the data-parallel replicas). Without ``--model`` a small seeded Llama with byte-level ids (UTF-8 bytes) is built, so
+the command runs anywhere, CPU included. Every configuration error is found on every rank before any collective and
+ends the job with exit code 2 and one message naming the flag.
+
+Test-only fault injection (used by tests/test_example_errors.py): with ``MEGACP_TEST_KILL_RANK=r`` and
+``MEGACP_TEST_KILL_AT_STEP=s`` in the environment, world rank ``r`` exits abruptly (``os._exit(9)``) before engine
+step ``s``, to check that the other ranks do not wait forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megacp import parallel_state as ps
+from megacp.config import ParallelConfig
+from megacp.engine import LLMEngine, check_request_fits
+from megacp.kv import blocks_needed
+from megacp.models import load_model
+from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
+from megacp.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: built-in tiny Llama)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--prefill-context-parallel-size", "-pcp", type=int, default=1)
+    p.add_argument("--decode-context-parallel-size", "-dcp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--cp-kv-cache-interleave-size", type=int, default=1, help="tokens per CP rank in a row")
+    p.add_argument("--block-size", type=int, default=16, help="KV tokens per block on each rank")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per rank and layer (default: enough for all prompts at once)")
+    p.add_argument("--enable-expert-parallel", action="store_true")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--json-out", default=None, help="rank 0 writes outputs, timings and KV numbers here")
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for a peer")
+    return p
+
+
+class Tokenizer:
+    """Text <-> ids: the checkpoint's ``tokenizer.json`` if there is one, UTF-8 bytes for the built-in model."""
+
+    def __init__(self, model_dir: str | None) -> None:
+        self.hf = None
+        self.byte_level = model_dir is None
+        path = os.path.join(model_dir, "tokenizer.json") if model_dir else ""
+        if model_dir and os.path.isfile(path):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.hf = HFTokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        if self.hf is not None:
+            return self.hf.encode(text).ids
+        if self.byte_level:
+            return list(text.encode("utf-8"))
+        raise ValueError("--prompt needs a tokenizer.json in the --model directory; pass token ids with --prompt-ids")
+
+    def decode(self, ids: list[int]) -> str | None:
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=True)
+        if self.byte_level:
+            return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return None
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r} must be comma-separated integers, e.g. --prompt-ids 1,2,3") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, list[list[int]], Tokenizer, int]:
+    """Every check that needs no collective: (model config, prompt ids, tokenizer, KV blocks per rank).
+
+    Raises ``ValueError`` with one message naming the flag; identical on every rank.
+    """
+    try:
+        cfg = load_model_config(args.model) if args.model else build_tiny_llama_config()
+    except ValueError as e:
+        raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
+    parallel = _parallel_config(args)
+    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
+    tokenizer = Tokenizer(args.model)
+    prompts = [tokenizer.encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
+    if not prompts:
+        raise ValueError("no prompt given; pass --prompt TEXT or --prompt-ids 1,2,3 (both repeatable)")
+    for ids in prompts:
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"--prompt-ids token {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})")
+    cp = parallel.cp_world_size
+    per_req = [blocks_needed(len(ids) + args.max_new_tokens, args.block_size, cp) for ids in prompts]
+    num_blocks = args.num_kv_blocks if args.num_kv_blocks is not None else max(sum(per_req), 1)
+    if num_blocks < 1:
+        raise ValueError(f"--num-kv-blocks={num_blocks} must be >= 1 (or leave it out to size the cache to the prompts)")
+    for ids in prompts:
+        check_request_fits(len(ids), args.max_new_tokens, cfg.max_position_embeddings, num_blocks, args.block_size, cp)
+    _device(args.device)
+    return cfg, prompts, tokenizer, num_blocks
+
+
+def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_parallel_size=args.tensor_parallel_size,
+        prefill_context_parallel_size=args.prefill_context_parallel_size,
+        decode_context_parallel_size=args.decode_context_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        cp_kv_cache_interleave_size=args.cp_kv_cache_interleave_size,
+        block_size=args.block_size,
+    )
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def _kill_hook(rank: int):
+    """The test-only fault injection described in the module docstring (None when not requested)."""
+    kill_rank, kill_step = os.environ.get("MEGACP_TEST_KILL_RANK"), os.environ.get("MEGACP_TEST_KILL_AT_STEP")
+    if kill_rank is None or kill_step is None or int(kill_rank) != rank:
+        return None
+
+    def on_step(step: int) -> None:
+        if step == int(kill_step):
+            print(f"[rank {rank}] MEGACP_TEST_KILL_AT_STEP={step}: exiting abruptly", file=sys.stderr, flush=True)
+            os._exit(9)
+
+    return on_step
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when every rank reports ok (a collective: every rank must call it)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Validate, initialise model parallel, load, generate. Returns the JSON dict on world rank 0, else None.
+
+    Raises ``ValueError`` for configuration errors (before any collective) and after a failed model load (on every
+    rank, after agreeing on the failure).
+    """
+    world_size, rank = _world()
+    cfg, prompts, tokenizer, num_blocks = validate(args, world_size)
+    device = _device(args.device)
+    dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    parallel = _parallel_config(args)
+    ps.initialize_model_parallel(**parallel.initialize_kwargs(), timeout=timedelta(seconds=args.dist_timeout))
+    load_error = None
+    try:
+        model = load_model(args.model, dtype, device)
+    except (ValueError, OSError, KeyError) as e:
+        load_error = f"could not load --model {args.model}: {e}"
+    if not _all_ok(load_error is None):
+        raise ValueError(load_error or "another rank failed to load --model (see its message)")
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = list(range(dp_rank, len(prompts), dp_size))  # this replica's share of the prompts
+    engine = LLMEngine(model, num_blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs,
+                       on_step=_kill_hook(rank))
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.ignore_eos, args.seed)
+    outs = engine.generate([prompts[i] for i in mine], sampling) if mine else []
+    replica_leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_prefill_context_parallel_rank() == 0
+    report = {
+        "outputs": {i: o for i, o in zip(mine, outs)} if replica_leader else {},
+        "stats": engine.stats,
+    }
+    reports: list[Any] = [None] * world_size
+    dist.all_gather_object(reports, report)
+    if rank != 0:
+        return None
+    return _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device)
+
+
+def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device) -> dict[str, Any]:
+    by_index = {i: o for r in reports for i, o in r["outputs"].items()}
+    outputs = [
+        {
+            "prompt_ids": prompts[i],
+            "output_ids": by_index[i].output_ids,
+            "text": tokenizer.decode(by_index[i].output_ids),
+            "finish_reason": by_index[i].finish_reason,
+            "ttft_s": by_index[i].ttft_s,
+        }
+        for i in range(len(prompts))
+    ]
+    stats = [r["stats"] for r in reports]
+    ttft = [o["ttft_s"] for o in outputs]
+    return {
+        "outputs": outputs,
+        "timings": {
+            "ttft_s": ttft,
+            "mean_ttft_s": sum(ttft) / len(ttft),
+            "decode_tokens_per_s": stats[0].decode_tokens_per_s,
+            "total_s": max(s.total_time_s for s in stats),
+            "num_steps": max(s.num_steps for s in stats),  # of the slowest data-parallel replica
+        },
+        "kv": {
+            "block_size": args.block_size,
+            "num_kv_blocks_per_rank": stats[0].kv_slots_per_rank // args.block_size,
+            "cp_world_size": parallel.cp_world_size,
+            "cp_kv_cache_interleave_size": args.cp_kv_cache_interleave_size,
+            "capacity_tokens": stats[0].kv_capacity_tokens,
+            "slots_per_rank": stats[0].kv_slots_per_rank,
+            "peak_tokens_stored_per_rank": [s.peak_tokens_stored for s in stats],
+        },
+        "config": {
+            "model": args.model or "built-in tiny llama",
+            "tp": parallel.tensor_parallel_size,
+            "pcp": parallel.prefill_context_parallel_size,
+            "dcp": parallel.decode_context_parallel_size,
+            "dp": parallel.data_parallel_size,
+            "world_size": world_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+        },
+    }
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    c, t, kv = result["config"], result["timings"], result["kv"]
+    print(f"megacp: {c['model']}, world {c['world_size']} = dp {c['dp']} x pcp {c['pcp']} x tp {c['tp']}, "
+          f"dcp {c['dcp']}, {c['dtype']} on {c['device']}")
+    for i, o in enumerate(result["outputs"]):
+        text = f" {o['text']!r}" if o["text"] is not None else ""
+        print(f"[{i}] {len(o['prompt_ids'])} prompt tokens -> {len(o['output_ids'])} new ({o['finish_reason']}):"
+              f"{text} {o['output_ids']}")
+    print(f"TTFT mean {t['mean_ttft_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s, "
+          f"{t['num_steps']} steps")
+    print(f"KV: {kv['capacity_tokens']} tokens per CP group ({kv['cp_world_size']} ranks x {kv['slots_per_rank']} "
+          f"slots); peak tokens stored per rank {kv['peak_tokens_stored_per_rank']}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """CLI entry point; returns the JSON dict on world rank 0 (None elsewhere). Exit code 2 on a bad configuration.
+
+    Callable in-process (tests): it initialises torch.distributed only if nobody has, and tears down only what it
+    set up.
+    """
+    args = build_parser().parse_args(argv)
+    owns_process_group = not dist.is_initialized()
+    try:
+        result = run(args)
+    except ValueError as e:
+        _, rank = _world()
+        # One write() per message, so the ranks' lines never interleave on a shared stderr pipe.
+        sys.stderr.flush()
+        os.write(2, f"[rank {rank}] error: {e}\n".encode())
+        _teardown(owns_process_group)
+        sys.exit(2)
+    _teardown(owns_process_group)
+    if result is not None:
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1)
+        _print_summary(result)
+    return result
+
+
+def _teardown(owns_process_group: bool) -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

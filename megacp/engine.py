@@ -1,0 +1,283 @@
+"""A small generation engine: requests -> KV blocks -> batched prefill/decode steps -> sampled tokens.
+
+Every rank of a model-parallel replica (its TP, PCP and DCP ranks) runs the same engine with the same requests and
+makes the same scheduling decisions, so all ranks build the same step and call the same collectives. Per step:
+
+1. **Schedule** (pure Python): one decode token for every running request that finished its prompt, then prompt
+   chunks (oldest request first) up to ``max_num_batched_tokens`` tokens in total. A prompt longer than the budget is
+   prefilled over several steps, each chunk attending to the request's own already cached context. A request is
+   admitted when its first chunk is scheduled: it then gets all the virtual KV blocks it can ever need
+   (``prompt + max_new_tokens`` tokens, ``blocks_needed``) at once, or waits until running requests free theirs.
+2. **Run**: ``build_step_metadata`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
+   ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
+3. **Agree**: the sampled ids are broadcast from TP rank 0 over the TP group, then from PCP rank 0 over the PCP group,
+   i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
+   the broadcast makes divergence impossible rather than unlikely.
+4. **Finish**: a request stops at ``max_new_tokens`` or at an EOS id (unless ``ignore_eos``) and frees its blocks.
+
+Data parallelism is the caller's business: give each DP replica its own share of the prompts (see
+examples/infer_llama.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megacp import parallel_state as ps
+from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
+from megacp.layers.cp_attention import build_step_metadata
+from megacp.sampling import SamplingParams, sample
+
+
+@dataclass
+class RequestOutput:
+    """One finished request. ``prompt_logits``: [vocab] float32 logits at the last prompt position (if asked)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str  # "length" or "eos"
+    ttft_s: float
+    prompt_logits: Tensor | None = None
+
+
+@dataclass
+class EngineStats:
+    """Timings of the last ``generate`` and this rank's KV numbers.
+
+    ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time.
+    ``kv_capacity_tokens`` is how many tokens the CP group's caches hold (``num_kv_blocks·block_size·pcp·dcp``);
+    ``kv_slots_per_rank`` how many token slots this rank has; ``peak_tokens_stored`` the most this rank held at once.
+    """
+
+    ttft_s: list[float] = field(default_factory=list)
+    num_steps: int = 0
+    decode_tokens: int = 0
+    decode_time_s: float = 0.0
+    total_time_s: float = 0.0
+    kv_capacity_tokens: int = 0
+    kv_slots_per_rank: int = 0
+    peak_tokens_stored: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
+
+
+@dataclass
+class _Request:
+    index: int  # position in the caller's list
+    prompt: list[int]
+    output: list[int] = field(default_factory=list)
+    row: int = -1  # BlockTable row while admitted
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens already in the (CP-sharded) cache
+    ttft_s: float = 0.0
+    prompt_logits: Tensor | None = None
+    finish_reason: str = ""
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt)
+
+
+def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
+                       block_size: int, cp_world_size: int) -> None:
+    """Raise ``ValueError`` (naming the flags to change) if one request could never run, even in an empty cache."""
+    if prompt_len < 1:
+        raise ValueError("every prompt needs at least one token (got an empty --prompt / --prompt-ids)")
+    total = prompt_len + max_new_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
+            f"max_position_embeddings {max_model_len}; shorten the prompt or lower --max-new-tokens "
+            f"to {max(max_model_len - prompt_len, 0)}"
+        )
+    need = blocks_needed(total, block_size, cp_world_size)
+    if need > num_kv_blocks:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} KV blocks of "
+            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise --num-kv-blocks to {need} "
+            f"or lower --max-new-tokens, or spread the cache over more ranks with a larger "
+            f"--prefill-context-parallel-size / --decode-context-parallel-size"
+        )
+
+
+class LLMEngine:
+    """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
+
+    ``num_kv_blocks``: physical KV blocks per rank and layer (the same virtual block ids on every CP rank).
+    ``max_num_seqs``: requests admitted at once (rows of the block table). ``on_step(step)`` is called before each
+    step (used by the example's fault-injection test hook).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_kv_blocks: int,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"--max-num-batched-tokens={max_num_batched_tokens} must be >= 1 (e.g. 512)")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} must be >= 1 (requests run at once, e.g. 64)")
+        self.model = model
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.on_step = on_step
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cp_world_size = ps.get_context_parallel_world_size()
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.interleave_size = ps.get_cp_kv_cache_interleave_size()
+        self.num_kv_blocks = num_kv_blocks
+        self.allocator = BlockAllocator(num_kv_blocks)
+        self.max_model_len = int(model.config.max_position_embeddings)
+        max_blocks = min(num_kv_blocks, blocks_needed(self.max_model_len, block_size, self.cp_world_size))
+        self.block_table = BlockTable(
+            block_size, max_num_seqs, max_blocks, self.cp_world_size, self.cp_rank, self.interleave_size, self.device
+        )
+        self.kv_caches = [
+            PagedKVCache(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim, self.dtype, self.device)
+            for _ in range(model.config.num_hidden_layers)
+        ]
+        self.eos_token_ids = set(model.config.eos_token_ids)
+        self._free_rows = list(range(max_num_seqs))
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ admission
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ``ValueError`` if a request of this size could never run, even alone."""
+        check_request_fits(prompt_len, max_new_tokens, self.max_model_len, self.num_kv_blocks, self.block_size,
+                           self.cp_world_size)
+
+    def _try_admit(self, req: _Request, max_new_tokens: int) -> bool:
+        need = blocks_needed(len(req.prompt) + max_new_tokens, self.block_size, self.cp_world_size)
+        if not self._free_rows or not self.allocator.can_allocate(need):
+            return False
+        req.row = self._free_rows.pop(0)
+        req.blocks = self.allocator.allocate(need)
+        self.block_table.set_row(req.row, req.blocks)
+        return True
+
+    def _release(self, req: _Request) -> None:
+        self.allocator.free(req.blocks)
+        self.block_table.clear_row(req.row)
+        self._free_rows.append(req.row)
+        self._free_rows.sort()
+        req.row, req.blocks = -1, []
+
+    # ------------------------------------------------------------------ scheduling
+    def _schedule(
+        self, waiting: deque[_Request], running: list[_Request], max_new_tokens: int
+    ) -> list[tuple[_Request, int]]:
+        """This step's (request, number of new tokens): decodes first, then prompt chunks within the token budget."""
+        sched = [(r, 1) for r in running if not r.in_prefill]
+        budget = self.max_num_batched_tokens - len(sched)
+        for r in running:
+            if r.in_prefill and budget > 0:
+                n = min(len(r.prompt) - r.num_computed, budget)
+                sched.append((r, n))
+                budget -= n
+        while waiting and budget > 0 and self._try_admit(waiting[0], max_new_tokens):
+            r = waiting.popleft()
+            running.append(r)
+            n = min(len(r.prompt), budget)
+            sched.append((r, n))
+            budget -= n
+        return sched
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def _run_step(self, sched: list[tuple[_Request, int]], sampling: SamplingParams, generator: torch.Generator
+                  ) -> tuple[list[int], Tensor | None]:
+        """Forward the scheduled tokens; return sampled ids of the requests that need one and their logits.
+
+        Returns ids for the entries of ``sched`` that end a prompt or decode (in ``sched`` order), and their
+        logits [n, vocab] (None when no entry needs a token).
+        """
+        new_ids = [r.tokens[r.num_computed : r.num_computed + n] for r, n in sched]
+        flat = torch.tensor([t for ids in new_ids for t in ids], dtype=torch.long, device=self.device)
+        meta = build_step_metadata(
+            [r.row for r, _ in sched], [r.num_computed for r, _ in sched], [n for _, n in sched],
+            self.block_table, device=self.device,
+        )
+        input_ids = flat[meta.token_index.clamp(min=0)]  # PCP padding (-1) reads any real token; it is masked
+        hidden = self.model(input_ids, meta, self.kv_caches)
+        need = [i for i, (r, n) in enumerate(sched) if r.num_computed + n >= len(r.prompt)]
+        if not need:
+            return [], None
+        last_hidden = meta.select_logits_hidden(hidden)[need]  # [n, hidden], same on every PCP rank
+        logits = self.model.compute_logits(last_hidden).float()  # [n, vocab], same on every TP rank
+        tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
+        tokens = ps.get_tp_group().broadcast(tokens.contiguous(), src=0)
+        tokens = ps.get_pcp_group().broadcast(tokens, src=0)
+        return tokens.tolist(), logits
+
+    # ------------------------------------------------------------------ the loop
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, return_prompt_logits: bool = False
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs in the order of ``prompt_ids``. Updates ``self.stats``."""
+        for ids in prompt_ids:
+            self.check_fits(len(ids), sampling.max_new_tokens)
+        reqs = [_Request(i, [int(t) for t in ids]) for i, ids in enumerate(prompt_ids)]
+        waiting, running = deque(reqs), []
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stats = EngineStats(
+            kv_capacity_tokens=kv_capacity_tokens(self.num_kv_blocks, self.block_size, self.cp_world_size),
+            kv_slots_per_rank=self.num_kv_blocks * self.block_size,
+        )
+        start = time.perf_counter()
+        while waiting or running:
+            if self.on_step is not None:
+                self.on_step(stats.num_steps)
+            sched = self._schedule(waiting, running, sampling.max_new_tokens)
+            if not sched:  # cannot happen after check_fits: an empty cache fits any single request
+                raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
+            stats.peak_tokens_stored = max(stats.peak_tokens_stored, self._tokens_stored(running, sched))
+            t0 = time.perf_counter()
+            tokens, logits = self._run_step(sched, sampling, generator)
+            now = time.perf_counter()
+            stats.num_steps += 1
+            if all(not r.in_prefill for r, _ in sched):
+                stats.decode_time_s += now - t0
+                stats.decode_tokens += len(sched)
+            finishing = [(r, n) for r, n in sched if r.num_computed + n >= len(r.prompt)]
+            for r, n in sched:
+                r.num_computed += n
+            for j, ((r, _), tok) in enumerate(zip(finishing, tokens)):
+                if not r.output:
+                    r.ttft_s = now - start
+                    if return_prompt_logits:
+                        r.prompt_logits = logits[j].cpu()
+                r.output.append(tok)
+                if tok in self.eos_token_ids and not sampling.ignore_eos:
+                    r.finish_reason = "eos"
+                elif len(r.output) >= sampling.max_new_tokens:
+                    r.finish_reason = "length"
+                if r.finish_reason:
+                    self._release(r)
+                    running.remove(r)
+        stats.total_time_s = time.perf_counter() - start
+        stats.ttft_s = [r.ttft_s for r in reqs]
+        self.stats = stats
+        return [RequestOutput(r.prompt, r.output, r.finish_reason, r.ttft_s, r.prompt_logits) for r in reqs]
+
+    def _tokens_stored(self, running: list[_Request], sched: list[tuple[_Request, int]]) -> int:
+        """Tokens this rank holds once the step ran: its CP share of every running request's cached length."""
+        new = {id(r): n for r, n in sched}
+        lens = torch.tensor([r.num_computed + new.get(id(r), 0) for r in running], dtype=torch.long)
+        return int(cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
