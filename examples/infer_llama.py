@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=1)
         _print_summary(result)

@@ -22,11 +22,12 @@ EXAMPLE = os.path.join(REPO, "examples", "infer_llama.py")
 TIMEOUT_S = 180  # generous for a loaded 2-core box; a hang would hit it, a healthy failure takes seconds
 
 
-def _torchrun(nproc: int, args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, args: list[str], env_extra: dict[str, str] | None = None,
+              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", EXAMPLE,
            "--dist-timeout", "30", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
 def _assert_error_on_every_rank(proc: subprocess.CompletedProcess, nproc: int, *needles: str) -> str:
@@ -96,6 +97,7 @@ def test_worker_killed_mid_generation():
         2,
         ["-pcp", "2", "-dcp", "1", "--prompt", "a prompt long enough for a few steps", "--max-new-tokens", "16"],
         env_extra={"MEGACP_TEST_KILL_RANK": "1", "MEGACP_TEST_KILL_AT_STEP": "3"},
+        timeout=30 + 60,  # --dist-timeout 30 plus start-up: a rank left waiting in a collective would exceed it
     )
     assert proc.returncode != 0
     assert "MEGACP_TEST_KILL_AT_STEP=3: exiting abruptly" in proc.stderr
