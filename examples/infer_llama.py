@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megacp import parallel_state as ps
 from megacp.config import ParallelConfig
-from megacp.engine import LLMEngine, check_request_fits
+from megacp.engine import LLMEngine, check_data_parallel, check_request_fits
 from megacp.kv import blocks_needed
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
@@ -119,6 +119,7 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
         raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
     parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    check_data_parallel(cfg, parallel.data_parallel_size)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
     prompts = [tokenizer.encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]

@@ -112,6 +112,16 @@ def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int,
         )
 
 
+def check_data_parallel(model_config: object, dp_size: int) -> None:
+    """Data-parallel replicas run independent schedules, which MoE layers cannot follow: they gather tokens over
+    all dp·pcp·tp ranks in every step, so every replica would have to step in lock-step."""
+    if dp_size > 1 and getattr(model_config, "is_moe", False):
+        raise ValueError(
+            f"--data-parallel-size/-dp {dp_size} is not supported for MoE models (their expert layers gather tokens "
+            f"over all dp·pcp·tp ranks every step); use -dp 1 and put the ranks into -tp / -pcp instead"
+        )
+
+
 class LLMEngine:
     """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
 
@@ -133,6 +143,7 @@ class LLMEngine:
             raise ValueError(f"--max-num-batched-tokens={max_num_batched_tokens} must be >= 1 (e.g. 512)")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be >= 1 (requests run at once, e.g. 64)")
+        check_data_parallel(model.config, ps.get_data_parallel_world_size())
         self.model = model
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens

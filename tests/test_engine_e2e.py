@@ -100,6 +100,17 @@ def test_interleave_16_and_chunked_prefill(dist_pool_4, tp, pcp, dcp, batched):
         assert result["timings"]["num_steps"] > MAX_NEW  # the long prompts really took several steps
 
 
+@pytest.mark.parametrize("extra,steps", [(("--num-kv-blocks", "2"), 2 * MAX_NEW), (("--max-num-seqs", "1"), 3 * MAX_NEW)])
+def test_requests_wait_for_blocks_and_rows(dist_pool_4, extra, steps):
+    """pcp 4: virtual blocks of 16·4 tokens, so the requests need 1, 1 and 2 blocks (27, 49, 73 tokens). With 2 blocks
+    the third waits until the first two finish; with one request at a time all three run one after another."""
+    result = dist_pool_4.run(_main_task, _argv("llama", 1, 4, 1, extra=extra))[0]
+    assert [o["output_ids"] for o in result["outputs"]] == _reference("llama")
+    assert result["timings"]["num_steps"] == steps
+    if "--num-kv-blocks" in extra:
+        assert max(result["kv"]["peak_tokens_stored_per_rank"]) <= 2 * 16
+
+
 @pytest.mark.parametrize("kind,tp,pcp,dcp,batched", [("mistral", 2, 2, 1, 512), ("qwen2", 2, 1, 1, 16),
                                                      ("qwen2", 1, 4, 1, 512), ("llama_sharded", 2, 2, 2, 16)])
 def test_other_architectures(dist_pool_4, kind, tp, pcp, dcp, batched):

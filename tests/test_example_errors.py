@@ -116,3 +116,15 @@ def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
     assert exc.value.code == 2
     err = capfd.readouterr().err
     assert "[rank 0] error: " in err and needle in err
+
+
+def test_moe_models_refuse_data_parallel():
+    """MoE layers gather tokens over every rank each step, so independently scheduled DP replicas would hang."""
+    from types import SimpleNamespace
+
+    from megacp.engine import check_data_parallel
+
+    with pytest.raises(ValueError, match="--data-parallel-size/-dp 2 is not supported for MoE models"):
+        check_data_parallel(SimpleNamespace(is_moe=True), 2)
+    check_data_parallel(SimpleNamespace(is_moe=True), 1)
+    check_data_parallel(SimpleNamespace(is_moe=False), 4)
