@@ -157,7 +157,7 @@ class StepMetadata:
             )
         rows = self.logits_rows.to(hidden.device)
         mine = rows >= 0
-        picked = hidden[rows.clamp(min=0)] * mine.unsqueeze(-1).to(hidden.dtype)
+        picked = torch.where(mine.unsqueeze(-1), hidden[rows.clamp(min=0)], torch.zeros_like(hidden[:1]))
         if self.pcp_size == 1:
             return picked
         group = self.pcp_group
@@ -188,6 +188,7 @@ class _NoCacheTable:
     """The one part of ``BlockTable`` a cache-free (prefill-only) step needs: every token's slot is -1."""
 
     interleave_size = 1
+    block_size = 1
     max_num_blocks_per_req = 1
     device = torch.device("cpu")
 
@@ -314,44 +315,63 @@ def build_step_metadata(
     def cat(parts: list[Tensor], dtype: torch.dtype = torch.long) -> Tensor:
         return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
-    # Context: regroup the CP-gathered queries by request, and list each request's local context slots.
     ctx_rows_t = cat(ctx_rows)
-    tc = ctx_rows_t.numel()
-    ctx_local = cp_local_seq_lens(torch.tensor(ctx_len, dtype=torch.long), W, R, I)
-    ctx_perm, ctx_slots, ctx_cu_q, ctx_cu_k, start = [], [], [0], [0], 0
-    for s, part in enumerate(ctx_rows):
-        rows = start + torch.arange(part.numel())  # this request's entries in ctx_rows
-        ctx_perm.append((torch.arange(W).unsqueeze(1) * tc + rows.unsqueeze(0)).reshape(-1))
-        start += part.numel()
-        n_local = int(ctx_local[s])
-        j = torch.arange(n_local)
-        block_row = block_table.row(ctx_req[s]).cpu()
-        ctx_slots.append(block_row[j // block_table.block_size] * block_table.block_size + j % block_table.block_size)
-        ctx_cu_q.append(ctx_cu_q[-1] + W * part.numel())
-        ctx_cu_k.append(ctx_cu_k[-1] + n_local)
-    to = dict(device=device)
+    ctx = _context_index([part.numel() for part in ctx_rows], ctx_req, ctx_len, block_table)
     return StepMetadata(
         num_reqs=n_req, num_decodes=n_dec, pcp_size=P, pcp_rank=r, dcp_size=D, dcp_rank=d,
-        token_index=cat(token_index).to(**to),
-        positions=cat(positions).to(**to),
-        num_computed_tokens=computed.to(**to),
-        local_context_lens=cp_local_seq_lens(computed, W, R, I).to(**to),
-        decode_slots=decode_slots.to(**to),
-        decode_block_table=decode_block_table.to(**to),
-        decode_local_seq_lens=decode_local_seq_lens.to(**to),
-        prefill_gather_index=cat(gather_index).to(**to),
-        prefill_slots=cat(slots).to(**to),
-        chunk_q_rows=cat(q_rows).to(**to),
-        chunk_k_index=cat(k_index).to(**to),
+        token_index=cat(token_index).to(device),
+        positions=cat(positions).to(device),
+        num_computed_tokens=computed.to(device),
+        local_context_lens=cp_local_seq_lens(computed, W, R, I).to(device),
+        decode_slots=decode_slots.to(device),
+        decode_block_table=decode_block_table.to(device),
+        decode_local_seq_lens=decode_local_seq_lens.to(device),
+        prefill_gather_index=cat(gather_index).to(device),
+        prefill_slots=cat(slots).to(device),
+        chunk_q_rows=cat(q_rows).to(device),
+        chunk_k_index=cat(k_index).to(device),
         cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
         cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        ctx_rows=ctx_rows_t.to(**to),
-        ctx_is_real=cat(ctx_real, torch.bool).to(**to),
-        ctx_q_perm=cat(ctx_perm).to(**to),
-        ctx_kv_slots=cat(ctx_slots).to(**to),
-        ctx_local_lens=ctx_local.to(**to),
-        ctx_cu_seqlens_q=torch.tensor(ctx_cu_q, dtype=torch.int32, device=device),
-        ctx_cu_seqlens_k=torch.tensor(ctx_cu_k, dtype=torch.int32, device=device),
-        logits_rows=logits_rows.to(**to),
+        ctx_rows=ctx_rows_t.to(device),
+        ctx_is_real=cat(ctx_real, torch.bool).to(device),
+        ctx_q_perm=ctx["q_perm"].to(device),
+        ctx_kv_slots=ctx["kv_slots"].to(device),
+        ctx_local_lens=ctx["local_lens"].to(device),
+        ctx_cu_seqlens_q=ctx["cu_q"].to(device),
+        ctx_cu_seqlens_k=ctx["cu_k"].to(device),
+        logits_rows=logits_rows.to(device),
         pcp_group=pcp_group,
     )
+
+
+def _context_index(
+    rows_per_req: list[int], req_indices: list[int], context_lens: list[int], block_table: BlockTable
+) -> dict[str, Tensor]:
+    """Index tensors of the pass-Q context attention for the S prefill requests with cached context.
+
+    rows_per_req: each request's local rows (equal on every CP rank); context_lens: its num_computed. Returns
+    ``q_perm`` [W·Tc] (the CP-gathered ``[W, Tc]`` query rows, flattened, regrouped request by request),
+    ``kv_slots`` (this rank's cache slots of each request's context, in local = position order), ``local_lens`` [S]
+    and the int32 ``cu_q`` / ``cu_k`` [S+1] offsets of the varlen call.
+    """
+    W, B = block_table.cp_world_size, block_table.block_size
+    tc = sum(rows_per_req)
+    local_lens = cp_local_seq_lens(torch.tensor(context_lens, dtype=torch.long), W, block_table.cp_rank,
+                                   block_table.interleave_size)
+    q_perm, kv_slots, cu_q, cu_k, start = [], [], [0], [0], 0
+    for s, n_rows in enumerate(rows_per_req):
+        rows = start + torch.arange(n_rows)  # this request's entries among the Tc context rows
+        q_perm.append((torch.arange(W).unsqueeze(1) * tc + rows.unsqueeze(0)).reshape(-1))  # the same rows, every rank
+        start += n_rows
+        j = torch.arange(int(local_lens[s]))  # local indices 0..n-1 fill the request's blocks densely
+        kv_slots.append(block_table.row(req_indices[s]).cpu()[j // B] * B + j % B)
+        cu_q.append(cu_q[-1] + W * n_rows)
+        cu_k.append(cu_k[-1] + j.numel())
+    empty = torch.zeros(0, dtype=torch.long)
+    return {
+        "q_perm": torch.cat(q_perm) if q_perm else empty,
+        "kv_slots": torch.cat(kv_slots) if kv_slots else empty,
+        "local_lens": local_lens,
+        "cu_q": torch.tensor(cu_q, dtype=torch.int32),
+        "cu_k": torch.tensor(cu_k, dtype=torch.int32),
+    }
