@@ -70,7 +70,7 @@ def test_config_architectures_and_errors() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_config_from_dict(_cfg(model_type="qwen2", sliding_window=4096, use_sliding_window=False))
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama, mistral, mixtral, qwen2, qwen2_moe"):
         model_config_from_dict(_cfg(model_type="gpt2"))
     with pytest.raises(ValueError, match="lacks the required field 'intermediate_size'"):
         model_config_from_dict({k: v for k, v in _cfg().items() if k != "intermediate_size"})
@@ -89,7 +89,8 @@ def test_loader_file_errors() -> None:
             load_model(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(_cfg(model_type="gpt2"), f)
-        with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*supports: llama, mistral, qwen2"):
+        supported = "llama, mistral, mixtral, qwen2, qwen2_moe"
+        with pytest.raises(ValueError, match=f"unsupported model_type 'gpt2'.*supports: {supported}"):
             load_model(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(_cfg(), f)

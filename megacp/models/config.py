@@ -2,6 +2,8 @@
 
 One parser per supported ``model_type`` fills the architecture-specific fields (biases, MoE sizes, ...) on top of
 the common dense-decoder fields; add an architecture by adding an entry to ``_ARCH_PARSERS``.
+MoE architectures (Mixtral, Qwen2-MoE) set ``num_experts > 0`` and list their sparse layers in ``moe_layers``; the
+other layers keep the dense SwiGLU MLP of size ``intermediate_size``.
 Both the transformers v4 layout (``rope_theta`` + ``rope_scaling``) and the v5 layout (``rope_parameters``) are read.
 """
 
@@ -39,11 +41,24 @@ class ModelConfig:
     mlp_bias: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # MoE (num_experts == 0: a dense model). Sizes of one routed expert / of the shared expert (0: none).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router weights (Mixtral always, Qwen2-MoE per config)
+    moe_layers: list[int] = field(default_factory=list)  # indices of the sparse layers
+    # Names of one expert's gate/up/down projections in per-expert checkpoints (Mixtral: w1/w3/w2).
+    expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw config.json
 
     @property
     def attention_scale(self) -> float:
         return self.head_dim**-0.5
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -131,11 +146,59 @@ def _qwen2(cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(_dense_fields(cfg), qkv_bias=True)  # Qwen2's q/k/v projections always have a bias, o_proj none
 
 
-# model_type -> parser of the architecture-specific fields. MoE architectures (mixtral, qwen2_moe) plug in here.
+def _check_moe(fields: dict[str, Any]) -> dict[str, Any]:
+    num_experts, top_k = fields["num_experts"], fields["num_experts_per_tok"]
+    if fields["moe_layers"] and not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"config.json num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts})"
+        )
+    return fields
+
+
+def _mixtral(cfg: dict[str, Any]) -> dict[str, Any]:
+    _warn_sliding_window(cfg)
+    fields = _dense_fields(cfg)
+    return _check_moe(dict(
+        fields,
+        num_experts=int(cfg["num_local_experts"]),
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=fields["intermediate_size"],  # every Mixtral layer is sparse: the experts' size
+        norm_topk_prob=True,
+        moe_layers=list(range(fields["num_hidden_layers"])),
+        expert_proj_names=("w1", "w3", "w2"),
+    ))
+
+
+def _qwen2_moe(cfg: dict[str, Any]) -> dict[str, Any]:
+    _warn_sliding_window(cfg)
+    fields = _dense_fields(cfg)
+    num_experts = int(cfg["num_experts"])
+    step = int(cfg.get("decoder_sparse_step", 1))
+    dense_only = set(cfg.get("mlp_only_layers") or [])
+    # The rule of transformers' Qwen2MoeDecoderLayer: sparse unless listed in mlp_only_layers or off the sparse step.
+    moe_layers = [
+        i for i in range(fields["num_hidden_layers"])
+        if num_experts > 0 and i not in dense_only and (i + 1) % step == 0
+    ]
+    return _check_moe(dict(
+        fields,
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        num_experts=num_experts,
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=moe_layers,
+    ))
+
+
+# model_type -> parser of the architecture-specific fields.
 _ARCH_PARSERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "llama": _llama,
     "mistral": _mistral,
+    "mixtral": _mixtral,
     "qwen2": _qwen2,
+    "qwen2_moe": _qwen2_moe,
 }
 
 

@@ -1,7 +1,11 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) built from megacp's tensor-parallel layers.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE) built from megacp's tensor-parallel layers.
 
     embed → N × [RMSNorm → QKV → RoPE(meta.positions) → ContextParallelAttention → o_proj (+res)
                  RMSNorm → gate/up → SiLU·mul → down (+res)] → RMSNorm
+
+In MoE models the layers listed in ``config.moe_layers`` replace the dense MLP by ``megacp.moe.MoELayer`` (router,
+experts, optional shared expert), parallelised over all ranks as its ``MoEParallelConfig`` says. Its forward is a
+collective over every rank, so every rank must run every step (the engine does).
 
 Every layer works on this rank's local tokens (PCP-split during prefill); only attention talks across PCP/DCP
 ranks, and only the row-parallel projections / vocab layers across TP. The engine picks the rows it needs
@@ -32,6 +36,7 @@ from megacp.layers.linear import (
 from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryEmbedding
 from megacp.models.config import ModelConfig
+from megacp.moe import MoELayer, MoEParallelConfig
 
 WeightLoader = Callable[[Any], None]  # takes a full tensor or a safetensors slice
 
@@ -88,29 +93,56 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _moe_layer(
+    config: ModelConfig, params_dtype: torch.dtype | None, parallel_config: MoEParallelConfig | None
+) -> MoELayer:
+    return MoELayer(
+        config.hidden_size,
+        config.moe_intermediate_size,
+        config.num_experts,
+        config.num_experts_per_tok,
+        renormalize=config.norm_topk_prob,
+        shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
+        parallel_config=parallel_config,
+        dtype=params_dtype or torch.get_default_dtype(),
+    )
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+    """``moe=True``: the MLP is an ``MoELayer`` (``moe_parallel_config=None``: every rank holds every expert)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params_dtype: torch.dtype | None = None,
+        moe: bool = False,
+        moe_parallel_config: MoEParallelConfig | None = None,
+    ) -> None:
         super().__init__()
+        self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.self_attn = LlamaAttention(config, params_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
-        self.mlp = LlamaMLP(config, params_dtype)
+        self.mlp: nn.Module = (
+            _moe_layer(config, params_dtype, moe_parallel_config) if moe else LlamaMLP(config, params_dtype)
+        )
 
     def forward(self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
-    def hf_weight_loaders(self, prefix: str) -> dict[str, WeightLoader]:
-        """``{HF name: loader}`` for ``model.layers.N.*`` (prefix ``"model.layers.N."``)."""
+    def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, WeightLoader]:
+        """``{HF name: loader}`` for ``model.layers.N.*`` (prefix ``"model.layers.N."``).
+
+        MoE layers expect the per-expert layout of published checkpoints, or with ``fused_experts`` the
+        transformers v5 layout (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]).
+        """
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj
         loaders: dict[str, WeightLoader] = {
             f"{prefix}input_layernorm.weight": _bind(self.input_layernorm.weight),
             f"{prefix}post_attention_layernorm.weight": _bind(self.post_attention_layernorm.weight),
             f"{prefix}self_attn.o_proj.weight": _bind(attn.o_proj.weight),
-            f"{prefix}mlp.gate_proj.weight": _bind(mlp.gate_up_proj.weight, 0),
-            f"{prefix}mlp.up_proj.weight": _bind(mlp.gate_up_proj.weight, 1),
-            f"{prefix}mlp.down_proj.weight": _bind(mlp.down_proj.weight),
         }
         for shard_id in ("q", "k", "v"):
             loaders[f"{prefix}self_attn.{shard_id}_proj.weight"] = _bind(qkv.weight, shard_id)
@@ -118,6 +150,15 @@ class LlamaDecoderLayer(nn.Module):
                 loaders[f"{prefix}self_attn.{shard_id}_proj.bias"] = _bind(qkv.bias, shard_id)
         if attn.o_proj.bias is not None:
             loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj.bias)
+        if isinstance(mlp, MoELayer):
+            names = _moe_weight_names(self.config, fused_experts)
+            loaders.update({f"{prefix}mlp.{n}": _bind_moe(mlp, n) for n in names})
+            return loaders
+        loaders.update({
+            f"{prefix}mlp.gate_proj.weight": _bind(mlp.gate_up_proj.weight, 0),
+            f"{prefix}mlp.up_proj.weight": _bind(mlp.gate_up_proj.weight, 1),
+            f"{prefix}mlp.down_proj.weight": _bind(mlp.down_proj.weight),
+        })
         if mlp.gate_up_proj.bias is not None:
             loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(mlp.gate_up_proj.bias, 0)
             loaders[f"{prefix}mlp.up_proj.bias"] = _bind(mlp.gate_up_proj.bias, 1)
@@ -131,14 +172,59 @@ def _bind(param: nn.Parameter, *shard: Any) -> WeightLoader:
     return lambda loaded: loader(param, loaded, *shard)
 
 
-class LlamaForCausalLM(nn.Module):
-    """Llama / Mistral / Qwen2 decoder with a vocab-parallel LM head (see the module docstring)."""
+def _bind_moe(moe: MoELayer, name: str) -> WeightLoader:
+    """A one-argument loader: ``moe.load_weight(name, loaded)`` (reads nothing for another rank's expert)."""
+    return lambda loaded: moe.load_weight(name, loaded)
 
-    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+
+def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
+    """Names of one MoE block's tensors, relative to ``model.layers.N.mlp.``."""
+    names = ["gate.weight"]
+    if fused_experts:
+        names += ["experts.gate_up_proj", "experts.down_proj"]
+    else:
+        names += [f"experts.{e}.{p}.weight" for e in range(config.num_experts) for p in config.expert_proj_names]
+    if config.shared_expert_intermediate_size:
+        names += [f"shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+        names.append("shared_expert_gate.weight")
+    return names
+
+
+def _moe_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Full shapes of one MoE block's per-expert-layout tensors, relative to ``model.layers.N.mlp.``."""
+    h, inter, shared = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
+    gate, up, down = config.expert_proj_names
+    shapes: dict[str, tuple[int, ...]] = {"gate.weight": (config.num_experts, h)}
+    for e in range(config.num_experts):
+        shapes.update({f"experts.{e}.{gate}.weight": (inter, h), f"experts.{e}.{up}.weight": (inter, h),
+                       f"experts.{e}.{down}.weight": (h, inter)})
+    if shared:
+        shapes.update({"shared_expert.gate_proj.weight": (shared, h), "shared_expert.up_proj.weight": (shared, h),
+                       "shared_expert.down_proj.weight": (h, shared), "shared_expert_gate.weight": (1, h)})
+    return shapes
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE decoder with a vocab-parallel LM head (see the module docstring).
+
+    ``moe_parallel_config`` says how the experts of MoE layers are split over ranks (``load_model`` builds it from
+    ``parallel_state``); None keeps every expert on every rank.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params_dtype: torch.dtype | None = None,
+        moe_parallel_config: MoEParallelConfig | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, params_dtype) for _ in range(config.num_hidden_layers))
+        moe_layers = set(config.moe_layers)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config)
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
         if config.tie_word_embeddings:
@@ -163,8 +249,12 @@ class LlamaForCausalLM(nn.Module):
         """hidden ``[N, hidden]`` → float32 logits ``[N, vocab_size]``, the full vocabulary on every TP rank."""
         return self.lm_head.compute_logits(hidden).float()
 
-    def hf_weight_loaders(self) -> dict[str, WeightLoader]:
-        """Every Hugging Face tensor name this model expects → the function that loads it."""
+    def hf_weight_loaders(self, fused_experts: bool = False) -> dict[str, WeightLoader]:
+        """Every Hugging Face tensor name this model expects → the function that loads it.
+
+        MoE blocks are named ``model.layers.N.mlp.*`` (the loader maps Mixtral's ``block_sparse_moe.`` here), experts
+        per expert or, with ``fused_experts``, in transformers v5's fused layout.
+        """
         loaders: dict[str, WeightLoader] = {
             "model.embed_tokens.weight": _bind(self.embed_tokens.weight),
             "model.norm.weight": _bind(self.norm.weight),
@@ -172,11 +262,11 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             loaders["lm_head.weight"] = _bind(self.lm_head.weight)
         for i, layer in enumerate(self.layers):
-            loaders.update(layer.hf_weight_loaders(f"model.layers.{i}."))
+            loaders.update(layer.hf_weight_loaders(f"model.layers.{i}.", fused_experts))
         return loaders
 
     def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Full (unsharded) shape of every expected HF tensor, e.g. to build seeded random weights."""
+        """Full (unsharded) shape of every expected HF tensor (per-expert layout), e.g. to build seeded weights."""
         c = self.config
         h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
@@ -191,10 +281,13 @@ class LlamaForCausalLM(nn.Module):
                 "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
                 "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
                 "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
-                "mlp.gate_proj.weight": (inter, h),
-                "mlp.up_proj.weight": (inter, h),
-                "mlp.down_proj.weight": (h, inter),
             }
+            if i in c.moe_layers:
+                per_layer.update({f"mlp.{k}": v for k, v in _moe_weight_shapes(c).items()})
+            else:
+                per_layer.update(
+                    {"mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+                )
             if c.qkv_bias:
                 per_layer.update({
                     "self_attn.q_proj.bias": (c.num_attention_heads * d,),
@@ -203,7 +296,7 @@ class LlamaForCausalLM(nn.Module):
                 })
             if c.o_proj_bias:
                 per_layer["self_attn.o_proj.bias"] = (h,)
-            if c.mlp_bias:
+            if c.mlp_bias and i not in c.moe_layers:
                 per_layer.update(
                     {"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)}
                 )

@@ -4,6 +4,11 @@ A checkpoint is ``config.json`` plus ``model.safetensors`` or a sharded ``model.
 ``weight_map`` names the file of every tensor). Files are opened with ``safetensors.safe_open`` and tensors taken
 as lazy slices (``get_slice``), so a rank's weight loaders read only the rows/columns they keep.
 ``load_model(None, ...)`` builds the seeded tiny Llama instead (identical weights on every rank).
+
+MoE checkpoints come in two layouts, both read: one tensor per expert and projection (published Mixtral/Qwen2-MoE
+checkpoints, and what transformers v5's ``save_pretrained`` writes), or transformers v5's in-memory fused layout
+(``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]). Under expert parallelism a rank
+reads only its own experts' tensors (or its experts' rows of the fused ones).
 """
 
 from __future__ import annotations
@@ -18,11 +23,21 @@ from megacp import parallel_state
 from megacp.config import validate_model_parallel
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
 from megacp.models.llama import LlamaForCausalLM
+from megacp.moe import MoEParallelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the model recomputes (or, tied, shares): present or not, both are fine.
 _OPTIONAL_SUFFIXES = ("rotary_emb.inv_freq",)
+# Mixtral's published checkpoints call the MoE block ``block_sparse_moe``; transformers v5 (and megacp) call it ``mlp``.
+_NAME_ALIASES = ((".block_sparse_moe.", ".mlp."),)
+
+
+def canonical_name(name: str) -> str:
+    """The name megacp's model uses for checkpoint tensor ``name`` (e.g. Mixtral's ``block_sparse_moe.`` → ``mlp.``)."""
+    for old, new in _NAME_ALIASES:
+        name = name.replace(old, new)
+    return name
 
 
 def checkpoint_files(model_dir: str) -> dict[str, list[str]]:
@@ -66,20 +81,21 @@ def _check_names(expected: set[str], found: set[str], model_dir: str) -> None:
 
 
 def _iter_slices(files: dict[str, list[str]], wanted: set[str]) -> Iterator[tuple[str, Any]]:
+    """(canonical name, lazy slice) of every tensor whose canonical name is in ``wanted``."""
     from safetensors import safe_open
 
     for path, names in files.items():
         with safe_open(path, framework="pt") as f:
             for name in names:
-                if name in wanted:
-                    yield name, f.get_slice(name)
+                if canonical_name(name) in wanted:
+                    yield canonical_name(name), f.get_slice(name)
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: str, files: dict[str, list[str]] | None = None) -> None:
     """Fill ``model`` from the safetensors in ``model_dir``; ValueError naming missing/unexpected/misshapen tensors."""
-    loaders = model.hf_weight_loaders()
     files = checkpoint_files(model_dir) if files is None else files
-    found = {name for names in files.values() for name in names}
+    found = {canonical_name(name) for names in files.values() for name in names}
+    loaders = model.hf_weight_loaders(fused_experts=any(n.endswith(".mlp.experts.gate_up_proj") for n in found))
     _check_names(set(loaders), found, model_dir)
     for name, loaded in _iter_slices(files, set(loaders)):
         try:
@@ -118,6 +134,24 @@ def _validate_parallel(config: ModelConfig) -> None:
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_decode_context_parallel_world_size(),
     )
+    dp = parallel_state.get_data_parallel_world_size()
+    if config.is_moe and dp > 1:
+        # The MoE layer is a collective over all dp·pcp·tp ranks, but DP replicas serve different prompts and so
+        # run different numbers of steps: they would wait on each other forever.
+        raise ValueError(
+            f"--data-parallel-size {dp} is not supported for the MoE model_type {config.model_type!r} "
+            f"(replicas would run different steps through one expert group); use -dp 1 and -tp/-pcp for more ranks"
+        )
+
+
+def moe_parallel_config(enable_expert_parallel: bool) -> MoEParallelConfig:
+    """DESIGN §4's expert layout of this rank, from ``parallel_state``'s TP/PCP/DP sizes and ranks."""
+    return MoEParallelConfig.make(
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_prefill_context_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+        enable_expert_parallel,
+    )
 
 
 def load_model(
@@ -125,19 +159,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    enable_expert_parallel: bool | None = None,
 ) -> LlamaForCausalLM:
     """Build the model for this rank's TP shard and load it; ``model_dir=None`` → the seeded tiny Llama.
 
+    MoE experts are split over all ``dp·pcp·tp`` ranks (DESIGN §4): tensor-parallel, or with
+    ``enable_expert_parallel`` (default: what ``initialize_model_parallel`` was given) whole experts per rank.
     Checks (ValueError, the same on every rank, before any collective): checkpoint directory/config/weights exist,
-    ``model_type`` is supported, heads fit ``tp`` and ``dcp`` (DESIGN §3 GQA rule), tensor names and shapes match.
+    ``model_type`` is supported, heads fit ``tp`` and ``dcp`` (DESIGN §3 GQA rule), ``dp = 1`` for MoE models,
+    tensor names and shapes match.
     """
     if model_dir is None:
         config, files = build_tiny_llama_config(), None
     else:
         config, files = load_model_config(model_dir), checkpoint_files(model_dir)
     _validate_parallel(config)
+    if enable_expert_parallel is None:
+        enable_expert_parallel = parallel_state.expert_parallel_enabled()
+    moe_config = moe_parallel_config(enable_expert_parallel) if config.is_moe else None
     with torch.device(device):
-        model = LlamaForCausalLM(config, params_dtype=dtype)
+        model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():
