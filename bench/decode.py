@@ -29,7 +29,8 @@ from bench.common import emit, environment, require_cuda  # noqa: E402
 from megacp.ops import paged_decode  # noqa: E402
 
 
-def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens: int) -> dict | None:
+def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens: int,
+               num_splits: int | None = None) -> dict | None:
     from triton.testing import do_bench
 
     if B * L > max_tokens:
@@ -50,7 +51,8 @@ def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
     def paged():
-        return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=L)
+        return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=L,
+                                                  num_splits=num_splits)
 
     def sdpa():
         return F.scaled_dot_product_attention(q4, k_contig, v_contig, scale=scale, enable_gqa=True)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="skip cases with B·L above this")
+    p.add_argument("--num-splits", type=int, default=None, help="override the kernel's split-KV plan")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     require_cuda()
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         for dcp in args.dcp:
             for B in args.batch:
                 row = bench_case(B, ctx // dcp, args.heads, args.kv_heads, args.head_dim, args.block_size,
-                                 args.max_tokens)
+                                 args.max_tokens, args.num_splits)
                 if row is not None:
                     rows.append({"context": ctx, "dcp": dcp, **row})
     result = {"benchmark": "decode", "env": environment(),

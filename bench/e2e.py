@@ -108,6 +108,32 @@ class Megacp:
         return self.engine.stats.decode_tokens_per_s
 
 
+def profile(name: str, eng, prompt: list[int], prompts: list[list[int]], n: int) -> None:
+    """Where the time goes: GPU time per op of one long prefill, CPU time per op of a batch-1 decode."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for what, fn, key in (("prefill", lambda: eng.ttft(prompt), "device_time_total"),
+                          ("decode", lambda: eng.decode_tps(prompts, n), "self_cpu_time_total")):
+        with torch_profiler_guard():
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+            print(f"--- profile {name} {what} (sorted by {key})", flush=True)
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+
+
+class torch_profiler_guard:
+    """Profiling is a diagnostic: a failure there must not lose the benchmark's numbers."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            print(f"profiling failed: {type(exc).__name__}: {exc}", flush=True)
+        return True
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -122,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json-out", default=None)
     p.add_argument("--engines", nargs="+", default=["megacp", "transformers"])
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
     args = p.parse_args(argv)
     require_cuda()
     g = torch.Generator().manual_seed(0)
@@ -152,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                     [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
             result["results"][name] = res
             print(name, res, flush=True)
+            if args.profile:
+                profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens)
             del eng
             torch.cuda.empty_cache()
     if {"megacp", "transformers"} <= set(result["results"]):

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     require_cuda()
-    backends = args.backends or [b for b in available_backends("cuda") if b in ("te", "cudnn", "flash")]
+    backends = args.backends or [b for b in available_backends("cuda") if b in ("cuda", "te", "cudnn", "flash")]
     result = run(args.tokens, args.pcp, backends, args.heads, args.kv_heads, args.head_dim, args.reps)
     emit(result, args.json_out)
     print(table(result), flush=True)

@@ -25,9 +25,9 @@ print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'back
 for step in $steps; do
   case $step in
     tests) timeout 150 python3 -m pytest -q -m gpu -rs tests/test_gpu_backends.py 2>&1 | tee "$OUT/tests.log" ;;
-    prefill) timeout 140 python3 bench/prefill_split.py --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
+    prefill) timeout 140 python3 bench/prefill_split.py ${PREFILL_ARGS:-} --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
     decode) timeout 90 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
-    e2e) timeout 170 python3 bench/e2e.py --json-out "$OUT/e2e.json" 2>&1 | tail -30 ;;
+    e2e) timeout 170 python3 bench/e2e.py --profile --json-out "$OUT/e2e.json" 2>&1 | tail -150 ;;
     *) echo "unknown step $step (tests, prefill, decode, e2e)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"

@@ -24,7 +24,7 @@ from megacp.ops import backends_cuda, paged_decode
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-FUSED = ("te", "cudnn", "flash")
+FUSED = ("cuda", "te", "cudnn", "flash")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -150,6 +150,19 @@ def test_forcing_an_unavailable_backend_names_the_reason(monkeypatch):
         select_backend("cuda", "te")
 
 
+def test_cuda_backend_picks_kernels_by_shape(monkeypatch):
+    for name in ("_cudnn_available", "_flash_available", "_te_available"):
+        monkeypatch.setattr(backends_cuda, name, lambda device: True)
+    dev = torch.device("cuda")
+    choose = backends_cuda.choose_kernel
+    assert choose(2, 131072, dev) == "cudnn"  # PCP chunks of a 128k prompt
+    assert choose(2, 32768, dev) == "te" and choose(50, 131072, dev) == "te"
+    monkeypatch.setattr(backends_cuda, "_te_available", lambda device: False)
+    assert choose(2, 32768, dev) == "cudnn" and choose(50, 1000, dev) == "flash"
+    monkeypatch.setattr(backends_cuda, "_flash_available", lambda device: False)
+    assert choose(50, 1000, dev) == "cudnn"
+
+
 def test_choose_splits_covers_the_sequence():
     for batch, heads, tokens in [(1, 8, 131072), (64, 8, 8192), (1, 1, 1), (16, 8, 0), (3, 2, 1000)]:
         splits, per = paged_decode.choose_splits(batch, heads, tokens)
@@ -199,8 +212,8 @@ def test_backend_pcp_chunk_equals_full_causal_rows(name):
 
 @gpu
 @needs_cuda
-def test_automatic_choice_on_cuda_is_a_fused_backend():
-    assert select_backend("cuda").name in FUSED
+def test_automatic_choice_on_cuda_is_the_per_shape_dispatcher():
+    assert select_backend("cuda").name == "cuda"
     if os.environ.get("MEGACP_REQUIRE_TE") == "1":
         assert "te" in available_backends("cuda"), backends_cuda.te_unavailable_reason()
 

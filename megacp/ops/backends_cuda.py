@@ -9,11 +9,14 @@ there (``paged`` hook), else to the gather path.
   all sequences (``padding_causal_bottom_right`` or ``padding`` masks). The call is the one recorded in
   ``shared/te-wheels/README.md``: ``o_format="thd"`` always (leaving it out corrupts the heap), both padded
   cu_seqlens, stats ``[T, H, 1]`` = natural-log LSE.
-- "cudnn": ``aten::_scaled_dot_product_cudnn_attention`` per sequence. Its causal mask is top-left, so a chunk with
+- "cudnn": ``aten::_scaled_dot_product_cudnn_attention``, one call per sequence. Its causal mask is top-left, so a chunk with
   fewer queries than keys runs as an unmasked prefix plus a square causal part, merged by LSE
   (``bottom_right_causal_from_top_left``).
 - "flash": ``aten::_flash_attention_forward`` on the packed layout (varlen; its causal mask is bottom-right; GQA
   native).
+- "cuda" (the automatic choice): picks one of the above per call by shape, from the measurements in
+  docs/benchmarks.md: a few sequences with long keys (the PCP chunks of a 128k prompt) go to cuDNN, everything
+  else to TE (one packed call), or without TE to cuDNN for a few sequences and FlashAttention for many.
 
 Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
 reference backend on the same device, so a CUDA run of the small float32 tests still works.
@@ -37,7 +40,6 @@ from megacp.ops import paged_decode
 from megacp.ops.attention import (
     AttentionBackend,
     bottom_right_causal_from_top_left,
-    per_sequence,
     register_backend,
     select_backend,
 )
@@ -266,10 +268,15 @@ def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     return bottom_right_causal_from_top_left(_cudnn_call, q, k, v, scale)
 
 
-def _cudnn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
-    if not fused_shapes_ok(q, k, v):
-        return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return per_sequence(_cudnn_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale):
+    """Packed varlen through one cuDNN call (two for a causal chunk with lq < lk) per sequence."""
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        out, lse = _cudnn_seq(q[qs], k[ks], v[ks], causal, scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def _cudnn_available(device: torch.device) -> bool:
@@ -292,15 +299,46 @@ def _flash_available(device: torch.device) -> bool:
     return _FLASH_OP is not None and _is_cuda(device) and torch.backends.cuda.is_flash_attention_available()
 
 
+# ----------------------------------------------------------------------------------------------- "cuda"
+# Measured on an H100 (docs/benchmarks.md, bench/prefill_split.py): for 128k-token prompts cuDNN's per-sequence calls
+# beat TE's packed call at every PCP size (cuDNN 546 TFLOP/s single vs TE 514); at 32k TE wins once there are two or
+# more chunks (its one packed launch against cuDNN's prefix + square calls and LSE merges per chunk).
+LONG_KEYS = 65536
+FEW_SEQUENCES = 4
+_KERNELS = {"te": _te_kernel, "cudnn": _cudnn_kernel, "flash": _flash_kernel}
+
+
+def choose_kernel(num_seqs: int, max_keys: int, device: torch.device) -> str:
+    """Which fused kernel the "cuda" backend runs for a packed batch of ``num_seqs`` sequences."""
+    few = num_seqs <= FEW_SEQUENCES
+    if few and max_keys >= LONG_KEYS and _cudnn_available(device):
+        return "cudnn"
+    if _te_available(device):
+        return "te"
+    if (few or not _flash_available(device)) and _cudnn_available(device):
+        return "cudnn"
+    return "flash"
+
+
+def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale):
+    name = choose_kernel(len(cu_q) - 1, _max_len(cu_k), q.device)
+    return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale)
+
+
+def _any_fused(device: torch.device) -> bool:
+    return _cudnn_available(device) or _flash_available(device) or _te_available(device)
+
+
 # ----------------------------------------------------------------------------------------------- registration
-# Priorities (higher wins the automatic choice) follow docs/benchmarks.md: see there for the measurements.
-PRIORITY = {"te": 40, "cudnn": 35, "flash": 30}
+# Higher priority wins the automatic choice; "cuda" dispatches per shape among the others.
+PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 
 register_backend(
     AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged,
                      unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "")
 )
-register_backend(AttentionBackend("cudnn", _cudnn_varlen, _cudnn_available, PRIORITY["cudnn"], paged=_paged))
+register_backend(AttentionBackend("cudnn", _packed(_cudnn_kernel), _cudnn_available, PRIORITY["cudnn"], paged=_paged))
 register_backend(AttentionBackend("flash", _packed(_flash_kernel), _flash_available, PRIORITY["flash"], paged=_paged))
+register_backend(AttentionBackend("cuda", _packed(_auto_kernel), _any_fused, PRIORITY["cuda"], paged=_paged))
 
-__all__ = ["PRIORITY", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]
+__all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]
