@@ -6,7 +6,8 @@ parallelism, for both checkpoint layouts (per-expert as published / as ``save_pr
 v5 ``experts.gate_up_proj``). Every layout with more than one rank runs in one task of the shared gloo pool of its
 world size (dp = 1: MoE forbids dp > 1, checked too); (1,1,1) runs in this process. Also checked: expert
 parameter bytes per rank (EP: 1/N of the total ± one expert per layer, every expert on exactly one rank; TP:
-1/N of every expert), config parsing, and one real ``torchrun examples/infer_llama.py --enable-expert-parallel``.
+1/N of every expert), that an EP rank reads only its experts' tensors (or rows of the fused ones), config
+parsing, and one real ``torchrun examples/infer_llama.py --enable-expert-parallel -tp 2 -pcp 2``.
 """
 
 from __future__ import annotations
@@ -183,6 +184,61 @@ def test_single_rank_matches_transformers():
         if owns_world:
             dist.destroy_process_group()
     _check(runs, per_rank)
+
+
+class _RecordingSlice:
+    """Stands in for a safetensors lazy slice: records every index read from it."""
+
+    def __init__(self, name: str, tensor: torch.Tensor, reads: list):
+        self.name, self.tensor, self.reads = name, tensor, reads
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index):
+        self.reads.append((self.name, index))
+        return self.tensor[index]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_expert_parallel_rank_reads_only_its_experts(fused):
+    """EP rank 1 of 2 (linear placement: experts 3..5 of Qwen2-MoE's 6) reads no other expert's tensor or rows."""
+    import torch.distributed as dist
+
+    from megacp import parallel_state as ps
+    from megacp.models.config import load_model_config
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.moe import MoEParallelConfig
+
+    path = hf_moe_models.model_dir("qwen2_moe_fused" if fused else "qwen2_moe")
+    config = load_model_config(path)
+    owns_world = not dist.is_initialized()
+    if owns_world:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    try:  # the dense layers see one rank; the experts are told they are EP rank 1 of 2
+        moe_config = MoEParallelConfig.make(1, 2, 1, use_ep=True, tp_rank=0, pcp_rank=1, dp_rank=0)
+        model = LlamaForCausalLM(config, torch.float32, moe_config)
+    finally:
+        ps.destroy_model_parallel()
+        if owns_world:
+            dist.destroy_process_group()
+    reads: list = []
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        for name, loader in model.hf_weight_loaders(fused_experts=fused).items():
+            loader(_RecordingSlice(name, f.get_tensor(name), reads))
+    expert_reads = [(n, i) for n, i in reads if ".experts." in n]
+    if fused:  # every read of a fused tensor selects one local expert's row
+        assert expert_reads and {i[0].start for _, i in expert_reads} == {3, 4, 5}
+        assert all(i[0].stop == i[0].start + 1 for _, i in expert_reads)
+    else:
+        assert {int(n.split(".experts.")[1].split(".")[0]) for n, _ in expert_reads} == {3, 4, 5}
+    layer = model.layers[0].mlp
+    assert layer.local_expert_ids == [3, 4, 5] and layer.w13.shape[0] == 3
+    with safe_open(os.path.join(hf_moe_models.model_dir("qwen2_moe"), "model.safetensors"), "pt") as f:
+        p = "model.layers.0.mlp.experts.4."
+        w13 = torch.cat([f.get_tensor(p + "gate_proj.weight"), f.get_tensor(p + "up_proj.weight")])
+        assert torch.equal(layer.w13[1], w13) and torch.equal(layer.w2[1], f.get_tensor(p + "down_proj.weight"))
 
 
 @pytest.mark.slow
