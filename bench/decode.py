@@ -65,7 +65,7 @@ def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens
     out, _ = paged()
     ref = sdpa()[:, :, 0]
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    nbytes = 2 * B * L * hkv * d * 2
+    nbytes = paged_decode.kv_read_bytes(B, L, hkv, d, k_cache.element_size())
     row = {"batch": B, "shard_tokens": L, "kv_bytes": nbytes, "rel_err_vs_sdpa": err}
     for name, fn in (("paged", paged), ("sdpa", sdpa), ("gather_sdpa", gather_sdpa)):
         ms = do_bench(fn, warmup=10, rep=40, return_mode="median")

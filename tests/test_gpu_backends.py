@@ -157,6 +157,7 @@ def test_cuda_backend_picks_kernels_by_shape(monkeypatch):
     choose = backends_cuda.choose_kernel
     assert choose(2, 131072, dev) == "cudnn"  # PCP chunks of a 128k prompt
     assert choose(2, 32768, dev) == "te" and choose(50, 131072, dev) == "te"
+    assert choose(1, 32768, dev, one_call_each=True) == "cudnn"  # a whole prompt: one square causal call
     monkeypatch.setattr(backends_cuda, "_te_available", lambda device: False)
     assert choose(2, 32768, dev) == "cudnn" and choose(50, 1000, dev) == "flash"
     monkeypatch.setattr(backends_cuda, "_flash_available", lambda device: False)

@@ -15,8 +15,9 @@ there (``paged`` hook), else to the gather path.
 - "flash": ``aten::_flash_attention_forward`` on the packed layout (varlen; its causal mask is bottom-right; GQA
   native).
 - "cuda" (the automatic choice): picks one of the above per call by shape, from the measurements in
-  docs/benchmarks.md: a few sequences with long keys (the PCP chunks of a 128k prompt) go to cuDNN, everything
-  else to TE (one packed call), or without TE to cuDNN for a few sequences and FlashAttention for many.
+  docs/benchmarks.md: a few sequences that are long (the PCP chunks of a 128k prompt) or need one cuDNN call each
+  (a whole prompt) go to cuDNN, everything else to TE (one packed call), or without TE to cuDNN for a few
+  sequences and FlashAttention for many.
 
 Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
 reference backend on the same device, so a CUDA run of the small float32 tests still works.
@@ -300,18 +301,22 @@ def _flash_available(device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- "cuda"
-# Measured on an H100 (docs/benchmarks.md, bench/prefill_split.py): for 128k-token prompts cuDNN's per-sequence calls
-# beat TE's packed call at every PCP size (cuDNN 546 TFLOP/s single vs TE 514); at 32k TE wins once there are two or
-# more chunks (its one packed launch against cuDNN's prefix + square calls and LSE merges per chunk).
+# Measured on an H100 (docs/benchmarks.md, bench/prefill_split.py): a single square causal call is as fast or faster
+# on cuDNN (32k: 14.6-15.4 ms vs TE 15.4-15.7; 128k: 258-262 ms vs 263-274); for 128k-token prompts cuDNN's
+# per-sequence calls also beat TE's packed call at every PCP size; at 32k TE wins once chunks need cuDNN's
+# prefix + square decomposition (TE runs them as one packed bottom-right launch, no LSE merges).
 LONG_KEYS = 65536
 FEW_SEQUENCES = 4
 _KERNELS = {"te": _te_kernel, "cudnn": _cudnn_kernel, "flash": _flash_kernel}
 
 
-def choose_kernel(num_seqs: int, max_keys: int, device: torch.device) -> str:
-    """Which fused kernel the "cuda" backend runs for a packed batch of ``num_seqs`` sequences."""
+def choose_kernel(num_seqs: int, max_keys: int, device: torch.device, one_call_each: bool = False) -> str:
+    """Which fused kernel the "cuda" backend runs for a packed batch of ``num_seqs`` sequences.
+
+    ``one_call_each``: every sequence is one cuDNN call (non-causal, or causal with as many queries as keys).
+    """
     few = num_seqs <= FEW_SEQUENCES
-    if few and max_keys >= LONG_KEYS and _cudnn_available(device):
+    if few and (max_keys >= LONG_KEYS or one_call_each) and _cudnn_available(device):
         return "cudnn"
     if _te_available(device):
         return "te"
@@ -321,7 +326,9 @@ def choose_kernel(num_seqs: int, max_keys: int, device: torch.device) -> str:
 
 
 def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale):
-    name = choose_kernel(len(cu_q) - 1, _max_len(cu_k), q.device)
+    lens = zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])
+    one_call_each = not causal or all(q1 - q0 == k1 - k0 for q0, q1, k0, k1 in lens)
+    name = choose_kernel(len(cu_q) - 1, _max_len(cu_k), q.device, one_call_each)
     return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale)
 
 

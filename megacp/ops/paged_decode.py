@@ -16,6 +16,7 @@ Without Triton (CPU, or no ``triton`` package) ``available()`` is False and call
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -98,7 +99,7 @@ def paged_decode_with_lse(
     group = Hq // Hkv
     cap = block_table.shape[1] * block_size
     bound = cap if max_seq_len is None else max(0, min(int(max_seq_len), cap))
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
     splits, tokens_per_split = choose_splits(B, Hkv, bound, num_sms)
     if num_splits is not None:
         tokens_per_split = -(-max(1, bound) // (num_splits * _BLOCK_N)) * _BLOCK_N
@@ -132,6 +133,11 @@ def paged_decode_with_lse(
         num_warps=4,
     )
     return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def kv_read_bytes(batch: int, seq_len: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
