@@ -206,7 +206,7 @@ E2E_PROMPTS = [[1, 5, 9, 200, 17, 3], list(range(3, 26)), [(7 * i) % 300 + 3 for
 E2E_NEW_TOKENS = 16
 
 
-def check_e2e(world: int, device: torch.device, out_dir: str, log) -> list[dict]:
+def check_e2e(world: int, device: torch.device, log) -> list[dict]:
     from examples import infer_llama
     from tests import hf_models, hf_moe_models
 
@@ -225,9 +225,8 @@ def check_e2e(world: int, device: torch.device, out_dir: str, log) -> list[dict]
         if tp * pcp != world:
             continue
         path = paths[0][kind]
-        json_out = os.path.join(out_dir, f"e2e_{kind}_tp{tp}_pcp{pcp}_dcp{dcp}{'_ep' if ep else ''}.json")
         argv = ["--model", path, "-tp", str(tp), "-pcp", str(pcp), "-dcp", str(dcp), "--device", device.type,
-                "--dtype", "float32", "--max-new-tokens", str(E2E_NEW_TOKENS), "--ignore-eos", "--json-out", json_out]
+                "--dtype", "float32", "--max-new-tokens", str(E2E_NEW_TOKENS), "--ignore-eos"]
         argv += [a for ids in E2E_PROMPTS for a in ("--prompt-ids", ",".join(map(str, ids)))]
         argv += ["--enable-expert-parallel"] if ep else []
         got = infer_llama.main(argv)
@@ -235,7 +234,8 @@ def check_e2e(world: int, device: torch.device, out_dir: str, log) -> list[dict]
             ids = [o["output_ids"] for o in got["outputs"]]
             passed = ids == refs[kind]
             results.append({"model": kind, "tp": tp, "pcp": pcp, "dcp": dcp, "expert_parallel": ep,
-                            "passed": passed, "output_ids": ids, "reference_ids": refs[kind]})
+                            "passed": passed, "output_ids": ids, "reference_ids": refs[kind],
+                            "timings": got["timings"], "kv": got["kv"]})
             log(f"e2e {kind:8s} tp={tp} pcp={pcp} dcp={dcp}{' ep' if ep else '   '}: "
                 f"{'PASS' if passed else 'FAIL'} (greedy ids vs transformers, {len(ids)} prompts x {E2E_NEW_TOKENS})")
     return results
@@ -272,18 +272,16 @@ def main() -> int:
             print(msg, flush=True)
 
     summary = {"env": environment(device)}
-    out_dir = os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else "."
-    os.makedirs(out_dir, exist_ok=True)
     if "attention" in args.parts:
         summary["attention"] = check_attention(world, device, args.dtypes, log)
     if "e2e" in args.parts:
-        summary["e2e"] = check_e2e(world, device, out_dir, log)
+        summary["e2e"] = check_e2e(world, device, log)
     failed = sum(not r["passed"] for part in ("attention", "e2e") for r in summary.get(part, []))
     summary["failed"] = failed
     if rank == 0:
         log(f"nccl_check: {failed} failed of {sum(len(summary.get(k, [])) for k in ('attention', 'e2e'))}")
         if args.json_out:
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
             with open(args.json_out, "w") as f:
                 json.dump(summary, f, indent=1)
     flag = torch.tensor([failed], device=device)
