@@ -32,6 +32,7 @@ from torch import Tensor
 from megacp import parallel_state as ps
 from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
 from megacp.layers.cp_attention import build_step_metadata
+from megacp.layers.cp_metadata import host_to_device
 from megacp.sampling import SamplingParams, sample
 
 
@@ -219,18 +220,25 @@ class LLMEngine:
         Returns ids for the entries of ``sched`` that end a prompt or decode (in ``sched`` order), and their
         logits [n, vocab] (None when no entry needs a token).
         """
+        # Host work only until the sampled ids come back: the metadata and the input ids cross over without a
+        # sync, and the ``tolist`` at the end is the step's one read-back (docs/benchmarks.md: host-bound decode).
         new_ids = [r.tokens[r.num_computed : r.num_computed + n] for r, n in sched]
-        flat = torch.tensor([t for ids in new_ids for t in ids], dtype=torch.long, device=self.device)
+        flat = torch.tensor([t for ids in new_ids for t in ids], dtype=torch.long)
         meta = build_step_metadata(
             [r.row for r, _ in sched], [r.num_computed for r, _ in sched], [n for _, n in sched],
             self.block_table, device=self.device,
         )
-        input_ids = flat[meta.token_index.clamp(min=0)]  # PCP padding (-1) reads any real token; it is masked
-        hidden = self.model(input_ids, meta, self.kv_caches)
         need = [i for i, (r, n) in enumerate(sched) if r.num_computed + n >= len(r.prompt)]
+        host = {"input_ids": flat[meta.token_index_host.clamp(min=0)]}  # PCP padding (-1) reads any real token
+        if need and len(need) < len(sched):
+            host["need"] = torch.tensor(need, dtype=torch.long)
+        dev = host_to_device(host, self.device)
+        hidden = self.model(dev["input_ids"], meta, self.kv_caches)
         if not need:
             return [], None
-        last_hidden = meta.select_logits_hidden(hidden)[need]  # [n, hidden], same on every PCP rank
+        last_hidden = meta.select_logits_hidden(hidden)  # [num_reqs, hidden], same on every PCP rank
+        if "need" in dev:
+            last_hidden = last_hidden[dev["need"]]  # [n, hidden]
         logits = self.model.compute_logits(last_hidden).float()  # [n, vocab], same on every TP rank
         tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
         tokens = ps.get_tp_group().broadcast(tokens.contiguous(), src=0)

@@ -92,9 +92,10 @@ def test_packed_wrapper_drops_keyless_and_queryless_sequences():
     """The wrapper shared by "te" and "flash" must hand the kernel only non-empty sequences and refill the rest."""
     seen = []
 
-    def kernel(q, k, v, cu_q, cu_k, causal, scale):
+    def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
         lens = [(b - a, d - c) for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
         seen.append(lens)
+        assert dev_cu[0].tolist() == cu_q and dev_cu[1].tolist() == cu_k  # device offsets match the host lists
         assert all(a > 0 and b > 0 for a, b in lens)
         return backends_cuda._reference(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), causal, scale)
 

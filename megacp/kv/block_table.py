@@ -3,6 +3,10 @@
 Every CP rank keeps the same table (the scheduler's virtual block ids); what differs per rank is which tokens it
 owns. ``compute_slot_mapping`` turns (request, position) pairs into this rank's physical slots, ``-1`` where another
 CP rank stores the token, ready for ``PagedKVCache.write``.
+
+The table lives on ``device`` (for kernels) *and* on the host: every write goes to both, and all lookups and checks
+(``slot_mapping_host``, ``row_host``) read the host copy, so building a step never reads the device back (a read-back
+is a full stream synchronisation on CUDA).
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ class BlockTable:
         self.interleave_size = interleave_size
         self.device = torch.device(device)
         self.table = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
-        # Host copy of the row lengths: validation and appends must not sync with the device.
-        self._num_blocks = [0] * max_num_reqs
         self.num_blocks = torch.zeros(max_num_reqs, dtype=torch.long, device=self.device)
+        # Host copies (see the module docstring): lookups and validation never read the device tensors.
+        self._table_host = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long)
+        self._num_blocks_host = torch.zeros(max_num_reqs, dtype=torch.long)
+        self._num_blocks = [0] * max_num_reqs
 
     @property
     def tokens_per_block(self) -> int:
@@ -86,11 +92,15 @@ class BlockTable:
                 f"request row {req_index} would hold {end} blocks but max_num_blocks_per_req="
                 f"{self.max_num_blocks_per_req}; raise it or use a larger --block-size"
             )
+        ids = ids.cpu()  # host-side input is the norm; a device tensor is read back once, here
         if ids.numel() and int(ids.min()) < 0:
             raise ValueError(f"block ids for request row {req_index} must be >= 0, got {ids.tolist()}")
-        self.table[req_index, start:end] = ids.to(self.device)
-        self.table[req_index, end:] = 0
+        self._table_host[req_index, start:end] = ids
+        self._table_host[req_index, end:] = 0
+        self._num_blocks_host[req_index] = end
         self._num_blocks[req_index] = end
+        # One non-blocking copy of the row (a blocking host->device copy synchronises the stream on CUDA).
+        self.table[req_index].copy_(self._table_host[req_index], non_blocking=True)
         self.num_blocks[req_index] = end
 
     def set_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
@@ -109,9 +119,14 @@ class BlockTable:
         self._write(req_index, 0, [])
 
     def row(self, req_index: int) -> LongTensor:
-        """The real block ids of one request: [num_blocks] long."""
+        """The real block ids of one request: [num_blocks] long, on ``self.device``."""
         self._check_req(req_index)
         return self.table[req_index, : self._num_blocks[req_index]]
+
+    def row_host(self, req_index: int) -> LongTensor:
+        """``row`` from the host copy: [num_blocks] long on the CPU (no device read)."""
+        self._check_req(req_index)
+        return self._table_host[req_index, : self._num_blocks[req_index]]
 
     def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
         """This rank's cache slot of each token; ``-1`` for tokens another CP rank stores.
@@ -119,18 +134,22 @@ class BlockTable:
         req_indices: [T] int (table row of each token), positions: [T] int (absolute position) -> [T] long on
         ``self.device``. Raises ``ValueError`` naming the request when a position lies past its row's blocks.
         """
-        req = torch.as_tensor(req_indices, dtype=torch.long).to(self.device).reshape(-1)
-        pos = torch.as_tensor(positions, dtype=torch.long).to(self.device).reshape(-1)
+        return self.slot_mapping_host(req_indices, positions).to(self.device, non_blocking=True)
+
+    def slot_mapping_host(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
+        """``compute_slot_mapping`` computed and validated on the host copy: [T] long on the CPU."""
+        req = torch.as_tensor(req_indices, dtype=torch.long).cpu().reshape(-1)
+        pos = torch.as_tensor(positions, dtype=torch.long).cpu().reshape(-1)
         if req.shape != pos.shape:
             raise ValueError(f"req_indices {tuple(req.shape)} and positions {tuple(pos.shape)} must have equal length")
         if req.numel() == 0:
-            return torch.empty(0, dtype=torch.long, device=self.device)
+            return torch.empty(0, dtype=torch.long)
         if int(req.min()) < 0 or int(req.max()) >= self.max_num_reqs:
             raise ValueError(f"req_indices must be in [0, {self.max_num_reqs}), got {req.unique().tolist()}")
         if int(pos.min()) < 0:
             raise ValueError(f"positions must be >= 0, got min {int(pos.min())}")
         vblock = pos // self.tokens_per_block
-        bad = vblock >= self.num_blocks[req]
+        bad = vblock >= self._num_blocks_host[req]
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             r, p = int(req[i]), int(pos[i])
@@ -139,7 +158,7 @@ class BlockTable:
                 f"{self._num_blocks[r]} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
                 f"(blocks_needed(num_tokens, block_size, cp_world_size))"
             )
-        block_ids = self.table[req, vblock]
+        block_ids = self._table_host[req, vblock]
         slots = cp_local_slot(pos, block_ids, self.block_size, self.cp_world_size, self.interleave_size)
         owned = cp_owner_rank(pos, self.cp_world_size, self.interleave_size) == self.cp_rank
         return torch.where(owned, slots, torch.full_like(slots, -1))
@@ -152,6 +171,10 @@ class BlockTable:
         """
         req = torch.as_tensor(req_indices, dtype=torch.long).to(self.device).reshape(-1)
         return self.table[req]
+
+    def local_block_table_host(self, req_indices: Tensor | Sequence[int]) -> LongTensor:
+        """``local_block_table`` from the host copy: [B, max_num_blocks_per_req] long on the CPU."""
+        return self._table_host[torch.as_tensor(req_indices, dtype=torch.long).cpu().reshape(-1)]
 
     def local_seq_lens(self, seq_lens: Tensor | Sequence[int]) -> LongTensor:
         """This rank's share of each sequence length: [B] -> [B] long (see ``cp_local_seq_lens``)."""

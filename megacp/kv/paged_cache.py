@@ -3,14 +3,26 @@
 Physical layout ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is ``(s // block_size,
 s % block_size)``. Under CP the rank holds only its share of each sequence, densely in local order (see
 ``megacp.kv.layout``), so ``gather(row, cp_local_seq_len)`` returns exactly the local shard.
+
+Two ways to write: ``write`` takes a full slot mapping (``-1`` = skip) and is convenient but reads the device back
+(boolean masking, range check); ``write_rows`` takes the rows to store and their slots, precomputed and checked on
+the host by ``build_step_metadata``, and never synchronises: that is what the attention layers use every step.
+``write`` range-checks its slots on CPU caches; ``MEGACP_DEBUG_CHECKS=1`` range-checks every write, CUDA included
+(a sync each). Without the check an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a device
+assert on CUDA.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 from torch import LongTensor, Tensor
+
+
+def _debug_checks() -> bool:
+    return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
 
 
 class PagedKVCache:
@@ -56,26 +68,53 @@ class PagedKVCache:
 
         k, v: [T, Hkv, D]; slot_mapping: [T] int (from ``BlockTable.compute_slot_mapping``).
         """
+        self._check_kv(k, v)
+        slots = torch.as_tensor(slot_mapping, dtype=torch.long).to(self.device).reshape(-1)
+        if slots.numel() != k.shape[0]:
+            raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
+        keep = slots >= 0
+        slots = slots[keep]
+        if self.device.type == "cpu" or _debug_checks():
+            self._check_slots(slots)
+        self._store(k.detach()[keep], v.detach()[keep], slots)
+
+    def write_rows(self, k: Tensor, v: Tensor, rows: Tensor | None, slots: Tensor) -> None:
+        """Store ``k[rows]``, ``v[rows]`` at ``slots`` without reading anything back from the device.
+
+        k, v: [T, Hkv, D]; rows: [N] long indices into T (``None``: all T rows, in order); slots: [N] long, every
+        one a valid slot of this cache (the caller computed them on the host, e.g. ``StepMetadata``).
+        """
+        self._check_kv(k, v)
+        k, v = k.detach(), v.detach()
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        if k.shape[0] != slots.shape[0]:
+            raise ValueError(f"write_rows: {k.shape[0]} rows for {slots.shape[0]} slots; pass one slot per row")
+        if _debug_checks():
+            self._check_slots(slots)
+        self._store(k, v, slots)
+
+    def _store(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
+        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, slots, k.to(self.dtype))
+        flat_v.index_copy_(0, slots, v.to(self.dtype))
+
+    def _check_slots(self, slots: Tensor) -> None:
+        if slots.numel() and not bool(((slots >= 0) & (slots < self.num_tokens_capacity)).all()):
+            bad = int(slots[(slots < 0) | (slots >= self.num_tokens_capacity)][0])
+            raise ValueError(
+                f"slot {bad} is outside this cache's {self.num_tokens_capacity} slots "
+                f"({self.num_blocks} blocks of {self.block_size}); the block table and cache disagree on num_blocks"
+            )
+
+    def _check_kv(self, k: Tensor, v: Tensor) -> None:
         expected = (self.num_kv_heads, self.head_dim)
         if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != expected:
             raise ValueError(
                 f"PagedKVCache.write wants k, v of shape [T, {self.num_kv_heads}, {self.head_dim}], "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
-        slots = torch.as_tensor(slot_mapping, dtype=torch.long).to(self.device).reshape(-1)
-        if slots.numel() != k.shape[0]:
-            raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
-        keep = slots >= 0
-        slots = slots[keep]
-        if slots.numel() and int(slots.max()) >= self.num_tokens_capacity:
-            raise ValueError(
-                f"slot {int(slots.max())} is outside this cache's {self.num_tokens_capacity} slots "
-                f"({self.num_blocks} blocks of {self.block_size}); the block table and cache disagree on num_blocks"
-            )
-        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, slots, k.detach()[keep].to(self.dtype))
-        flat_v.index_copy_(0, slots, v.detach()[keep].to(self.dtype))
 
     def local_slots(self, block_ids_row: Tensor | Sequence[int], local_len: int) -> LongTensor:
         """Slots of local indices ``0 .. local_len-1`` of one request: [local_len] long."""

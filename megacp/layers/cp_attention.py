@@ -18,6 +18,10 @@ each prefill request's share of new tokens. ``ContextParallelAttention.forward``
 
 Conventions: q ``[T, Hq_local, D]``, k/v ``[T, Hkv_local, D]``; LSE natural log, float32, ``-inf`` for a row that sees
 no key (an empty local shard), so every merge is exact.
+
+No host syncs: the layer reads only host values of the metadata (counts, varlen offsets, shard lengths, ranges) and
+indexes with precomputed index tensors, never with boolean masks or ``.item()``; cache writes get the rows this rank
+stores and their slots ready-made (``PagedKVCache.write_rows``). tests/test_no_host_sync.py holds it to that.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import LongTensor, Tensor, nn
 
 from megacp.config import validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
@@ -50,6 +54,17 @@ __all__ = [
     "pcp_restore_index",
     "pcp_split_positions",
 ]
+
+
+def _rows(x: Tensor, index: LongTensor, as_range: tuple[int, int] | None) -> Tensor:
+    """``x[index]``, as a slice (no copy) when the metadata says the index is a plain range."""
+    if as_range is not None:
+        return x[as_range[0] : as_range[1]]
+    return x[index]
+
+
+def _host_cu(cu_q: list[int] | None, cu_k: list[int] | None) -> tuple[list[int], list[int]] | None:
+    return None if cu_q is None or cu_k is None else (cu_q, cu_k)
 
 
 class _SingleRank:
@@ -128,26 +143,29 @@ class ContextParallelAttention(nn.Module):
         differentiable (the PCP all-gather's backward is a reduce-scatter). Padding rows return zeros.
         """
         self._check_shapes(q, k, v, meta)
-        if kv_cache is None and (meta.num_decodes or meta.ctx_rows.numel()):
+        if kv_cache is None and (meta.num_decodes or meta.num_ctx_rows):
             raise ValueError(
                 "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
                 "pass the layer's PagedKVCache (kv_cache=None is only for prefill-only steps without context)"
             )
         T, B = meta.num_local_tokens, meta.num_decodes
-        out = q.new_zeros(T, self.num_local_heads, self.head_dim)
-        if B:
-            out = out.index_copy(0, torch.arange(B, device=q.device), self._decode(q[:B], k[:B], v[:B], meta, kv_cache))
+        o_dec = self._decode(q[:B], k[:B], v[:B], meta, kv_cache) if B else None
         if meta.num_prefill_rows == 0:
-            return out
+            return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
         o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], meta, kv_cache)
-        out = out.index_copy(0, meta.chunk_q_rows, o_new)
-        if meta.ctx_rows.numel():
+        if meta.chunk_q_range == (0, T):  # every local row is a real query of a chunk (pcp = 1, no decodes)
+            out = o_new
+        else:
+            out = q.new_zeros(T, self.num_local_heads, self.head_dim)
+            if o_dec is not None:
+                out = torch.cat([o_dec, out[B:]])
+            out = out.index_copy(0, meta.chunk_q_rows, o_new)
+        if meta.num_ctx_rows:
             lse = q.new_full((T, self.num_local_heads), float("-inf"), dtype=torch.float32)
             lse = lse.index_copy(0, meta.chunk_q_rows, lse_new)
             o_ctx, lse_ctx = self._prefill_over_context(q[meta.ctx_rows], meta, kv_cache)
             merged, _ = merge_attn_states(out[meta.ctx_rows], lse[meta.ctx_rows], o_ctx, lse_ctx)
-            real = meta.ctx_is_real
-            out = out.index_copy(0, meta.ctx_rows[real], merged[real])
+            out = out.index_copy(0, meta.ctx_real_rows, merged[meta.ctx_real_index])
         return out
 
     # ------------------------------------------------------------------------------------------------ decode
@@ -157,13 +175,13 @@ class ContextParallelAttention(nn.Module):
         # q: [B, Hq_local, D], k/v: [B, Hkv_local, D] -> [B, Hq_local, D]
         The new token's K/V is written first, on its owning CP rank only, so it is attended exactly once.
         """
-        kv_cache.write(k, v, meta.decode_slots)
+        kv_cache.write_rows(k, v, meta.decode_write_rows, meta.decode_write_slots)
         # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all, attend to our
         # shard, and let dcp_merge hand each rank back its own heads, LSE-corrected.
         q_all = self.dcp_group.all_gather(q, dim=1)  # [B, dcp·Hq_local, D]
         out, lse = paged_attention_with_lse(
             q_all, kv_cache.k, kv_cache.v, meta.decode_block_table, meta.decode_local_seq_lens, self.scale,
-            backend=self.backend,
+            backend=self.backend, seq_lens_host=meta.decode_local_seq_lens_host,
         )
         out, lse = dcp_merge(out, lse, self.dcp_group)  # [B, Hq_local, D]
         # The PCP ranks hold the other shards of the same sequences and computed the same queries.
@@ -181,15 +199,18 @@ class ContextParallelAttention(nn.Module):
         # -> (out [Q, Hq_local, D], lse [Q, Hq_local] float32) for the Q rows meta.chunk_q_rows
         """
         # Every PCP rank has the same number of prefill rows, so one flat all-gather collects all of them.
-        k_seq = self.pcp_group.all_gather(k, dim=0)[meta.prefill_gather_index]  # [N_new, Hkv_local, D], in order
-        v_seq = self.pcp_group.all_gather(v, dim=0)[meta.prefill_gather_index]
-        if kv_cache is not None:
-            kv_cache.write(k_seq, v_seq, meta.prefill_slots)  # only the tokens this CP rank owns (others: slot -1)
+        # [N_new, Hkv_local, D], in sequence order
+        k_seq = _rows(self.pcp_group.all_gather(k, dim=0), meta.prefill_gather_index, meta.prefill_gather_range)
+        v_seq = _rows(self.pcp_group.all_gather(v, dim=0), meta.prefill_gather_index, meta.prefill_gather_range)
+        if kv_cache is not None:  # only the tokens this CP rank owns
+            kv_cache.write_rows(k_seq, v_seq, meta.prefill_write_rows, meta.prefill_write_slots)
         # One varlen sequence per chunk: its real queries against the request's keys up to the chunk's end. With
         # bottom-right alignment the chunk's last query sees every key, its first sees the prefix up to itself.
         return attention_with_lse(
-            q[meta.chunk_q_rows], k_seq[meta.chunk_k_index], v_seq[meta.chunk_k_index],
+            _rows(q, meta.chunk_q_rows, meta.chunk_q_range),
+            _rows(k_seq, meta.chunk_k_index, meta.chunk_k_range), _rows(v_seq, meta.chunk_k_index, meta.chunk_k_range),
             meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
+            host_cu_seqlens=_host_cu(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
 
     def _prefill_over_context(self, q: Tensor, meta: StepMetadata, kv_cache: PagedKVCache) -> tuple[Tensor, Tensor]:
@@ -207,6 +228,7 @@ class ContextParallelAttention(nn.Module):
         out_seq, lse_seq = attention_with_lse(
             q_all[meta.ctx_q_perm], k_ctx, v_ctx, meta.ctx_cu_seqlens_q, meta.ctx_cu_seqlens_k,
             causal=False, scale=self.scale, backend=self.backend,
+            host_cu_seqlens=_host_cu(meta.ctx_cu_seqlens_q_host, meta.ctx_cu_seqlens_k_host),
         )
         out = torch.empty_like(out_seq).index_copy_(0, meta.ctx_q_perm, out_seq)  # back to CP-rank-major rows
         lse = torch.empty_like(lse_seq).index_copy_(0, meta.ctx_q_perm, lse_seq)

@@ -18,12 +18,18 @@ the prefill rows can be all-gathered as one flat tensor and put back in sequence
 
 Positions below are *relative* (``0 .. num_new-1``, into the new tokens) unless called absolute
 (``num_computed + relative``).
+
+**No host syncs in the layers.** Everything is computed on the host from the schedule's Python ints and the block
+table's host copy, then moved to the device in one non-blocking copy per dtype (from pinned memory on CUDA). What the
+layers and kernels need on the host (varlen offsets, lengths, which index is a plain range) travels as Python ints in
+the metadata, so no attention layer reads a device tensor back: on CUDA each read-back stalls the host until the GPU
+has caught up, and a step of ~40 of them made decode host-bound (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import LongTensor, Tensor
@@ -77,12 +83,16 @@ def pcp_restore_index(num_tokens: int, pcp_size: int) -> LongTensor:
 
 
 # --------------------------------------------------------------------------------------------- the metadata
+Range = Optional[tuple[int, int]]  # (start, stop) when an index tensor is exactly arange(start, stop), else None
+
+
 @dataclass
 class StepMetadata:
     """Everything the attention layers need about one step, on one rank (see the module docstring for the order).
 
     Public fields the model and engine rely on: ``token_index``, ``positions``, ``select_logits_hidden``.
-    The rest is consumed by ``ContextParallelAttention``.
+    The rest is consumed by ``ContextParallelAttention``. Tensors are on the step's device; ``*_host`` fields and
+    the ``*_range`` shortcuts are host values, so the layers never read a device tensor back.
     """
 
     num_reqs: int
@@ -135,6 +145,27 @@ class StepMetadata:
     logits_rows: LongTensor
     pcp_group: "ParallelGroup | None" = None
 
+    # ---- sync-free forms of the above, computed on the host (the layers use these)
+    # Cache writes: only the rows this rank stores, with their slots (all >= 0). rows None = every row, in order.
+    decode_write_rows: LongTensor | None = None  # [Nd] rows of the decode batch
+    decode_write_slots: LongTensor | None = None  # [Nd]
+    prefill_write_rows: LongTensor | None = None  # [Np] rows of the sequence-ordered new-token K/V
+    prefill_write_slots: LongTensor | None = None  # [Np]
+    ctx_real_index: LongTensor | None = None  # [Tc_real] entries of ctx_rows that are real rows
+    ctx_real_rows: LongTensor | None = None  # [Tc_real] ctx_rows[ctx_real_index]
+    # Host copies: varlen offsets for the kernels, decode shard lengths, the local rows' token indices.
+    cu_seqlens_q_host: list[int] | None = None
+    cu_seqlens_k_host: list[int] | None = None
+    ctx_cu_seqlens_q_host: list[int] | None = None
+    ctx_cu_seqlens_k_host: list[int] | None = None
+    decode_local_seq_lens_host: list[int] | None = None
+    token_index_host: LongTensor | None = None  # CPU copy of token_index (the engine gathers input ids on the host)
+    num_ctx_rows: int = 0
+    # Index tensors that are a plain range, as (start, stop): the layers slice instead of gathering.
+    prefill_gather_range: Range = None
+    chunk_q_range: Range = None
+    chunk_k_range: Range = None
+
     @property
     def num_local_tokens(self) -> int:
         return int(self.token_index.numel())
@@ -185,7 +216,7 @@ def _parallel_coords(
 
 
 class _NoCacheTable:
-    """The one part of ``BlockTable`` a cache-free (prefill-only) step needs: every token's slot is -1."""
+    """The part of ``BlockTable`` a cache-free (prefill-only) step needs: every token's slot is -1, no decodes."""
 
     interleave_size = 1
     block_size = 1
@@ -195,11 +226,54 @@ class _NoCacheTable:
     def __init__(self, cp_world_size: int, cp_rank: int) -> None:
         self.cp_world_size, self.cp_rank = cp_world_size, cp_rank
 
-    def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
+    def slot_mapping_host(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
         return torch.full((len(positions),), -1, dtype=torch.long)
 
-    def local_block_table(self, req_indices: Tensor) -> LongTensor:
-        return torch.zeros(len(req_indices), 1, dtype=torch.long)
+
+def host_to_device(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Move host tensors to ``device`` with one copy per dtype: packed flat, pinned and non-blocking on CUDA.
+
+    A blocking host->device copy synchronises the stream, and a copy per tensor costs a launch each; this is the
+    one place a step's metadata crosses over. Returns views of the packed device buffer, in the input shapes.
+    """
+    if device.type == "cpu":
+        return dict(tensors)
+    out: dict[str, Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    for dtype, names in by_dtype.items():
+        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        if flat.numel() == 0:
+            out.update({n: torch.empty(tensors[n].shape, dtype=dtype, device=device) for n in names})
+            continue
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        start = 0
+        for n in names:
+            size = tensors[n].numel()
+            out[n] = flat[start : start + size].view(tensors[n].shape)
+            start += size
+    return out
+
+
+def _as_range(index: Tensor) -> Range:
+    """(start, stop) if the host index is ``arange(start, stop)`` (then a slice replaces a gather), else None."""
+    n = index.numel()
+    if n == 0:
+        return (0, 0)
+    start = int(index[0])
+    return (start, start + n) if torch.equal(index, torch.arange(start, start + n)) else None
+
+
+def _write_plan(slots: Tensor) -> tuple[Tensor | None, Tensor]:
+    """Rows of a slot mapping this rank stores (None: all of them) and their slots, computed on the host."""
+    keep = slots >= 0
+    if bool(keep.all()):
+        return None, slots
+    rows = torch.nonzero(keep).flatten()
+    return rows, slots[rows]
 
 
 def build_step_metadata(
@@ -221,6 +295,7 @@ def build_step_metadata(
     positions must already be in ``block_table`` (this rank's CP-aware table); ``block_table=None`` means no KV cache
     (training-style: prefill-only, nothing cached, every slot -1). PCP/DCP sizes and ranks default to
     ``parallel_state``'s (or 1/0 when it is not initialised). Tensors land on ``device`` (default: the table's).
+    Everything is computed on the host (the block table's host copy) and copied over once per dtype.
     """
     n_req = len(req_indices)
     if not (len(num_computed_tokens) == len(num_new_tokens) == n_req):
@@ -228,11 +303,13 @@ def build_step_metadata(
             f"build_step_metadata: req_indices ({n_req}), num_computed_tokens ({len(num_computed_tokens)}) and "
             f"num_new_tokens ({len(num_new_tokens)}) must have one entry per scheduled request"
         )
-    if any(n < 1 for n in num_new_tokens) or any(c < 0 for c in num_computed_tokens):
+    computed_l, new_l, req_l = [int(c) for c in num_computed_tokens], [int(n) for n in num_new_tokens], \
+        [int(i) for i in req_indices]
+    if any(n < 1 for n in new_l) or any(c < 0 for c in computed_l):
         raise ValueError("build_step_metadata: every request needs num_new_tokens >= 1 and num_computed_tokens >= 0")
     P, r, D, d = _parallel_coords(pcp_size, pcp_rank, dcp_size, dcp_rank)
     if block_table is None:
-        if any(c > 0 for c in num_computed_tokens):
+        if any(c > 0 for c in computed_l):
             raise ValueError(
                 "build_step_metadata: requests with num_computed_tokens > 0 read the KV cache; pass the rank's "
                 "BlockTable (block_table=None is only for prefill-only steps without a cache)"
@@ -247,27 +324,26 @@ def build_step_metadata(
         )
     device = block_table.device if device is None else torch.device(device)
 
-    computed = torch.as_tensor(list(num_computed_tokens), dtype=torch.long)
-    new = torch.as_tensor(list(num_new_tokens), dtype=torch.long)
-    new_offsets = torch.cumsum(new, 0) - new  # start of each request in the concatenated new tokens
-    is_decode = (computed > 0) & (new == 1)
-    decodes = [i for i in range(n_req) if is_decode[i]]
-    prefills = [i for i in range(n_req) if not is_decode[i]]
-    rows_per_prefill = {i: 2 * pcp_chunk_size(int(new[i]), P) if P > 1 else int(new[i]) for i in prefills}
+    computed = torch.tensor(computed_l, dtype=torch.long)
+    new_offsets = [0] * n_req  # start of each request in the concatenated new tokens
+    for i in range(1, n_req):
+        new_offsets[i] = new_offsets[i - 1] + new_l[i - 1]
+    decodes = [i for i in range(n_req) if computed_l[i] > 0 and new_l[i] == 1]
+    prefills = [i for i in range(n_req) if not (computed_l[i] > 0 and new_l[i] == 1)]
+    rows_per_prefill = {i: 2 * pcp_chunk_size(new_l[i], P) if P > 1 else new_l[i] for i in prefills}
     num_prefill_rows = sum(rows_per_prefill.values())
     n_dec = len(decodes)
     logits_rows = torch.full((n_req,), -1, dtype=torch.long)
 
     # ---- decodes: one row each, the same on every PCP rank
-    dec = torch.as_tensor(decodes, dtype=torch.long)
-    dec_req = torch.as_tensor([req_indices[i] for i in decodes], dtype=torch.long)
-    token_index = [new_offsets[dec]]
-    positions = [computed[dec]]
-    decode_slots = block_table.compute_slot_mapping(dec_req, computed[dec]).cpu()
-    decode_block_table = block_table.local_block_table(dec_req).cpu()
-    decode_local_seq_lens = cp_local_seq_lens(computed[dec] + 1, W, R, I)
+    dec_pos = torch.tensor([computed_l[i] for i in decodes], dtype=torch.long)
+    dec_req = torch.tensor([req_l[i] for i in decodes], dtype=torch.long)
+    token_index = [torch.tensor([new_offsets[i] for i in decodes], dtype=torch.long)]
+    positions = [dec_pos]
+    decode_slots = block_table.slot_mapping_host(dec_req, dec_pos)
+    decode_local_seq_lens = cp_local_seq_lens(dec_pos + 1, W, R, I)
     if r == 0:  # decodes are replicated over PCP: one rank provides their logits rows
-        logits_rows[dec] = torch.arange(n_dec)
+        logits_rows[decodes] = torch.arange(n_dec)
 
     # ---- prefills
     gather_index, slots, q_rows, k_index, cu_q, cu_k = [], [], [], [], [0], [0]
@@ -275,7 +351,7 @@ def build_step_metadata(
     row = n_dec  # local row where the current request starts
     seq_offset = 0  # start of the current request in the sequence-ordered new-token K/V
     for i in prefills:
-        n, c0, L = int(new[i]), int(computed[i]), rows_per_prefill[i]
+        n, c0, L = new_l[i], computed_l[i], rows_per_prefill[i]
         rel = pcp_split_positions(n, P, r)  # [L]
         real = rel < n
         token_index.append(torch.where(real, new_offsets[i] + rel, torch.full_like(rel, -1)))
@@ -285,8 +361,8 @@ def build_step_metadata(
         restore = pcp_restore_index(n, P)  # index into cat over ranks of L rows each
         owner, j = restore // L, restore % L
         gather_index.append(owner * num_prefill_rows + (row - n_dec) + j)
-        slots.append(block_table.compute_slot_mapping(
-            torch.full((n,), req_indices[i], dtype=torch.long), c0 + torch.arange(n)).cpu())
+        slots.append(block_table.slot_mapping_host(torch.full((n,), req_l[i], dtype=torch.long),
+                                                   c0 + torch.arange(n)))
 
         # This rank's chunks (head and tail with PCP, the whole request without), real queries only.
         chunk = L // 2 if P > 1 else n
@@ -303,7 +379,7 @@ def build_step_metadata(
         if c0 > 0:
             ctx_rows.append(row + torch.arange(L))
             ctx_real.append(real)
-            ctx_req.append(req_indices[i])
+            ctx_req.append(req_l[i])
             ctx_len.append(c0)
 
         last_owner, last_j = int(owner[-1]), int(j[-1])
@@ -315,32 +391,89 @@ def build_step_metadata(
     def cat(parts: list[Tensor], dtype: torch.dtype = torch.long) -> Tensor:
         return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
-    ctx_rows_t = cat(ctx_rows)
+    token_index_t, gather_t, q_rows_t, k_index_t = cat(token_index), cat(gather_index), cat(q_rows), cat(k_index)
+    slots_t, ctx_rows_t, ctx_real_t = cat(slots), cat(ctx_rows), cat(ctx_real, torch.bool)
     ctx = _context_index([part.numel() for part in ctx_rows], ctx_req, ctx_len, block_table)
+    dec_write_rows, dec_write_slots = _write_plan(decode_slots)
+    pre_write_rows, pre_write_slots = _write_plan(slots_t)
+    ctx_real_index = torch.nonzero(ctx_real_t).flatten()
+    host = {
+        "token_index": token_index_t,
+        "positions": cat(positions),
+        "num_computed_tokens": computed,
+        "local_context_lens": cp_local_seq_lens(computed, W, R, I),
+        "decode_slots": decode_slots,
+        "decode_req": dec_req,
+        "decode_local_seq_lens": decode_local_seq_lens,
+        "prefill_gather_index": gather_t,
+        "prefill_slots": slots_t,
+        "chunk_q_rows": q_rows_t,
+        "chunk_k_index": k_index_t,
+        "cu_seqlens_q": torch.tensor(cu_q, dtype=torch.int32),
+        "cu_seqlens_k": torch.tensor(cu_k, dtype=torch.int32),
+        "ctx_rows": ctx_rows_t,
+        "ctx_is_real": ctx_real_t,
+        "ctx_q_perm": ctx["q_perm"],
+        "ctx_kv_slots": ctx["kv_slots"],
+        "ctx_local_lens": ctx["local_lens"],
+        "ctx_cu_seqlens_q": ctx["cu_q"],
+        "ctx_cu_seqlens_k": ctx["cu_k"],
+        "logits_rows": logits_rows,
+        "decode_write_slots": dec_write_slots,
+        "prefill_write_slots": pre_write_slots,
+        "ctx_real_index": ctx_real_index,
+        "ctx_real_rows": ctx_rows_t[ctx_real_index],
+    }
+    if dec_write_rows is not None:
+        host["decode_write_rows"] = dec_write_rows
+    if pre_write_rows is not None:
+        host["prefill_write_rows"] = pre_write_rows
+    dev = host_to_device(host, device)
+    # The decode rows of the block table are gathered on the device (the table can be large; no copy over).
+    if n_dec:
+        decode_block_table = block_table.local_block_table(dev["decode_req"]).to(device)
+    else:
+        decode_block_table = torch.zeros(0, block_table.max_num_blocks_per_req, dtype=torch.long, device=device)
     return StepMetadata(
         num_reqs=n_req, num_decodes=n_dec, pcp_size=P, pcp_rank=r, dcp_size=D, dcp_rank=d,
-        token_index=cat(token_index).to(device),
-        positions=cat(positions).to(device),
-        num_computed_tokens=computed.to(device),
-        local_context_lens=cp_local_seq_lens(computed, W, R, I).to(device),
-        decode_slots=decode_slots.to(device),
-        decode_block_table=decode_block_table.to(device),
-        decode_local_seq_lens=decode_local_seq_lens.to(device),
-        prefill_gather_index=cat(gather_index).to(device),
-        prefill_slots=cat(slots).to(device),
-        chunk_q_rows=cat(q_rows).to(device),
-        chunk_k_index=cat(k_index).to(device),
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        ctx_rows=ctx_rows_t.to(device),
-        ctx_is_real=cat(ctx_real, torch.bool).to(device),
-        ctx_q_perm=ctx["q_perm"].to(device),
-        ctx_kv_slots=ctx["kv_slots"].to(device),
-        ctx_local_lens=ctx["local_lens"].to(device),
-        ctx_cu_seqlens_q=ctx["cu_q"].to(device),
-        ctx_cu_seqlens_k=ctx["cu_k"].to(device),
-        logits_rows=logits_rows.to(device),
+        token_index=dev["token_index"],
+        positions=dev["positions"],
+        num_computed_tokens=dev["num_computed_tokens"],
+        local_context_lens=dev["local_context_lens"],
+        decode_slots=dev["decode_slots"],
+        decode_block_table=decode_block_table,
+        decode_local_seq_lens=dev["decode_local_seq_lens"],
+        prefill_gather_index=dev["prefill_gather_index"],
+        prefill_slots=dev["prefill_slots"],
+        chunk_q_rows=dev["chunk_q_rows"],
+        chunk_k_index=dev["chunk_k_index"],
+        cu_seqlens_q=dev["cu_seqlens_q"],
+        cu_seqlens_k=dev["cu_seqlens_k"],
+        ctx_rows=dev["ctx_rows"],
+        ctx_is_real=dev["ctx_is_real"],
+        ctx_q_perm=dev["ctx_q_perm"],
+        ctx_kv_slots=dev["ctx_kv_slots"],
+        ctx_local_lens=dev["ctx_local_lens"],
+        ctx_cu_seqlens_q=dev["ctx_cu_seqlens_q"],
+        ctx_cu_seqlens_k=dev["ctx_cu_seqlens_k"],
+        logits_rows=dev["logits_rows"],
         pcp_group=pcp_group,
+        decode_write_rows=dev.get("decode_write_rows"),
+        decode_write_slots=dev["decode_write_slots"],
+        prefill_write_rows=dev.get("prefill_write_rows"),
+        prefill_write_slots=dev["prefill_write_slots"],
+        ctx_real_index=dev["ctx_real_index"],
+        ctx_real_rows=dev["ctx_real_rows"],
+        cu_seqlens_q_host=cu_q,
+        cu_seqlens_k_host=cu_k,
+        ctx_cu_seqlens_q_host=ctx["cu_q"].tolist(),
+        ctx_cu_seqlens_k_host=ctx["cu_k"].tolist(),
+        decode_local_seq_lens_host=decode_local_seq_lens.tolist(),
+        token_index_host=token_index_t,
+        num_ctx_rows=int(ctx_rows_t.numel()),
+        prefill_gather_range=_as_range(gather_t),
+        chunk_q_range=_as_range(q_rows_t),
+        chunk_k_range=_as_range(k_index_t),
     )
 
 
@@ -352,7 +485,7 @@ def _context_index(
     rows_per_req: each request's local rows (equal on every CP rank); context_lens: its num_computed. Returns
     ``q_perm`` [W·Tc] (the CP-gathered ``[W, Tc]`` query rows, flattened, regrouped request by request),
     ``kv_slots`` (this rank's cache slots of each request's context, in local = position order), ``local_lens`` [S]
-    and the int32 ``cu_q`` / ``cu_k`` [S+1] offsets of the varlen call.
+    and the int32 ``cu_q`` / ``cu_k`` [S+1] offsets of the varlen call. All on the host.
     """
     W, B = block_table.cp_world_size, block_table.block_size
     tc = sum(rows_per_req)
@@ -364,7 +497,7 @@ def _context_index(
         q_perm.append((torch.arange(W).unsqueeze(1) * tc + rows.unsqueeze(0)).reshape(-1))  # the same rows, every rank
         start += n_rows
         j = torch.arange(int(local_lens[s]))  # local indices 0..n-1 fill the request's blocks densely
-        kv_slots.append(block_table.row(req_indices[s]).cpu()[j // B] * B + j % B)
+        kv_slots.append(block_table.row_host(req_indices[s])[j // B] * B + j % B)
         cu_q.append(cu_q[-1] + W * n_rows)
         cu_k.append(cu_k[-1] + j.numel())
     empty = torch.zeros(0, dtype=torch.long)

@@ -13,6 +13,11 @@ Public interface (docs/architecture.md "Attention with LSE"):
 LSE convention: natural log, float32, ``[Tq, Hq]``. Rows that see no key get ``out = 0`` and ``lse = -inf`` whatever
 the kernel returns (some return 0 or NaN there), so partials merge exactly (megacp/ops/merge.py).
 
+**No host syncs.** The kernels need the sequence lengths on the host (max lengths, per-sequence slices); reading
+them from ``cu_seqlens`` on a CUDA device stalls the host until the GPU catches up. Callers that know the lengths (the
+step metadata does) pass them as ``host_cu_seqlens`` / ``seq_lens_host`` and then no entry point reads a device
+tensor back; without them the lengths are read once per call.
+
 Backends live in a small registry (``register_backend``). The automatic choice is the highest-priority backend that is
 ``available`` for the query's device; ``MEGACP_ATTN_BACKEND`` or ``backend=`` forces one. A backend supplies a packed
 varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence`` /
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -33,12 +38,15 @@ from megacp.ops.merge import merge_attn_states
 
 ENV_BACKEND = "MEGACP_ATTN_BACKEND"
 
-# (q [Tq,Hq,D], k [Tk,Hk,D], v, cu_seqlens_q [B+1], cu_seqlens_k [B+1], causal, scale) -> (out [Tq,Hq,D], lse [Tq,Hq])
+# (q [Tq,Hq,D], k [Tk,Hk,D], v, cu_seqlens_q [B+1], cu_seqlens_k [B+1], causal, scale) -> (out [Tq,Hq,D], lse [Tq,Hq]);
+# a backend with ``takes_host_cu_seqlens`` also accepts ``host_cu_seqlens=(cu_q list, cu_k list) | None``.
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 # (q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions [Tq], k_positions [Tk], scale) -> (out, lse)
 PositionsFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
-# (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale) -> (out, lse) normalised, or None to use the gather path
-PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Optional[tuple[Tensor, Tensor]]]
+# (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale, max_seq_len: int | None) -> (out, lse) normalised,
+# or None to use the gather path
+PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float, Optional[int]], Optional[tuple[Tensor, Tensor]]]
+HostCuSeqlens = tuple[Sequence[int], Sequence[int]]  # (cu_seqlens_q, cu_seqlens_k) as host ints
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
 SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 # One sequence with an explicit mask: (q, k, v, allowed [lq, lk] bool, scale) -> (out, lse)
@@ -52,7 +60,8 @@ class AttentionBackend:
     ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them); ``by_positions``
     (optional) must return them normalised. Higher ``priority`` wins the automatic choice. ``paged`` (optional) is a
     decode kernel reading the paged cache directly (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional)
-    explains, in the error of a forced but unavailable backend, why it cannot run.
+    explains, in the error of a forced but unavailable backend, why it cannot run. ``takes_host_cu_seqlens``: ``varlen``
+    accepts the keyword ``host_cu_seqlens`` (the offsets as host ints, so it need not read ``cu_seqlens`` back).
     """
 
     name: str
@@ -62,6 +71,7 @@ class AttentionBackend:
     by_positions: Optional[PositionsFn] = None
     paged: Optional[PagedFn] = None
     unavailable_reason: Optional[Callable[[torch.device], str]] = None
+    takes_host_cu_seqlens: bool = False
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -113,17 +123,35 @@ def attention_with_lse(
     causal: bool,
     scale: float,
     backend: str | None = None,
+    host_cu_seqlens: HostCuSeqlens | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Packed varlen attention returning the softmax log-sum-exp.
 
     # q: [Tq, Hq, D], k/v: [Tk, Hk, D], cu_seqlens_q/k: int [B+1] -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
-    ``causal`` is bottom-right aligned; rows that see no key give out 0 and lse -inf.
+    ``causal`` is bottom-right aligned; rows that see no key give out 0 and lse -inf. ``host_cu_seqlens``: the same
+    offsets as host ints (optional; given, nothing is read back from the device).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     impl = select_backend(q.device, backend)
-    out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale))
+    if impl.takes_host_cu_seqlens:
+        out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale),
+                               host_cu_seqlens=host_cu_seqlens)
+    else:
+        out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale))
+    out, lse = out.to(q.dtype), lse.float()
+    if host_cu_seqlens is not None and _every_row_has_keys(host_cu_seqlens, causal):
+        return out, lse  # nothing to normalise; skips a dozen small kernels per call
     has_key = rows_with_keys(cu_seqlens_q, cu_seqlens_k, causal, q.shape[0])
-    return _normalise_empty_rows(out.to(q.dtype), lse.float(), has_key)
+    return _normalise_empty_rows(out, lse, has_key)
+
+
+def _every_row_has_keys(host_cu_seqlens: HostCuSeqlens, causal: bool) -> bool:
+    cq, ck = host_cu_seqlens
+    for b in range(len(cq) - 1):
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if lq and (lk == 0 or (causal and lq > lk)):
+            return False
+    return True
 
 
 def attention_with_lse_by_positions(
@@ -164,6 +192,7 @@ def paged_attention_with_lse(
     seq_lens: Tensor,
     scale: float,
     backend: str | None = None,
+    seq_lens_host: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention (one query per sequence, non-causal) over this rank's paged KV shard.
 
@@ -171,6 +200,8 @@ def paged_attention_with_lse(
     # ids), seq_lens: int [B] (local lengths, may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32)
     Uses the backend's paged kernel when it has one (reads the cache through the block table), else gathers each
     sequence's K/V into a contiguous buffer and runs ``attention_with_lse``; seq_len 0 gives out 0 and lse -inf.
+    ``seq_lens_host``: the same lengths as host ints (optional; given, nothing is read back from the device, and the
+    paged kernel sizes its split plan by the real longest sequence).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -182,29 +213,41 @@ def paged_attention_with_lse(
             f"paged_attention_with_lse: block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} "
             f"need one row per query (B={q.shape[0]})"
         )
+    if seq_lens_host is not None and len(seq_lens_host) != q.shape[0]:
+        raise ValueError(f"paged_attention_with_lse: seq_lens_host has {len(seq_lens_host)} entries for B={q.shape[0]}")
     impl = select_backend(q.device, backend)
+    host_max = max(seq_lens_host, default=0) if seq_lens_host is not None else None
     if impl.paged is not None:
-        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale))
+        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale), host_max)
         if res is not None:
             return res[0].to(q.dtype), res[1].float()
     block_size = k_cache.shape[1]
-    # Slot of every local token: block_table[b, j // block_size] * block_size + j % block_size, for j < seq_lens[b].
     lens = seq_lens.to(device=q.device, dtype=torch.long)
-    max_len = int(lens.max().item()) if lens.numel() else 0
-    if max_len > block_table.shape[1] * block_size:
+    if seq_lens_host is None:
+        seq_lens_host = lens.tolist()  # one read-back when the caller did not give the lengths
+        host_max = max(seq_lens_host, default=0)
+    if host_max > block_table.shape[1] * block_size:
         raise ValueError(
-            f"paged_attention_with_lse: seq_lens up to {max_len} need more than block_table's "
+            f"paged_attention_with_lse: seq_lens up to {host_max} need more than block_table's "
             f"{block_table.shape[1]} blocks of {block_size}"
         )
-    j = torch.arange(max_len, device=q.device)
-    blocks = block_table.to(device=q.device, dtype=torch.long)[:, j // block_size]  # [B, max_len]
-    slots = (blocks * block_size + j % block_size)[j.unsqueeze(0) < lens.unsqueeze(1)]  # flat, sequence order
+    # Flat index t of every local token, sequence after sequence: sequence b, local index j = t - cu_k[b], slot
+    # block_table[b, j // block_size] * block_size + j % block_size. Sizes come from the host: no read-back.
+    cu_k_host = [0]
+    for n in seq_lens_host:
+        cu_k_host.append(cu_k_host[-1] + int(n))
+    total = cu_k_host[-1]
+    cu_k = torch.zeros(q.shape[0] + 1, device=q.device, dtype=torch.long)
+    cu_k[1:] = torch.cumsum(lens, 0)
+    seq = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), lens, output_size=total)
+    j = torch.arange(total, device=q.device) - cu_k[seq]
+    slots = block_table.to(device=q.device, dtype=torch.long)[seq, j // block_size] * block_size + j % block_size
     k = k_cache.flatten(0, 1)[slots]
     v = v_cache.flatten(0, 1)[slots]
     cu_q = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    cu_k = torch.zeros(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    cu_k[1:] = torch.cumsum(lens, 0)
-    return attention_with_lse(q, k, v, cu_q, cu_k, causal=False, scale=scale, backend=backend)
+    host = (list(range(q.shape[0] + 1)), cu_k_host)
+    return attention_with_lse(q, k, v, cu_q, cu_k.to(torch.int32), causal=False, scale=scale, backend=backend,
+                              host_cu_seqlens=host)
 
 
 # ----------------------------------------------------------------------------------------------- reusable helpers
@@ -232,9 +275,9 @@ def rows_with_keys(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, tot
 def per_sequence(seq_fn: SeqFn) -> VarlenFn:
     """Lift a one-sequence kernel to the packed varlen interface (loops over sequences, skips empty ones)."""
 
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
         outs, lses = [], []
-        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
+        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens):
             if q1 == q0:
                 continue
             if k1 == k0:
@@ -299,9 +342,13 @@ def bottom_right_causal_from_top_left(
     return merge_attn_states(o_prefix, l_prefix, o_square, l_square)
 
 
-def _segments(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    cq = cu_seqlens_q.tolist()
-    ck = cu_seqlens_k.tolist()
+def _segments(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None = None
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    if host_cu_seqlens is not None:
+        cq, ck = (list(c) for c in host_cu_seqlens)
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     return [((cq[b], cq[b + 1]), (ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
 
 
@@ -418,9 +465,9 @@ def _check_sdpa_cpu_dtypes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
     _check_sdpa_cpu_dtypes(q, k, v)
-    return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
 
 
 def _sdpa_cpu_by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale):
@@ -436,6 +483,7 @@ register_backend(
         available=lambda device: True,
         priority=0,
         by_positions=per_sequence_masked(_torch_seq_masked),
+        takes_host_cu_seqlens=True,
     )
 )
 register_backend(
@@ -445,5 +493,6 @@ register_backend(
         available=_sdpa_cpu_available,
         priority=10,
         by_positions=_sdpa_cpu_by_positions,
+        takes_host_cu_seqlens=True,
     )
 )

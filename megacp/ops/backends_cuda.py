@@ -59,8 +59,9 @@ def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     )
 
 
-def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
-    return select_backend(q.device, "torch").varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
+    impl = select_backend(q.device, "torch")
+    return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens)
 
 
 def lse_rows(lse: Tensor, cu_q: list[int], heads: int) -> Tensor:
@@ -75,9 +76,9 @@ def lse_rows(lse: Tensor, cu_q: list[int], heads: int) -> Tensor:
     if lse.dim() == 2 and lse.shape == (heads, total):
         return lse.t().float()
     if lse.dim() == 3 and lse.shape[0] == len(cu_q) - 1 and lse.shape[1] == heads:
-        lens = torch.tensor([b - a for a, b in zip(cu_q[:-1], cu_q[1:])], device=lse.device)
+        lens = _host_to_device([b - a for a, b in zip(cu_q[:-1], cu_q[1:])], torch.long, lse.device)
         seq = torch.repeat_interleave(torch.arange(len(lens), device=lse.device), lens, output_size=total)
-        starts = torch.tensor(cu_q[:-1], device=lse.device)
+        starts = _host_to_device(cu_q[:-1], torch.long, lse.device)
         within = torch.arange(total, device=lse.device) - starts[seq]
         return lse[seq, :, within].float()
     raise ValueError(f"unexpected LSE layout {tuple(lse.shape)} for {total} query rows and {heads} heads")
@@ -109,24 +110,31 @@ def _keep_sequences(q, k, v, cu_q: list[int], cu_k: list[int]):
 
 
 def _packed(kernel):
-    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale) -> (out, lse [Tq, H])``.
+    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale, dev_cu) -> (out, lse [Tq, H])``.
 
-    Handles what every packed kernel needs: the float32/odd-shape fallback, empty batches and sequences without
-    queries or keys (dropped before the call, filled with out 0 / lse -inf after).
+    ``dev_cu`` is ``(cu_seqlens_q, cu_seqlens_k)`` int32 on the device, matching the host lists. Handles what every
+    packed kernel needs: the float32/odd-shape fallback, empty batches and sequences without queries or keys (dropped
+    before the call, filled with out 0 / lse -inf after). The host lists come from ``host_cu_seqlens`` when the
+    caller has them (no sync), else from one read of ``cu_seqlens``.
     """
 
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
         if not fused_shapes_ok(q, k, v):
-            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # one host sync: the kernels need max lengths
+            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
+        if host_cu_seqlens is not None:
+            cu_q, cu_k = (list(c) for c in host_cu_seqlens)
+        else:
+            cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # a host sync: the kernels need the lengths
         kept = _keep_sequences(q, k, v, cu_q, cu_k)
         if kept is None:
-            return kernel(q, k, v, cu_q, cu_k, causal, scale)
+            dev_cu = (cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32))
+            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu)
         q_rows, qs, ks, vs, cq, ck = kept
         out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
         lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
         if q_rows.numel():
-            o, l = kernel(qs, ks, vs, cq, ck, causal, scale)
+            dev_cu = (_host_to_device(cq, torch.int32, q.device), _host_to_device(ck, torch.int32, q.device))
+            o, l = kernel(qs, ks, vs, cq, ck, causal, scale, dev_cu)
             out[q_rows] = o.to(out.dtype)
             lse[q_rows] = l
         return out, lse
@@ -134,19 +142,23 @@ def _packed(kernel):
     return varlen
 
 
-def _cu_tensor(cu: list[int], device) -> Tensor:
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list on ``device`` without a stream sync (pinned + non-blocking; a blocking copy syncs)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _max_len(cu: list[int]) -> int:
     return max(b - a for a, b in zip(cu[:-1], cu[1:]))
 
 
-def _paged(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=None):
     """Paged decode for the CUDA backends: the Triton kernel when it can run, else the gather path (None)."""
     if not paged_decode.available(q.device) or not fused_shapes_ok(q, k_cache, v_cache):
         return None
-    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len)
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -208,13 +220,13 @@ def te_unavailable_reason() -> str:
     return _te_state()[1]
 
 
-def _te_kernel(q, k, v, cu_q, cu_k, causal, scale):
+def _te_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
     te, reason = _te_state()
     if te is None:
         raise ValueError(f"attention backend 'te' cannot run: {reason}")
     fwd, sub_backend = te
     mask = "padding_causal_bottom_right" if causal else "padding"
-    cq, ck = _cu_tensor(cu_q, q.device), _cu_tensor(cu_k, q.device)
+    cq, ck = dev_cu
     out, aux = fwd(
         True, _max_len(cu_q), _max_len(cu_k), cq, ck, q.contiguous(), k.contiguous(), v.contiguous(), q.dtype,
         sub_backend, cu_seqlens_q_padded=cq, cu_seqlens_kv_padded=ck, attn_scale=scale, dropout=0.0,
@@ -269,7 +281,7 @@ def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     return bottom_right_causal_from_top_left(_cudnn_call, q, k, v, scale)
 
 
-def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale):
+def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None):
     """Packed varlen through one cuDNN call (two for a causal chunk with lq < lk) per sequence."""
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
@@ -288,9 +300,9 @@ def _cudnn_available(device: torch.device) -> bool:
 _FLASH_OP = getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
-def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale):
+def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
     res = _FLASH_OP(
-        q, k, v, _cu_tensor(cu_q, q.device), _cu_tensor(cu_k, q.device), _max_len(cu_q), _max_len(cu_k),
+        q, k, v, dev_cu[0], dev_cu[1], _max_len(cu_q), _max_len(cu_k),
         0.0, causal, False, scale=scale,
     )
     return res[0], lse_rows(res[1], cu_q, q.shape[1])
@@ -325,11 +337,11 @@ def choose_kernel(num_seqs: int, max_keys: int, device: torch.device, one_call_e
     return "flash"
 
 
-def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale):
+def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
     lens = zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])
     one_call_each = not causal or all(q1 - q0 == k1 - k0 for q0, q1, k0, k1 in lens)
     name = choose_kernel(len(cu_q) - 1, _max_len(cu_k), q.device, one_call_each)
-    return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale)
+    return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale, dev_cu)
 
 
 def _any_fused(device: torch.device) -> bool:
@@ -342,10 +354,12 @@ PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 
 register_backend(
     AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged,
-                     unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "")
+                     unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "",
+                     takes_host_cu_seqlens=True)
 )
-register_backend(AttentionBackend("cudnn", _packed(_cudnn_kernel), _cudnn_available, PRIORITY["cudnn"], paged=_paged))
-register_backend(AttentionBackend("flash", _packed(_flash_kernel), _flash_available, PRIORITY["flash"], paged=_paged))
-register_backend(AttentionBackend("cuda", _packed(_auto_kernel), _any_fused, PRIORITY["cuda"], paged=_paged))
+for _name, _kernel, _available in (("cudnn", _cudnn_kernel, _cudnn_available), ("flash", _flash_kernel, _flash_available),
+                                   ("cuda", _auto_kernel, _any_fused)):
+    register_backend(AttentionBackend(_name, _packed(_kernel), _available, PRIORITY[_name], paged=_paged,
+                                      takes_host_cu_seqlens=True))
 
 __all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]
