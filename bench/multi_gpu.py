@@ -14,6 +14,9 @@ tp = pcp = 1 runs a full replica on every GPU at once):
 - ``attention``: the same prompts through one ``ContextParallelAttention`` layer alone (PCP all-gather of K/V, cache
   write, head + tail chunk attention), CUDA events, median of ``--reps``: the part of a layer that PCP splits
   unevenly and communicates for, without the (perfectly split) linear layers.
+- ``decode_attention``: one decode step of ``--decode-batch`` requests at each ``--contexts`` length through one
+  attention layer alone (random K/V in the cache): the part DCP shrinks (each rank reads 1/dcp of the KV) next to
+  what it adds (Q all-gather, LSE all-gather, reduce-scatter).
 - ``decode``: per-token latency of one request at each ``--contexts`` length (prefill, then ``--new-tokens``
   greedy steps; the median step time), with ``--decode-kv-heads`` KV heads (1: the GQA rule lets tp = 2 use
   dcp = 2). KV: every layout gets the same per-rank cache of ``--kv-gib`` GiB, so slots per rank are equal and the
@@ -21,7 +24,8 @@ tp = pcp = 1 runs a full replica on every GPU at once):
   what each rank really held for the request; ``max_context_in_free_memory`` is how long a context the memory left
   after the weights (less ``--reserve-gib`` for activations) would hold.
 
-Prints a table last; rank 0 writes the JSON.
+``--profile`` prints torch.profiler tables (by GPU time) of one TTFT and one attention call at the first
+``--tokens``. Prints a table last; rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -98,6 +102,17 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def _profile(what: str, fn, log) -> None:
+    """torch.profiler table of one call of ``fn`` (every rank profiles, rank 0 prints): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    log(f"--- profile: {what}\n" + prof.key_averages().table(sort_by="device_time_total", row_limit=20,
+                                                               max_name_column_width=60))
+
+
 def _release(device: torch.device) -> None:
     ps.destroy_model_parallel()
     if device.type == "cuda":
@@ -127,6 +142,8 @@ def bench_prefill(args, layout, device, dtype, log) -> list[dict]:
         prompt = _prompt(n, args.vocab, n)
         ttft(prompt)
         times = [ttft(prompt) for _ in range(args.reps)]
+        if args.profile and n == args.tokens[0]:
+            _profile(f"TTFT tp={tp} pcp={pcp} tokens={n}", lambda: ttft(prompt), log)
         rows.append({"tp": tp, "pcp": pcp, "dcp": dcp, "tokens": n, "ttft_s": statistics.median(times),
                      "ttft_all_s": times})
         log(f"prefill tp={tp} pcp={pcp} dcp={dcp} tokens={n}: TTFT {rows[-1]['ttft_s'] * 1e3:.1f} ms "
@@ -179,9 +196,49 @@ def bench_attention(args, layout, device, dtype, log) -> list[dict]:
                 for _ in range(2))
         with torch.inference_mode():
             ms = _slowest(_time_ms(lambda: layer(q, k, v, meta, cache), device, args.reps))
+            if args.profile and n == args.tokens[0]:
+                _profile(f"attention layer tp={tp} pcp={pcp} tokens={n}", lambda: layer(q, k, v, meta, cache), log)
         rows.append({"tp": tp, "pcp": pcp, "dcp": dcp, "tokens": n, "layer_ms": ms})
         log(f"attention tp={tp} pcp={pcp} dcp={dcp} tokens={n}: {ms:.2f} ms per layer call")
         del cache, q, k, v, meta
+    _release(device)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ decode attention
+def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
+    """One decode step of ``batch`` requests of ``context`` tokens through the attention layer alone (DCP: Q
+    all-gather, paged attention over this rank's shard, LSE merge and reduce-scatter); the cache holds random K/V."""
+    from megacp.kv import BlockTable, PagedKVCache
+    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+
+    tp, pcp, dcp = layout
+    world = dist.get_world_size()
+    ps.initialize_model_parallel(tp, pcp, dcp, world // (tp * pcp))
+    W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    layer = ContextParallelAttention(args.heads, args.decode_kv_heads, args.head_dim, args.head_dim ** -0.5)
+    hq, hkv = layer.num_local_heads, layer.num_local_kv_heads
+    rows = []
+    for n in args.contexts:
+        for b in args.decode_batch:
+            per_req = blocks_needed(n, BLOCK, W)
+            bt = BlockTable(BLOCK, b, per_req, cp_world_size=W, cp_rank=R, device=device)
+            for i in range(b):
+                bt.set_row(i, list(range(i * per_req, (i + 1) * per_req)))
+            cache = PagedKVCache(b * per_req, BLOCK, hkv, args.head_dim, dtype, device)
+            cache.k.normal_()
+            cache.v.normal_()
+            meta = build_step_metadata(list(range(b)), [n - 1] * b, [1] * b, bt, device=device)
+            q = torch.randn(b, hq, args.head_dim, device=device, dtype=dtype)
+            k, v = (torch.randn(b, hkv, args.head_dim, device=device, dtype=dtype) for _ in range(2))
+            with torch.inference_mode():
+                ms = _slowest(_time_ms(lambda: layer(q, k, v, meta, cache), device, max(args.reps, 20)))
+            kv_bytes = 2 * b * -(-n // W) * hkv * args.head_dim * torch.finfo(dtype).bits // 8  # this rank's shard
+            rows.append({"tp": tp, "pcp": pcp, "dcp": dcp, "context": n, "batch": b, "layer_ms": ms,
+                         "kv_bytes_per_rank": kv_bytes, "kv_tb_per_s": kv_bytes / ms / 1e9})
+            log(f"decode attention tp={tp} pcp={pcp} dcp={dcp} context={n} batch={b}: {ms:.3f} ms per layer call, "
+                f"{rows[-1]['kv_tb_per_s']:.2f} TB/s of this rank's KV")
+            del cache, meta, q, k, v
     _release(device)
     return rows
 
@@ -255,6 +312,17 @@ def summarise(result: dict) -> None:
                 r["efficiency"] = r["speedup"] / (r["tp"] * r["pcp"])
             print(f"| {r['tokens']} | {r['tp']} | {r['pcp']} | {r[key]:.4g} | {r.get('speedup', float('nan')):.3f} "
                   f"| {r.get('efficiency', float('nan')):.3f} |")
+    rows = result.get("decode_attention", [])
+    base = {(r["tp"], r["pcp"], r["context"], r["batch"]): r["layer_ms"] for r in rows if r["dcp"] == 1}
+    if rows:
+        print("\ndecode_attention: one decode step through the attention layer, vs dcp = 1")
+        print("| context | batch | tp | dcp | layer ms | vs dcp 1 | KV TB/s per rank |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        b = base.get((r["tp"], r["pcp"], r["context"], r["batch"]))
+        if b is not None:
+            r["time_vs_dcp1"] = r["layer_ms"] / b
+        print(f"| {r['context']} | {r['batch']} | {r['tp']} | {r['dcp']} | {r['layer_ms']:.3f} "
+              f"| {r.get('time_vs_dcp1', float('nan')):.3f} | {r['kv_tb_per_s']:.2f} |")
     rows = result.get("decode", [])
     base = {(r["tp"], r["pcp"], r["context"]): r for r in rows if r["dcp"] == 1}
     if rows:
@@ -289,8 +357,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--parts", nargs="+", choices=["prefill", "attention", "decode"],
-                   default=["prefill", "attention", "decode"])
+    p.add_argument("--parts", nargs="+", choices=["prefill", "attention", "decode_attention", "decode"],
+                   default=["prefill", "attention", "decode_attention", "decode"])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--heads", type=int, default=32)
@@ -303,17 +371,19 @@ def main() -> None:
     p.add_argument("--prefill-layouts", type=_layout, nargs="+", default=[(1, 1, 1), (1, 2, 1), (2, 1, 1)])
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--decode-layouts", type=_layout, nargs="+", default=[(2, 1, 1), (2, 1, 2)])
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16, 64], help="batches of decode_attention")
     p.add_argument("--new-tokens", type=int, default=33)
     p.add_argument("--kv-gib", type=float, default=16.0, help="KV cache per rank in the decode part")
     p.add_argument("--reserve-gib", type=float, default=16.0, help="memory kept for activations (max context)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables at the first --tokens (CUDA)")
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU dry run")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     if args.tiny:
         args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim = 2, 64, 8, 2, 8
         args.intermediate, args.vocab, args.tokens, args.contexts = 128, 512, [256, 512], [256, 512]
-        args.kv_gib, args.reserve_gib, args.new_tokens = 0.01, 0.0, 5
+        args.kv_gib, args.reserve_gib, args.new_tokens, args.decode_batch = 0.01, 0.0, 5, [1, 4]
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
@@ -332,6 +402,7 @@ def main() -> None:
                               "decode_kv_heads": args.decode_kv_heads, "head_dim": args.head_dim,
                               "intermediate": args.intermediate, "vocab": args.vocab, "dtype": args.dtype}}
     benches = {"prefill": (bench_prefill, args.prefill_layouts), "attention": (bench_attention, args.prefill_layouts),
+               "decode_attention": (bench_decode_attention, args.decode_layouts),
                "decode": (bench_decode, args.decode_layouts)}
     world = dist.get_world_size()
     for part in args.parts:
