@@ -5,8 +5,9 @@ DCP groups are contiguous runs of ``dcp`` ranks inside a TP group; the CP group 
 ``pcp·dcp`` ranks with the same dp index and the same ``tp_rank // dcp``, ordered by ``cp_rank = pcp_rank·dcp + dcp_rank``.
 
 ``rank_layout`` is the pure description of that layout; ``initialize_model_parallel`` turns it into torch process
-groups wrapped in ``ParallelGroup`` (the collectives the layers use). All state lives in the single ``_STATE``;
-``destroy_model_parallel`` destroys its groups and resets it, so a later initialisation with other sizes works.
+groups wrapped in ``ParallelGroup`` (the collectives the layers use; a gloo group stages CUDA tensors through the
+host). All state lives in the single ``_STATE``; ``destroy_model_parallel`` destroys its groups and resets it, so a
+later initialisation with other sizes works.
 """
 
 from __future__ import annotations
@@ -26,6 +27,29 @@ GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
 # torch >= 2.10 renamed the flat collectives (the old names still work but warn).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def stages_through_host(backend: str | None, device: torch.device) -> bool:
+    """Whether a collective of a ``backend`` group on a tensor on ``device`` must go through host memory.
+
+    gloo's CUDA-tensor paths differ by collective and torch version (pytorch#149869 charts them; one silently
+    corrupted results until pytorch#170812), so a gloo group always works on CPU copies. That is what lets several
+    ranks share one GPU, which NCCL refuses (scripts/gpu_cp_matrix.py). NCCL groups and CPU tensors are untouched.
+    """
+    return backend == "gloo" and device.type != "cpu"
+
+
+def run_collective(collective, tensors: tuple[torch.Tensor, ...], stage: bool, **kwargs) -> None:
+    """``collective(*tensors, **kwargs)``, whose result lands in ``tensors[0]`` (the output, or the in-place tensor).
+
+    With ``stage`` it runs on CPU copies of ``tensors`` and copies the result back into ``tensors[0]``.
+    """
+    if not stage:
+        collective(*tensors, **kwargs)
+        return
+    host = [t.to("cpu", copy=True) for t in tensors]
+    collective(*host, **kwargs)
+    tensors[0].copy_(host[0])
 
 
 def rank_layout(
@@ -81,9 +105,15 @@ class ParallelGroup:
         self.rank_in_group = self.ranks.index(rank)
         self.world_size = len(self.ranks)
         self.device_group = device_group
+        self.backend = dist.get_backend(device_group) if device_group is not None else None
 
     def __repr__(self) -> str:
         return f"ParallelGroup({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
+
+    def _collective(self, collective, *tensors: torch.Tensor, **kwargs) -> None:
+        """Every collective goes through here: result in ``tensors[0]``; gloo + CUDA is staged through the host."""
+        stage = stages_through_host(self.backend, tensors[0].device)
+        run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return x.requires_grad and torch.is_grad_enabled()
@@ -118,7 +148,7 @@ class ParallelGroup:
             return x
         if self._needs_autograd(x):
             return _AllReduce.apply(x, self)
-        dist.all_reduce(x, group=self.device_group)
+        self._collective(dist.all_reduce, x)
         return x
 
     def all_to_all(self, x: torch.Tensor, scatter_dim: int = 0, gather_dim: int = 0) -> torch.Tensor:
@@ -130,7 +160,7 @@ class ParallelGroup:
         chunk = self._split_size(x, scatter_dim, "all_to_all")
         send = x.movedim(scatter_dim, 0).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.device_group)
+        self._collective(dist.all_to_all_single, recv, send)
         # recv: [W·chunk, rest...], block i from rank i -> W tensors shaped like x with chunk rows on scatter_dim
         pieces = recv.reshape(self.world_size, chunk, *send.shape[1:]).movedim(1, scatter_dim + 1).unbind(0)
         return torch.cat(pieces, dim=gather_dim)
@@ -139,7 +169,7 @@ class ParallelGroup:
         """Copy ``x`` of group rank ``src`` into ``x`` on every rank (in place); returns ``x``."""
         if self.world_size == 1:
             return x
-        dist.broadcast(x, src=self.ranks[src], group=self.device_group)
+        self._collective(dist.broadcast, x, src=self.ranks[src])
         return x
 
     def barrier(self) -> None:
@@ -151,7 +181,7 @@ class ParallelGroup:
         dim = dim % x.dim()
         front = x.movedim(dim, 0).contiguous()
         out = torch.empty((self.world_size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_flat(out, front, group=self.device_group)
+        self._collective(_all_gather_flat, out, front)
         return out.movedim(0, dim).contiguous() if dim else out
 
     def _reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -159,7 +189,7 @@ class ParallelGroup:
         n = self._split_size(x, dim, "reduce_scatter")
         front = x.movedim(dim, 0).contiguous()
         out = torch.empty((n, *front.shape[1:]), dtype=x.dtype, device=x.device)
-        _reduce_scatter_flat(out, front, op=dist.ReduceOp.SUM, group=self.device_group)
+        self._collective(_reduce_scatter_flat, out, front, op=dist.ReduceOp.SUM)
         return out.movedim(0, dim).contiguous() if dim else out
 
 
@@ -190,13 +220,13 @@ class _AllReduce(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
         ctx.group = group
         out = x.clone()
-        dist.all_reduce(out, group=group.device_group)
+        group._collective(dist.all_reduce, out)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group.device_group)
+        ctx.group._collective(dist.all_reduce, grad)
         return grad, None
 
 
