@@ -25,7 +25,7 @@ tp = pcp = 1 runs a full replica on every GPU at once):
   after the weights (less ``--reserve-gib`` for activations) would hold.
 
 ``--profile`` prints torch.profiler tables (by GPU time) of one TTFT and one attention call at the first
-``--tokens``. Prints a table last; rank 0 writes the JSON.
+``--tokens``, and of one decode-attention call at the first context and batch. Prints a table last; rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -233,6 +233,9 @@ def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
             k, v = (torch.randn(b, hkv, args.head_dim, device=device, dtype=dtype) for _ in range(2))
             with torch.inference_mode():
                 ms = _slowest(_time_ms(lambda: layer(q, k, v, meta, cache), device, max(args.reps, 20)))
+                if args.profile and (n, b) == (args.contexts[0], args.decode_batch[0]):
+                    _profile(f"decode attention tp={tp} dcp={dcp} context={n} batch={b}",
+                             lambda: layer(q, k, v, meta, cache), log)
             kv_bytes = 2 * b * -(-n // W) * hkv * args.head_dim * torch.finfo(dtype).bits // 8  # this rank's shard
             rows.append({"tp": tp, "pcp": pcp, "dcp": dcp, "context": n, "batch": b, "layer_ms": ms,
                          "kv_bytes_per_rank": kv_bytes, "kv_tb_per_s": kv_bytes / ms / 1e9})
