@@ -42,9 +42,10 @@ def rank_inputs(q, k, v, T: int, pcp: int, r: int):
     ks = torch.cat([k[:lens[0]], k[:lens[1]]])
     vs = torch.cat([v[:lens[0]], v[:lens[1]]])
     dev = q.device
-    cu_q = torch.tensor([0, c, 2 * c], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, lens[0], lens[0] + lens[1]], dtype=torch.int32, device=dev)
-    return qs, ks, vs, cu_q, cu_k, causal_pairs(c, lens[0]) + causal_pairs(c, lens[1])
+    host = ([0, c, 2 * c], [0, lens[0], lens[0] + lens[1]])  # what StepMetadata hands the layer: no read-back
+    cu_q = torch.tensor(host[0], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(host[1], dtype=torch.int32, device=dev)
+    return qs, ks, vs, cu_q, cu_k, host, causal_pairs(c, lens[0]) + causal_pairs(c, lens[1])
 
 
 def run(tokens: list[int], pcps: list[int], backends: list[str], heads: int, kv_heads: int, head_dim: int,
@@ -61,7 +62,8 @@ def run(tokens: list[int], pcps: list[int], backends: list[str], heads: int, kv_
         n = max(2, reps if T <= 32768 else reps // 3)
         single = {}
         for b in backends:
-            ms = time_ms(lambda: attention_with_lse(q, k, v, cu, cu, True, scale, backend=b), warmup=1, reps=n)
+            ms = time_ms(lambda: attention_with_lse(q, k, v, cu, cu, True, scale, backend=b,
+                                                    host_cu_seqlens=([0, T], [0, T])), warmup=1, reps=n)
             single[b] = {"ms": ms, "tflops": flop_per_pair * causal_pairs(T, T) / ms / 1e9}
         base = single["cudnn"] if "cudnn" in single else next(iter(single.values()))
         row = {"tokens": T, "single": single, "split": []}
@@ -71,9 +73,9 @@ def run(tokens: list[int], pcps: list[int], backends: list[str], heads: int, kv_
                     continue
                 ranks = []
                 for r in range(pcp):
-                    qs, ks, vs, cu_q, cu_k, pairs = rank_inputs(q, k, v, T, pcp, r)
-                    ms = time_ms(lambda: attention_with_lse(qs, ks, vs, cu_q, cu_k, True, scale, backend=b),
-                                 warmup=1, reps=n)
+                    qs, ks, vs, cu_q, cu_k, host, pairs = rank_inputs(q, k, v, T, pcp, r)
+                    ms = time_ms(lambda: attention_with_lse(qs, ks, vs, cu_q, cu_k, True, scale, backend=b,
+                                                            host_cu_seqlens=host), warmup=1, reps=n)
                     ranks.append({"rank": r, "ms": ms, "tflops": flop_per_pair * pairs / ms / 1e9})
                     del qs, ks, vs
                 worst = max(x["ms"] for x in ranks)

@@ -15,6 +15,7 @@ forms that read the device.
 from __future__ import annotations
 
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -106,19 +107,21 @@ def test_host_reads_catches_each_kind_of_read():
 BLOCK = 4
 
 
-def _full_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+def _full_logits(model, seqs: list[list[int]], device: str = "cpu") -> torch.Tensor:
     """Reference: one cache-free prefill of the whole sequences -> last-position logits [len(seqs), vocab]."""
-    meta = build_step_metadata(list(range(len(seqs))), [0] * len(seqs), [len(s) for s in seqs], None)
-    flat = torch.tensor([t for s in seqs for t in s])
+    meta = build_step_metadata(list(range(len(seqs))), [0] * len(seqs), [len(s) for s in seqs], None, device=device)
+    flat = torch.tensor([t for s in seqs for t in s], device=device)
     with torch.no_grad():
         hidden = model(flat[meta.token_index.clamp(min=0)], meta, None)
         return model.compute_logits(meta.select_logits_hidden(hidden))
 
 
-def _run_steps(model, cp_world: int, cp_rank: int, interleave: int) -> tuple[list[list[str]], float]:
+def _run_steps(model, cp_world: int, cp_rank: int, interleave: int, device: str = "cpu",
+               guard=HostReads) -> tuple[list[list[str]], float]:
     """Prefill, decode, then a mixed step (decode + prefill over cached context + fresh prompt), each counted.
 
-    Returns the host reads of each step's ``model.forward`` and the largest |logits − reference|.
+    Returns the host reads of each step's ``model.forward`` (``guard()``: a context manager with ``.reads``) and the
+    largest |logits − reference| relative to the reference's largest |logit|.
     """
     cfg = model.config
     seqs = [[3, 14, 15, 92, 65, 35, 89, 7, 8], [27, 18, 28, 18, 28, 9, 10, 11, 12], [1, 2, 3]]
@@ -128,23 +131,24 @@ def _run_steps(model, cp_world: int, cp_rank: int, interleave: int) -> tuple[lis
         ([0, 1, 2], [8, 6, 0], [1, 3, 3]),  # mixed: a decode, a prefill over cached context, a fresh prompt
     ]
     per_req = blocks_needed(16, BLOCK, cp_world)
-    table = BlockTable(BLOCK, 3, per_req, cp_world, cp_rank, interleave)
+    table = BlockTable(BLOCK, 3, per_req, cp_world, cp_rank, interleave, device=device)
     for i in range(3):
         table.set_row(i, list(range(i * per_req, (i + 1) * per_req)))
-    caches = [PagedKVCache(3 * per_req, BLOCK, model.num_local_kv_heads, cfg.head_dim)
+    dtype = next(model.parameters()).dtype
+    caches = [PagedKVCache(3 * per_req, BLOCK, model.num_local_kv_heads, cfg.head_dim, dtype, device)
               for _ in range(cfg.num_hidden_layers)]
     reads, err = [], 0.0
     for rows, computed, new in steps:
-        meta = build_step_metadata(rows, computed, new, table)
-        flat = torch.tensor([t for r, c, n in zip(rows, computed, new) for t in seqs[r][c:c + n]])
+        meta = build_step_metadata(rows, computed, new, table, device=device)
+        flat = torch.tensor([t for r, c, n in zip(rows, computed, new) for t in seqs[r][c:c + n]], device=device)
         ids = flat[meta.token_index.clamp(min=0)]
-        with torch.no_grad(), HostReads() as counter:
+        with torch.no_grad(), guard() as counter:
             hidden = model(ids, meta, caches)
         reads.append(counter.reads)
         with torch.no_grad():
-            got = model.compute_logits(meta.select_logits_hidden(hidden))
-        ref = _full_logits(model, [seqs[r][: c + n] for r, c, n in zip(rows, computed, new)])
-        err = max(err, float((got - ref).abs().max()))
+            got = model.compute_logits(meta.select_logits_hidden(hidden)).float()
+        ref = _full_logits(model, [seqs[r][: c + n] for r, c, n in zip(rows, computed, new)], device).float()
+        err = max(err, float((got - ref).abs().max() / ref.abs().max()))
     return reads, err
 
 
@@ -171,6 +175,74 @@ def test_model_steps_read_nothing_back_tp2_pcp2_dcp2(dist_pool_4):
     for reads, err in dist_pool_4.run(_dist_task):
         assert reads == [[], [], []], reads
         assert err < 1e-4
+
+
+# --------------------------------------------------------------------------------------------- on a GPU
+class _NoCudaSync(HostReads):
+    """``HostReads`` plus torch's own sync detector: any stream synchronisation inside raises."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        return super().__exit__(*exc)
+
+
+def _tiny_model(dtype: torch.dtype, device: str):
+    """The seeded tiny Llama with head dim 64 (the built-in one has 8, too small for some fused kernels)."""
+    from megacp.models.config import build_tiny_llama_config
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.models.loader import seeded_hf_weights
+
+    config = build_tiny_llama_config(hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                                     num_key_value_heads=2)
+    with torch.device(device):
+        model = LlamaForCausalLM(config, params_dtype=dtype)
+    loaders = model.hf_weight_loaders()
+    for name, tensor in seeded_hf_weights(model, 0).items():
+        loaders[name](tensor)
+    return model.eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_model_steps_do_not_sync_on_cuda(dtype, tol):
+    """float32 runs the reference kernels, bf16 the fused ones (cuDNN/flash/TE and the Triton paged decode)."""
+    with model_parallel(backend="gloo"):
+        model = _tiny_model(dtype, "cuda")
+        _run_steps(model, 1, 0, 1, "cuda")  # warm-up: kernel compilation and first-use allocations
+        reads, err = _run_steps(model, 1, 0, 1, "cuda", guard=_NoCudaSync)
+    assert reads == [[], [], []], reads
+    assert err < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_syncs_once_per_step_on_cuda():
+    """Per step the engine may read back only the sampled ids (one sync)."""
+    from megacp.engine import LLMEngine
+    from megacp.sampling import SamplingParams
+
+    with model_parallel(backend="gloo"):
+        model = _tiny_model(torch.bfloat16, "cuda")
+        engine = LLMEngine(model, num_kv_blocks=16, block_size=16)
+        prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
+        engine.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert engine.stats.num_steps == 6
+    assert len(syncs) <= engine.stats.num_steps, [str(w.message) for w in syncs[:5]]
 
 
 # --------------------------------------------------------------------------------------------- the sync-free forms
