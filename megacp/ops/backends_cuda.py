@@ -289,6 +289,8 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None):
         out, lse = _cudnn_seq(q[qs], k[ks], v[ks], causal, scale)
         outs.append(out)
         lses.append(lse)
+    if len(outs) == 1:  # a whole prompt: no copy (cat of one tensor still copies)
+        return outs[0], lses[0]
     return torch.cat(outs), torch.cat(lses)
 
 
