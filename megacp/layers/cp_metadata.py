@@ -173,6 +173,7 @@ class StepMetadata:
     prefill_gather_range: Range = None
     chunk_q_range: Range = None
     chunk_k_range: Range = None
+    logits_range: Range = None  # every request's logits row is local and they are consecutive (e.g. pure decode)
 
     @property
     def num_local_tokens(self) -> int:
@@ -194,11 +195,13 @@ class StepMetadata:
                 f"select_logits_hidden: hidden has {hidden.shape[0]} rows, this step has {self.num_local_tokens} "
                 "local tokens (pass the hidden states of meta.token_index's rows)"
             )
+        if self.logits_range is not None:  # a slice: no gather, no masking (pcp == 1 always ends up here or below)
+            return hidden[self.logits_range[0] : self.logits_range[1]]
         rows = self.logits_rows.to(hidden.device)
+        if self.pcp_size == 1:  # every row is local on a single PCP rank
+            return hidden[rows]
         mine = rows >= 0
         picked = torch.where(mine.unsqueeze(-1), hidden[rows.clamp(min=0)], torch.zeros_like(hidden[:1]))
-        if self.pcp_size == 1:
-            return picked
         group = self.pcp_group
         if group is None:
             from megacp.parallel_state import get_pcp_group
@@ -482,6 +485,7 @@ def build_step_metadata(
         prefill_gather_range=_as_range(gather_t),
         chunk_q_range=_as_range(q_rows_t),
         chunk_k_range=_as_range(k_index_t),
+        logits_range=_as_range(logits_rows) if P == 1 else None,
     )
 
 
