@@ -153,8 +153,8 @@ class ContextParallelAttention(nn.Module):
         if meta.num_prefill_rows == 0:
             return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
         o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], meta, kv_cache)
-        if meta.chunk_q_range == (0, T):  # every local row is a real query of a chunk (pcp = 1, no decodes)
-            out = o_new
+        if meta.chunk_q_range == (B, T):  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
+            out = o_new if o_dec is None else torch.cat([o_dec, o_new])
         else:
             out = q.new_zeros(T, self.num_local_heads, self.head_dim)
             if o_dec is not None:
