@@ -14,9 +14,9 @@ at the end every rank's paged cache must hold exactly its share of every sequenc
 out here independently).
 
 **e2e**: ``examples/infer_llama.py``'s ``main`` (the CLI, in process, so the NCCL world is set up once) for the
-2-rank layouts (tp, pcp, dcp) = (1,2,1), (2,1,1), (2,1,2) on tiny float32 checkpoints (Llama with 1 KV head, Qwen2
-with 2 KV heads where dcp = 1, Mixtral MoE with 1 KV head, once with expert parallelism); greedy ids must equal
-``transformers``' greedy ``generate`` (float32, CPU).
+layouts of ``E2E_RUNS`` with tp·pcp = world (2 ranks: (tp, pcp, dcp) = (1,2,1), (2,1,1), (2,1,2); more for 4 and 8)
+on tiny float32 checkpoints (Llama with 1 KV head, Qwen2 with 2 KV heads where dcp = 1, Mixtral MoE with 1 KV head,
+also with expert parallelism); greedy ids must equal ``transformers``' greedy ``generate`` (float32, CPU).
 
 Prints one line per check and a JSON summary (rank 0); exits 1 if any check failed.
 """
@@ -201,6 +201,12 @@ E2E_RUNS = [  # (model kind, tp, pcp, dcp, expert parallel)
     ("qwen2", 1, 2, 1, False), ("qwen2", 2, 1, 1, False),
     ("mixtral", 1, 2, 1, False), ("mixtral", 2, 1, 1, False), ("mixtral", 2, 1, 2, False),
     ("mixtral", 2, 1, 1, True),
+    # 4 ranks
+    ("llama", 1, 4, 1, False), ("llama", 2, 2, 2, False), ("llama", 4, 1, 4, False), ("qwen2", 2, 2, 1, False),
+    ("mixtral", 2, 2, 1, False), ("mixtral", 4, 1, 2, False), ("mixtral", 2, 2, 1, True),
+    # 8 ranks
+    ("llama", 1, 8, 1, False), ("llama", 2, 4, 2, False), ("llama", 4, 2, 4, False), ("llama", 8, 1, 8, False),
+    ("mixtral", 2, 4, 1, False), ("mixtral", 4, 2, 2, False), ("mixtral", 4, 2, 1, True),
 ]
 E2E_PROMPTS = [[1, 5, 9, 200, 17, 3], list(range(3, 26)), [(7 * i) % 300 + 3 for i in range(41)]]
 E2E_NEW_TOKENS = 16
