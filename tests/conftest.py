@@ -39,6 +39,11 @@ def _pool(world_size: int) -> Iterator[DistPool]:
 
 
 @pytest.fixture(scope="session")
+def dist_pool_1() -> Iterator[DistPool]:
+    yield from _pool(1)
+
+
+@pytest.fixture(scope="session")
 def dist_pool_2() -> Iterator[DistPool]:
     yield from _pool(2)
 

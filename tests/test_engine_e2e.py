@@ -41,8 +41,8 @@ def _reference(kind: str) -> list[list[int]]:
 
 
 def _argv(kind: str | None, tp: int, pcp: int, dcp: int, interleave: int = 1, batched: int = 512,
-          extra: tuple[str, ...] = ()) -> list[str]:
-    dp = POOL // (tp * pcp)
+          extra: tuple[str, ...] = (), world: int = POOL) -> list[str]:
+    dp = world // (tp * pcp)
     argv = ["-tp", str(tp), "-pcp", str(pcp), "-dcp", str(dcp), "-dp", str(dp),
             "--cp-kv-cache-interleave-size", str(interleave), "--block-size", "16",
             "--max-num-batched-tokens", str(batched), "--max-new-tokens", str(MAX_NEW),
@@ -83,21 +83,27 @@ def _engine_task(model_dir: str, sizes: dict, prompts: list[list[int]], max_new:
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (4, 1, 4), (2, 2, 2)]
 
 
+@pytest.mark.parametrize("interleave,batched", [(1, 512), (16, 512), (1, 8), (16, 8)])
 @pytest.mark.parametrize("tp,pcp,dcp", LAYOUTS)
-def test_greedy_matches_transformers(dist_pool_4, tp, pcp, dcp):
-    result = dist_pool_4.run(_main_task, _argv("llama", tp, pcp, dcp))[0]
+def test_greedy_matches_transformers(request, tp, pcp, dcp, interleave, batched):
+    """Every layout x interleave 1/16 x whole-prompt/chunked prefill (8 tokens per step) gives transformers' ids.
+
+    dp = 1 (a pool of exactly tp·pcp ranks), so the three prompts always run as one packed batch."""
+    world = tp * pcp
+    pool = request.getfixturevalue(f"dist_pool_{world}")
+    result = pool.run(_main_task, _argv("llama", tp, pcp, dcp, interleave=interleave, batched=batched, world=world))[0]
     assert [o["output_ids"] for o in result["outputs"]] == _reference("llama")
     assert [o["prompt_ids"] for o in result["outputs"]] == _prompts()
-    assert result["config"] == {**result["config"], "tp": tp, "pcp": pcp, "dcp": dcp, "dp": POOL // (tp * pcp)}
-
-
-@pytest.mark.parametrize("tp,pcp,dcp,batched", [(1, 2, 1, 512), (2, 2, 2, 512), (4, 1, 4, 8), (1, 4, 1, 8),
-                                                (1, 1, 1, 8)])
-def test_interleave_16_and_chunked_prefill(dist_pool_4, tp, pcp, dcp, batched):
-    result = dist_pool_4.run(_main_task, _argv("llama", tp, pcp, dcp, interleave=16, batched=batched))[0]
-    assert [o["output_ids"] for o in result["outputs"]] == _reference("llama")
+    assert result["config"] == {**result["config"], "tp": tp, "pcp": pcp, "dcp": dcp, "dp": 1}
     if batched < max(PROMPT_LENS):
         assert result["timings"]["num_steps"] > MAX_NEW  # the long prompts really took several steps
+
+
+def test_data_parallel_replicas_match_transformers(dist_pool_4):
+    """dp = 4 replicas deal the prompts round-robin; rank 0 gathers them back in order."""
+    result = dist_pool_4.run(_main_task, _argv("llama", 1, 1, 1))[0]
+    assert [o["output_ids"] for o in result["outputs"]] == _reference("llama")
+    assert result["config"]["dp"] == 4
 
 
 @pytest.mark.parametrize("extra,steps", [(("--num-kv-blocks", "2"), 2 * MAX_NEW), (("--max-num-seqs", "1"), 3 * MAX_NEW)])
