@@ -99,9 +99,12 @@ class BlockTable:
         self._table_host[req_index, end:] = 0
         self._num_blocks_host[req_index] = end
         self._num_blocks[req_index] = end
-        # One non-blocking copy of the row (a blocking host->device copy synchronises the stream on CUDA).
-        self.table[req_index].copy_(self._table_host[req_index], non_blocking=True)
-        self.num_blocks[req_index] = end
+        # A copy from pageable memory synchronises the stream on CUDA (measured: one sync per admission and per
+        # release), so the row goes through a fresh pinned buffer; fresh, because the host row may change again
+        # before the copy runs.
+        row = self._table_host[req_index]
+        self.table[req_index].copy_(row.pin_memory() if self.device.type == "cuda" else row, non_blocking=True)
+        self.num_blocks[req_index].fill_(end)
 
     def set_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
         """Make ``block_ids`` (virtual block ids, in sequence order) the whole row of request ``req_index``."""
