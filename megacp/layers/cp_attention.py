@@ -4,8 +4,9 @@ One step's local tokens (``StepMetadata``, built once per step in ``cp_metadata.
 each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path:
 
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
-  every rank attends to its local paged shard (returning LSE), ``dcp_merge`` rescales and reduce-scatters back to
-  this rank's heads, and ``pcp_merge`` rescales and all-reduces over the PCP ranks (which hold the other shards).
+  every rank attends to its local paged shard (returning LSE), and ``cp_merge_gathered`` all-gathers the packed
+  partials (out and LSE) over the CP group once and merges this rank's heads locally: two collectives per layer at
+  most, none at pcp = dcp = 1 (it equals ``dcp_merge`` then ``pcp_merge``, which cost four).
 - ``_prefill_pcp``: prefill rows. K/V are all-gathered over PCP and restored to sequence order; each rank writes the
   tokens it owns into its cache; each local chunk (head and tail of the DualChunkSwap split) attends causally,
   bottom-right aligned, to the request's new tokens up to the chunk's end.
@@ -41,7 +42,7 @@ from megacp.layers.cp_metadata import (
     pcp_split_positions,
 )
 from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
-from megacp.ops.merge import dcp_merge, merge_attn_states, pcp_merge
+from megacp.ops.merge import cp_merge_gathered, dcp_merge, merge_attn_states
 
 if TYPE_CHECKING:
     from megacp.parallel_state import ParallelGroup
@@ -176,16 +177,22 @@ class ContextParallelAttention(nn.Module):
         The new token's K/V is written first, on its owning CP rank only, so it is attended exactly once.
         """
         kv_cache.write_rows(k, v, meta.decode_write_rows, meta.decode_write_slots)
-        # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all, attend to our
-        # shard, and let dcp_merge hand each rank back its own heads, LSE-corrected.
-        q_all = self.dcp_group.all_gather(q, dim=1)  # [B, dcp·Hq_local, D]
+        # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all (dcp_rank major;
+        # a flat gather along a new leading dim, then one copy into head order) and attend to our shard.
+        B, H, D = q.shape
+        dcp = self.dcp_group.world_size
+        q_all = q
+        if dcp > 1:
+            q_all = self.dcp_group.all_gather(q.unsqueeze(0), dim=0).transpose(0, 1).reshape(B, dcp * H, D)
         out, lse = paged_attention_with_lse(
             q_all, kv_cache.k, kv_cache.v, meta.decode_block_table, meta.decode_local_seq_lens, self.scale,
             backend=self.backend, seq_lens_host=meta.decode_local_seq_lens_host,
         )
-        out, lse = dcp_merge(out, lse, self.dcp_group)  # [B, Hq_local, D]
-        # The PCP ranks hold the other shards of the same sequences and computed the same queries.
-        out, _ = pcp_merge(out, lse, self.pcp_group)
+        # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
+        # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
+        # heads, LSE-corrected: the same as dcp_merge then pcp_merge, in one latency-bound small collective
+        # instead of up to four (see cp_merge_gathered).
+        out, _ = cp_merge_gathered(out, lse, dcp, self.cp_group)  # [B, Hq_local, D]
         return out
 
     # ------------------------------------------------------------------------------------------------ prefill

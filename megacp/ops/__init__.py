@@ -16,7 +16,14 @@ from megacp.ops.attention import (
     select_backend,
 )
 from megacp.ops import backends_cuda as _backends_cuda  # noqa: E402,F401  (registers "te", "cudnn", "flash")
-from megacp.ops.merge import dcp_merge, lse_merge_weights, merge_attn_states, merge_attn_states_n, pcp_merge
+from megacp.ops.merge import (
+    cp_merge_gathered,
+    dcp_merge,
+    lse_merge_weights,
+    merge_attn_states,
+    merge_attn_states_n,
+    pcp_merge,
+)
 
 __all__ = [
     "ENV_BACKEND",
@@ -26,6 +33,7 @@ __all__ = [
     "available_backends",
     "bottom_right_causal_from_top_left",
     "bottom_right_causal_mask",
+    "cp_merge_gathered",
     "dcp_merge",
     "lse_merge_weights",
     "merge_attn_states",

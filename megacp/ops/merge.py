@@ -7,7 +7,8 @@ Attention over the union of disjoint subsets is
     L = logsumexp_i l_i,        o = Σ_i exp(l_i − L) · o_i .
 
 The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
-``dcp_merge`` and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``.
+``dcp_merge`` and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``, and
+``cp_merge_gathered`` does both at once with one all-gather over the CP group (what decode uses).
 Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``,
 never NaN.
 """
@@ -32,12 +33,13 @@ def lse_merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
     lses = lses.float()
     m = lses.amax(dim=0)
     # An all -inf column would give exp(-inf - -inf) = NaN: shift it by 0 instead (its weights are then exactly 0).
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # (Python scalars in torch.where: no extra fill kernels; this runs once per layer per decode step.)
+    m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(lses - m)
     s = e.sum(dim=0)
     nonempty = s > 0
-    s_safe = torch.where(nonempty, s, torch.ones_like(s))
-    lse = torch.where(nonempty, m + torch.log(s_safe), torch.full_like(s, float("-inf")))
+    s_safe = torch.where(nonempty, s, 1.0)
+    lse = torch.where(nonempty, m + torch.log(s_safe), float("-inf"))
     return e / s_safe, lse
 
 
@@ -115,6 +117,45 @@ def pcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
         return out, lse.float()
     scaled, merged_lse = _scale_for_group(out, lse, group)
     merged = group.all_reduce(scaled.contiguous())
+    return merged.to(out.dtype), merged_lse
+
+
+def cp_merge_gathered(
+    out: Tensor, lse: Tensor, dcp_size: int, group: "ParallelGroup | None" = None
+) -> tuple[Tensor, Tensor]:
+    """Decode merge over the whole CP group in one collective: equals ``pcp_merge(*dcp_merge(out, lse))``.
+
+    # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] (this rank's partial over all the DCP group's heads)
+    # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32) for this rank's own heads
+    ``group`` is the CP group (default ``get_cp_group()``), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
+    rank's partial covers the same ``dcp·Hq_local`` heads (the PCP ranks computed the same gathered queries), so this
+    rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
+
+    Why one all-gather of the packed ``[out | lse]`` instead of dcp_merge's all-gather + reduce-scatter and
+    pcp_merge's all-gather + all-reduce: decode tensors are tiny (a few KiB per layer), so each collective costs its
+    fixed launch/host latency, not bandwidth (docs/benchmarks.md measured ~0.2–0.3 ms of host time per NCCL call).
+    Moving ``W×`` the bytes in one call is cheaper than four calls, and the partials travel in float32, so the
+    merge rounds to ``out.dtype`` once instead of after each stage.
+    """
+    if group is None:
+        from megacp.parallel_state import get_cp_group
+
+        group = get_cp_group()
+    _check_merge_shapes("cp_merge_gathered", out, lse)
+    if dcp_size < 1 or group.world_size % dcp_size != 0 or out.shape[1] % dcp_size != 0:
+        raise ValueError(
+            f"cp_merge_gathered: dcp_size={dcp_size} must divide the CP group size {group.world_size} and the head "
+            f"dim {out.shape[1]} (= Hq_local * dcp); pass the DCP group's world size"
+        )
+    if group.world_size == 1:
+        return out, lse.float()
+    local_heads = out.shape[1] // dcp_size
+    start = (group.rank_in_group % dcp_size) * local_heads
+    work = torch.promote_types(out.dtype, torch.float32)
+    packed = torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], dim=-1)  # [B, dcp·H, D+1]
+    gathered = group.all_gather(packed.unsqueeze(0), dim=0)  # [W, B, dcp·H, D+1], CP rank major
+    mine = gathered[:, :, start : start + local_heads]  # [W, B, H, D+1]: every partial of this rank's heads
+    merged, merged_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
     return merged.to(out.dtype), merged_lse
 
 
