@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from megacp.layers.norm import RMSNorm, rms_norm
-from megacp.layers.rotary import RotaryEmbedding, compute_inv_freq
+from megacp.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_tables,
+    compute_inv_freq,
+    rotary_cos_sin,
+)
 
 ATOL = 1e-5
 
@@ -87,6 +93,18 @@ def test_rotary_matches_transformers(scaling: str | None) -> None:
     torch.testing.assert_close(k_out, k_ref, atol=ATOL, rtol=0)
     if scaling is not None:  # the scaling really changes something
         assert not torch.allclose(compute_inv_freq(head_dim, theta, None), ours.inv_freq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_equal_per_call_rotary_bitwise(dtype: torch.dtype) -> None:
+    """The once-per-forward tables (sign folded into sin) give exactly the per-layer apply_rotary result."""
+    inv_freq = compute_inv_freq(16, 500000.0, None)
+    positions = torch.tensor([5, 0, 1, 4000, 3, 77, 2])
+    x = torch.randn(7, 3, 16).to(dtype)
+    cos, sin = rotary_cos_sin(positions, inv_freq)
+    got = apply_rotary_tables(x, RotaryEmbedding(16, 500000.0).tables(positions, dtype))
+    assert got.dtype == dtype and torch.equal(got, apply_rotary(x, cos, sin))
+    assert not torch.equal(got, x)  # positions > 0 really rotate
 
 
 def test_rotary_unknown_type_is_clear() -> None:

@@ -2,12 +2,17 @@
 
 Pure functions for the math (``compute_inv_freq``, ``apply_rotary``) plus a small module that applies them at
 each token's absolute position, so PCP-split or padded token sets need no special handling.
+
+Every layer rotates at the same positions, so the model builds the tables once per forward (``RotaryEmbedding.tables``)
+and each layer only applies them (``apply_rotary_tables``): a decode step is launch-bound, and recomputing cos/sin
+in every layer cost 5–9 small kernels per layer (cos, sin, their casts). The tables carry ``sin`` with the first half negated so that
+``rotate_half(x)·sin == swap_halves(x)·sin_signed`` exactly (a sign flip is exact), one ``neg`` kernel less per call.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -66,8 +71,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+class RotaryTables(NamedTuple):
+    """cos/sin of one step's positions, ready to apply: both ``[T, 1, D]`` in the activations' dtype."""
+
+    cos: torch.Tensor
+    sin_signed: torch.Tensor  # (-sin, sin) halves: multiplies swap_halves(x), see the module docstring
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+    """positions ``[T]`` → tables for ``apply_rotary_tables`` (computed in float32, then cast to ``dtype`` as HF does)."""
+    cos, sin = rotary_cos_sin(positions, inv_freq)
+    half = sin.shape[-1] // 2
+    sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return RotaryTables(cos.to(dtype).unsqueeze(1), sin_signed.to(dtype).unsqueeze(1))
+
+
+def apply_rotary_tables(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """x ``[T, H, D]`` → ``[T, H, D]``; bitwise equal to ``apply_rotary(x, cos, sin)`` for the same positions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * tables.cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * tables.sin_signed.to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
-    """forward(positions ``[T]``, q ``[T, Hq, D]``, k ``[T, Hk, D]``) → rotated (q, k)."""
+    """forward(positions ``[T]``, q ``[T, Hq, D]``, k ``[T, Hk, D]``) → rotated (q, k).
+
+    A model rotating many layers at the same positions calls ``tables`` once and ``apply_rotary_tables`` per layer.
+    """
 
     def __init__(self, head_dim: int, rope_theta: float = 10000.0, rope_scaling: Mapping[str, Any] | None = None):
         super().__init__()
@@ -77,10 +106,14 @@ class RotaryEmbedding(nn.Module):
         # A plain attribute, not a buffer: ``model.to(bfloat16)`` must not round the frequencies.
         self.inv_freq = compute_inv_freq(head_dim, rope_theta, rope_scaling)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """positions ``[T]`` → cos/sin tables ``[T, 1, D]`` in ``dtype`` (the dtype of the q/k they will rotate)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        return rotary_tables(positions, self.inv_freq, dtype)
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        tables = self.tables(positions, q.dtype)
+        return apply_rotary_tables(q, tables), apply_rotary_tables(k, tables)

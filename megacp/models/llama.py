@@ -3,6 +3,8 @@
     embed → N × [RMSNorm → QKV → RoPE(meta.positions) → ContextParallelAttention → o_proj (+res)
                  RMSNorm → gate/up → SiLU·mul → down (+res)] → RMSNorm
 
+The RoPE cos/sin tables of the step's positions are built once per forward and shared by every layer.
+
 In MoE models the layers listed in ``config.moe_layers`` replace the dense MLP by ``megacp.moe.MoELayer`` (router,
 experts, optional shared expert), parallelised over all ranks as its ``MoEParallelConfig`` says. Its forward is a
 collective over every rank, so every rank must run every step (the engine does).
@@ -34,7 +36,7 @@ from megacp.layers.linear import (
     default_weight_loader,
 )
 from megacp.layers.norm import RMSNorm
-from megacp.layers.rotary import RotaryEmbedding
+from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables
 from megacp.models.config import ModelConfig
 from megacp.moe import MoELayer, MoEParallelConfig
 
@@ -42,7 +44,7 @@ WeightLoader = Callable[[Any], None]  # takes a full tensor or a safetensors sli
 
 
 class LlamaAttention(nn.Module):
-    """forward: hidden ``[T_local, hidden]`` → ``[T_local, hidden]`` (summed over TP)."""
+    """forward: hidden ``[T_local, hidden]``, the step's RoPE tables → ``[T_local, hidden]`` (summed over TP)."""
 
     def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -60,7 +62,6 @@ class LlamaAttention(nn.Module):
             bias=config.o_proj_bias,
             params_dtype=params_dtype,
         )
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.attn = ContextParallelAttention(  # takes the global head counts
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -69,9 +70,11 @@ class LlamaAttention(nn.Module):
             tp_size=self.qkv_proj.tp_size,
         )
 
-    def forward(self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))  # [T, Hq_l, D], [T, Hkv_l, D] ×2
-        q, k = self.rotary_emb(meta.positions, q, k)
+        q, k = apply_rotary_tables(q, rope), apply_rotary_tables(k, rope)
         out = self.attn(q, k, v, meta, kv_cache)  # [T, Hq_l, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 
@@ -127,8 +130,11 @@ class LlamaDecoderLayer(nn.Module):
             _moe_layer(config, params_dtype, moe_parallel_config) if moe else LlamaMLP(config, params_dtype)
         )
 
-    def forward(self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
+    def forward(
+        self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
+    ) -> torch.Tensor:
+        """hidden ``[T_local, hidden]`` → ``[T_local, hidden]``; ``rope``: the step's tables (``LlamaForCausalLM``)."""
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache, rope)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
     def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, WeightLoader]:
@@ -226,6 +232,7 @@ class LlamaForCausalLM(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # one for all layers
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
         if config.tie_word_embeddings:
             self.lm_head.tie_weights(self.embed_tokens)
@@ -241,8 +248,9 @@ class LlamaForCausalLM(nn.Module):
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for a model with {len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.tables(meta.positions, hidden.dtype)  # the same positions in every layer
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None)
+            hidden = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None, rope)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
