@@ -132,10 +132,11 @@ def cp_merge_gathered(
     rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
 
     Why one all-gather of the packed ``[out | lse]`` instead of dcp_merge's all-gather + reduce-scatter and
-    pcp_merge's all-gather + all-reduce: decode tensors are tiny (a few KiB per layer), so each collective costs its
-    fixed launch/host latency, not bandwidth (docs/benchmarks.md measured ~0.2–0.3 ms of host time per NCCL call).
-    Moving ``W×`` the bytes in one call is cheaper than four calls, and the partials travel in float32, so the
-    merge rounds to ``out.dtype`` once instead of after each stage.
+    pcp_merge's all-gather + all-reduce: decode tensors are small (``B·dcp·Hq_local·(D+1)`` floats: a few KiB at
+    batch 1, ~1 MiB at batch 64 with 32 heads of 128), so each collective costs its fixed launch/host latency, not
+    bandwidth (docs/benchmarks.md measured ~0.2–0.3 ms of host time per NCCL call). Moving ``W×`` the bytes in one
+    call is cheaper than up to four calls, and the partials travel in float32, so the merge rounds to ``out.dtype``
+    once instead of after each stage.
     """
     if group is None:
         from megacp.parallel_state import get_cp_group
