@@ -260,36 +260,41 @@ class LLMEngine:
             kv_slots_per_rank=self.num_kv_blocks * self.block_size,
         )
         start = time.perf_counter()
-        while waiting or running:
-            if self.on_step is not None:
-                self.on_step(stats.num_steps)
-            sched = self._schedule(waiting, running, sampling.max_new_tokens)
-            if not sched:  # cannot happen after check_fits: an empty cache fits any single request
-                raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
-            stats.peak_tokens_stored = max(stats.peak_tokens_stored, self._tokens_stored(running, sched))
-            t0 = time.perf_counter()
-            tokens, logits = self._run_step(sched, sampling, generator)
-            now = time.perf_counter()
-            stats.num_steps += 1
-            if all(not r.in_prefill for r, _ in sched):
-                stats.decode_time_s += now - t0
-                stats.decode_tokens += len(sched)
-            finishing = [(r, n) for r, n in sched if r.num_computed + n >= len(r.prompt)]
-            for r, n in sched:
-                r.num_computed += n
-            for j, ((r, _), tok) in enumerate(zip(finishing, tokens)):
-                if not r.output:
-                    r.ttft_s = now - start
-                    if return_prompt_logits:
-                        r.prompt_logits = logits[j].cpu()
-                r.output.append(tok)
-                if tok in self.eos_token_ids and not sampling.ignore_eos:
-                    r.finish_reason = "eos"
-                elif len(r.output) >= sampling.max_new_tokens:
-                    r.finish_reason = "length"
-                if r.finish_reason:
-                    self._release(r)
-                    running.remove(r)
+        try:
+            while waiting or running:
+                if self.on_step is not None:
+                    self.on_step(stats.num_steps)
+                sched = self._schedule(waiting, running, sampling.max_new_tokens)
+                if not sched:  # cannot happen after check_fits: an empty cache fits any single request
+                    raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
+                stats.peak_tokens_stored = max(stats.peak_tokens_stored, self._tokens_stored(running, sched))
+                t0 = time.perf_counter()
+                tokens, logits = self._run_step(sched, sampling, generator)
+                now = time.perf_counter()
+                stats.num_steps += 1
+                if all(not r.in_prefill for r, _ in sched):
+                    stats.decode_time_s += now - t0
+                    stats.decode_tokens += len(sched)
+                finishing = [(r, n) for r, n in sched if r.num_computed + n >= len(r.prompt)]
+                for r, n in sched:
+                    r.num_computed += n
+                for j, ((r, _), tok) in enumerate(zip(finishing, tokens)):
+                    if not r.output:
+                        r.ttft_s = now - start
+                        if return_prompt_logits:
+                            r.prompt_logits = logits[j].cpu()
+                    r.output.append(tok)
+                    if tok in self.eos_token_ids and not sampling.ignore_eos:
+                        r.finish_reason = "eos"
+                    elif len(r.output) >= sampling.max_new_tokens:
+                        r.finish_reason = "length"
+                    if r.finish_reason:
+                        self._release(r)
+                        running.remove(r)
+        finally:
+            # A step that raised (a bad input, a dead peer) must not leak this engine's KV blocks and rows.
+            for r in list(running):
+                self._release(r)
         stats.total_time_s = time.perf_counter() - start
         stats.ttft_s = [r.ttft_s for r in reqs]
         self.stats = stats

@@ -99,6 +99,37 @@ def test_greedy_matches_transformers(request, tp, pcp, dcp, interleave, batched)
         assert result["timings"]["num_steps"] > MAX_NEW  # the long prompts really took several steps
 
 
+def _failing_step_task():
+    """A step that raises mid-generation frees every KV block and row; the engine then runs a new batch."""
+    from megacp.engine import LLMEngine
+    from megacp.models import load_model
+    from megacp.sampling import SamplingParams
+    from tests.dist_pool import model_parallel
+
+    def boom(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("injected failure")
+
+    with model_parallel():
+        model = load_model(None, torch.float32, torch.device("cpu"))
+        engine = LLMEngine(model, num_kv_blocks=6, block_size=4, on_step=boom)
+        try:
+            engine.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        except RuntimeError as e:
+            assert "injected failure" in str(e)
+        else:
+            raise AssertionError("the injected failure did not propagate")
+        free_after_failure = engine.allocator.num_free
+        engine.on_step = None
+        outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        return free_after_failure, engine.allocator.num_free, len(outs[0].output_ids)
+
+
+def test_failed_step_frees_kv_blocks(dist_pool_1):
+    free_after_failure, free_at_end, n = dist_pool_1.run(_failing_step_task)[0]
+    assert (free_after_failure, free_at_end, n) == (6, 6, 4)
+
+
 def test_data_parallel_replicas_match_transformers(dist_pool_4):
     """dp = 4 replicas deal the prompts round-robin; rank 0 gathers them back in order."""
     result = dist_pool_4.run(_main_task, _argv("llama", 1, 1, 1))[0]
