@@ -17,7 +17,8 @@ The fused kernels take only half dtypes (``backends_cuda.fused_shapes_ok``), so 
 reference on the GPU and decode to the gather path; the summary counts, per case, which kernels ran to show it.
 
 Prints one line per case and, on rank 0, a JSON summary; exits 1 if any case failed. A rank whose check fails
-mid-scenario leaves its peers waiting in a collective: they give up after ``--group-timeout-s`` and report it.
+mid-scenario prints why on stderr and leaves its peers waiting in a collective: they give up after
+``--group-timeout-s`` and report it.
 """
 
 from __future__ import annotations
@@ -66,24 +67,31 @@ def count_kernels(counts: collections.Counter) -> None:
 
 
 def run_case(tp: int, pcp: int, dcp: int, dtype: str, interleave: int, device: torch.device, head_dim: int,
-             counts: collections.Counter) -> dict:
-    """One scenario on this rank, then every rank's result gathered into one row (the same on all ranks)."""
+             counts: collections.Counter, world: int = WORLD, num_heads: int = matrix.NUM_HEADS) -> dict:
+    """One scenario on this rank, then every rank's result gathered into one row (the same on all ranks).
+
+    Also ``scripts/nccl_check.py``'s attention case (its own world size, 8 heads so that tp = 8 fits).
+    """
     counts.clear()
     start = time.perf_counter()
     try:
-        mine = matrix._scenario(tp, pcp, dcp, interleave, device=device, dtype=DTYPES[dtype], head_dim=head_dim)
+        mine = matrix._scenario(tp, pcp, dcp, interleave, device=device, dtype=DTYPES[dtype], head_dim=head_dim,
+                                num_heads=num_heads)
         mine["error"] = None
     except Exception as exc:  # noqa: BLE001  (an assertion of the scenario, or a peer's collective timing out)
         mine = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+        # now, on this rank: if the peers are left waiting in a collective, the gathered row may never come
+        print(f"rank {dist.get_rank()} tp={tp} pcp={pcp} dcp={dcp} {dtype} interleave={interleave}: {mine['error']}",
+              file=sys.stderr, flush=True)
     mine["kernels"] = dict(counts)
     mine["seconds"] = time.perf_counter() - start
-    gathered: list = [None] * WORLD
+    gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
 
     fails = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]
     ok = [g for g in gathered if not g["error"]]
     final_lengths = [1 + 5 + 5, 3 + 2 + 5, 2 * pcp - 1 + 5, 37 + 11 + 5, 100 + 1 + 5, 2 * pcp + 1 + 5]
-    expect = sum(final_lengths) * (WORLD // (pcp * dcp))  # each (dp, kv-head) replica's CP group stores every token once
+    expect = sum(final_lengths) * (world // (pcp * dcp))  # each (dp, kv-head) replica's CP group stores every token once
     if not fails and sum(g["owned"] for g in ok) != expect:
         fails.append(f"ranks own {sum(g['owned'] for g in ok)} tokens in all, expected {expect}")
     kernels: collections.Counter = collections.Counter()
@@ -91,7 +99,7 @@ def run_case(tp: int, pcp: int, dcp: int, dtype: str, interleave: int, device: t
         kernels.update(g["kernels"])
     single = max((g["single_device_err"] for g in ok), default=float("nan"))
     return {
-        "tp": tp, "pcp": pcp, "dcp": dcp, "dp": WORLD // (tp * pcp), "dtype": dtype, "interleave": interleave,
+        "tp": tp, "pcp": pcp, "dcp": dcp, "dp": world // (tp * pcp), "dtype": dtype, "interleave": interleave,
         "num_kv_heads": matrix._num_kv_heads(tp, dcp),
         "max_err": max((g["max_err"] for g in ok), default=float("nan")),
         "single_device_err": single,

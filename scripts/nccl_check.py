@@ -3,15 +3,15 @@
     torchrun --nproc-per-node 2 scripts/nccl_check.py --device cuda --json-out nccl_check.json
     torchrun --nproc-per-node 2 scripts/nccl_check.py --device cpu      # the same checks on gloo (dry run)
 
-**attention**: for every (tp, pcp, dcp) that fits the world (dp fills the rest), in float32 and bfloat16, and for
-KV interleave sizes 1, 4 and the block size: ``ContextParallelAttention`` runs a step sequence (a packed prefill of
-prompts of 1, 3, 2·pcp−1, 37 and 300 tokens; a mixed step with chunked prefills over cached context, a decode and a
-fresh prompt; five decode steps of every request) and every real output row is compared with single-device causal
-attention over the request's whole sequence in float64. Tolerance, as in FlashAttention's tests: the largest error
-over all rows of the step sequence must be at most twice that of plain ``scaled_dot_product_attention`` on the same
-device in the same dtype (plus 1e-5 for float32, whose reference error can be ~0). The rows picked by ``select_logits_hidden`` are checked the same way, and
-at the end every rank's paged cache must hold exactly its share of every sequence (DESIGN §2 slot formula, written
-out here independently).
+**attention**: ``tests/test_cp_attention_dist.py``'s ``_scenario`` (through ``scripts/gpu_cp_matrix.py``'s
+``run_case``, 8 query heads of dim 128) for every (tp, pcp, dcp) that fits the world (dp fills the rest), in float32
+and bfloat16, and for KV interleave sizes 1, 4 and the block size: ``ContextParallelAttention`` runs a step sequence
+(a packed prefill, a mixed chunked-prefill/decode step, five decode steps) and every real output row and every
+``select_logits_hidden`` row is compared with single-device causal attention over the request's whole sequence in
+float64; padding rows must be zero and every rank's paged cache must hold exactly its share of every sequence.
+Bars: float32 within the test's ``ATOL``; bfloat16 within twice the error of single-device SDPA in bfloat16 on the
+same device (FlashAttention's tests' rule). A rank whose check fails mid-scenario prints why at once, and its peers
+may then wait in a collective until the group times out.
 
 **e2e**: ``examples/infer_llama.py``'s ``main`` (the CLI, in process, so the NCCL world is set up once) for the
 layouts of ``E2E_RUNS`` with tp·pcp = world (2 ranks: (tp, pcp, dcp) = (1,2,1), (2,1,1), (2,1,2); more for 4 and 8)
@@ -24,26 +24,25 @@ Prints one line per check and a JSON summary (rank 0); exits 1 if any check fail
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
-import math
 import os
 import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megacp import parallel_state as ps  # noqa: E402
+from scripts import gpu_cp_matrix  # noqa: E402
+from tests import test_cp_attention_dist as matrix  # noqa: E402
 
-NUM_HEADS = 8
+NUM_HEADS = 8  # so that tp = 8 fits on 8 ranks
 HEAD_DIM = 128
-BLOCK = 16
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FP32_FLOOR = 1e-5
+DTYPES = gpu_cp_matrix.DTYPES
 
 
 def layouts(world: int) -> list[tuple[int, int, int]]:
@@ -57,140 +56,22 @@ def layouts(world: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _num_kv_heads(tp: int, dcp: int) -> int:
-    # dcp > 1 needs each DCP group to share one replicated KV head (tp / num_kv_heads == dcp); else 2 KV heads (GQA).
-    return 2 if dcp == 1 else tp // dcp
-
-
-def _head_slices(tp: int, tp_rank: int, num_kv: int) -> tuple[slice, slice]:
-    hq = NUM_HEADS // tp
-    if tp > num_kv:  # each KV head replicated on tp / num_kv adjacent ranks
-        kv = tp_rank // (tp // num_kv)
-        return slice(tp_rank * hq, (tp_rank + 1) * hq), slice(kv, kv + 1)
-    hkv = num_kv // tp
-    return slice(tp_rank * hq, (tp_rank + 1) * hq), slice(tp_rank * hkv, (tp_rank + 1) * hkv)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over one whole sequence. # q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D]"""
-    group = q.shape[1] // k.shape[1]
-    qt, kt, vt = (t.transpose(0, 1) for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
-    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1 / math.sqrt(HEAD_DIM)).transpose(0, 1)
-
-
-def _attention_case(tp: int, pcp: int, dcp: int, dtype: torch.dtype, interleave: int, device: torch.device) -> dict:
-    """One step sequence through the layer on this rank; errors vs float64 and vs same-dtype single-device SDPA."""
-    from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
-
-    W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    num_kv = _num_kv_heads(tp, dcp)
-    hs, kvs = _head_slices(tp, ps.get_tensor_model_parallel_rank(), num_kv)
-    prompts = [1, 3, 2 * pcp - 1, 37, 300]
-    steps = [list(enumerate(prompts)), [(0, 5), (1, 2), (3, 11), (4, 1), (5, 2 * pcp + 1)]]
-    steps += [[(i, 1) for i in range(6)] for _ in range(5)]
-    final = [sum(n for step in steps for i, n in step if i == r) for r in range(6)]
-    seqs = []  # per request: full-head float32 (q [L, Hq, D], k [L, Hkv, D], v), identical on every rank
-    for i, L in enumerate(final):
-        g = torch.Generator().manual_seed(100 + i)
-        seqs.append(tuple(torch.randn(L, h, HEAD_DIM, generator=g) for h in (NUM_HEADS, num_kv, num_kv)))
-    exact = [_sdpa(*(t.double() for t in s))[:, hs] for s in seqs]  # float64 on the CPU
-    same = [_sdpa(*(t.to(device, dtype) for t in s))[:, hs].double().cpu() for s in seqs]  # the kernel to beat
-
-    per_req = [-(-L // (BLOCK * W)) for L in final]
-    ids = torch.randperm(sum(per_req), generator=torch.Generator().manual_seed(3)).tolist()
-    rows = [ids[sum(per_req[:i]):sum(per_req[:i + 1])] for i in range(6)]
-    bt = BlockTable(BLOCK, 6, max(per_req), cp_world_size=W, cp_rank=R, interleave_size=interleave)
-    for i, row in enumerate(rows):
-        bt.set_row(i, row)
-    cache = PagedKVCache(sum(per_req), BLOCK, kvs.stop - kvs.start, HEAD_DIM, dtype, device)
-    layer = ContextParallelAttention(NUM_HEADS, num_kv, HEAD_DIM, 1 / math.sqrt(HEAD_DIM))
-
-    done = [0] * 6
-    err = ref_err = 0.0
-    fails: list[str] = []
-    for s, step in enumerate(steps):
-        req_ids, new = [i for i, _ in step], [n for _, n in step]
-        computed = [done[i] for i in req_ids]
-        meta = build_step_metadata(req_ids, computed, new, bt, device=device)
-        # which request / position each local row holds (padding rows: -1)
-        ti = meta.token_index.cpu()
-        real = ti >= 0
-        owner = torch.repeat_interleave(torch.arange(len(step)), torch.tensor(new))[ti.clamp(min=0)]
-        offset = torch.cat([torch.arange(n) for n in new])[ti.clamp(min=0)]
-        req_of_row = torch.tensor(req_ids)[owner]
-        pos_of_row = torch.tensor(computed)[owner] + offset
-        g = torch.Generator().manual_seed(7 + s)
-        qkv = []
-        for j, heads in enumerate((hs, kvs, kvs)):
-            rows_j = torch.stack([seqs[int(r)][j][int(p), heads] for r, p in zip(req_of_row, pos_of_row)])
-            garbage = 1e3 * torch.randn(rows_j.shape, generator=g)  # padding must never leak into attention
-            qkv.append(torch.where(real.view(-1, 1, 1), rows_j, garbage).to(device, dtype))
-        out_dev = layer(*qkv, meta, cache)
-        out = out_dev.double().cpu()
-        want = torch.stack([exact[int(r)][int(p)] for r, p in zip(req_of_row, pos_of_row)])
-        base = torch.stack([same[int(r)][int(p)] for r, p in zip(req_of_row, pos_of_row)])
-        e, b = (out[real] - want[real]).abs().max().item(), (base[real] - want[real]).abs().max().item()
-        picked = meta.select_logits_hidden(out_dev.flatten(1))
-        last = torch.stack([exact[i][done[i] + n - 1].flatten() for i, n in step])
-        last_base = torch.stack([same[i][done[i] + n - 1].flatten() for i, n in step])
-        le = (picked.double().cpu() - last).abs().max().item()
-        lb = (last_base - last).abs().max().item()
-        if not bool((out[~real] == 0).all()):
-            fails.append(f"step {s}: padding rows are not zero")
-        err, ref_err = max(err, e, le), max(ref_err, b, lb)
-        for i, n in step:
-            done[i] += n
-
-    # FlashAttention's rule over the whole output of the case (every step's rows): per step, a decode step's few
-    # rows make the maxima too noisy (bf16 partials of the DCP merge add up to one more rounding there).
-    floor = FP32_FLOOR if dtype == torch.float32 else 0.0
-    if not err <= 2 * ref_err + floor:
-        fails.append(f"max error {err:.3g} > 2 x single-device {ref_err:.3g}")
-
-    # the cache holds exactly this rank's share of every sequence, nothing else
-    flat_k, flat_v = cache.k.flatten(0, 1).cpu(), cache.v.flatten(0, 1).cpu()
-    written = torch.zeros(flat_k.shape[0], dtype=torch.bool)
-    for i, L in enumerate(final):
-        p = torch.arange(L)
-        off = p % (BLOCK * W)
-        mine = (off // interleave) % W == R
-        block_id = torch.tensor(rows[i])[p // (BLOCK * W)]
-        slot = (block_id * BLOCK + (off // (W * interleave)) * interleave + off % interleave)[mine]
-        if not (torch.equal(flat_k[slot], seqs[i][1][p[mine]][:, kvs].to(dtype))
-                and torch.equal(flat_v[slot], seqs[i][2][p[mine]][:, kvs].to(dtype))):
-            fails.append(f"request {i}: cached K/V differ from the rank's share")
-        written[slot] = True
-    if bool(((flat_k[~written] != 0).any(dim=(1, 2)) | (flat_v[~written] != 0).any(dim=(1, 2))).any()):
-        fails.append("the cache holds tokens this rank does not own")
-    return {"max_err": err, "single_device_err": ref_err, "owned": int(written.sum()), "fails": fails}
-
-
 def check_attention(world: int, device: torch.device, dtypes: list[str], log) -> list[dict]:
+    """One row per (layout, dtype, interleave), every rank's result gathered (``gpu_cp_matrix.run_case``'s keys)."""
+    counts: collections.Counter = collections.Counter()  # which attention kernels each case ran
+    gpu_cp_matrix.count_kernels(counts)
     results = []
     for tp, pcp, dcp in layouts(world):
         ps.initialize_model_parallel(tp, pcp, dcp, world // (tp * pcp))
         try:
-            for name in dtypes:
-                for interleave in (1, 4, BLOCK):
-                    r = _attention_case(tp, pcp, dcp, DTYPES[name], interleave, device)
-                    gathered: list = [None] * world
-                    dist.all_gather_object(gathered, r)
-                    owned = sum(g["owned"] for g in gathered)
-                    expect = (1 + 5 + 5) + (3 + 2 + 5) + (2 * pcp - 1 + 5) + (37 + 11 + 5) + (300 + 1 + 5) \
-                        + (2 * pcp + 1 + 5)
-                    fails = [f"rank {k}: {f}" for k, g in enumerate(gathered) for f in g["fails"]]
-                    if owned != expect * (world // (pcp * dcp)):  # each (dp, kv-head) replica stores every token once
-                        fails.append(f"ranks own {owned} tokens in all, expected {expect * (world // (pcp * dcp))}")
-                    row = {"tp": tp, "pcp": pcp, "dcp": dcp, "dp": world // (tp * pcp), "dtype": name,
-                           "interleave": interleave, "num_kv_heads": _num_kv_heads(tp, dcp),
-                           "max_err": max(g["max_err"] for g in gathered),
-                           "single_device_err": max(g["single_device_err"] for g in gathered),
-                           "passed": not fails, "fails": fails}
+            for dtype in dtypes:
+                for interleave in matrix.INTERLEAVES:
+                    row = gpu_cp_matrix.run_case(tp, pcp, dcp, dtype, interleave, device, HEAD_DIM, counts,
+                                                 world=world, num_heads=NUM_HEADS)
                     results.append(row)
-                    log(f"attention tp={tp} pcp={pcp} dcp={dcp} dp={row['dp']} {name:8s} interleave={interleave:2d}: "
+                    log(f"attention tp={tp} pcp={pcp} dcp={dcp} dp={row['dp']} {dtype:8s} interleave={interleave:2d}: "
                         f"max err {row['max_err']:.2e} (single-device {row['single_device_err']:.2e}) "
-                        f"{'PASS' if not fails else 'FAIL ' + '; '.join(fails[:3])}")
+                        f"{'PASS' if row['passed'] else 'FAIL ' + '; '.join(row['fails'][:3])}")
         finally:
             ps.destroy_model_parallel()
     return results

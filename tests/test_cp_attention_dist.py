@@ -13,9 +13,10 @@ and compares every real output row with plain SDPA over the request's full seque
 (DESIGN §2 slot formula, written out independently here). PCP padding rows get huge garbage inputs, so any leak of
 padding into attention shows up as a large error.
 
-``_scenario`` also runs on a CUDA device in another dtype and head dim (``scripts/gpu_cp_matrix.py``: the same matrix,
-8 gloo ranks on one GPU); in float32 it must stay within ``ATOL``, in a half dtype within twice the error of plain
-single-device SDPA in that dtype on that device (FlashAttention's tests' rule).
+``_scenario`` also runs on a CUDA device in another dtype, head dim and head count (``scripts/gpu_cp_matrix.py``: the
+same matrix, 8 gloo ranks on one GPU; ``scripts/nccl_check.py``: every layout of a torchrun world, NCCL on GPUs); in
+float32 it must stay within ``ATOL``, in a half dtype within twice the error of plain single-device SDPA in that dtype
+on that device (FlashAttention's tests' rule).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def _num_kv_heads(tp: int, dcp: int) -> int:
     return 2 if dcp == 1 else tp // dcp
 
 
-def _sequences(num_reqs_lengths: list[int], num_kv: int, seed: int,
-               head_dim: int = HEAD_DIM) -> list[tuple[torch.Tensor, ...]]:
+def _sequences(num_reqs_lengths: list[int], num_kv: int, seed: int, head_dim: int = HEAD_DIM,
+               num_heads: int = NUM_HEADS) -> list[tuple[torch.Tensor, ...]]:
     """Per request: full-head float32 (q [L, Hq, D], k [L, Hkv, D], v [L, Hkv, D]), identical on every rank."""
     out = []
     for i, L in enumerate(num_reqs_lengths):
         g = torch.Generator().manual_seed(seed + i)
-        out.append(tuple(torch.randn(L, h, head_dim, generator=g) for h in (NUM_HEADS, num_kv, num_kv)))
+        out.append(tuple(torch.randn(L, h, head_dim, generator=g) for h in (num_heads, num_kv, num_kv)))
     return out
 
 
@@ -65,8 +66,8 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.d
     return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale).transpose(0, 1)
 
 
-def _head_slices(tp: int, tp_rank: int, num_kv: int) -> tuple[slice, slice]:
-    hq = NUM_HEADS // tp
+def _head_slices(tp: int, tp_rank: int, num_kv: int, num_heads: int = NUM_HEADS) -> tuple[slice, slice]:
+    hq = num_heads // tp
     if tp > num_kv:  # each KV head replicated on tp / num_kv adjacent ranks
         kv = tp_rank // (tp // num_kv)
         return slice(tp_rank * hq, (tp_rank + 1) * hq), slice(kv, kv + 1)
@@ -96,7 +97,7 @@ def _local_inputs(meta, req_ids, hs, kvs, seqs, computed, new, with_grad=False):
 
 
 def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, head_dim: int = HEAD_DIM) -> dict:
+              dtype: torch.dtype = torch.float32, head_dim: int = HEAD_DIM, num_heads: int = NUM_HEADS) -> dict:
     from megacp import parallel_state as ps
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
@@ -108,7 +109,7 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
         W, R, tp_rank = 1, 0, 0
     assert W == pcp * dcp
     num_kv = _num_kv_heads(tp, dcp)
-    hs, kvs = _head_slices(tp, tp_rank, num_kv)
+    hs, kvs = _head_slices(tp, tp_rank, num_kv, num_heads)
 
     # The schedule: (request, num_new) per step; requests 0..4 are the first packed prefill, 5 arrives in step 2.
     prompts = [1, 3, 2 * pcp - 1, 37, 100]
@@ -118,7 +119,7 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
     for step in steps:
         for i, n in step:
             final[i] += n
-    seqs = _sequences(final, num_kv, seed=100, head_dim=head_dim)
+    seqs = _sequences(final, num_kv, seed=100, head_dim=head_dim, num_heads=num_heads)
     refs = [_reference(*s) for s in seqs]
     # The bar: every real row is checked exactly once over the steps, so bounding each step by the worst row of
     # same-dtype single-device SDPA is FlashAttention's rule over the whole output.
@@ -137,7 +138,7 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
     for i, row in enumerate(rows):
         bt.set_row(i, row)
     cache = PagedKVCache(sum(per_req), BLOCK, kvs.stop - kvs.start, head_dim, dtype, device)
-    layer = ContextParallelAttention(NUM_HEADS, num_kv, head_dim, 1 / math.sqrt(head_dim))
+    layer = ContextParallelAttention(num_heads, num_kv, head_dim, 1 / math.sqrt(head_dim))
 
     done = [0] * 6
     max_err, checked = 0.0, 0
