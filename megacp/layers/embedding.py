@@ -86,17 +86,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection ``hidden → vocab`` sharded like the embedding (so it can be tied to it).
 
     ``compute_logits(hidden [N, embedding_dim]) -> [N, num_embeddings]``: local logits, all-gathered over TP, padding
-    columns dropped; every TP rank returns the full-vocabulary logits.
+    columns dropped; every TP rank returns the full-vocabulary logits. Constructed like the embedding.
     """
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        group: Any | None = None,
-        params_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_embeddings, embedding_dim, group=group, params_dtype=params_dtype)
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (``tie_word_embeddings``); both use the same vocab split."""
