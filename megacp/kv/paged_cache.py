@@ -4,12 +4,12 @@ Physical layout ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s``
 s % block_size)``. Under CP the rank holds only its share of each sequence, densely in local order (see
 ``megacp.kv.layout``), so ``gather(row, cp_local_seq_len)`` returns exactly the local shard.
 
-Two ways to write: ``write`` takes a full slot mapping (``-1`` = skip) and is convenient but reads the device back
-(boolean masking, range check); ``write_rows`` takes the rows to store and their slots, precomputed and checked on
-the host by ``build_step_metadata``, and never synchronises: that is what the attention layers use every step.
-``write`` range-checks its slots on CPU caches; ``MEGACP_DEBUG_CHECKS=1`` range-checks every write, CUDA included
-(a sync each). Without the check an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a device
-assert on CUDA.
+Two ways to write, one store: ``write_rows`` takes the rows to store and their slots, precomputed and checked on the
+host (``write_plan``, called by ``build_step_metadata``), and never synchronises: that is what the attention layers
+use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
+(one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
+``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` also range-checks every ``write_rows``, CUDA included (a sync each); without
+it an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a device assert on CUDA.
 """
 
 from __future__ import annotations
@@ -23,6 +23,18 @@ from torch import LongTensor, Tensor
 
 def _debug_checks() -> bool:
     return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
+
+
+def write_plan(slot_mapping: Tensor) -> tuple[LongTensor | None, LongTensor]:
+    """The rows of a host slot mapping to store (``-1`` = skip) and their slots, for ``PagedKVCache.write_rows``.
+
+    # slot_mapping: [T] long on the CPU -> (rows [N] long, or None when every row is stored; slots [N] long, all >= 0)
+    """
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        return None, slot_mapping
+    rows = torch.nonzero(keep).flatten()
+    return rows, slot_mapping[rows]
 
 
 class PagedKVCache:
@@ -69,14 +81,12 @@ class PagedKVCache:
         k, v: [T, Hkv, D]; slot_mapping: [T] int (from ``BlockTable.compute_slot_mapping``).
         """
         self._check_kv(k, v)
-        slots = torch.as_tensor(slot_mapping, dtype=torch.long).to(self.device).reshape(-1)
+        slots = torch.as_tensor(slot_mapping, dtype=torch.long).cpu().reshape(-1)
         if slots.numel() != k.shape[0]:
             raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
-        keep = slots >= 0
-        slots = slots[keep]
-        if self.device.type == "cpu" or _debug_checks():
-            self._check_slots(slots)
-        self._store(k.detach()[keep], v.detach()[keep], slots)
+        rows, slots = write_plan(slots)
+        self._check_slots(slots)  # on the host: free
+        self.write_rows(k, v, None if rows is None else rows.to(self.device), slots.to(self.device))
 
     def write_rows(self, k: Tensor, v: Tensor, rows: Tensor | None, slots: Tensor) -> None:
         """Store ``k[rows]``, ``v[rows]`` at ``slots`` without reading anything back from the device.

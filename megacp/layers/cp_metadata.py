@@ -36,6 +36,7 @@ from torch import LongTensor, Tensor
 
 from megacp.kv.block_table import BlockTable
 from megacp.kv.layout import cp_local_seq_lens
+from megacp.kv.paged_cache import write_plan
 
 if TYPE_CHECKING:  # keep the pure parts importable without torch.distributed set up
     from megacp.parallel_state import ParallelGroup
@@ -278,15 +279,6 @@ def _as_range(index: Tensor) -> Range:
     return (start, start + n) if torch.equal(index, torch.arange(start, start + n)) else None
 
 
-def _write_plan(slots: Tensor) -> tuple[Tensor | None, Tensor]:
-    """Rows of a slot mapping this rank stores (None: all of them) and their slots, computed on the host."""
-    keep = slots >= 0
-    if bool(keep.all()):
-        return None, slots
-    rows = torch.nonzero(keep).flatten()
-    return rows, slots[rows]
-
-
 def build_step_metadata(
     req_indices: Sequence[int],
     num_computed_tokens: Sequence[int],
@@ -405,8 +397,8 @@ def build_step_metadata(
     token_index_t, gather_t, q_rows_t, k_index_t = cat(token_index), cat(gather_index), cat(q_rows), cat(k_index)
     slots_t, ctx_rows_t, ctx_real_t = cat(slots), cat(ctx_rows), cat(ctx_real, torch.bool)
     ctx = _context_index([part.numel() for part in ctx_rows], ctx_req, ctx_len, block_table)
-    dec_write_rows, dec_write_slots = _write_plan(decode_slots)
-    pre_write_rows, pre_write_slots = _write_plan(slots_t)
+    dec_write_rows, dec_write_slots = write_plan(decode_slots)
+    pre_write_rows, pre_write_slots = write_plan(slots_t)
     ctx_real_index = torch.nonzero(ctx_real_t).flatten()
     host = {
         "token_index": token_index_t,
