@@ -68,29 +68,14 @@ def _host_cu(cu_q: list[int] | None, cu_k: list[int] | None) -> tuple[list[int],
     return None if cu_q is None or cu_k is None else (cu_q, cu_k)
 
 
-class _SingleRank:
-    """Stand-in group for a process without ``parallel_state`` (single device): every collective is the identity."""
-
-    name = "local"
-    world_size = 1
-    rank_in_group = 0
-
-    def all_gather(self, x: Tensor, dim: int = 0) -> Tensor:
-        return x
-
-    def reduce_scatter(self, x: Tensor, dim: int = 0) -> Tensor:
-        return x
-
-    def all_reduce(self, x: Tensor) -> Tensor:
-        return x
-
-
-def _group(given: "ParallelGroup | None", getter: str) -> "ParallelGroup | _SingleRank":
+def _group(given: "ParallelGroup | None", getter: str) -> "ParallelGroup":
+    """``given``, else parallel_state's group, else (parallel_state not initialised: one device) a size-1 group,
+    whose collectives all return their input."""
     if given is not None:
         return given
     from megacp import parallel_state as ps
 
-    return getattr(ps, getter)() if ps.model_parallel_is_initialized() else _SingleRank()
+    return getattr(ps, getter)() if ps.model_parallel_is_initialized() else ps.ParallelGroup("local", [0], None, 0)
 
 
 class ContextParallelAttention(nn.Module):
