@@ -104,19 +104,14 @@ class StepMetadata:
     the ``*_range`` shortcuts are host values, so the layers never read a device tensor back.
     """
 
-    num_reqs: int
     num_decodes: int  # decode rows are local rows [0, num_decodes)
     pcp_size: int
-    pcp_rank: int
-    dcp_size: int
-    dcp_rank: int
 
     # [T_local] index into the concatenation (caller order) of all requests' new tokens; -1 for PCP padding.
     token_index: LongTensor
     # [T_local] absolute position of each local token (padding: 0).
     positions: LongTensor
-    # [num_reqs] tokens already in the (sharded) cache, per request in caller order, and this rank's share of them.
-    num_computed_tokens: LongTensor
+    # [num_reqs] this rank's share of each request's tokens already in the (sharded) cache, in caller order.
     local_context_lens: LongTensor
 
     # Decode: the new token's slot on this rank (-1: another CP rank stores it), the request's block-table row, and
@@ -403,7 +398,6 @@ def build_step_metadata(
     host = {
         "token_index": token_index_t,
         "positions": cat(positions),
-        "num_computed_tokens": computed,
         "local_context_lens": cp_local_seq_lens(computed, W, R, I),
         "decode_slots": decode_slots,
         "decode_req": dec_req,
@@ -438,10 +432,9 @@ def build_step_metadata(
     else:
         decode_block_table = torch.zeros(0, block_table.max_num_blocks_per_req, dtype=torch.long, device=device)
     return StepMetadata(
-        num_reqs=n_req, num_decodes=n_dec, pcp_size=P, pcp_rank=r, dcp_size=D, dcp_rank=d,
+        num_decodes=n_dec, pcp_size=P,
         token_index=dev["token_index"],
         positions=dev["positions"],
-        num_computed_tokens=dev["num_computed_tokens"],
         local_context_lens=dev["local_context_lens"],
         decode_slots=dev["decode_slots"],
         decode_block_table=decode_block_table,
