@@ -42,7 +42,7 @@ class BlockTable:
     """Virtual block ids of up to ``max_num_reqs`` requests, plus this CP rank's slot math.
 
     ``table``: [max_num_reqs, max_num_blocks_per_req] long; entries past a row's length are 0 (a valid block id,
-    so kernels that read a whole row never index out of range; ``num_blocks`` says how many entries are real).
+    so kernels that read a whole row never index out of range; the host keeps how many entries are real).
     One virtual block covers ``block_size·cp_world_size`` token positions.
     """
 
@@ -69,10 +69,8 @@ class BlockTable:
         self.interleave_size = interleave_size
         self.device = torch.device(device)
         self.table = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
-        self.num_blocks = torch.zeros(max_num_reqs, dtype=torch.long, device=self.device)
-        # Host copies (see the module docstring): lookups and validation never read the device tensors.
+        # Host copy and row lengths (see the module docstring): lookups and validation never read the device table.
         self._table_host = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long)
-        self._num_blocks_host = torch.zeros(max_num_reqs, dtype=torch.long)
         self._num_blocks = [0] * max_num_reqs
 
     @property
@@ -97,14 +95,12 @@ class BlockTable:
             raise ValueError(f"block ids for request row {req_index} must be >= 0, got {ids.tolist()}")
         self._table_host[req_index, start:end] = ids
         self._table_host[req_index, end:] = 0
-        self._num_blocks_host[req_index] = end
         self._num_blocks[req_index] = end
         # A copy from pageable memory synchronises the stream on CUDA (measured: one sync per admission and per
         # release), so the row goes through a fresh pinned buffer; fresh, because the host row may change again
         # before the copy runs.
         row = self._table_host[req_index]
         self.table[req_index].copy_(row.pin_memory() if self.device.type == "cuda" else row, non_blocking=True)
-        self.num_blocks[req_index].fill_(end)
 
     def set_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
         """Make ``block_ids`` (virtual block ids, in sequence order) the whole row of request ``req_index``."""
@@ -152,7 +148,7 @@ class BlockTable:
         if int(pos.min()) < 0:
             raise ValueError(f"positions must be >= 0, got min {int(pos.min())}")
         vblock = pos // self.tokens_per_block
-        bad = vblock >= self._num_blocks_host[req]
+        bad = vblock >= torch.tensor(self._num_blocks, dtype=torch.long)[req]
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             r, p = int(req[i]), int(pos[i])
