@@ -44,10 +44,6 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
     def can_allocate(self, n: int) -> bool:
         return 0 <= n <= len(self._free)
 

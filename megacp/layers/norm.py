@@ -40,10 +40,6 @@ class RMSNorm(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         default_weight_loader(param, loaded)
 
-    @staticmethod
-    def fused_available() -> bool:
-        return _apex_rms_norm is not None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _apex_rms_norm is not None and x.is_cuda and x.dtype == self.weight.dtype:
             return _apex_rms_norm(x, self.weight, (self.hidden_size,), self.eps)
