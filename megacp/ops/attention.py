@@ -342,13 +342,20 @@ def bottom_right_causal_from_top_left(
     return merge_attn_states(o_prefix, l_prefix, o_square, l_square)
 
 
+def host_cu_seqlens_or_read(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None
+) -> tuple[list[int], list[int]]:
+    """The varlen offsets as host lists: ``host_cu_seqlens`` when the caller has them, else one read of the tensors
+    (a host sync on CUDA)."""
+    if host_cu_seqlens is not None:
+        return list(host_cu_seqlens[0]), list(host_cu_seqlens[1])
+    return cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+
 def _segments(
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None = None
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    if host_cu_seqlens is not None:
-        cq, ck = (list(c) for c in host_cu_seqlens)
-    else:
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens)
     return [((cq[b], cq[b + 1]), (ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
 
 

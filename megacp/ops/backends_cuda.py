@@ -41,6 +41,7 @@ from megacp.ops import paged_decode
 from megacp.ops.attention import (
     AttentionBackend,
     bottom_right_causal_from_top_left,
+    host_cu_seqlens_or_read,
     register_backend,
     select_backend,
 )
@@ -121,10 +122,8 @@ def _packed(kernel):
     def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
         if not fused_shapes_ok(q, k, v):
             return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
-        if host_cu_seqlens is not None:
-            cu_q, cu_k = (list(c) for c in host_cu_seqlens)
-        else:
-            cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # a host sync: the kernels need the lengths
+        # The kernels need the lengths on the host: a sync unless the caller passed them.
+        cu_q, cu_k = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens)
         kept = _keep_sequences(q, k, v, cu_q, cu_k)
         if kept is None:
             dev_cu = (cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32))
