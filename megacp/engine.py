@@ -8,7 +8,7 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    prefilled over several steps, each chunk attending to the request's own already cached context. A request is
    admitted when its first chunk is scheduled: it then gets all the virtual KV blocks it can ever need
    (``prompt + max_new_tokens`` tokens, ``blocks_needed``) at once, or waits until running requests free theirs.
-2. **Run**: ``build_step_metadata`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
+2. **Run**: ``AttentionMetadataBuilder.build`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
    ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
 3. **Agree**: the sampled ids are broadcast from TP rank 0 over the TP group, then from PCP rank 0 over the PCP group,
    i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
@@ -31,8 +31,8 @@ from torch import Tensor
 
 from megacp import parallel_state as ps
 from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
-from megacp.layers.cp_attention import build_step_metadata
-from megacp.layers.cp_metadata import host_to_device
+from megacp.buffers import CpuGpuBuffer
+from megacp.layers.cp_metadata import AttentionMetadataBuilder
 from megacp.sampling import SamplingParams, sample
 
 
@@ -165,6 +165,11 @@ class LLMEngine:
             PagedKVCache(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim, self.dtype, self.device)
             for _ in range(model.config.num_hidden_layers)
         ]
+        self.metadata_builder = AttentionMetadataBuilder(
+            self.block_table, self.device, max_num_reqs=max_num_seqs, null_slot=self.kv_caches[0].null_slot
+            if self.kv_caches else None,
+        )
+        self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._free_rows = list(range(max_num_seqs))
         self.stats = EngineStats()
@@ -220,30 +225,24 @@ class LLMEngine:
         Returns ids for the entries of ``sched`` that end a prompt or decode (in ``sched`` order), and their
         logits [n, vocab] (None when no entry needs a token).
         """
-        # Host work only until the sampled ids come back: the metadata and the input ids cross over without a
-        # sync, and the ``tolist`` at the end is the step's one read-back (docs/benchmarks.md: host-bound decode).
-        new_ids = [r.tokens[r.num_computed : r.num_computed + n] for r, n in sched]
-        flat = torch.tensor([t for ids in new_ids for t in ids], dtype=torch.long)
-        meta = build_step_metadata(
-            [r.row for r, _ in sched], [r.num_computed for r, _ in sched], [n for _, n in sched],
-            self.block_table, device=self.device,
-        )
+        # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
+        # builder's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
+        # is the step's one read-back (docs/benchmarks.md: host-bound decode).
+        new_ids = [t for r, n in sched for t in r.tokens[r.num_computed : r.num_computed + n]]
         need = [i for i, (r, n) in enumerate(sched) if r.num_computed + n >= len(r.prompt)]
-        host = {"input_ids": flat[meta.token_index_host.clamp(min=0)]}  # PCP padding (-1) reads any real token
-        if need and len(need) < len(sched):
-            host["need"] = torch.tensor(need, dtype=torch.long)
-        dev = host_to_device(host, self.device)
-        hidden = self.model(dev["input_ids"], meta, self.kv_caches)
+        meta = self.metadata_builder.build(
+            [r.row for r, _ in sched], [r.num_computed for r, _ in sched], [n for _, n in sched], token_ids=new_ids,
+            logits_requests=need,
+        )
+        hidden = self.model(meta.input_ids, meta, self.kv_caches)
         if not need:
             return [], None
-        last_hidden = meta.select_logits_hidden(hidden)  # [num_reqs, hidden], same on every PCP rank
-        if "need" in dev:
-            last_hidden = last_hidden[dev["need"]]  # [n, hidden]
+        last_hidden = meta.select_logits_hidden(hidden)  # [len(need), hidden], same on every PCP rank
         logits = self.model.compute_logits(last_hidden).float()  # [n, vocab], same on every TP rank
         tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
         tokens = ps.get_tp_group().broadcast(tokens.contiguous(), src=0)
         tokens = ps.get_pcp_group().broadcast(tokens, src=0)
-        return tokens.tolist(), logits
+        return self._sampled.to_host(tokens).tolist(), logits
 
     # ------------------------------------------------------------------ the loop
     def generate(

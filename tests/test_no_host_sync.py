@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacp.kv import BlockTable, PagedKVCache, blocks_needed
-from megacp.layers.cp_metadata import build_step_metadata
+from megacp.layers.cp_metadata import build_attention_metadata
 from megacp.ops import attention_with_lse, paged_attention_with_lse
 from megacp.ops import backends_cuda
 from tests.dist_pool import model_parallel
@@ -109,7 +109,7 @@ BLOCK = 4
 
 def _full_logits(model, seqs: list[list[int]], device: str = "cpu") -> torch.Tensor:
     """Reference: one cache-free prefill of the whole sequences -> last-position logits [len(seqs), vocab]."""
-    meta = build_step_metadata(list(range(len(seqs))), [0] * len(seqs), [len(s) for s in seqs], None, device=device)
+    meta = build_attention_metadata(list(range(len(seqs))), [0] * len(seqs), [len(s) for s in seqs], None, device=device)
     flat = torch.tensor([t for s in seqs for t in s], device=device)
     with torch.no_grad():
         hidden = model(flat[meta.token_index.clamp(min=0)], meta, None)
@@ -139,7 +139,7 @@ def _run_steps(model, cp_world: int, cp_rank: int, interleave: int, device: str 
               for _ in range(cfg.num_hidden_layers)]
     reads, err = [], 0.0
     for rows, computed, new in steps:
-        meta = build_step_metadata(rows, computed, new, table, device=device)
+        meta = build_attention_metadata(rows, computed, new, table, device=device, null_slot=caches[0].null_slot)
         flat = torch.tensor([t for r, c, n in zip(rows, computed, new) for t in seqs[r][c:c + n]], device=device)
         ids = flat[meta.token_index.clamp(min=0)]
         with torch.no_grad(), guard() as counter:
@@ -318,8 +318,9 @@ def test_write_rows_equals_write_and_block_table_host_copy():
     bt.set_row(0, [3, 1])
     bt.append_row(0, [2])
     bt.set_row(2, [0])
-    assert torch.equal(bt.local_block_table_host([0, 2, 1]), bt.local_block_table([0, 2, 1]))
-    assert bt.row_host(0).tolist() == bt.row(0).tolist() == [3, 1, 2]
+    bt.commit()
+    assert torch.equal(bt.table.cpu(), bt._table_host) and bt.table[0].tolist() == [3, 1, 2, 0]
+    assert bt.row_host(0).tolist() == [3, 1, 2]
     pos = torch.arange(0, 20)
     slots = bt.compute_slot_mapping(torch.zeros_like(pos), pos)
     assert torch.equal(slots, bt.slot_mapping_host(torch.zeros_like(pos), pos))
