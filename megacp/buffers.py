@@ -41,7 +41,8 @@ class CpuGpuBuffer:
     def host(self) -> Tensor:
         """The host tensor, safe to overwrite: waits until the previous ``to_device`` copy has read it."""
         if self._copied is not None:
-            self._copied.synchronize()
+            if not self._copied.query():  # usually done already: the step's read-back synchronised
+                self._copied.synchronize()
             self._copied = None
         return self._host
 

@@ -294,7 +294,7 @@ class AttentionMetadataBuilder:
             raise ValueError(f"pad_decodes_to={pad_decodes_to} needs a pure-decode step of at most that many "
                              f"requests and at most max_num_reqs={self.max_num_reqs}")
         self.block_table.commit()
-        decode = self._build_decode(s, ids, pad_decodes_to) if s.decodes else None
+        decode = self._build_decode(s, ids, pad_decodes_to) if s.decodes or pad_decodes_to else None
         if not s.prefills and logits_requests is not None and list(logits_requests) != list(range(len(s.rows))):
             raise ValueError("logits_requests: a pure-decode step gives every request's logits")
         if not s.prefills:  # pure decode: the common part lives in the fixed decode buffer too
@@ -363,7 +363,8 @@ class AttentionMetadataBuilder:
             seq_lens_host=lens.tolist() + [0] * (B - n) if pad_to is None else None,
             block_table=self._decode_table[:B], device_table=t.table,
         )
-        meta.gather_block_table()
+        if pad_to is None:  # a CUDA-graph step (padded) gathers the rows inside the graph
+            meta.gather_block_table()
         return meta
 
     # ------------------------------------------------------------------ prefill (+ context)
