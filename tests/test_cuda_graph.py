@@ -37,7 +37,8 @@ def _run(engine, batch: int, dtype: torch.dtype):
     from megacp.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, 500, (int(n),), generator=g).tolist()
+    vocab = engine.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist()
                for n in torch.randint(1, 40, (batch,), generator=g)]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
     return [o.output_ids for o in outs], engine.stats

@@ -361,7 +361,9 @@ class AttentionMetadataBuilder:
         meta = DecodeMetadata(
             num_reqs=B, slot_mapping=dev[self._SLOT, :B], req_rows=dev[self._ROW, :B], seq_lens=dev[self._LEN, :B],
             seq_lens_host=lens.tolist() + [0] * (B - n) if pad_to is None else None,
-            block_table=self._decode_table[:B], device_table=t.table,
+            block_table=self._decode_table[:B],
+            # a table kept on another device than the step (tests) is copied over; the engine's never is
+            device_table=t.table if t.table.device == self.device else t.table.to(self.device),
         )
         if pad_to is None:  # a CUDA-graph step (padded) gathers the rows inside the graph
             meta.gather_block_table()
