@@ -13,6 +13,7 @@ later initialisation with other sizes works.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -73,7 +74,9 @@ def collective_error(group_name: str, ranks: list[int], rank: int, op: str, time
     others = [r for r in ranks if r != rank]
     peer = f"peer rank {others[0]}" if len(others) == 1 else f"one of the peer ranks {others}"
     limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the default timeout"
+    # gloo's text: "[.../pair.cc:537] Read error [ip]:port: Connection reset by peer. This is typically ..."
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first_line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line).split(". ")[0]
     return CollectiveError(
         f"{op} on the {group_name} group (ranks {ranks}) failed on rank {rank}: {peer} died or did not join within "
         f"{limit} ({first_line}); check that rank's own error first. If it is only slow (a long model load, a "

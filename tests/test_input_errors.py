@@ -375,3 +375,18 @@ def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):
     assert [o[0] for o in outs[1:]] == clean and [o[1] for o in outs[1:]] == ["length", "length"]
     assert warned == [expected_error]
     assert free == 8
+
+
+def test_collective_error_names_group_peer_and_timeout():
+    from datetime import timedelta
+
+    from megacp.parallel_state import collective_error
+
+    gloo = RuntimeError("[/x/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4242: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging")
+    msg = str(collective_error("pcp", [2, 6], 6, "broadcast", timedelta(seconds=30), gloo))
+    assert msg.startswith("broadcast on the pcp group (ranks [2, 6]) failed on rank 6: peer rank 2 died or did not "
+                          "join within 30 s (Read error [127.0.0.1]:4242: Connection reset by peer);")
+    assert "--dist-timeout" in msg and "initialize_model_parallel(timeout=...)" in msg
+    msg = str(collective_error("tp", [0, 1, 2, 3], 1, "all_reduce", None, RuntimeError("Timed out waiting 5000ms")))
+    assert "one of the peer ranks [0, 2, 3] died or did not join within the default timeout (Timed out" in msg
