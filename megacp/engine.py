@@ -166,6 +166,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._free_rows = list(range(max_num_seqs))
         self.stats = EngineStats()
+        self._nonfinite_weight: str | None = None  # found by _stop_nonfinite, per generate ("" = none on this rank)
 
     # ------------------------------------------------------------------ admission
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -249,6 +250,7 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run all prompts to completion; outputs in the order of ``prompt_ids``. Updates ``self.stats``."""
         prompts = self.validate_requests(prompt_ids, sampling, return_prompt_logits)
+        self._nonfinite_weight = None
         reqs = [_Request(i, ids) for i, ids in enumerate(prompts)]
         waiting, running = deque(reqs), []
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -329,7 +331,10 @@ class LLMEngine:
     def _stop_nonfinite(self, req: _Request, step: int) -> None:
         """Stop a request whose logits were NaN/inf: free it, record why, warn (on every rank: the verdict came with
         the broadcast ids)."""
-        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if self._nonfinite_weight is None:  # one scan per generate call, and only once something went wrong
+            self._nonfinite_weight = next(
+                (n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), "")
+        bad = self._nonfinite_weight
         where = f"; this rank's first non-finite weight is {bad}" if bad else ""
         req.finish_reason = "error"
         req.error = (

@@ -358,17 +358,20 @@ def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_ne
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             outs = engine.generate(prompts, sampling)
+        # The stopped request's cache blocks (holding NaN K/V) are reused by the next requests: no NaN may leak.
+        again = engine.generate(prompts[1:][::-1], sampling)[::-1]
         return ([(o.output_ids, o.finish_reason, o.error is not None and o.error.split(";")[0]) for o in outs],
                 [c.output_ids for c in clean], [str(w.message).split(";")[0] for w in caught],
-                engine.allocator.num_free)
+                [o.output_ids for o in again], engine.allocator.num_free)
 
 
 def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):
     poisoned = 200
     prompts = [[10, 11, poisoned, 12], [20, 21, 22], [30, 31]]
     per_rank = dist_pool_4.run(_nonfinite_logits_task, poisoned, prompts, 5)
-    outs, clean, warned, free = per_rank[0]
-    assert all(r[:3] == per_rank[0][:3] for r in per_rank), "ranks disagree"
+    outs, clean, warned, again, free = per_rank[0]
+    assert all(r[:4] == per_rank[0][:4] for r in per_rank), "ranks disagree"
+    assert again == clean
     expected_error = ("request 0: the model produced NaN/inf logits at step 0 (after 0 generated tokens), so the "
                       "request was stopped")
     assert outs[0] == ([], "error", expected_error)
