@@ -37,6 +37,8 @@ def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1)
     expected = dp * pcp * tp
     if world_size == expected:
         return
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size} (the number of ranks torchrun started)")
     fixes = [f"launch with --nproc-per-node {expected}"]
     if world_size % (dp * pcp) == 0:
         fixes.append(f"use -tp {world_size // (dp * pcp)}")
