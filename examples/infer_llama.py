@@ -118,7 +118,7 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     except ValueError as e:
         raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
-    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size)
     check_data_parallel(cfg, parallel.data_parallel_size)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
