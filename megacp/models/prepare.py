@@ -136,6 +136,7 @@ def prepare(name: str = "smollm2", out: str | None = None, force: bool = False) 
         return out
     src = gguf_path(model)
     _check_converter_deps()
+    print(f"megacp: converting {model.package}'s {model.gguf_file} into {out} (once)", file=sys.stderr, flush=True)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=parent)
