@@ -1,12 +1,16 @@
 """Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
 
+    torchrun --nproc-per-node 2 examples/infer_llama.py --model "$(python -m megacp.models.prepare smollm2)" -pcp 2 \
+        --prompt "The capital of France is" --chat --prompt "What is the capital of France?"
     torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
     torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
 
 ``--nproc-per-node`` must equal dp·pcp·tp (``-dp`` defaults to 1; with dp > 1 the prompts are dealt round-robin to
-the data-parallel replicas). Without ``--model`` a small seeded Llama with byte-level ids (UTF-8 bytes) is built, so
-the command runs anywhere, CPU included. Every configuration error (a bad flag value, file, request or cache size) is
-found on every rank before generating and ends the job with exit code 2 and one message naming the flag or file.
+the data-parallel replicas). Without ``--model`` (or with ``--model tiny``) a small seeded Llama with byte-level ids
+(UTF-8 bytes) is built, so the command runs anywhere, CPU included; its text is noise. ``--chat`` wraps each
+``--prompt`` in the checkpoint's chat template as one user turn (what an instruction-tuned model expects). Every
+configuration error (a bad flag value, file, request or cache size) is found on every rank before generating and ends
+the job with exit code 2 and one message naming the flag or file.
 
 Test-only fault injection (used by tests/test_example_errors.py): with ``MEGACP_TEST_KILL_RANK=r`` and
 ``MEGACP_TEST_KILL_AT_STEP=s`` in the environment, world rank ``r`` exits abruptly (``os._exit(9)``) before engine
@@ -84,7 +88,8 @@ MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0  # a week; larger values only overflow torc
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     size = _int_flag(1)
-    p.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: built-in tiny Llama)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory, or 'tiny' (the default): the built-in seeded tiny Llama")
     p.add_argument("--tensor-parallel-size", "-tp", type=size, default=1)
     p.add_argument("--prefill-context-parallel-size", "-pcp", type=size, default=1)
     p.add_argument("--decode-context-parallel-size", "-dcp", type=size, default=1)
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly (default on CUDA with NCCL: replay CUDA graphs)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the checkpoint's chat template to each --prompt (one user turn, then the assistant's)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--json-out", default=None,
                    help="rank 0 writes outputs, timings and KV numbers here (checked for writability first)")
@@ -138,6 +145,7 @@ class Tokenizer:
                     f"{path} is not a readable tokenizer ({str(e).strip() or type(e).__name__}); re-download it, or "
                     f"pass token ids with --prompt-ids"
                 ) from None
+        self.model_dir = model_dir
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
@@ -146,12 +154,46 @@ class Tokenizer:
             return list(text.encode("utf-8"))
         raise ValueError("--prompt needs a tokenizer.json in the --model directory; pass token ids with --prompt-ids")
 
+    def encode_chat(self, text: str) -> list[int]:
+        """``text`` as one user turn of the checkpoint's chat template, ready for the assistant's answer.
+
+        Rendered like transformers' ``apply_chat_template`` (a sandboxed jinja2 template, ``add_generation_prompt``);
+        the template writes the special tokens itself, so none are added.
+        """
+        template, special = _chat_template(self.model_dir) if self.hf is not None else (None, {})
+        if template is None:
+            raise ValueError("--chat needs a --model directory with tokenizer.json and a chat template "
+                             "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        rendered = env.from_string(template).render(
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
+        return self.hf.encode(rendered, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str | None:
         if self.hf is not None:
             return self.hf.decode(ids, skip_special_tokens=True)
         if self.byte_level:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return None
+
+
+def _chat_template(model_dir: str) -> tuple[str | None, dict[str, str]]:
+    """(chat template or None, its special-token variables) from the files ``save_pretrained`` writes."""
+    config: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    template = config.get("chat_template")
+    jinja_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    special = {k: v if isinstance(v, str) else v.get("content", "") for k, v in config.items()
+               if k in ("bos_token", "eos_token") and isinstance(v, (str, dict))}
+    return template if isinstance(template, str) else None, special
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -181,11 +223,12 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     except ValueError as e:
         raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
-    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size)
     check_data_parallel(cfg, parallel.data_parallel_size)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
-    prompts = [tokenizer.encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
+    encode = tokenizer.encode_chat if args.chat else tokenizer.encode
+    prompts = [encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
     if not prompts:
         raise ValueError("no prompt given; pass --prompt TEXT or --prompt-ids 1,2,3 (both repeatable)")
     for ids in prompts:
@@ -352,8 +395,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
 
 def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device) -> dict[str, Any]:
     by_index = {i: o for r in reports for i, o in r["outputs"].items()}
+    prompt_texts = [*args.prompt, *[None] * len(args.prompt_ids)]  # the order validate() encoded them in
     outputs = [
         {
+            "prompt": prompt_texts[i],
             "prompt_ids": prompts[i],
             "output_ids": by_index[i].output_ids,
             "text": tokenizer.decode(by_index[i].output_ids),
@@ -404,10 +449,18 @@ def _print_summary(result: dict[str, Any]) -> None:
     c, t, kv = result["config"], result["timings"], result["kv"]
     print(f"megacp: {c['model']}, world {c['world_size']} = dp {c['dp']} x pcp {c['pcp']} x tp {c['tp']}, "
           f"dcp {c['dcp']}, {c['dtype']} on {c['device']}")
+    pcp = c["pcp"]
+    if pcp > 1:
+        print(f"PCP {pcp}: each prompt is padded to a multiple of {2 * pcp} tokens and cut into {2 * pcp} chunks; "
+              f"rank r prefills chunks r and {2 * pcp - 1}-r (long prompts: per step, up to --max-num-batched-tokens)")
     for i, o in enumerate(result["outputs"]):
-        text = f" {o['text']!r}" if o["text"] is not None else ""
-        print(f"[{i}] {len(o['prompt_ids'])} prompt tokens -> {len(o['output_ids'])} new ({o['finish_reason']}):"
-              f"{text} {o['output_ids']}")
+        n = len(o["prompt_ids"])
+        split = f", ~{-(-n // (2 * pcp)) * 2} per PCP rank" if pcp > 1 else ""
+        prompt = o.get("prompt")
+        shown = f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''} " if prompt is not None else ""
+        answer = repr(o["text"]) if o["text"] is not None else str(o["output_ids"])
+        print(f"[{i}] {shown}({n} tokens{split}) -> {answer} ({len(o['output_ids'])} new, {o['finish_reason']}, "
+              f"TTFT {o['ttft_s'] * 1e3:.0f} ms)")
     print(f"TTFT mean {t['mean_ttft_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s, "
           f"{t['num_steps']} steps")
     print(f"KV: {kv['capacity_tokens']} tokens per CP group ({kv['cp_world_size']} ranks x {kv['slots_per_rank']} "
@@ -427,6 +480,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     owns_process_group = not dist.is_initialized()
     try:
         args = build_parser().parse_args(argv)
+        if args.model == "tiny":
+            args.model = None
         result, errors = run(args)
     except ValueError as e:
         _fail(e, owns_process_group, 2)

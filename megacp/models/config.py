@@ -61,6 +61,11 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
 
+    @property
+    def dense_intermediate_size(self) -> int | None:
+        """The dense SwiGLU MLP's size, which TP must divide; None when every layer is MoE (Mixtral)."""
+        return self.intermediate_size if len(self.moe_layers) < self.num_hidden_layers else None
+
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling)`` from either config layout; validates the rope type early."""

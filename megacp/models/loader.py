@@ -202,6 +202,7 @@ def _validate_parallel(config: ModelConfig) -> None:
         config.num_key_value_heads,
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_decode_context_parallel_world_size(),
+        config.dense_intermediate_size,
     )
     dp = parallel_state.get_data_parallel_world_size()
     if config.is_moe and dp > 1:
