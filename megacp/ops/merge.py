@@ -27,10 +27,10 @@ if TYPE_CHECKING:  # parallel_state imports torch.distributed; keep this module 
 def lse_merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
     """Weights ``exp(l_i − L)`` and the merged ``L = logsumexp_i l_i`` over dim 0, safe for ``-inf`` entries.
 
-    # lses: [N, ...] -> (weights [N, ...] float32, lse [...] float32)
-    Where every ``l_i`` is ``-inf`` the weights are 0 and ``L`` is ``-inf``.
+    # lses: [N, ...] -> (weights [N, ...] float32, lse [...] float32; float64 for float64 lses)
+    Where every ``l_i`` is ``-inf`` the weights are 0 and ``L`` is ``-inf``. Differentiable (also at ``-inf``).
     """
-    lses = lses.float()
+    lses = lses.to(torch.promote_types(lses.dtype, torch.float32))
     m = lses.amax(dim=0)
     # An all -inf column would give exp(-inf - -inf) = NaN: shift it by 0 instead (its weights are then exactly 0).
     # (Python scalars in torch.where: no extra fill kernels; this runs once per layer per decode step.)
@@ -47,6 +47,7 @@ def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     """Merge N partial attention states over dim 0.
 
     # outs: [N, ..., D] (any float dtype), lses: [N, ...] -> (out [..., D] in outs.dtype, lse [...] float32)
+    Computed in float32, or float64 when the inputs are; differentiable w.r.t. outs and lses.
     """
     if outs.shape[:-1] != lses.shape:
         raise ValueError(
@@ -55,7 +56,7 @@ def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     if outs.shape[0] == 0:
         raise ValueError("merge_attn_states_n: need at least one partial state (N >= 1)")
     weights, lse = lse_merge_weights(lses)
-    out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
+    out = (weights.unsqueeze(-1) * outs.to(weights.dtype)).sum(dim=0)
     return out.to(outs.dtype), lse
 
 
@@ -64,7 +65,8 @@ def merge_attn_states(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[T
 
     # o1, o2: [..., D]; l1, l2: [...] -> (out [..., D] in o1.dtype, lse [...] float32)
     """
-    return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.float(), l2.float()]))
+    work = torch.promote_types(torch.promote_types(l1.dtype, l2.dtype), torch.float32)
+    return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.to(work), l2.to(work)]))
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
