@@ -86,9 +86,9 @@ def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     All-gathers lse, rescales, and reduce-scatters the rescaled output over the head dim (in float32).
     """
     if group is None:
-        from megacp.parallel_state import get_dcp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_dcp_group()
+        group = group_or_single_rank("dcp")
     _check_merge_shapes("dcp_merge", out, lse)
     if out.shape[1] % group.world_size != 0:
         raise ValueError(
@@ -111,9 +111,9 @@ def pcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     All-gathers lse, rescales, and all-reduces the rescaled output (in float32).
     """
     if group is None:
-        from megacp.parallel_state import get_pcp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_pcp_group()
+        group = group_or_single_rank("pcp")
     _check_merge_shapes("pcp_merge", out, lse)
     if group.world_size == 1:
         return out, lse.float()
@@ -129,7 +129,7 @@ def cp_merge_gathered(
 
     # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] (this rank's partial over all the DCP group's heads)
     # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32) for this rank's own heads
-    ``group`` is the CP group (default ``get_cp_group()``), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
+    ``group`` is the CP group (default parallel_state's, one rank before it is initialised), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
     rank's partial covers the same ``dcp·Hq_local`` heads (the PCP ranks computed the same gathered queries), so this
     rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
 
@@ -141,9 +141,9 @@ def cp_merge_gathered(
     once instead of after each stage.
     """
     if group is None:
-        from megacp.parallel_state import get_cp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_cp_group()
+        group = group_or_single_rank("cp")
     _check_merge_shapes("cp_merge_gathered", out, lse)
     if dcp_size < 1 or group.world_size % dcp_size != 0 or out.shape[1] % dcp_size != 0:
         raise ValueError(
