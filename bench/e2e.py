@@ -6,11 +6,15 @@ layers (``--layers``, default 4) and random weights, in bfloat16. Reported:
 - TTFT for one prompt of each ``--prompt-lens`` (prefill of the whole prompt and the first sampled token),
 - decode tokens/s at each ``--batch`` (prompts of ``--decode-prompt-len`` tokens, ``--new-tokens`` generated, greedy;
   tokens/s counts only the steps after the first token),
-- ``ttft_ratio = megacp / transformers`` (target ≤ 1.0) and ``decode_speedup = megacp / transformers`` (≥ 1.5),
+- ``ttft_ratio = megacp / transformers`` (target ≤ 0.98) and ``decode_speedup = megacp / transformers`` (≥ 2.0),
+- ``weight_read_fraction``: per megacp decode step, the bytes that must be read (all weights + the batch's KV) over
+  the step time, as a fraction of the device-to-device copy bandwidth measured in the same run (the physical limit
+  of a memory-bound step), and megacp's CUDA-graph numbers (replays, capture time and memory),
 - how many of the first greedy tokens agree (bf16: the two implementations round differently, so this is a sanity
   check, not a test).
 
-    python bench/e2e.py --layers 4 --prompt-lens 8192 32768 --batch 1 16 --json-out e2e.json
+    python bench/e2e.py --layers 4 --prompt-lens 8192 32768 --batch 1 16 64 --json-out e2e.json
+    python bench/e2e.py --layers 32 --engines megacp --prompt-lens 8192 --batch 1 --json-out e2e32.json
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class HF:
 
 
 class Megacp:
-    def __init__(self, path: str, max_batched: int, num_blocks: int):
+    def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False):
         import torch.distributed as dist
 
         from megacp import parallel_state as ps
@@ -90,7 +94,7 @@ class Megacp:
         ps.initialize_model_parallel(backend="gloo")
         self.model = load_model(path, torch.bfloat16, torch.device("cuda"))
         self.engine = LLMEngine(self.model, num_kv_blocks=num_blocks, block_size=16,
-                                max_num_batched_tokens=max_batched, max_num_seqs=64)
+                                max_num_batched_tokens=max_batched, max_num_seqs=64, enforce_eager=enforce_eager)
 
     def generate(self, prompts: list[list[int]], n: int):
         from megacp.sampling import SamplingParams
@@ -134,6 +138,17 @@ class torch_profiler_guard:
         return True
 
 
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), best of 5: the card's practical limit."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_sync_time(lambda: dst.copy_(src)) for _ in range(5))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / best
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--enforce-eager", action="store_true", help="megacp without CUDA graphs")
     p.add_argument("--decode-prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                 blocks = max(max(args.batch) * -(-(args.decode_prompt_len + args.new_tokens) // 16),
                              -(-max_len // 16)) + 16
                 eng = Megacp(path, max_batched=max(args.prompt_lens + [args.decode_prompt_len * max(args.batch)]),
-                             num_blocks=blocks)
+                             num_blocks=blocks, enforce_eager=args.enforce_eager)
             else:
                 eng = HF(path)
             res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}}
@@ -177,6 +193,23 @@ def main(argv: list[str] | None = None) -> dict:
                 eng.decode_tps(short[:b], 4)  # warm-up
                 res["decode_tokens_per_s"][b] = _median(
                     [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
+            if name == "megacp":
+                st = eng.engine.stats
+                res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
+                                      "capture_bytes": st.graph_capture_bytes}
+                # every weight is read once per step, except the embedding table (only the batch's rows)
+                embed = eng.model.embed_tokens.weight
+                weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
+                    - embed.numel() * embed.element_size()
+                kv_token_bytes = 2 * args.layers * 8 * 128 * 2  # K and V, 8 KV heads of 128, bf16, per token
+                ctx = args.decode_prompt_len + args.new_tokens // 2  # mean context over the decode steps
+                bw = copy_bandwidth()
+                res["copy_bandwidth_bytes_per_s"] = bw
+                res["weight_bytes"] = weight_bytes
+                res["weight_read_fraction"] = {}
+                for b, tps in res["decode_tokens_per_s"].items():
+                    step_s = b / tps
+                    res["weight_read_fraction"][b] = (weight_bytes + b * ctx * kv_token_bytes) / step_s / bw
             result["results"][name] = res
             print(name, res, flush=True)
             if args.profile:

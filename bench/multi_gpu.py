@@ -176,7 +176,8 @@ def _time_ms(fn, device: torch.device, reps: int) -> float:
 
 def bench_attention(args, layout, device, dtype, log) -> list[dict]:
     from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     tp, pcp, dcp = layout
     world = dist.get_world_size()
@@ -188,7 +189,7 @@ def bench_attention(args, layout, device, dtype, log) -> list[dict]:
         bt = BlockTable(BLOCK, 1, blocks_needed(n, BLOCK, W), cp_world_size=W, cp_rank=R, device=device)
         bt.set_row(0, list(range(blocks_needed(n, BLOCK, W))))
         cache = PagedKVCache(blocks_needed(n, BLOCK, W), BLOCK, layer.num_local_kv_heads, args.head_dim, dtype, device)
-        meta = build_step_metadata([0], [0], [n], bt, device=device)
+        meta = build_attention_metadata([0], [0], [n], bt, device=device)
         T = meta.num_local_tokens
         g = torch.Generator(device=device).manual_seed(R)
         q = torch.randn(T, layer.num_local_heads, args.head_dim, generator=g, device=device, dtype=dtype)
@@ -210,7 +211,8 @@ def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
     """One decode step of ``batch`` requests of ``context`` tokens through the attention layer alone (DCP: Q
     all-gather, paged attention over this rank's shard, LSE merge and reduce-scatter); the cache holds random K/V."""
     from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     tp, pcp, dcp = layout
     world = dist.get_world_size()
@@ -228,7 +230,8 @@ def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
             cache = PagedKVCache(b * per_req, BLOCK, hkv, args.head_dim, dtype, device)
             cache.k.normal_()
             cache.v.normal_()
-            meta = build_step_metadata(list(range(b)), [n - 1] * b, [1] * b, bt, device=device)
+            meta = build_attention_metadata(list(range(b)), [n - 1] * b, [1] * b, bt, device=device,
+                                            null_slot=cache.null_slot)
             q = torch.randn(b, hq, args.head_dim, device=device, dtype=dtype)
             k, v = (torch.randn(b, hkv, args.head_dim, device=device, dtype=dtype) for _ in range(2))
             with torch.inference_mode():

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly (default on CUDA with NCCL: replay CUDA graphs)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--json-out", default=None, help="rank 0 writes outputs, timings and KV numbers here")
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, len(prompts), dp_size))  # this replica's share of the prompts
     engine = LLMEngine(model, num_blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs,
-                       on_step=_kill_hook(rank))
+                       on_step=_kill_hook(rank), enforce_eager=args.enforce_eager)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.ignore_eos, args.seed)
     outs = engine.generate([prompts[i] for i in mine], sampling) if mine else []
     replica_leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_prefill_context_parallel_rank() == 0
@@ -241,6 +243,10 @@ def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, dev
             "decode_tokens_per_s": stats[0].decode_tokens_per_s,
             "total_s": max(s.total_time_s for s in stats),
             "num_steps": max(s.num_steps for s in stats),  # of the slowest data-parallel replica
+            "cuda_graphs": stats[0].cuda_graphs,
+            "graph_replays": stats[0].graph_replays,
+            "graph_capture_s": stats[0].graph_capture_s,
+            "graph_capture_bytes": stats[0].graph_capture_bytes,
         },
         "kv": {
             "block_size": args.block_size,

@@ -8,7 +8,7 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    prefilled over several steps, each chunk attending to the request's own already cached context. A request is
    admitted when its first chunk is scheduled: it then gets all the virtual KV blocks it can ever need
    (``prompt + max_new_tokens`` tokens, ``blocks_needed``) at once, or waits until running requests free theirs.
-2. **Run**: ``build_step_metadata`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
+2. **Run**: ``AttentionMetadataBuilder.build`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
    ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
 3. **Agree**: the sampled ids are broadcast from TP rank 0 over the TP group, then from PCP rank 0 over the PCP group,
    i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
@@ -31,8 +31,9 @@ from torch import Tensor
 
 from megacp import parallel_state as ps
 from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
-from megacp.layers.cp_attention import build_step_metadata
-from megacp.layers.cp_metadata import host_to_device
+from megacp.buffers import CpuGpuBuffer
+from megacp.cuda_graph import DecodeGraphRunner, graph_support
+from megacp.layers.cp_metadata import AttentionMetadataBuilder
 from megacp.sampling import SamplingParams, sample
 
 
@@ -54,6 +55,8 @@ class EngineStats:
     ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time.
     ``kv_capacity_tokens`` is how many tokens the CP group's caches hold (``num_kv_blocks·block_size·pcp·dcp``);
     ``kv_slots_per_rank`` how many token slots this rank has; ``peak_tokens_stored`` the most this rank held at once.
+    ``cuda_graphs``: "on", or why decode runs eagerly; ``graph_replays``: decode steps run as a graph replay;
+    ``graph_capture_s`` / ``graph_capture_bytes``: what capturing cost (once per engine).
     """
 
     ttft_s: list[float] = field(default_factory=list)
@@ -64,6 +67,10 @@ class EngineStats:
     kv_capacity_tokens: int = 0
     kv_slots_per_rank: int = 0
     peak_tokens_stored: int = 0
+    cuda_graphs: str = ""
+    graph_replays: int = 0
+    graph_capture_s: float = 0.0
+    graph_capture_bytes: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -127,7 +134,8 @@ class LLMEngine:
     """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
 
     ``num_kv_blocks``: physical KV blocks per rank and layer (the same virtual block ids on every CP rank).
-    ``max_num_seqs``: requests admitted at once (rows of the block table). ``on_step(step)`` is called before each
+    ``max_num_seqs``: requests admitted at once (rows of the block table). On CUDA with NCCL (or one GPU) pure-decode
+    steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``on_step(step)`` is called before each
     step (used by the example's fault-injection test hook).
     """
 
@@ -139,6 +147,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
         on_step: Callable[[int], None] | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens={max_num_batched_tokens} must be >= 1 (e.g. 512)")
@@ -165,6 +174,14 @@ class LLMEngine:
             PagedKVCache(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim, self.dtype, self.device)
             for _ in range(model.config.num_hidden_layers)
         ]
+        self.metadata_builder = AttentionMetadataBuilder(
+            self.block_table, self.device, max_num_reqs=max_num_seqs, null_slot=self.kv_caches[0].null_slot
+            if self.kv_caches else None,
+        )
+        self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
+        # CUDA-graph decode (megacp/cuda_graph.py), captured at the first pure-decode step.
+        self.graphs_off_reason = "enforce_eager=True" if enforce_eager else graph_support(model, self.device)
+        self.graph_runner: DecodeGraphRunner | None = None
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._free_rows = list(range(max_num_seqs))
         self.stats = EngineStats()
@@ -220,30 +237,48 @@ class LLMEngine:
         Returns ids for the entries of ``sched`` that end a prompt or decode (in ``sched`` order), and their
         logits [n, vocab] (None when no entry needs a token).
         """
-        # Host work only until the sampled ids come back: the metadata and the input ids cross over without a
-        # sync, and the ``tolist`` at the end is the step's one read-back (docs/benchmarks.md: host-bound decode).
-        new_ids = [r.tokens[r.num_computed : r.num_computed + n] for r, n in sched]
-        flat = torch.tensor([t for ids in new_ids for t in ids], dtype=torch.long)
-        meta = build_step_metadata(
-            [r.row for r, _ in sched], [r.num_computed for r, _ in sched], [n for _, n in sched],
-            self.block_table, device=self.device,
-        )
+        # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
+        # builder's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
+        # is the step's one read-back (docs/benchmarks.md: host-bound decode).
+        new_ids = [t for r, n in sched for t in r.tokens[r.num_computed : r.num_computed + n]]
         need = [i for i, (r, n) in enumerate(sched) if r.num_computed + n >= len(r.prompt)]
-        host = {"input_ids": flat[meta.token_index_host.clamp(min=0)]}  # PCP padding (-1) reads any real token
-        if need and len(need) < len(sched):
-            host["need"] = torch.tensor(need, dtype=torch.long)
-        dev = host_to_device(host, self.device)
-        hidden = self.model(dev["input_ids"], meta, self.kv_caches)
+        rows, computed = [r.row for r, _ in sched], [r.num_computed for r, _ in sched]
+        runner = self._graph_runner_for(sched, need)
+        if runner is not None:
+            logits, greedy = runner.run(rows, computed, new_ids)
+            self.stats.graph_replays += 1
+            tokens = greedy if sampling.temperature == 0 else sample(logits, sampling.temperature, sampling.top_p,
+                                                                     generator)
+            return self._agree(tokens), logits
+        meta = self.metadata_builder.build(rows, computed, [n for _, n in sched], token_ids=new_ids,
+                                           logits_requests=need)
+        hidden = self.model(meta.input_ids, meta, self.kv_caches)
         if not need:
             return [], None
-        last_hidden = meta.select_logits_hidden(hidden)  # [num_reqs, hidden], same on every PCP rank
-        if "need" in dev:
-            last_hidden = last_hidden[dev["need"]]  # [n, hidden]
+        last_hidden = meta.select_logits_hidden(hidden)  # [len(need), hidden], same on every PCP rank
         logits = self.model.compute_logits(last_hidden).float()  # [n, vocab], same on every TP rank
         tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
+        return self._agree(tokens), logits
+
+    def _agree(self, tokens: Tensor) -> list[int]:
+        """Broadcast the sampled ids from the replica's first rank (over TP, then PCP) and read them back once."""
         tokens = ps.get_tp_group().broadcast(tokens.contiguous(), src=0)
         tokens = ps.get_pcp_group().broadcast(tokens, src=0)
-        return tokens.tolist(), logits
+        return self._sampled.to_host(tokens).tolist()
+
+    def _graph_runner_for(self, sched: list[tuple[_Request, int]], need: list[int]) -> DecodeGraphRunner | None:
+        """The graph runner when this step is a pure decode it can replay (capturing on first use), else None."""
+        if self.graphs_off_reason is not None or len(need) != len(sched):
+            return None
+        if not all(r.num_computed > 0 and n == 1 for r, n in sched):
+            return None
+        if self.graph_runner is None:
+            self.graph_runner = DecodeGraphRunner(self.model, self.kv_caches, self.metadata_builder,
+                                                  self.block_table.max_num_reqs)
+            self.graph_runner.capture()
+            self.stats.graph_capture_s = self.graph_runner.capture_s
+            self.stats.graph_capture_bytes = self.graph_runner.capture_bytes
+        return self.graph_runner if len(sched) <= self.graph_runner.max_batch else None
 
     # ------------------------------------------------------------------ the loop
     def generate(
@@ -258,7 +293,12 @@ class LLMEngine:
         stats = EngineStats(
             kv_capacity_tokens=kv_capacity_tokens(self.num_kv_blocks, self.block_size, self.cp_world_size),
             kv_slots_per_rank=self.num_kv_blocks * self.block_size,
+            cuda_graphs=self.graphs_off_reason or "on",
         )
+        if self.graph_runner is not None:
+            stats.graph_capture_s, stats.graph_capture_bytes = self.graph_runner.capture_s, \
+                self.graph_runner.capture_bytes
+        self.stats = stats  # the steps count into it (graph replays, capture)
         start = time.perf_counter()
         try:
             while waiting or running:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One session on the GPU machine (see bench/README.md): install Transformer Engine if its parts were copied to
 # /root/te, apply the cuDNN fix, run the GPU tests and the benchmarks, write logs and JSON under $OUT.
-#   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [e2e]     (default: all four)
+#   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [e2e] [e2e32] [cpmatrix]
+#   (default: tests prefill decode e2e)
 set -o pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -24,11 +25,15 @@ print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'back
 
 for step in $steps; do
   case $step in
-    tests) timeout 150 python3 -m pytest -q -m gpu -rs tests/test_gpu_backends.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) timeout 240 python3 -m pytest -q -m gpu -rs -s tests/test_gpu_backends.py tests/test_cuda_graph.py \
+             tests/test_no_host_sync.py 2>&1 | tee "$OUT/tests.log" ;;
     prefill) timeout 140 python3 bench/prefill_split.py ${PREFILL_ARGS:-} --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
     decode) timeout 90 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
-    e2e) timeout 170 python3 bench/e2e.py --profile --json-out "$OUT/e2e.json" 2>&1 | tail -150 ;;
-    *) echo "unknown step $step (tests, prefill, decode, e2e)" ;;
+    e2e) timeout 240 python3 bench/e2e.py ${E2E_ARGS:-} --json-out "$OUT/e2e.json" 2>&1 | tail -150 ;;
+    e2e32) timeout 300 python3 bench/e2e.py --layers 32 --engines megacp transformers --prompt-lens 8192 --batch 1 \
+             --reps 2 --json-out "$OUT/e2e32.json" 2>&1 | tail -60 ;;
+    cpmatrix) timeout 300 torchrun --nproc-per-node 8 scripts/gpu_cp_matrix.py --json-out "$OUT/gpu_cp_matrix.json" 2>&1 | tail -30 ;;
+    *) echo "unknown step $step (tests, prefill, decode, e2e, e2e32, cpmatrix)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"
 done

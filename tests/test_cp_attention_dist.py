@@ -100,7 +100,8 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
               dtype: torch.dtype = torch.float32, head_dim: int = HEAD_DIM, num_heads: int = NUM_HEADS) -> dict:
     from megacp import parallel_state as ps
     from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     if ps.model_parallel_is_initialized():
         W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
@@ -145,7 +146,7 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
     for s, step in enumerate(steps):
         req_ids, new = [i for i, _ in step], [n for _, n in step]
         computed = [done[i] for i in req_ids]
-        meta = build_step_metadata(req_ids, computed, new, bt, device=device)
+        meta = build_attention_metadata(req_ids, computed, new, bt, device=device, null_slot=cache.null_slot)
         qkv, real, req_of_row, pos_of_row = _local_inputs(meta, req_ids, hs, kvs, seqs, computed, new)
         out_dev = layer(*(t.to(device, dtype) for t in qkv), meta, cache)
         out = out_dev.float().cpu()  # float32 on the CPU: the tensor itself
@@ -199,7 +200,8 @@ def test_single_device_without_parallel_state():
 
 def test_layer_rejects_bad_inputs():
     from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     with pytest.raises(ValueError, match="decode-context-parallel-size|tensor-parallel-size"):
         ContextParallelAttention(4, 2, HEAD_DIM, 0.5, tp_size=3)
@@ -208,14 +210,14 @@ def test_layer_rejects_bad_inputs():
     bt.set_row(0, [0])
     bt.set_row(1, [1])
     cache = PagedKVCache(2, BLOCK, 2, HEAD_DIM)
-    meta = build_step_metadata([0, 1], [3, 0], [1, 4], bt)  # a decode and a prefill
+    meta = build_attention_metadata([0, 1], [3, 0], [1, 4], bt, null_slot=cache.null_slot)  # a decode and a prefill
     q, k = torch.zeros(5, NUM_HEADS, HEAD_DIM), torch.zeros(5, 2, HEAD_DIM)
     with pytest.raises(ValueError, match="kv_cache"):
         layer(q, k, k, meta, None)
     with pytest.raises(ValueError, match="expects q"):
         layer(q[:4], k[:4], k[:4], meta, cache)
     with pytest.raises(ValueError, match="BlockTable"):
-        build_step_metadata([0], [3], [1], None)
+        build_attention_metadata([0], [3], [1], None)
 
 
 @pytest.mark.parametrize("tp,pcp,dcp", CONFIGS, ids=[f"tp{t}-pcp{p}-dcp{d}" for t, p, d in CONFIGS])
@@ -230,14 +232,15 @@ def test_cp_attention_matches_single_device(dist_pool_8, tp, pcp, dcp):
 
 # ------------------------------------------------------------------------------------------------ backward
 def _backward_task(pcp: int) -> float:
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     with model_parallel(prefill_context_parallel_size=pcp, data_parallel_size=8 // pcp):
         prompts = [1, 3, 2 * pcp - 1, 37, 20]
         num_kv = 2
         seqs = _sequences(prompts, num_kv, seed=500)
         req_ids = list(range(len(prompts)))
-        meta = build_step_metadata(req_ids, [0] * len(prompts), prompts, None)  # no KV cache: training-style
+        meta = build_attention_metadata(req_ids, [0] * len(prompts), prompts, None)  # no KV cache: training-style
         hs, kvs = slice(0, NUM_HEADS), slice(0, num_kv)
         (q, k, v), real, req_of_row, pos_of_row = _local_inputs(
             meta, req_ids, hs, kvs, seqs, [0] * len(prompts), prompts, with_grad=True)
@@ -271,11 +274,12 @@ def test_pcp_prefill_backward_matches_single_device(dist_pool_8, pcp):
 
 def _layout_mismatch_task() -> str:
     """A layer built before initialize_model_parallel (one rank) used with metadata of a pcp = 2 layout."""
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
     with model_parallel(prefill_context_parallel_size=2):
-        meta = build_step_metadata([0], [0], [40], None)
+        meta = build_attention_metadata([0], [0], [40], None)
         q, kv = torch.zeros(meta.num_local_tokens, NUM_HEADS, HEAD_DIM), torch.zeros(meta.num_local_tokens, 2, HEAD_DIM)
         with pytest.raises(ValueError) as err:
             layer(q, kv, kv, meta, None)

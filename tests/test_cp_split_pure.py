@@ -10,12 +10,30 @@ import pytest
 import torch
 
 from megacp.kv import BlockTable
-from megacp.layers.cp_metadata import (
-    build_step_metadata,
-    pcp_chunk_size,
-    pcp_restore_index,
-    pcp_split_positions,
-)
+from megacp.kv.layout import cp_local_seq_lens
+from megacp.layers.cp_metadata import build_attention_metadata
+from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
+
+NULL_SLOT = 10**6  # a cache's null slot (no cache is built here)
+
+
+def _idx(index, as_range):
+    """A metadata index that may have been sent as a range only."""
+    return torch.arange(*as_range) if as_range is not None else index
+
+
+def _decode_slots(m):
+    """Old-style decode slot mapping: -1 where this rank does not store the token."""
+    s = m.decode.slot_mapping
+    return torch.where(s == NULL_SLOT, -1, s)
+
+
+def _prefill_slots(m):
+    """Slot of each sequence-ordered new token on this rank, -1 when not owned."""
+    p = m.prefill
+    n = _idx(p.gather_index, p.gather_range).numel()
+    rows = torch.arange(n) if p.write_rows is None else p.write_rows
+    return torch.full((n,), -1, dtype=torch.long).index_copy(0, rows, p.write_slots)
 
 
 # ------------------------------------------------------------------------------------------- pcp_split_positions
@@ -78,7 +96,7 @@ def test_split_rejects_bad_args():
         pcp_split_positions(-1, 2, 0)
 
 
-# ------------------------------------------------------------------------------------------- build_step_metadata
+# ------------------------------------------------------------------------------------------- step metadata
 BLOCK = 4
 
 
@@ -103,8 +121,8 @@ def _metas(pcp, dcp, interleave, computed, new):
     tables = _tables(pcp, dcp, interleave, lengths)
     req = list(range(len(computed)))
     return {
-        (r, d): build_step_metadata(req, computed, new, tables[r * dcp + d], pcp_size=pcp, pcp_rank=r,
-                                    dcp_size=dcp, dcp_rank=d)
+        (r, d): build_attention_metadata(req, computed, new, tables[r * dcp + d], null_slot=NULL_SLOT,
+                                         pcp_size=pcp, pcp_rank=r, dcp_size=dcp, dcp_rank=d)
         for r in range(pcp) for d in range(dcp)
     }
 
@@ -154,22 +172,29 @@ def test_metadata_tokens_positions_and_gather(pcp, dcp, interleave, computed, ne
     for d in range(dcp):
         gathered = torch.cat([metas[(r, d)].token_index[metas[(r, d)].num_decodes:] for r in range(pcp)])
         for r in range(pcp):
-            assert torch.equal(gathered[metas[(r, d)].prefill_gather_index], expected_seq)
+            p = metas[(r, d)].prefill
+            if p is not None:
+                assert torch.equal(gathered[_idx(p.gather_index, p.gather_range)], expected_seq)
 
     # each token's K/V is written by exactly one CP rank (decode and prefill alike)
     writes = torch.zeros(total_new, dtype=torch.long)
     for m in metas.values():
-        writes[torch.tensor([offsets[i] for i in decodes], dtype=torch.long)[m.decode_slots >= 0]] += 1
-        writes[expected_seq[m.prefill_slots >= 0]] += 1
+        if m.decode is not None:
+            writes[torch.tensor([offsets[i] for i in decodes], dtype=torch.long)[_decode_slots(m) >= 0]] += 1
+        if m.prefill is not None:
+            writes[expected_seq[_prefill_slots(m) >= 0]] += 1
     assert writes.tolist() == [1] * total_new
 
     # logits rows: every request's last new token, provided by exactly one PCP rank
     provided = torch.zeros(len(new), dtype=torch.long)
     for r in range(pcp):
         m = metas[(r, 0)]
-        mine = m.logits_rows >= 0
+        logits_rows = _idx(m.logits_rows, m.logits_range)
+        if m.prefill is None and r > 0:
+            continue  # pure decode: every PCP rank has the rows, rank 0's are used
+        mine = logits_rows >= 0
         provided += mine.long()
-        assert torch.equal(m.token_index[m.logits_rows[mine]],
+        assert torch.equal(m.token_index[logits_rows[mine]],
                            torch.tensor([offsets[i] + new[i] - 1 for i in range(len(new))])[mine])
     assert provided.tolist() == [1] * len(new)
 
@@ -182,21 +207,26 @@ def test_metadata_chunks_are_causal_prefixes(pcp):
         # positions of the sequence-ordered new-token K/V
         seq_pos = torch.cat([torch.arange(computed[i], computed[i] + new[i]) for i in range(len(new))])
         seq_req = torch.cat([torch.full((n,), i) for i, n in enumerate(new)])
-        cu_q, cu_k = m.cu_seqlens_q.tolist(), m.cu_seqlens_k.tolist()
-        assert cu_q[-1] == m.chunk_q_rows.numel() and cu_k[-1] == m.chunk_k_index.numel()
+        p = m.prefill
+        q_rows, k_index = _idx(p.q_rows, p.q_range), _idx(p.k_index, p.k_range)
+        cu_q, cu_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+        assert cu_q == p.cu_seqlens_q_host and cu_k == p.cu_seqlens_k_host
+        assert cu_q[-1] == q_rows.numel() and cu_k[-1] == k_index.numel()
         for c in range(len(cu_q) - 1):
-            q_pos = m.positions[m.chunk_q_rows[cu_q[c]:cu_q[c + 1]]]
-            k = m.chunk_k_index[cu_k[c]:cu_k[c + 1]]
+            q_pos = m.positions[q_rows[cu_q[c]:cu_q[c + 1]]]
+            k = k_index[cu_k[c]:cu_k[c + 1]]
             # keys are the request's new tokens from its first one up to the chunk's last query
             assert seq_req[k].unique().numel() == 1
             req = int(seq_req[k[0]])
             assert seq_pos[k].tolist() == list(range(computed[req], int(q_pos[-1]) + 1))
             assert q_pos.tolist() == list(range(int(q_pos[0]), int(q_pos[-1]) + 1))
         # context rows: exactly the local rows of request 1 (the only prefill with cached context)
-        assert m.ctx_rows.numel() == m.ctx_is_real.numel()
-        assert set(m.token_index[m.ctx_rows[m.ctx_is_real]].tolist()) <= set(range(9, 14))
-        assert m.ctx_local_lens.tolist() == [int(m.local_context_lens[1])]
-    real_ctx = sum(int(m.ctx_is_real.sum()) for m in metas.values())
+        ctx = m.context
+        assert ctx.num_rows == ctx.rows.numel() and torch.equal(ctx.real_rows, ctx.rows[ctx.real_index])
+        assert (m.token_index[ctx.real_rows] >= 0).all()
+        assert set(m.token_index[ctx.real_rows].tolist()) <= set(range(9, 14))
+        assert ctx.cu_seqlens_k.tolist() == [0, int(cp_local_seq_lens(torch.tensor([4]), pcp, r)[0])]
+    real_ctx = sum(int(m.context.real_index.numel()) for m in metas.values())
     assert real_ctx == 5
 
 
@@ -206,23 +236,22 @@ def test_metadata_local_lengths_follow_design_formula():
     metas = _metas(2, 2, I, computed, new)
     for (r, d), m in metas.items():
         R = r * 2 + d
-        for L, got in zip(computed, m.local_context_lens.tolist()):
+        def local(L):
             base = (L // I // W) * I
-            assert got == base + min(max(L - base * W - R * I, 0), I)
+            return base + min(max(L - base * W - R * I, 0), I)
+
         # decode of request 1: the local shard includes the new token at position 10
-        L = 11
-        base = (L // I // W) * I
-        assert m.decode_local_seq_lens.tolist() == [base + min(max(L - base * W - R * I, 0), I)]
+        assert m.decode.seq_lens.tolist() == m.decode.seq_lens_host == [local(11)]
         # context rows of request 2 see its 3 cached tokens' local share
-        assert m.ctx_local_lens.tolist() == [m.local_context_lens[2].item()]
+        assert m.context.cu_seqlens_k.tolist() == m.context.cu_seqlens_k_host == [0, local(3)]
 
 
 def test_metadata_rejects_mismatched_table():
     bt = BlockTable(BLOCK, 2, 4, cp_world_size=2, cp_rank=0)
     with pytest.raises(ValueError, match="cp_world_size"):
-        build_step_metadata([0], [0], [3], bt, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
+        build_attention_metadata([0], [0], [3], bt, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
     with pytest.raises(ValueError, match="num_new_tokens"):
-        build_step_metadata([0], [0], [0], bt, pcp_size=2, pcp_rank=0, dcp_size=1, dcp_rank=0)
+        build_attention_metadata([0], [0], [0], bt, pcp_size=2, pcp_rank=0, dcp_size=1, dcp_rank=0)
 
 
 @pytest.mark.parametrize("pcp,dcp,interleave", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (1, 4, 4), (4, 1, 2)])
@@ -237,9 +266,9 @@ def test_metadata_context_queries_and_slots(pcp, dcp, interleave):
     for (r, d), m in metas.items():
         R = r * dcp + d
         # the CP all-gather of the context rows' token indices, regrouped by request
-        gathered = torch.cat([metas[(w // dcp, w % dcp)].token_index[metas[(w // dcp, w % dcp)].ctx_rows]
-                              for w in range(W)])[m.ctx_q_perm]
-        cu = m.ctx_cu_seqlens_q.tolist()
+        gathered = torch.cat([metas[(w // dcp, w % dcp)].token_index[metas[(w // dcp, w % dcp)].context.rows]
+                              for w in range(W)])[m.context.q_perm]
+        cu = m.context.cu_seqlens_q.tolist()
         assert len(cu) == 3
         for s, req in enumerate([0, 2]):
             seg = gathered[cu[s]:cu[s + 1]]
@@ -247,9 +276,9 @@ def test_metadata_context_queries_and_slots(pcp, dcp, interleave):
             assert sorted(real.tolist()) == sorted(list(range(offsets[req], offsets[req] + new[req])) * dcp)
             assert (req_of_token[real] == req).all()
         # the context slots: this rank's positions < num_computed, in position order
-        cuk = m.ctx_cu_seqlens_k.tolist()
+        cuk = m.context.cu_seqlens_k.tolist()
         for s, req in enumerate([0, 2]):
             pos = torch.arange(computed[req])
             pos = pos[(pos // interleave) % W == R]
             expect = tables[R].compute_slot_mapping(torch.full_like(pos, req), pos)
-            assert torch.equal(m.ctx_kv_slots[cuk[s]:cuk[s + 1]], expect)
+            assert torch.equal(m.context.kv_slots[cuk[s]:cuk[s + 1]], expect)

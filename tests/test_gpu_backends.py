@@ -403,7 +403,8 @@ def test_paged_decode_matches_reference(B, hq, hkv, d, block, lens):
 def test_cp_attention_layer_on_gpu_matches_causal_sdpa():
     """Single-GPU ContextParallelAttention over a paged cache: prefill, prefill over cached context, decodes."""
     from megacp.kv import BlockTable, PagedKVCache
-    from megacp.layers.cp_attention import ContextParallelAttention, build_step_metadata
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     H, HKV, D, BLOCK = 32, 8, 128, 16
     steps = [[(0, 300), (1, 1), (2, 1000)], [(0, 1), (1, 64), (2, 1), (3, 7)]] + [[(i, 1) for i in range(4)]] * 3
@@ -426,7 +427,7 @@ def test_cp_attention_layer_on_gpu_matches_causal_sdpa():
     done = [0] * 4
     for step in steps:
         ids, new = [i for i, _ in step], [n for _, n in step]
-        meta = build_step_metadata(ids, [done[i] for i in ids], new, bt, device="cuda")
+        meta = build_attention_metadata(ids, [done[i] for i in ids], new, bt, device="cuda", null_slot=cache.null_slot)
         rows = [(i, done[i] + j) for i, n in step for j in range(n)]
         q, k, v = (torch.stack([seqs[i][t][p] for i, p in rows]) for t in range(3))
         real = meta.token_index >= 0

@@ -23,6 +23,8 @@ from megacp.kv import (
     cp_owner_rank,
     kv_capacity_tokens,
 )
+from megacp.kv.layout import local_slots
+from tests.references import gather_local_shard
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -159,8 +161,8 @@ def test_layout_properties(layout, seq_lens, seed):
             local_pos = cp_local_positions(L, W, rank, I)
             assert local_pos.tolist() == sorted(pos[mine].tolist())
             slot_of = dict(zip(pos[mine].tolist(), maps[rank][mine].tolist()))
-            cache = PagedKVCache(num_blocks, block_size, 1, 1)
-            assert [slot_of[p] for p in local_pos.tolist()] == cache.local_slots(rows[r], int(local_lens[r])).tolist()
+            j = torch.arange(int(local_lens[r]))
+            assert [slot_of[p] for p in local_pos.tolist()] == local_slots(torch.tensor(rows[r]), j, block_size).tolist()
             assert (cp_local_index(local_pos, block_size, W, I) == torch.arange(local_pos.numel())).all()
     assert (total_local == lens).all()
 
@@ -205,9 +207,9 @@ def test_block_table_rows_and_errors():
     bt = BlockTable(block_size=4, max_num_reqs=3, max_num_blocks_per_req=3, cp_world_size=2, cp_rank=1)
     bt.set_row(2, [9, 4])
     bt.append_row(2, [6])
-    assert bt.row(2).tolist() == [9, 4, 6]
-    assert bt.local_block_table([2, 0]).tolist() == [[9, 4, 6], [0, 0, 0]]
-    assert bt.local_seq_lens([17, 1]).tolist() == [8, 0]
+    assert bt.row_host(2).tolist() == [9, 4, 6]
+    bt.commit()
+    assert bt.table[[2, 0]].tolist() == [[9, 4, 6], [0, 0, 0]]
     # Position 23 is in virtual block 2 (id 6), slot 6·4 + (7 // 2) = 27; position 24 is past the row.
     assert bt.compute_slot_mapping(torch.tensor([2]), torch.tensor([23])).tolist() == [27]
     with pytest.raises(ValueError, match="request row 2: position 24"):
@@ -264,12 +266,12 @@ def test_paged_cache_round_trip(layout, seq_len, split, seed):
         for lo, hi in ((0, cut), (cut, seq_len)):
             pos = torch.arange(lo, hi)
             cache.write(k[lo:hi], v[lo:hi], bt.compute_slot_mapping(torch.zeros_like(pos), pos))
-        local_len = int(bt.local_seq_lens([seq_len])[0])
-        gk, gv = cache.gather(bt.row(0), local_len)
+        local_len = int(cp_local_seq_lens(torch.tensor([seq_len]), W, rank, I)[0])
+        gk, gv = gather_local_shard(cache, bt.row_host(0), local_len)
         local_pos = cp_local_positions(seq_len, W, rank, I)
         assert torch.equal(gk, k[local_pos]) and torch.equal(gv, v[local_pos])
         k_full[local_pos], v_full[local_pos] = gk, gv
-        written = cache.k.reshape(-1, hkv, d)[cache.local_slots(row, local_len)]
+        written = cache.k.reshape(-1, hkv, d)[local_slots(torch.as_tensor(row), torch.arange(local_len), block_size)]
         assert torch.equal(written, gk)
         assert int((cache.k != sentinel).any(-1).any(-1).sum()) == local_len
         assert int((cache.v != sentinel).any(-1).any(-1).sum()) == local_len
@@ -284,14 +286,16 @@ def test_paged_cache_write_ignores_minus_one_and_validates():
     assert cache.k.reshape(4, 2).tolist() == [[4, 5], [0, 0], [0, 0], [0, 1]]
     assert cache.v.reshape(4, 2).tolist() == [[-4, -5], [0, 0], [0, 0], [0, -1]]
     assert cache.k.dtype == torch.float64 and cache.num_tokens_capacity == 4
-    gk, _ = cache.gather([1, 0], 3)  # local order: slots 2, 3, 0
+    gk, _ = gather_local_shard(cache, [1, 0], 3)  # local order: slots 2, 3, 0
     assert gk.reshape(3, 2).tolist() == [[0, 0], [0, 1], [4, 5]]
+    cache.write(k[:1], k[:1], torch.tensor([cache.null_slot]))  # the null slot takes writes, outside k/v
+    assert cache.null_slot == 4 and cache.k.reshape(4, 2).tolist()[0] == [4, 5]
     with pytest.raises(ValueError, match="outside this cache's 4 slots"):
-        cache.write(k[:1], k[:1], torch.tensor([4]))
+        cache.write(k[:1], k[:1], torch.tensor([5]))
     with pytest.raises(ValueError, match=r"shape \[T, 1, 2\]"):
         cache.write(k.reshape(4, 2, 1), k.reshape(4, 2, 1), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="local_len=5"):
-        cache.gather([1, 0], 5)
+        gather_local_shard(cache, [1, 0], 5)
 
 
 # ---------------------------------------------------------------------------------------------- allocator

@@ -120,7 +120,7 @@ def _prefill_logits(model, prompts: list[list[int]], use_cache: bool) -> torch.T
     from megacp import parallel_state as ps
     from megacp.kv.block_table import BlockTable
     from megacp.kv.paged_cache import PagedKVCache
-    from megacp.layers.cp_metadata import build_step_metadata
+    from megacp.layers.cp_metadata import build_attention_metadata
 
     cp_world, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     per_block = BLOCK_SIZE * cp_world
@@ -132,7 +132,7 @@ def _prefill_logits(model, prompts: list[list[int]], use_cache: bool) -> torch.T
     for i, n in enumerate(blocks):
         table.set_row(i, list(range(next_block, next_block + n)))
         next_block += n
-    meta = build_step_metadata(list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], table)
+    meta = build_attention_metadata(list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], table)
     flat = torch.tensor([t for p in prompts for t in p])
     ids = flat[meta.token_index.clamp(min=0)]  # padding rows (-1) get any valid id
     caches = None

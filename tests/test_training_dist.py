@@ -77,9 +77,9 @@ def _reference(kind: str, num_kv_heads: int = 1, tied: bool = False, head_dim: i
 # ------------------------------------------------------------------------------------------------ worker side
 def _training_metadata(seq_lens: list[int], device: str = "cpu"):
     """Step metadata of a cache-free prefill of ``seq_lens`` (the one place this test builds metadata)."""
-    from megacp.layers.cp_attention import build_step_metadata
+    from megacp.layers.cp_metadata import build_attention_metadata
 
-    return build_step_metadata(list(range(len(seq_lens))), [0] * len(seq_lens), seq_lens, None, device=device)
+    return build_attention_metadata(list(range(len(seq_lens))), [0] * len(seq_lens), seq_lens, None, device=device)
 
 
 def _load(model, tensors: dict[str, torch.Tensor]) -> None:

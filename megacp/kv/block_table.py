@@ -4,9 +4,9 @@ Every CP rank keeps the same table (the scheduler's virtual block ids); what dif
 owns. ``compute_slot_mapping`` turns (request, position) pairs into this rank's physical slots, ``-1`` where another
 CP rank stores the token, ready for ``PagedKVCache.write``.
 
-The table lives on ``device`` (for kernels) *and* on the host: every write goes to both, and all lookups and checks
-(``slot_mapping_host``, ``row_host``) read the host copy, so building a step never reads the device back (a read-back
-is a full stream synchronisation on CUDA).
+The table lives on the host (every write, lookup and check) and on ``device`` (for kernels): ``commit`` copies the
+rows changed since the last commit, once per step, so building a step never reads the device back (a read-back is a
+full stream synchronisation on CUDA) and never allocates.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from torch import LongTensor, Tensor
 
-from megacp.kv.layout import cp_local_seq_lens, cp_local_slot, cp_owner_rank
+from megacp.buffers import CpuGpuBuffer
+from megacp.kv.layout import cp_local_slot, cp_owner_rank
 
 
 def validate_kv_layout(block_size: int, cp_world_size: int = 1, cp_rank: int = 0, interleave_size: int = 1) -> None:
@@ -68,10 +69,29 @@ class BlockTable:
         self.cp_rank = cp_rank
         self.interleave_size = interleave_size
         self.device = torch.device(device)
-        self.table = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
-        # Host copy and row lengths (see the module docstring): lookups and validation never read the device table.
-        self._table_host = torch.zeros(max_num_reqs, max_num_blocks_per_req, dtype=torch.long)
+        # One persistent host/device pair (pinned on CUDA): row writes go to the host copy, ``commit`` publishes the
+        # rows changed since the last commit with one copy. Lookups and checks read the host copy only.
+        self._buf = CpuGpuBuffer(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
         self._num_blocks = [0] * max_num_reqs
+        self._dirty: tuple[int, int] | None = None  # [lo, hi) rows changed since the last commit
+
+    @property
+    def table(self) -> LongTensor:
+        """The device table [max_num_reqs, max_num_blocks_per_req] long, as of the last ``commit``."""
+        return self._buf.gpu
+
+    @property
+    def _table_host(self) -> LongTensor:
+        return self._buf.cpu
+
+    def commit(self) -> None:
+        """Copy the rows changed since the last commit to the device (one non-blocking copy; none if unchanged).
+
+        The metadata builder calls it once per step, before the step's kernels read ``table``.
+        """
+        if self._dirty is not None:
+            self._buf.to_device(self._dirty[1], start=self._dirty[0])
+            self._dirty = None
 
     @property
     def tokens_per_block(self) -> int:
@@ -93,14 +113,12 @@ class BlockTable:
         ids = ids.cpu()  # host-side input is the norm; a device tensor is read back once, here
         if ids.numel() and int(ids.min()) < 0:
             raise ValueError(f"block ids for request row {req_index} must be >= 0, got {ids.tolist()}")
-        self._table_host[req_index, start:end] = ids
-        self._table_host[req_index, end:] = 0
+        host = self._buf.host()  # waits until the last commit's copy has read the host rows
+        host[req_index, start:end] = ids
+        host[req_index, end:] = 0
         self._num_blocks[req_index] = end
-        # A copy from pageable memory synchronises the stream on CUDA (measured: one sync per admission and per
-        # release), so the row goes through a fresh pinned buffer; fresh, because the host row may change again
-        # before the copy runs.
-        row = self._table_host[req_index]
-        self.table[req_index].copy_(row.pin_memory() if self.device.type == "cuda" else row, non_blocking=True)
+        lo, hi = self._dirty if self._dirty is not None else (req_index, req_index + 1)
+        self._dirty = (min(lo, req_index), max(hi, req_index + 1))
 
     def set_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
         """Make ``block_ids`` (virtual block ids, in sequence order) the whole row of request ``req_index``."""
@@ -117,13 +135,8 @@ class BlockTable:
         self._check_req(req_index)
         self._write(req_index, 0, [])
 
-    def row(self, req_index: int) -> LongTensor:
-        """The real block ids of one request: [num_blocks] long, on ``self.device``."""
-        self._check_req(req_index)
-        return self.table[req_index, : self._num_blocks[req_index]]
-
     def row_host(self, req_index: int) -> LongTensor:
-        """``row`` from the host copy: [num_blocks] long on the CPU (no device read)."""
+        """The real block ids of one request, from the host copy: [num_blocks] long on the CPU (no device read)."""
         self._check_req(req_index)
         return self._table_host[req_index, : self._num_blocks[req_index]]
 
@@ -162,20 +175,3 @@ class BlockTable:
         owned = cp_owner_rank(pos, self.cp_world_size, self.interleave_size) == self.cp_rank
         return torch.where(owned, slots, torch.full_like(slots, -1))
 
-    def local_block_table(self, req_indices: Tensor | Sequence[int]) -> LongTensor:
-        """Rows of the given requests for the paged decode kernel: [B, max_num_blocks_per_req] long.
-
-        The block ids are the same on every CP rank; what makes them "local" is that this rank's cache holds only
-        its share, ``cp_local_seq_lens`` tokens per request, densely from slot 0 of the row's first block.
-        """
-        req = torch.as_tensor(req_indices, dtype=torch.long).to(self.device).reshape(-1)
-        return self.table[req]
-
-    def local_block_table_host(self, req_indices: Tensor | Sequence[int]) -> LongTensor:
-        """``local_block_table`` from the host copy: [B, max_num_blocks_per_req] long on the CPU."""
-        return self._table_host[torch.as_tensor(req_indices, dtype=torch.long).cpu().reshape(-1)]
-
-    def local_seq_lens(self, seq_lens: Tensor | Sequence[int]) -> LongTensor:
-        """This rank's share of each sequence length: [B] -> [B] long (see ``cp_local_seq_lens``)."""
-        lens = torch.as_tensor(seq_lens, dtype=torch.long).to(self.device)
-        return cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size)

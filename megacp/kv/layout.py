@@ -79,6 +79,15 @@ def cp_local_slot(
     return block_ids * block_size + (off // (cp_world_size * interleave_size)) * interleave_size + off % interleave_size
 
 
+def local_slots(block_ids_row: Tensor, local_indices: Tensor, block_size: int) -> LongTensor:
+    """Slots of a request's local indices: ``row[j // B]·B + j % B`` (a rank's tokens fill its blocks densely).
+
+    block_ids_row: [num_blocks] int (the request's block ids), local_indices: [N] int -> [N] long.
+    """
+    j = torch.as_tensor(local_indices).long()
+    return torch.as_tensor(block_ids_row).long()[j // block_size] * block_size + j % block_size
+
+
 def cp_local_seq_lens(seq_lens: Tensor, cp_world_size: int, cp_rank: int, interleave_size: int = 1) -> LongTensor:
     """Number of each sequence's tokens stored on ``cp_rank`` (DESIGN §2 formula).
 

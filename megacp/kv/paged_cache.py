@@ -2,10 +2,10 @@
 
 Physical layout ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is ``(s // block_size,
 s % block_size)``. Under CP the rank holds only its share of each sequence, densely in local order (see
-``megacp.kv.layout``), so ``gather(row, cp_local_seq_len)`` returns exactly the local shard.
+``megacp.kv.layout``): local index ``j`` of a request is at slot ``layout.local_slots(row, j, block_size)``.
 
 Two ways to write, one store: ``write_rows`` takes the rows to store and their slots, precomputed and checked on the
-host (``write_plan``, called by ``build_step_metadata``), and never synchronises: that is what the attention layers
+host (``write_plan``, called by the metadata builders), and never synchronises: that is what the attention layers
 use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
 (one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
 ``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` also range-checks every ``write_rows``, CUDA included (a sync each); without
@@ -15,8 +15,6 @@ it an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a d
 from __future__ import annotations
 
 import os
-from typing import Sequence
-
 import torch
 from torch import LongTensor, Tensor
 
@@ -57,9 +55,14 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One block more than asked for, at the end: the "null block". Decode rows this rank does not store (and
+        # the padding rows of a CUDA-graph batch) write their K/V to its first slot, ``null_slot``, so a decode
+        # write is one fixed-shape copy of every row. ``k``/``v`` are views without it.
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self._k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self._v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = self._k_all[:num_blocks]
+        self.v = self._v_all[:num_blocks]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,6 +71,11 @@ class PagedKVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def null_slot(self) -> int:
+        """A slot outside the real blocks that ``write_rows`` accepts and nothing ever reads (see ``__init__``)."""
+        return self.num_blocks * self.block_size
 
     @property
     def num_tokens_capacity(self) -> int:
@@ -92,7 +100,8 @@ class PagedKVCache:
         """Store ``k[rows]``, ``v[rows]`` at ``slots`` without reading anything back from the device.
 
         k, v: [T, Hkv, D]; rows: [N] long indices into T (``None``: all T rows, in order); slots: [N] long, every
-        one a valid slot of this cache (the caller computed them on the host, e.g. ``StepMetadata``).
+        one a valid slot of this cache or ``null_slot`` (the caller computed them on the host, e.g. the step's
+        attention metadata).
         """
         self._check_kv(k, v)
         k, v = k.detach(), v.detach()
@@ -105,14 +114,15 @@ class PagedKVCache:
         self._store(k, v, slots)
 
     def _store(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k = self._k_all.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self._v_all.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, slots, k.to(self.dtype))
         flat_v.index_copy_(0, slots, v.to(self.dtype))
 
     def _check_slots(self, slots: Tensor) -> None:
-        if slots.numel() and not bool(((slots >= 0) & (slots < self.num_tokens_capacity)).all()):
-            bad = int(slots[(slots < 0) | (slots >= self.num_tokens_capacity)][0])
+        limit = self.num_tokens_capacity + 1  # the null slot is valid
+        if slots.numel() and not bool(((slots >= 0) & (slots < limit)).all()):
+            bad = int(slots[(slots < 0) | (slots >= limit)][0])
             raise ValueError(
                 f"slot {bad} is outside this cache's {self.num_tokens_capacity} slots "
                 f"({self.num_blocks} blocks of {self.block_size}); the block table and cache disagree on num_blocks"
@@ -125,25 +135,3 @@ class PagedKVCache:
                 f"PagedKVCache.write wants k, v of shape [T, {self.num_kv_heads}, {self.head_dim}], "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
-
-    def local_slots(self, block_ids_row: Tensor | Sequence[int], local_len: int) -> LongTensor:
-        """Slots of local indices ``0 .. local_len-1`` of one request: [local_len] long."""
-        row = torch.as_tensor(block_ids_row, dtype=torch.long).to(self.device).reshape(-1)
-        if local_len < 0 or local_len > row.numel() * self.block_size:
-            raise ValueError(
-                f"local_len={local_len} does not fit the request's {row.numel()} blocks of {self.block_size} "
-                f"slots; pass the rank-local length (cp_local_seq_lens), not the global one"
-            )
-        j = torch.arange(local_len, device=self.device)
-        return row[j // self.block_size] * self.block_size + j % self.block_size
-
-    def gather(self, block_ids_row: Tensor | Sequence[int], local_len: int) -> tuple[Tensor, Tensor]:
-        """One request's local K/V shard in local order: (k [local_len, Hkv, D], v [local_len, Hkv, D]).
-
-        ``block_ids_row``: the request's block ids (``BlockTable.row``); ``local_len``: its rank-local length.
-        Entry ``j`` is the token at position ``cp_local_positions(...)[j]``.
-        """
-        slots = self.local_slots(block_ids_row, local_len)
-        flat_k = self.k.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v.view(-1, self.num_kv_heads, self.head_dim)
-        return flat_k.index_select(0, slots), flat_v.index_select(0, slots)

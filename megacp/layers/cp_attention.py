@@ -1,7 +1,8 @@
 """Context-parallel attention: PCP prefill, prefill over cached context, DCP/PCP decode (DESIGN §3).
 
-One step's local tokens (``StepMetadata``, built once per step in ``cp_metadata.py``) are decode rows first, then
-each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path:
+One step's local tokens (``AttentionMetadata``, built once per step in ``cp_metadata.py``) are decode rows first, then
+each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path,
+with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
   every rank attends to its local paged shard (returning LSE), and ``cp_merge_gathered`` all-gathers the packed
@@ -22,7 +23,9 @@ no key (an empty local shard), so every merge is exact.
 
 No host syncs: the layer reads only host values of the metadata (counts, varlen offsets, shard lengths, ranges) and
 indexes with precomputed index tensors, never with boolean masks or ``.item()``; cache writes get the rows this rank
-stores and their slots ready-made (``PagedKVCache.write_rows``). tests/test_no_host_sync.py holds it to that.
+stores and their slots ready-made (``PagedKVCache.write_rows``). tests/test_no_host_sync.py holds it to that. The
+decode path has fixed shapes on top (every row writes, non-owned ones to the null slot), so it can be captured in a
+CUDA graph (``megacp.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -34,13 +37,8 @@ from torch import LongTensor, Tensor, nn
 
 from megacp.config import validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
-from megacp.layers.cp_metadata import (
-    StepMetadata,
-    build_step_metadata,
-    pcp_chunk_size,
-    pcp_restore_index,
-    pcp_split_positions,
-)
+from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
+from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
 from megacp.ops.merge import cp_merge_gathered, dcp_merge, merge_attn_states
 
@@ -49,23 +47,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ContextParallelAttention",
-    "StepMetadata",
-    "build_step_metadata",
     "pcp_chunk_size",
     "pcp_restore_index",
     "pcp_split_positions",
 ]
 
 
-def _rows(x: Tensor, index: LongTensor, as_range: tuple[int, int] | None) -> Tensor:
+def _rows(x: Tensor, index: LongTensor | None, as_range: tuple[int, int] | None) -> Tensor:
     """``x[index]``, as a slice (no copy) when the metadata says the index is a plain range."""
     if as_range is not None:
         return x[as_range[0] : as_range[1]]
     return x[index]
 
 
-def _host_cu(cu_q: list[int] | None, cu_k: list[int] | None) -> tuple[list[int], list[int]] | None:
-    return None if cu_q is None or cu_k is None else (cu_q, cu_k)
+def _index(index: LongTensor | None, as_range: tuple[int, int] | None, device: torch.device) -> LongTensor:
+    """The index tensor itself; a range's ``arange`` (made on the device: no copy over) when only a range was sent."""
+    return index if as_range is None else torch.arange(as_range[0], as_range[1], device=device)
 
 
 def _group(given: "ParallelGroup | None", name: str) -> "ParallelGroup":
@@ -117,7 +114,8 @@ class ContextParallelAttention(nn.Module):
         self.backend = backend
 
     # ------------------------------------------------------------------------------------------------ entry point
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache | None
+                ) -> Tensor:
         """Attention output of this rank's local tokens.
 
         # q: [T_local, Hq_local, D], k/v: [T_local, Hkv_local, D] (rows in meta's local order) -> [T_local, Hq_local, D]
@@ -126,39 +124,43 @@ class ContextParallelAttention(nn.Module):
         """
         self._check_layout(meta)
         self._check_shapes(q, k, v, meta)
-        if kv_cache is None and (meta.num_decodes or meta.num_ctx_rows):
+        if kv_cache is None and (meta.decode is not None or meta.context is not None):
             raise ValueError(
                 "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
                 "pass the layer's PagedKVCache (kv_cache=None is only for prefill-only steps without context)"
             )
         T, B = meta.num_local_tokens, meta.num_decodes
-        o_dec = self._decode(q[:B], k[:B], v[:B], meta, kv_cache) if B else None
-        if meta.num_prefill_rows == 0:
+        o_dec = self._decode(q[:B], k[:B], v[:B], meta.decode, kv_cache) if B else None
+        pre = meta.prefill
+        if pre is None:
             return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
-        o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], meta, kv_cache)
-        if meta.chunk_q_range == (B, T):  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
+        o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], pre, kv_cache)
+        if pre.q_range == (B, T):  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
             out = o_new if o_dec is None else torch.cat([o_dec, o_new])
         else:
             out = q.new_zeros(T, self.num_local_heads, self.head_dim)
             if o_dec is not None:
                 out = torch.cat([o_dec, out[B:]])
-            out = out.index_copy(0, meta.chunk_q_rows, o_new)
-        if meta.num_ctx_rows:
+            out = out.index_copy(0, _index(pre.q_rows, pre.q_range, q.device), o_new)
+        ctx = meta.context
+        if ctx is not None:
             lse = q.new_full((T, self.num_local_heads), float("-inf"), dtype=torch.float32)
-            lse = lse.index_copy(0, meta.chunk_q_rows, lse_new)
-            o_ctx, lse_ctx = self._prefill_over_context(q[meta.ctx_rows], meta, kv_cache)
-            merged, _ = merge_attn_states(out[meta.ctx_rows], lse[meta.ctx_rows], o_ctx, lse_ctx)
-            out = out.index_copy(0, meta.ctx_real_rows, merged[meta.ctx_real_index])
+            lse = lse.index_copy(0, _index(pre.q_rows, pre.q_range, q.device), lse_new)
+            o_ctx, lse_ctx = self._prefill_over_context(q[ctx.rows], ctx, kv_cache)
+            merged, _ = merge_attn_states(out[ctx.rows], lse[ctx.rows], o_ctx, lse_ctx)
+            out = out.index_copy(0, ctx.real_rows, merged[ctx.real_index])
         return out
 
     # ------------------------------------------------------------------------------------------------ decode
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache) -> Tensor:
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, meta: DecodeMetadata, kv_cache: PagedKVCache) -> Tensor:
         """Decode rows (identical on every PCP rank).
 
         # q: [B, Hq_local, D], k/v: [B, Hkv_local, D] -> [B, Hq_local, D]
-        The new token's K/V is written first, on its owning CP rank only, so it is attended exactly once.
+        The new token's K/V is written first (on its owning CP rank; the others write it to the null slot), so it
+        is attended exactly once. Fixed shapes and no host values except the optional shard lengths: this whole
+        path is captured in the CUDA-graph decode step.
         """
-        kv_cache.write_rows(k, v, meta.decode_write_rows, meta.decode_write_slots)
+        kv_cache.write_rows(k, v, None, meta.slot_mapping)
         # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all (dcp_rank major;
         # a flat gather along a new leading dim, then one copy into head order) and attend to our shard.
         B, H, D = q.shape
@@ -167,8 +169,8 @@ class ContextParallelAttention(nn.Module):
         if dcp > 1:
             q_all = self.dcp_group.all_gather(q.unsqueeze(0), dim=0).transpose(0, 1).reshape(B, dcp * H, D)
         out, lse = paged_attention_with_lse(
-            q_all, kv_cache.k, kv_cache.v, meta.decode_block_table, meta.decode_local_seq_lens, self.scale,
-            backend=self.backend, seq_lens_host=meta.decode_local_seq_lens_host,
+            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale,
+            backend=self.backend, seq_lens_host=meta.seq_lens_host,
         )
         # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
@@ -179,55 +181,56 @@ class ContextParallelAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ prefill
     def _prefill_pcp(
-        self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata, kv_cache: PagedKVCache | None
+        self, q: Tensor, k: Tensor, v: Tensor, meta: PrefillMetadata, kv_cache: PagedKVCache | None
     ) -> tuple[Tensor, Tensor]:
         """Causal attention of the local prefill chunks over their requests' new tokens.
 
-        # q: [T_local, Hq_local, D] (all rows; the chunks' rows are meta.chunk_q_rows),
+        # q: [T_local, Hq_local, D] (all rows; the chunks' rows are meta.q_rows),
         # k/v: [T_local − num_decodes, Hkv_local, D] (the prefill rows)
-        # -> (out [Q, Hq_local, D], lse [Q, Hq_local] float32) for the Q rows meta.chunk_q_rows
+        # -> (out [Q, Hq_local, D], lse [Q, Hq_local] float32) for the Q rows meta.q_rows
         """
         # Every PCP rank has the same number of prefill rows, so one flat all-gather collects all of them.
         # [N_new, Hkv_local, D], in sequence order
-        k_seq = _rows(self.pcp_group.all_gather(k, dim=0), meta.prefill_gather_index, meta.prefill_gather_range)
-        v_seq = _rows(self.pcp_group.all_gather(v, dim=0), meta.prefill_gather_index, meta.prefill_gather_range)
+        k_seq = _rows(self.pcp_group.all_gather(k, dim=0), meta.gather_index, meta.gather_range)
+        v_seq = _rows(self.pcp_group.all_gather(v, dim=0), meta.gather_index, meta.gather_range)
         if kv_cache is not None:  # only the tokens this CP rank owns
-            kv_cache.write_rows(k_seq, v_seq, meta.prefill_write_rows, meta.prefill_write_slots)
+            kv_cache.write_rows(k_seq, v_seq, meta.write_rows, meta.write_slots)
         # One varlen sequence per chunk: its real queries against the request's keys up to the chunk's end. With
         # bottom-right alignment the chunk's last query sees every key, its first sees the prefix up to itself.
         return attention_with_lse(
-            _rows(q, meta.chunk_q_rows, meta.chunk_q_range),
-            _rows(k_seq, meta.chunk_k_index, meta.chunk_k_range), _rows(v_seq, meta.chunk_k_index, meta.chunk_k_range),
+            _rows(q, meta.q_rows, meta.q_range),
+            _rows(k_seq, meta.k_index, meta.k_range), _rows(v_seq, meta.k_index, meta.k_range),
             meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
-            host_cu_seqlens=_host_cu(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
+            host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
 
-    def _prefill_over_context(self, q: Tensor, meta: StepMetadata, kv_cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+    def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache
+                              ) -> tuple[Tensor, Tensor]:
         """Attention of prefill rows to their requests' cached context, sharded over the CP group ("pass-Q").
 
-        # q: [Tc, Hq_local, D] (meta.ctx_rows, padding included so Tc is equal on every CP rank)
+        # q: [Tc, Hq_local, D] (meta.rows, padding included so Tc is equal on every CP rank)
         # -> (out [Tc, Hq_local, D], lse [Tc, Hq_local] float32) over all context tokens of the request
         Every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context precedes
         the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
         """
         W, Tc, H = self.cp_group.world_size, q.shape[0], self.num_local_heads
         q_all = self.cp_group.all_gather(q.unsqueeze(0), dim=0).flatten(0, 1)  # [W·Tc, Hq_local, D], CP rank major
-        k_ctx = kv_cache.k.flatten(0, 1)[meta.ctx_kv_slots]  # [sum ctx_local_lens, Hkv_local, D], local order
-        v_ctx = kv_cache.v.flatten(0, 1)[meta.ctx_kv_slots]
+        k_ctx = kv_cache.k.flatten(0, 1)[meta.kv_slots]  # [sum local context lens, Hkv_local, D], local order
+        v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]
         out_seq, lse_seq = attention_with_lse(
-            q_all[meta.ctx_q_perm], k_ctx, v_ctx, meta.ctx_cu_seqlens_q, meta.ctx_cu_seqlens_k,
+            q_all[meta.q_perm], k_ctx, v_ctx, meta.cu_seqlens_q, meta.cu_seqlens_k,
             causal=False, scale=self.scale, backend=self.backend,
-            host_cu_seqlens=_host_cu(meta.ctx_cu_seqlens_q_host, meta.ctx_cu_seqlens_k_host),
+            host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
-        out = torch.empty_like(out_seq).index_copy_(0, meta.ctx_q_perm, out_seq)  # back to CP-rank-major rows
-        lse = torch.empty_like(lse_seq).index_copy_(0, meta.ctx_q_perm, lse_seq)
+        out = torch.empty_like(out_seq).index_copy_(0, meta.q_perm, out_seq)  # back to CP-rank-major rows
+        lse = torch.empty_like(lse_seq).index_copy_(0, meta.q_perm, lse_seq)
         # [W·Tc] rows -> [Tc, W·H]: the gathered ranks become "heads", ordered by CP rank, as dcp_merge expects.
         out = out.view(W, Tc, H, -1).permute(1, 0, 2, 3).reshape(Tc, W * H, -1)
         lse = lse.view(W, Tc, H).permute(1, 0, 2).reshape(Tc, W * H)
         return dcp_merge(out, lse, self.cp_group)
 
     # ------------------------------------------------------------------------------------------------ checks
-    def _check_layout(self, meta: StepMetadata) -> None:
+    def _check_layout(self, meta: AttentionMetadata) -> None:
         """The metadata must be built for the PCP size this layer was built with (else its indices point at rows
         of another layout)."""
         if meta.pcp_size != self.pcp_group.world_size:
@@ -238,7 +241,7 @@ class ContextParallelAttention(nn.Module):
                 f"initialised runs as a single rank)"
             )
 
-    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: StepMetadata) -> None:
+    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
         T, Hq, Hkv, D = meta.num_local_tokens, self.num_local_heads, self.num_local_kv_heads, self.head_dim
         if tuple(q.shape) != (T, Hq, D) or tuple(k.shape) != (T, Hkv, D) or k.shape != v.shape:
             raise ValueError(

@@ -233,9 +233,9 @@ def paged_attention_with_lse(
             return res[0].to(q.dtype), res[1].float()
     block_size = k_cache.shape[1]
     lens = seq_lens.to(device=q.device, dtype=torch.long)
-    if seq_lens_host is None:
-        seq_lens_host = lens.tolist()  # one read-back when the caller did not give the lengths
-        host_max = max(seq_lens_host, default=0)
+    if seq_lens_host is None:  # lengths unknown on the host (a CUDA graph): masked attention over whole rows
+        return _paged_masked(q, k_cache, v_cache, block_table, lens, scale)
+    host_max = max(seq_lens_host, default=0)
     if host_max > block_table.shape[1] * block_size:
         raise ValueError(
             f"paged_attention_with_lse: seq_lens up to {host_max} need more than block_table's "
@@ -261,6 +261,29 @@ def paged_attention_with_lse(
 
 
 # ----------------------------------------------------------------------------------------------- reusable helpers
+def _paged_masked(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, lens: Tensor, scale: float
+                  ) -> tuple[Tensor, Tensor]:
+    """Decode over every slot of each sequence's block-table row, masked past its length: fixed shapes, no host
+    value, so it can be captured in a CUDA graph. Reads the whole row (capacity, not length): the fallback when no
+    paged kernel runs (float32, odd head dims).
+
+    # q [B, Hq, D], caches [N, bs, Hkv, D], block_table [B, M], lens [B] -> (out [B, Hq, D], lse [B, Hq] float32)
+    """
+    B, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    rows = block_table.to(device=q.device, dtype=torch.long)
+    k = k_cache[rows].reshape(B, -1, Hkv, D).repeat_interleave(Hq // Hkv, dim=2).float()  # [B, M·bs, Hq, D]
+    v = v_cache[rows].reshape(B, -1, Hkv, D).repeat_interleave(Hq // Hkv, dim=2).float()
+    scores = torch.einsum("bhd,bkhd->bhk", q.float(), k) * scale
+    valid = torch.arange(scores.shape[-1], device=q.device) < lens.unsqueeze(1)  # [B, M·bs]
+    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf for an empty shard
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))  # 0 where masked
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)  # slots past the length may hold anything, NaN included
+    out = torch.einsum("bhk,bkhd->bhd", probs, v)
+    return out.to(q.dtype), lse
+
+
 def bottom_right_causal_mask(lq: int, lk: int, device: torch.device | str = "cpu") -> Tensor:
     """``allowed[i, j] = j <= i + lk - lq`` (bottom-right aligned causal mask).  # -> bool [lq, lk]"""
     i = torch.arange(lq, device=device).unsqueeze(1)
