@@ -8,6 +8,12 @@ DCP groups are contiguous runs of ``dcp`` ranks inside a TP group; the CP group 
 groups wrapped in ``ParallelGroup`` (the collectives the layers use; a gloo group stages CUDA tensors through the
 host). All state lives in the single ``_STATE``; ``destroy_model_parallel`` destroys its groups and resets it, so a
 later initialisation with other sizes works.
+
+Before ``initialize_model_parallel`` (or without torch.distributed at all) every layer runs as a single rank:
+``group_or_single_rank`` gives it a size-1 group, whose collectives return their input.
+
+Training: every parameter a megacp layer creates carries ``grad_reduce_groups``, the names of the groups its
+gradient must be summed over after ``backward``, and ``allreduce_grads(model)`` does those sums (see there).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,18 @@ import torch.distributed as dist
 from megacp.config import validate_dcp, validate_kv_interleave, validate_sizes, validate_world_size
 
 GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
+
+# Gradient reduction groups (``param.grad_reduce_groups``, summed over by ``allreduce_grads``):
+# a parameter that every rank of a PCP and of a DP group holds alike (whole, or the same TP shard) saw only this
+# rank's tokens, and tokens are split over PCP and over DP: its gradient is the sum over both. TP ranks hold the
+# same tokens and Megatron's conjugate collectives already make the gradients of TP-replicated activations whole,
+# so norms and row-parallel biases need no TP sum.
+DENSE_GRAD_GROUPS = ("pcp", "dp")
+# MoE parameters replicated on every rank but applied to only part of the tokens or experts on each (the router
+# sees each token on the one rank that contributed it, the shared-expert gate scales this rank's partial output).
+EXPERT_GROUP_GRAD_GROUPS = ("ep",)
+# Parameters whose gradient is already complete on every rank (MoE experts: each rank runs its shard on every token).
+NO_GRAD_GROUPS: tuple[str, ...] = ()
 
 # torch >= 2.10 renamed the flat collectives (the old names still work but warn).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -391,6 +410,19 @@ def destroy_model_parallel() -> None:
         dist.destroy_process_group(pg)
 
 
+def single_rank_group(name: str) -> ParallelGroup:
+    """A size-1 group (this process alone); every collective returns its input."""
+    return ParallelGroup(name, [0], None, 0)
+
+
+def group_or_single_rank(name: str) -> ParallelGroup:
+    """Group ``name`` (one of ``GROUP_NAMES``) of ``parallel_state``, or a size-1 group when model parallelism is
+    not initialised: the one default every megacp layer uses when it is given no group (a single-device run)."""
+    if name not in GROUP_NAMES:
+        raise ValueError(f"unknown group name {name!r}; use one of {GROUP_NAMES}")
+    return _state().groups[name] if _STATE is not None else single_rank_group(name)
+
+
 def _state() -> ParallelState:
     if _STATE is None:
         raise RuntimeError(
@@ -492,3 +524,45 @@ def expert_parallel_enabled() -> bool:
 
 def get_cp_kv_cache_interleave_size() -> int:
     return _state().cp_kv_cache_interleave_size
+
+
+# ------------------------------------------------------------------------------------------------ training
+def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]") -> None:
+    """Make every gradient of ``model`` whole: sum it over the groups named by its parameter's ``grad_reduce_groups``.
+
+    Call it on every rank after ``loss.backward()`` (a collective). Gradients are *summed*: with each rank's loss
+    being the sum over its own tokens, the result is the gradient of the global sum (divide the loss by the global
+    token count for a mean). Every megacp layer marks its parameters (``DENSE_GRAD_GROUPS``, ``EXPERT_GROUP_GRAD_GROUPS``,
+    ``NO_GRAD_GROUPS``); a parameter without the attribute (a module of your own) is taken as replicated like a
+    norm weight, ``DENSE_GRAD_GROUPS``: mark it otherwise if it is applied to TP-split activations. A parameter may
+    also carry ``grad_reduce_hook(param)``, run first, for sums only its layer knows (QKV rows of a KV head that
+    several TP ranks hold). Parameters that require grad but got none (unused on this rank) count as zeros, so all
+    ranks run the same collectives. Before ``initialize_model_parallel`` every group has one rank: nothing to sum.
+    """
+    params = list(model.parameters()) if hasattr(model, "parameters") else list(model)
+    buckets: dict[tuple, list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for p in params:
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        hook = getattr(p, "grad_reduce_hook", None)
+        if hook is not None:
+            hook(p)
+        names = tuple(getattr(p, "grad_reduce_groups", DENSE_GRAD_GROUPS))
+        groups = [group_or_single_rank(n) for n in names]
+        names = tuple(g.name for g in groups if g.world_size > 1)
+        if names:
+            buckets.setdefault((names, str(p.grad.dtype), str(p.grad.device)), []).append(p)
+    # Same bucket order on every rank: all ranks built the same model, so the keys and parameter order agree.
+    for (names, _, _), members in sorted(buckets.items(), key=lambda kv: kv[0]):
+        flat = torch.cat([p.grad.reshape(-1) for p in members])
+        for name in names:
+            group_or_single_rank(name).all_reduce(flat)
+        offset = 0
+        for p in members:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n

@@ -122,33 +122,118 @@ def test_empty_batch(backend):
     assert out.shape == (0, 2, D) and lse.shape == (0, 2)
 
 
-def test_sdpa_cpu_gradients_match_torch_backend():
-    """Causal lq < lk with grad takes sdpa_cpu's masked path (the LSE-merge decomposition would drop terms)."""
-    lens = [(2, 5), (3, 3), (1, 4)]
-    grads = {}
-    for backend in BACKENDS:
-        q, k, v, cu_q, cu_k = _packed(lens, 4, 2, seed=3)
-        for t in (q, k, v):
-            t.requires_grad_(True)
-        out, _ = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend=backend)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads[backend] = [t.grad for t in (q, k, v)]
-    for a, b in zip(grads["torch"], grads["sdpa_cpu"]):
-        torch.testing.assert_close(a, b, **TOL)
+def _out_and_lse_grads(backend: str, lens, causal: bool, hq: int = 4, hk: int = 2, dtype=torch.float64):
+    """Gradients of q, k, v for a loss that uses both the output and the LSE (rows without keys excluded)."""
+    q, k, v, cu_q, cu_k = _packed(lens, hq, hk, dtype=dtype, seed=3)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, lse = attention_with_lse(q, k, v, cu_q, cu_k, causal, 0.5, backend=backend)
+    g = torch.Generator().manual_seed(4)
+    w_out = torch.randn(out.shape, generator=g, dtype=dtype)
+    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float32)
+    ((out * w_out).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0.0).sum()).backward()
+    return [t.grad for t in (q, k, v)]
 
 
-def test_torch_backend_lse_is_differentiable():
-    """The reference backend's lse carries gradients (a merge of partials needs them to differentiate exactly)."""
-    lens = [(2, 5), (3, 1)]
-    q, k, v, cu_q, cu_k = _packed(lens, 2, 2, dtype=torch.float64)
-    q.requires_grad_(True)
-    _, lse = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend="torch")
-    weights = torch.randn(lse.shape, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(torch.where(torch.isinf(lse), 0, lse * weights).sum(), q)
-    q_ref = q.detach().clone().requires_grad_(True)
-    _, ref_lse = _ref_varlen(q_ref, k, v, lens, True, 0.5)
-    (ref_grad,) = torch.autograd.grad(torch.where(torch.isinf(ref_lse), 0, ref_lse * weights).sum(), q_ref)
-    torch.testing.assert_close(grad, ref_grad, **TOL)
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_cpu_gradients_of_out_and_lse_match_torch_backend(causal):
+    """sdpa_cpu's kernel differentiates its output only; attention_grad adds the LSE, so the prefix + square
+    decomposition of a chunk (lq < lk) merges with exact gradients. Empty and key-less sequences included."""
+    lens = [(2, 5), (3, 3), (1, 4), (0, 2), (4, 2), (2, 0)]
+    for a, b in zip(_out_and_lse_grads("torch", lens, causal), _out_and_lse_grads("sdpa_cpu", lens, causal)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)  # float64: both exact
+
+
+def test_lse_differentiable_attention_matches_autograd_of_the_math():
+    """The LSE gradient of attention_grad (one more attention with the keys as values, and its value gradient)
+    against plain autograd of logsumexp over explicit scores: GQA, float64."""
+    from megacp.ops.attention_grad import AutogradCall, lse_differentiable_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, D, generator=g, dtype=torch.float64) for n, h in ((5, 4), (7, 2), (7, 2)))
+    w_out, w_lse = torch.randn(5, 4, D, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g)
+
+    def call(q_, k_, v_):  # a kernel whose LSE autograd cannot see (detached), like the fused ones
+        out, lse = attn_mod._torch_seq(q_, k_, v_, False, 0.7)
+        return out, lse.detach()
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = lse_differentiable_attention(AutogradCall(call), *leaves, 0.7)
+    ((out * w_out).sum() + (lse * w_lse).sum()).backward()
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    scores = torch.einsum("qhd,khd->hqk", ref[0], ref[1].repeat_interleave(2, 1)) * 0.7
+    ref_out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), ref[2].repeat_interleave(2, 1))
+    ((ref_out * w_out).sum() + (torch.logsumexp(scores, -1).t() * w_lse.double()).sum()).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_a_backend_without_backward_is_refused_when_gradients_are_needed():
+    forward_only = AttentionBackend("forward_only_test", attn_mod.per_sequence(attn_mod._torch_seq),
+                                    lambda device: True, priority=-1)
+    register_backend(forward_only)
+    try:
+        q, k, v, cu_q, cu_k = _packed([(2, 3)], 2, 2)
+        out, _ = attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend="forward_only_test")  # no grad: fine
+        q.requires_grad_(True)
+        with pytest.raises(ValueError, match="'forward_only_test' cannot compute gradients.*sdpa_cpu"):
+            attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5, backend="forward_only_test")
+        with torch.no_grad():
+            torch.testing.assert_close(attention_with_lse(q, k, v, cu_q, cu_k, True, 0.5,
+                                                          backend="forward_only_test")[0], out)
+    finally:
+        attn_mod._BACKENDS.pop("forward_only_test")
+
+
+def test_merge_is_differentiable_in_out_and_lse_with_empty_partials():
+    """merge_attn_states_n w.r.t. both inputs (gradcheck, float64), with -inf partials and an all-empty row."""
+    g = torch.Generator().manual_seed(1)
+    o = torch.randn(3, 4, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    lse = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    lse[0, 1] = lse[:, 3] = float("-inf")
+    lse.requires_grad_(True)
+
+    def merged(o_, lse_):
+        out, merged_lse = merge_attn_states_n(o_, lse_)
+        return out, torch.where(torch.isfinite(merged_lse), merged_lse, 0.0)
+
+    assert torch.autograd.gradcheck(merged, (o, lse))
+    out, _ = merged(o, lse)
+    out.sum().backward()
+    assert torch.isfinite(o.grad).all() and torch.isfinite(lse.grad).all()
+    assert (o.grad[:, 3] == 0).all() and (lse.grad[:, 3] == 0).all() and (o.grad[0, 1] == 0).all()
+
+
+def test_paged_attention_with_grad_skips_the_paged_kernel():
+    """A paged kernel reads the cache outside autograd: with q requiring grad the gather path runs instead."""
+    import dataclasses
+
+    calls = []
+
+    def paged(*args):
+        calls.append(1)
+        return None  # "cannot take this call": the gather path follows either way
+
+    register_backend(dataclasses.replace(select_backend("cpu", "torch"), name="paged_test", paged=paged))
+    try:
+        g = torch.Generator().manual_seed(2)
+        k_cache, v_cache = torch.randn(4, 3, 2, D, generator=g), torch.randn(4, 3, 2, D, generator=g)
+        table, lens = torch.tensor([[2, 0], [1, 3]]), torch.tensor([5, 2])
+        q = torch.randn(2, 4, D, generator=g, dtype=torch.float32)
+        paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="paged_test")
+        assert len(calls) == 1
+        q.requires_grad_(True)
+        out, _ = paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="paged_test")
+        assert len(calls) == 1
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        keys = [k_cache[table[b]].flatten(0, 1)[: int(n)] for b, n in enumerate(lens)]
+        vals = [v_cache[table[b]].flatten(0, 1)[: int(n)] for b, n in enumerate(lens)]
+        q_ref = q.detach().clone().requires_grad_(True)
+        ref_out, _ = _ref_varlen(q_ref, torch.cat(keys), torch.cat(vals), [(1, 5), (1, 2)], False, 0.5)
+        (ref_grad,) = torch.autograd.grad(ref_out.sum(), q_ref)
+        torch.testing.assert_close(grad, ref_grad, **TOL)
+    finally:
+        attn_mod._BACKENDS.pop("paged_test")
 
 
 # ------------------------------------------------------------------------------------------------ empty-row handling

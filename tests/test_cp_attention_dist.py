@@ -270,3 +270,22 @@ def _backward_task(pcp: int) -> float:
 def test_pcp_prefill_backward_matches_single_device(dist_pool_8, pcp):
     errs = dist_pool_8.run(_backward_task, pcp)
     assert max(errs) <= ATOL
+
+
+def _layout_mismatch_task() -> str:
+    """A layer built before initialize_model_parallel (one rank) used with metadata of a pcp = 2 layout."""
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.cp_metadata import build_attention_metadata
+
+    layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
+    with model_parallel(prefill_context_parallel_size=2):
+        meta = build_attention_metadata([0], [0], [40], None)
+        q, kv = torch.zeros(meta.num_local_tokens, NUM_HEADS, HEAD_DIM), torch.zeros(meta.num_local_tokens, 2, HEAD_DIM)
+        with pytest.raises(ValueError) as err:
+            layer(q, kv, kv, meta, None)
+        return str(err.value)
+
+
+def test_layer_used_with_metadata_of_another_layout_names_both(dist_pool_2):
+    for message in dist_pool_2.run(_layout_mismatch_task):
+        assert "built for prefill context parallel size 1" in message and "metadata is for 2" in message

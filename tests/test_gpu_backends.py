@@ -109,6 +109,79 @@ def test_packed_wrapper_drops_keyless_and_queryless_sequences():
     assert bool((lse[3:5] == float("-inf")).all()) and bool((out[3:5] == 0).all())  # the sequence without keys
 
 
+class _FakeTE:
+    """Stand-ins for Transformer Engine 2.20's ``fused_attn_fwd`` / ``fused_attn_bwd`` with the real signatures
+    (parameter names and order copied from transformer_engine/pytorch/cpp_extensions/fused_attn.py), computing
+    attention with the "torch" reference; they assert the layout arguments shared/te-wheels/README.md requires."""
+
+    def __init__(self):
+        self.calls = {"fwd": 0, "bwd": 0}
+
+    @staticmethod
+    def _attend(q, k, v, cu_q, cu_k, mask, scale):
+        causal = {"padding_causal_bottom_right": True, "padding": False}[mask]
+        return attention_with_lse(q, k, v, cu_q, cu_k, causal, scale, backend="torch")
+
+    def fwd(self, is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, fake_dtype,
+            fused_attention_backend, attn_bias=None, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None,
+            page_table_k=None, page_table_v=None, s_quantizer=None, o_quantizer=None, attn_scale=None, dropout=0.0,
+            fast_zero_fill=True, qkv_layout="sbh3d", o_format="sbhd", qkv_scale_inv_format=None,
+            attn_bias_type="no_bias", attn_mask_type="padding", softmax_type="vanilla", window_size=(-1, -1),
+            bottom_right_diagonal=None, rng_gen=None, softmax_offset=None, return_max_logit=False, cuda_graph=False):
+        assert is_training and qkv_layout == "thd_thd_thd" and o_format == "thd" and dropout == 0.0
+        assert cu_seqlens_q_padded is cu_seqlens_q and cu_seqlens_kv_padded is cu_seqlens_kv and fake_dtype == q.dtype
+        assert all(t.is_contiguous() for t in (q, k, v))
+        assert window_size == ((-1, 0) if attn_mask_type == "padding_causal_bottom_right" else (-1, -1))
+        self.calls["fwd"] += 1
+        with torch.no_grad():
+            out, lse = self._attend(q, k, v, cu_seqlens_q, cu_seqlens_kv, attn_mask_type, attn_scale)
+        return out, [lse.unsqueeze(-1), torch.zeros(2, dtype=torch.int64)]  # stats [T, H, 1], rng_state
+
+    def bwd(self, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, o, d_o, fake_dtype,
+            aux_ctx_tensors, fused_attention_backend, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None,
+            s_quantizer=None, dp_quantizer=None, dqkv_quantizer=None, attn_scale=None, dropout=0.0,
+            fast_zero_fill=True, qkv_layout="sbh3d", o_format="sbhd", do_format="sbhd", dqkv_layout="sbh3d",
+            qkv_scale_inv_format=None, do_scale_inv_format=None, attn_bias_type="no_bias",
+            attn_mask_type="padding", softmax_type="vanilla", window_size=(-1, -1), bottom_right_diagonal=None,
+            deterministic=False, cuda_graph=False):
+        assert (qkv_layout, o_format, do_format, dqkv_layout) == ("thd_thd_thd", "thd", "thd", "thd_thd_thd")
+        assert d_o.shape == o.shape and d_o.dtype == o.dtype == fake_dtype and d_o.is_contiguous()
+        assert isinstance(aux_ctx_tensors, list) and aux_ctx_tensors[0].shape == (*q.shape[:2], 1)
+        self.calls["bwd"] += 1
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out, _ = self._attend(*leaves, cu_seqlens_q, cu_seqlens_kv, attn_mask_type, attn_scale)
+            return list(torch.autograd.grad(out, leaves, d_o))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_te_backward_plumbing_with_te_signatures(monkeypatch, causal):
+    """The "te" backend's training path (fused_attn_fwd + fused_attn_bwd, the LSE gradient through two more calls)
+    on the CPU with signature-exact stand-ins: out and LSE gradients equal the reference backend's."""
+    fake = _FakeTE()
+    monkeypatch.setattr(backends_cuda, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
+    lq, lk = [3, 4, 2], [7, 4, 5]
+    grads = {}
+    for name in ("te", "torch"):
+        q, k, v = (t.requires_grad_(True) for t in _packed_inputs(lq, lk, 4, 2, 8, torch.float32, "cpu", seed=3))
+        if name == "te":
+            dev_cu = (_cu(lq, "cpu"), _cu(lk, "cpu"))
+            out, lse = backends_cuda._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, dev_cu)
+        else:
+            out, lse = attention_with_lse(q, k, v, _cu(lq, "cpu"), _cu(lk, "cpu"), causal, 0.3, backend="torch")
+        g = torch.Generator().manual_seed(9)
+        ((out * torch.randn(out.shape, generator=g)).sum() + (lse * torch.randn(lse.shape, generator=g)).sum()
+         ).backward()
+        grads[name] = (out.detach(), lse.detach(), q.grad, k.grad, v.grad)
+    for a, b in zip(grads["te"], grads["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert fake.calls == {"fwd": 2, "bwd": 2}  # the output's backward; the LSE's extra forward and backward
+    with torch.no_grad():  # inference: one forward, no graph
+        q, k, v = _packed_inputs(lq, lk, 4, 2, 8, torch.float32, "cpu", seed=3)
+        backends_cuda._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, (_cu(lq, "cpu"), _cu(lk, "cpu")))
+    assert fake.calls == {"fwd": 3, "bwd": 2}
+
+
 def test_fused_shapes_ok_routes_float32_and_odd_head_dims_to_the_reference():
     x16 = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
     assert backends_cuda.fused_shapes_ok(x16, x16, x16)
@@ -218,6 +291,66 @@ def test_automatic_choice_on_cuda_is_the_per_shape_dispatcher():
     assert select_backend("cuda").name == "cuda"
     if os.environ.get("MEGACP_REQUIRE_TE") == "1":
         assert "te" in available_backends("cuda"), backends_cuda.te_unavailable_reason()
+
+
+# ----------------------------------------------------------------------------------------------- GPU: backward
+def _grad_loss_weights(out: torch.Tensor, lse: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+
+
+def _bf16_attention_reference(q, k, v, lq, lk, causal, scale):
+    """Single-device attention in bfloat16 on the GPU, sequence by sequence: SDPA (bottom-right boolean mask) for the
+    output and logsumexp of the bfloat16 scores for the LSE; the same-precision reference of the gradient bar."""
+    outs, lses = [], []
+    group = q.shape[1] // k.shape[1]
+    cq, ck = _cu(lq, "cpu").tolist(), _cu(lk, "cpu").tolist()
+    for b in range(len(lq)):
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)
+        ks, vs = (t[ck[b]:ck[b + 1]].repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+        mask = None
+        if causal:
+            i = torch.arange(lq[b], device=q.device)[:, None]
+            mask = torch.arange(lk[b], device=q.device)[None, :] <= i + (lk[b] - lq[b])
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        lses.append(torch.logsumexp(scores, -1).t())
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _grads(fn, q, k, v, seed):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    w_out, w_lse = _grad_loss_weights(out, lse, seed)
+    ((out.double() * w_out.to(out.device, torch.float64)).sum()
+     + (lse.double() * w_lse.to(lse.device, torch.float64)).sum()).backward()
+    return [t.grad.double().cpu() for t in leaves]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_gradients_within_twice_bf16_reference(name, causal):
+    """Gradients of q, k, v for a loss on the output *and* the LSE (what an LSE merge passes back), bfloat16 on the
+    GPU: relative error against float64 at most twice that of bfloat16 single-device attention. Whole prompts
+    (lq = lk) and PCP chunks (lq < lk, cuDNN's prefix + square merge), GQA."""
+    _require(name)
+    for i, (lq, lk, hq, hk, d) in enumerate([([256, 384, 128], [256, 1024, 700], 8, 2, 64),
+                                             ([512, 200], [512, 900], 4, 4, 128)]):
+        q, k, v = _packed_inputs(lq, lk, hq, hk, d, torch.bfloat16, "cuda", seed=40 + i)
+        scale = 1 / math.sqrt(d)
+        cu_q, cu_k = _cu(lq, "cuda"), _cu(lk, "cuda")
+        truth = _grads(lambda a, b, c: attention_with_lse(a, b, c, _cu(lq, "cpu"), _cu(lk, "cpu"), causal, scale,
+                                                          backend="torch"),
+                       *(t.double().cpu() for t in (q, k, v)), seed=i)
+        ours = _grads(lambda a, b, c: attention_with_lse(a, b, c, cu_q, cu_k, causal, scale, backend=name), q, k, v, i)
+        ref = _grads(lambda a, b, c: _bf16_attention_reference(a, b, c, lq, lk, causal, scale), q, k, v, i)
+        err = max(_rel(a, t) for a, t in zip(ours, truth))
+        bar = 2 * max(_rel(a, t) for a, t in zip(ref, truth))
+        assert err <= bar, f"{name} causal={causal} case {i}: gradient error {err:.3g} > {bar:.3g} (2x bf16 SDPA)"
 
 
 # ----------------------------------------------------------------------------------------------- GPU: paged decode

@@ -280,3 +280,47 @@ def test_tp_errors_are_clear() -> None:
 
     with pytest.raises(ValueError, match="num_attention_heads \\(6\\).*divisible.*\\(4\\)"):
         QKVParallelLinear(16, 4, 6, 2, group=_FakeTP(4))
+
+
+def test_layers_before_initialize_model_parallel_run_as_one_rank() -> None:
+    """Every layer's default before initialize_model_parallel is the same: a single rank (size-1 groups)."""
+    from megacp import parallel_state as ps
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from megacp.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from megacp.moe import MoELayer, MoEParallelConfig
+
+    assert not ps.model_parallel_is_initialized()
+    layers = [ColumnParallelLinear(16, 24), RowParallelLinear(24, 16), QKVParallelLinear(16, 4, 4, 2),
+              VocabParallelEmbedding(10, 16), ParallelLMHead(10, 16)]
+    assert all(layer.tp_size == 1 and layer.tp_rank == 0 for layer in layers)
+    attn = ContextParallelAttention(4, 2, 4, 0.5)
+    assert (attn.pcp_group.world_size, attn.dcp_group.world_size, attn.cp_group.world_size) == (1, 1, 1)
+    assert MoEParallelConfig.make() == MoEParallelConfig.make(1, 1, 1, False, 0, 0, 0)
+    assert MoELayer(16, 8, 4, 2, True).parallel_config.flat_size == 1
+    assert ps.group_or_single_rank("pcp").world_size == 1
+    with pytest.raises(ValueError, match="unknown group name 'tensor'"):
+        ps.group_or_single_rank("tensor")
+    with pytest.raises(RuntimeError, match="initialize_model_parallel"):  # an explicit size > 1 needs the state
+        MoEParallelConfig.make(tp_size=2)
+
+
+def test_parameters_are_trainable_and_carry_their_gradient_groups() -> None:
+    """Like nn.Linear: trainable in params_dtype; each parameter names the groups allreduce_grads sums it over."""
+    from megacp import parallel_state as ps
+    from megacp.layers.linear import ColumnParallelLinear, QKVParallelLinear
+    from megacp.layers.norm import RMSNorm
+    from megacp.moe import MoELayer, MoEParallelConfig
+
+    col, norm = ColumnParallelLinear(16, 24, bias=True, params_dtype=torch.float64), RMSNorm(16, params_dtype=torch.bfloat16)
+    for p in (col.weight, col.bias, norm.weight):
+        assert p.requires_grad and p.grad_reduce_groups == ps.DENSE_GRAD_GROUPS
+    assert col.weight.dtype == torch.float64 and norm.weight.dtype == torch.bfloat16 and bool((norm.weight == 1).all())
+    assert not hasattr(QKVParallelLinear(16, 4, 4, 2).weight, "grad_reduce_hook")  # no KV head is replicated at tp 1
+    # An MoE layer spread over 4 ranks (rank 1): experts complete, router and shared gate summed over the EP group.
+    moe = MoELayer(16, 8, 4, 2, True, 12, MoEParallelConfig.make(2, 2, 1, True, 1, 0, 0), params_dtype=torch.float64)
+    groups = {n: p.grad_reduce_groups for n, p in moe.named_parameters()}
+    assert groups == {"router_weight": ("ep",), "w13": (), "w2": (), "shared_w13": (), "shared_w2": (),
+                      "shared_gate_weight": ("ep",)}
+    assert all(p.requires_grad and p.dtype == torch.float64 for p in moe.parameters())
+    assert all(p.grad_reduce_groups == ps.DENSE_GRAD_GROUPS for p in MoELayer(16, 8, 4, 2, True).parameters())

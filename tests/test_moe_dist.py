@@ -63,7 +63,8 @@ def _check_layouts(cases: list[tuple[tuple[int, int, int], dict]]) -> list[dict]
         for use_ep, placement in MODES:
             with model_parallel(tensor_model_parallel_size=tp, prefill_context_parallel_size=pcp,
                                 data_parallel_size=dp, enable_expert_parallel=use_ep) as ps:
-                cfg = MoEParallelConfig.make(tp, pcp, dp, use_ep)
+                cfg = MoEParallelConfig.make()  # every default from parallel_state: EP from its one switch
+                assert cfg == MoEParallelConfig.make(tp, pcp, dp, use_ep) and cfg.use_ep == use_ep
                 shared = S if case["kind"] != "mixtral" else None
                 layer = MoELayer(H, I, E, TOP_K, case["kind"] != "qwen_nonorm", shared, cfg, placement)
                 for name, t in case["state"].items():

@@ -32,7 +32,8 @@ def test_parallel_config_every_layout_and_rank(use_ep):
             else:
                 assert (cfg.tp_size, cfg.tp_rank, cfg.ep_size, cfg.ep_rank) == (world, global_rank, 1, 0)
             assert (cfg.flat_size, cfg.flat_rank) == (world, global_rank)
-            assert (cfg.dense_tp_size, cfg.dense_tp_rank) == (tp, t)
+            assert (cfg.attn_tp_size, cfg.attn_tp_rank) == (tp, t)
+            assert (cfg.expert_tp_size, cfg.expert_tp_rank) == (cfg.tp_size, cfg.tp_rank)
             seen.add(global_rank)
         assert seen == set(range(world))
 

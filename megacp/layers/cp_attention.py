@@ -65,14 +65,13 @@ def _index(index: LongTensor | None, as_range: tuple[int, int] | None, device: t
     return index if as_range is None else torch.arange(as_range[0], as_range[1], device=device)
 
 
-def _group(given: "ParallelGroup | None", getter: str) -> "ParallelGroup":
-    """``given``, else parallel_state's group, else (parallel_state not initialised: one device) a size-1 group,
-    whose collectives all return their input."""
+def _group(given: "ParallelGroup | None", name: str) -> "ParallelGroup":
+    """``given``, else parallel_state's group ``name`` (a size-1 group before ``initialize_model_parallel``)."""
     if given is not None:
         return given
     from megacp import parallel_state as ps
 
-    return getattr(ps, getter)() if ps.model_parallel_is_initialized() else ps.ParallelGroup("local", [0], None, 0)
+    return ps.group_or_single_rank(name)
 
 
 class ContextParallelAttention(nn.Module):
@@ -81,7 +80,7 @@ class ContextParallelAttention(nn.Module):
     ``num_heads`` / ``num_kv_heads`` are the model's *global* head counts; this TP rank gets ``num_heads / tp`` query
     heads and ``max(1, num_kv_heads / tp)`` KV heads (replicated when ``tp > num_kv_heads``, DESIGN §3 GQA). Groups
     default to ``parallel_state``'s (or to a single rank when it is not initialised); ``backend`` picks the attention
-    kernel (see ``megacp.ops.attention``).
+    kernel (see ``megacp.ops.attention``). The layer has no parameters.
     """
 
     def __init__(
@@ -97,13 +96,10 @@ class ContextParallelAttention(nn.Module):
         tp_size: int | None = None,
     ) -> None:
         super().__init__()
-        from megacp import parallel_state as ps
-
-        initialised = ps.model_parallel_is_initialized()
-        tp = tp_size if tp_size is not None else (ps.get_tensor_model_parallel_world_size() if initialised else 1)
-        self.pcp_group = _group(pcp_group, "get_pcp_group")
-        self.dcp_group = _group(dcp_group, "get_dcp_group")
-        self.cp_group = _group(cp_group, "get_cp_group")
+        tp = tp_size if tp_size is not None else _group(None, "tp").world_size
+        self.pcp_group = _group(pcp_group, "pcp")
+        self.dcp_group = _group(dcp_group, "dcp")
+        self.cp_group = _group(cp_group, "cp")
         validate_model_parallel(num_heads, num_kv_heads, tp, self.dcp_group.world_size)
         if self.cp_group.world_size != self.pcp_group.world_size * self.dcp_group.world_size:
             raise ValueError(
@@ -126,6 +122,7 @@ class ContextParallelAttention(nn.Module):
         With ``kv_cache=None`` (training-style) the step must be prefill-only without cached context; that path is
         differentiable (the PCP all-gather's backward is a reduce-scatter). Padding rows return zeros.
         """
+        self._check_layout(meta)
         self._check_shapes(q, k, v, meta)
         if kv_cache is None and (meta.decode is not None or meta.context is not None):
             raise ValueError(
@@ -233,6 +230,17 @@ class ContextParallelAttention(nn.Module):
         return dcp_merge(out, lse, self.cp_group)
 
     # ------------------------------------------------------------------------------------------------ checks
+    def _check_layout(self, meta: AttentionMetadata) -> None:
+        """The metadata must be built for the PCP size this layer was built with (else its indices point at rows
+        of another layout)."""
+        if meta.pcp_size != self.pcp_group.world_size:
+            raise ValueError(
+                f"ContextParallelAttention was built for prefill context parallel size {self.pcp_group.world_size} "
+                f"but the step metadata is for {meta.pcp_size}; build the model and the metadata under the same "
+                f"initialize_model_parallel(prefill_context_parallel_size=...) (a layer built before it is "
+                f"initialised runs as a single rank)"
+            )
+
     def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
         T, Hq, Hkv, D = meta.num_local_tokens, self.num_local_heads, self.num_local_kv_heads, self.head_dim
         if tuple(q.shape) != (T, Hq, D) or tuple(k.shape) != (T, Hkv, D) or k.shape != v.shape:

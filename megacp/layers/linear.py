@@ -12,6 +12,10 @@ shape the loader expects: the one statement of each checkpoint tensor's shape, w
 
 The collectives are wrapped in Megatron's conjugate autograd pairs (copy ↔ all-reduce, gather ↔ split) so
 ``kv_cache=None`` prefill stays differentiable.
+
+Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the model for inference), in
+``params_dtype`` (default: torch's default dtype), and carry ``grad_reduce_groups`` for
+``parallel_state.allreduce_grads``: their gradients are partial over the PCP and DP ranks, which hold other tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from megacp import parallel_state
 
 # --------------------------------------------------------------------------- helpers
 def resolve_tp_group(group: Any | None) -> Any:
-    """``group`` or, when None, ``parallel_state.get_tp_group()``."""
-    return group if group is not None else parallel_state.get_tp_group()
+    """``group`` or, when None, parallel_state's TP group (a single rank before ``initialize_model_parallel``)."""
+    return group if group is not None else parallel_state.group_or_single_rank("tp")
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -76,8 +80,13 @@ def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
     load_shard(param.data, loaded, (slice(None),), param.shape)
 
 
-def new_param(shape: Sequence[int], dtype: torch.dtype | None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype or torch.get_default_dtype()), requires_grad=False)
+def new_param(
+    shape: Sequence[int], dtype: torch.dtype | None, grad_reduce_groups: tuple[str, ...] = parallel_state.DENSE_GRAD_GROUPS
+) -> nn.Parameter:
+    """A trainable parameter (uninitialised: the loaders fill it) marked for ``parallel_state.allreduce_grads``."""
+    param = nn.Parameter(torch.empty(*shape, dtype=dtype or torch.get_default_dtype()))
+    param.grad_reduce_groups = grad_reduce_groups
+    return param
 
 
 # --------------------------------------------------------------------------- conjugate collectives
@@ -323,6 +332,24 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, local_out * tp_size, bias=bias, group=group, params_dtype=params_dtype)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        if tp_size > num_kv_heads:  # each KV head's rows live on tp / num_kv_heads ranks: see sum_replicated_kv_grad
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    param.grad_reduce_hook = self.sum_replicated_kv_grad
+
+    def sum_replicated_kv_grad(self, param: nn.Parameter) -> None:
+        """Sum the K/V rows of ``param.grad`` over the TP ranks that hold the same KV head (tp > num_kv_heads).
+
+        Each of those ranks applied the head only to its own query heads, so its gradient for the head's rows is a
+        partial sum; the input gradient is right as it is (the TP all-reduce of the column layer sums the ranks'
+        parts once). Collective over the TP group; ``parallel_state.allreduce_grads`` calls it.
+        """
+        replicas = self.tp_size // self.total_num_kv_heads
+        first = (self.tp_rank // replicas) * replicas
+        kv = param.grad[self.q_size :]  # [2·head_dim, ...]: this rank's one K head then V head
+        gathered = self.group.all_gather(kv.unsqueeze(0).contiguous(), dim=0)  # [tp, 2·head_dim, ...]
+        with torch.no_grad():
+            kv.copy_(gathered[first : first + replicas].sum(dim=0))
 
     def checkpoint_shape(  # type: ignore[override]
         self, param: nn.Parameter, shard_id: str | None = None

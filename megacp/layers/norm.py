@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megacp.layers.linear import default_weight_loader
+from megacp.layers.linear import default_weight_loader, new_param
 
 _fused_rms_norm = getattr(torch.nn.functional, "rms_norm", None)  # torch >= 2.4
 
@@ -27,15 +27,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """forward: x ``[T, hidden]`` → ``[T, hidden]``. Replicated on every rank (no collectives)."""
+    """forward: x ``[T, hidden]`` → ``[T, hidden]``. Replicated on every rank (no collectives); its input is the same
+    on every TP rank, so its gradient is too (summed over PCP and DP only, ``DENSE_GRAD_GROUPS``)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = nn.Parameter(
-            torch.ones(hidden_size, dtype=params_dtype or torch.get_default_dtype()), requires_grad=False
-        )
+        self.weight = new_param((hidden_size,), params_dtype)  # trainable; gradients summed like dense layers'
+        with torch.no_grad():
+            self.weight.fill_(1.0)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:

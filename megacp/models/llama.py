@@ -122,12 +122,13 @@ def _moe_layer(
         renormalize=config.norm_topk_prob,
         shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
         parallel_config=parallel_config,
-        dtype=params_dtype or torch.get_default_dtype(),
+        params_dtype=params_dtype,
     )
 
 
 class LlamaDecoderLayer(nn.Module):
-    """``moe=True``: the MLP is an ``MoELayer`` (``moe_parallel_config=None``: every rank holds every expert)."""
+    """``moe=True``: the MLP is an ``MoELayer`` (``moe_parallel_config=None``: ``MoEParallelConfig.make()``, i.e.
+    parallel_state's layout)."""
 
     def __init__(
         self,
@@ -220,8 +221,9 @@ def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
 class LlamaForCausalLM(nn.Module):
     """Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE decoder with a vocab-parallel LM head (see the module docstring).
 
-    ``moe_parallel_config`` says how the experts of MoE layers are split over ranks (``load_model`` builds it from
-    ``parallel_state``); None keeps every expert on every rank.
+    ``moe_parallel_config`` says how the experts of MoE layers are split over ranks; None means
+    ``MoEParallelConfig.make()``, parallel_state's layout (what ``load_model`` uses). Parameters are trainable
+    (``load_model`` freezes them); see ``parallel_state.allreduce_grads`` for training.
     """
 
     def __init__(

@@ -214,16 +214,6 @@ def _validate_parallel(config: ModelConfig) -> None:
         )
 
 
-def moe_parallel_config(enable_expert_parallel: bool) -> MoEParallelConfig:
-    """DESIGN §4's expert layout of this rank, from ``parallel_state``'s TP/PCP/DP sizes and ranks."""
-    return MoEParallelConfig.make(
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_prefill_context_parallel_world_size(),
-        parallel_state.get_data_parallel_world_size(),
-        enable_expert_parallel,
-    )
-
-
 def load_model(
     model_dir: str | None,
     dtype: torch.dtype = torch.float32,
@@ -248,16 +238,14 @@ def load_model(
     else:
         config, files = load_model_config(model_dir), checkpoint_files(model_dir)
     _validate_parallel(config)
-    if enable_expert_parallel is None:
-        enable_expert_parallel = parallel_state.expert_parallel_enabled()
-    moe_config = moe_parallel_config(enable_expert_parallel) if config.is_moe else None
+    moe_config = MoEParallelConfig.make(use_ep=enable_expert_parallel) if config.is_moe else None
     with torch.device(device):
         model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():
             loaders[name](tensor)
-        return model.eval()
+        return model.requires_grad_(False).eval()  # inference: no autograd graph through the weights
     error = None
     try:
         load_weights(model, model_dir, files, check_finite)
@@ -266,4 +254,4 @@ def load_model(
     error = parallel_state.first_error_across_ranks(error)
     if error is not None:
         raise ValueError(error)
-    return model.eval()
+    return model.requires_grad_(False).eval()

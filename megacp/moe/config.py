@@ -7,7 +7,7 @@ but may share expert weights. So the experts are parallelised over the *flattene
 * expert-parallel (``use_ep``): every rank holds whole experts, about ``num_experts / flat_size`` of them, chosen by
   ``determine_expert_map``.
 
-Both functions here are pure (no process groups); only the rank defaults of ``MoEParallelConfig.make`` read
+Both functions here are pure (no process groups); only the defaults of ``MoEParallelConfig.make`` read
 ``megacp.parallel_state``.
 """
 
@@ -22,10 +22,16 @@ EXPERT_PLACEMENTS = ("linear", "round_robin")
 
 @dataclass(frozen=True)
 class MoEParallelConfig:
-    """Expert parallel layout of one rank.
+    """Expert parallel layout of one rank (DESIGN §4 fields).
 
-    ``tp_size``/``tp_rank`` describe how each expert is sharded (the flattened group without EP, 1 with EP);
-    ``ep_size``/``ep_rank`` how the experts are distributed (1 without EP, the flattened group with EP).
+    Two tensor-parallel sizes meet here, so the names say which one they mean:
+
+    * **expert TP** — the fields ``tp_size``/``tp_rank`` (also ``expert_tp_size``/``expert_tp_rank``): how each
+      expert is sharded. The flattened ``dp·pcp·tp`` group without EP, 1 with EP.
+    * **attention TP** — ``attn_tp_size``/``attn_tp_rank``: parallel_state's TP group, whose ranks hold the same
+      tokens. It is what ``make``'s ``tp_size`` argument takes (DESIGN §4 spelling).
+
+    ``ep_size``/``ep_rank`` say how the experts are distributed (1 without EP, the flattened group with EP);
     ``pcp_*`` and ``dp_*`` are the attention-side sizes and ranks the flattening was built from.
     """
 
@@ -41,21 +47,35 @@ class MoEParallelConfig:
 
     @staticmethod
     def make(
-        tp_size: int,
-        pcp_size: int,
-        dp_size: int,
-        use_ep: bool,
+        tp_size: int | None = None,
+        pcp_size: int | None = None,
+        dp_size: int | None = None,
+        use_ep: bool | None = None,
         tp_rank: int | None = None,
         pcp_rank: int | None = None,
         dp_rank: int | None = None,
     ) -> "MoEParallelConfig":
-        """Flatten (dp, pcp, tp) into one expert group; ranks default to ``megacp.parallel_state``'s.
+        """Flatten (dp, pcp, attention tp) into one expert group.
 
-        ``tp_size`` here is the attention tensor-parallel size (the TP group of ``parallel_state``).
+        ``tp_size``/``tp_rank`` are the *attention* TP size and rank (parallel_state's TP group), not the expert TP
+        of the result. Every argument left None comes from ``megacp.parallel_state`` — sizes, ranks, and ``use_ep``
+        from ``initialize_model_parallel(enable_expert_parallel=...)``, the one switch for EP — or, before it is
+        initialised, is the single-rank default (size 1, rank 0, no EP).
         """
-        for name, size in (("tp_size", tp_size), ("pcp_size", pcp_size), ("dp_size", dp_size)):
-            if size < 1:
-                raise ValueError(f"MoEParallelConfig.make: {name} must be >= 1, got {size}")
+        from megacp import parallel_state as ps
+
+        initialised = ps.model_parallel_is_initialized()
+        sizes = {"tp_size": tp_size, "pcp_size": pcp_size, "dp_size": dp_size}
+        for name, getter in (("tp_size", ps.get_tensor_model_parallel_world_size),
+                             ("pcp_size", ps.get_prefill_context_parallel_world_size),
+                             ("dp_size", ps.get_data_parallel_world_size)):
+            if sizes[name] is None:
+                sizes[name] = getter() if initialised else 1
+            if isinstance(sizes[name], bool) or not isinstance(sizes[name], int) or sizes[name] < 1:
+                raise ValueError(f"MoEParallelConfig.make: {name} must be an integer >= 1, got {sizes[name]!r}")
+        tp_size, pcp_size, dp_size = sizes["tp_size"], sizes["pcp_size"], sizes["dp_size"]
+        if use_ep is None:
+            use_ep = ps.expert_parallel_enabled() if initialised else False
         tp_rank = _default_rank("tp_rank", tp_rank, tp_size, "get_tensor_model_parallel_rank")
         pcp_rank = _default_rank("pcp_rank", pcp_rank, pcp_size, "get_prefill_context_parallel_rank")
         dp_rank = _default_rank("dp_rank", dp_rank, dp_size, "get_data_parallel_rank")
@@ -78,22 +98,29 @@ class MoEParallelConfig:
         return self.ep_rank * self.tp_size + self.tp_rank
 
     @property
-    def dense_tp_size(self) -> int:
+    def expert_tp_size(self) -> int:
+        """How many ranks shard each expert (the ``tp_size`` field)."""
+        return self.tp_size
+
+    @property
+    def expert_tp_rank(self) -> int:
+        return self.tp_rank
+
+    @property
+    def attn_tp_size(self) -> int:
         """The attention TP size: ranks of one TP group hold the same (replicated) tokens."""
         return self.flat_size // (self.pcp_size * self.dp_size)
 
     @property
-    def dense_tp_rank(self) -> int:
-        return self.flat_rank % self.dense_tp_size
+    def attn_tp_rank(self) -> int:
+        return self.flat_rank % self.attn_tp_size
 
 
 def _default_rank(name: str, rank: int | None, size: int, getter: str) -> int:
     if rank is None:
-        if size == 1:
-            return 0
         from megacp import parallel_state
 
-        rank = getattr(parallel_state, getter)()
+        rank = getattr(parallel_state, getter)() if size > 1 else 0
     if not 0 <= rank < size:
         raise ValueError(f"MoEParallelConfig.make: {name}={rank} is out of range for size {size} (use 0..{size - 1})")
     return rank

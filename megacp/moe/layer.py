@@ -16,6 +16,13 @@ Token flow over the flattened ``dp·pcp·tp`` expert group (DESIGN §4), ``T`` l
 
 Decode tokens that every PCP rank runs (DESIGN §3) are simply treated as different tokens: redundant, still exact.
 The math (``route``, ``swiglu``, ``expert_forward``) is pure and tested against transformers without processes.
+
+Backward: the expert-group all-gather and reduce-scatter are each other's conjugates (``ParallelGroup``), and the TP
+split of step 1 and the TP all-gather of step 3 are wrapped in Megatron's sequence-parallel pair (split ↔ all-gather),
+so the input gradient is whole and the same on every TP rank, like any TP-replicated activation's. Parameter
+gradients (``grad_reduce_groups``, summed by ``parallel_state.allreduce_grads``): the experts and the shared expert
+run on every token, so theirs are complete; the router and the shared-expert gate are replicated but each rank
+applies them to part of the work, so theirs are summed over the whole expert group.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megacp import parallel_state
 from megacp.layers.linear import load_shard
 from megacp.moe.config import MoEParallelConfig, determine_expert_map
 
@@ -85,15 +93,54 @@ def shard_range(size: int, num_shards: int, shard: int) -> tuple[int, int]:
     return shard * size // num_shards, (shard + 1) * size // num_shards
 
 
+# ----------------------------------------------------------------------------------------------- TP token split
+class _SplitTokensToTP(torch.autograd.Function):
+    """Forward: rows ``[rank·chunk, (rank+1)·chunk)`` of the TP-replicated ``x``; backward: all-gather the slices'
+    gradients over TP, so every rank gets the whole (same) input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, chunk: int) -> torch.Tensor:
+        ctx.group, ctx.chunk, ctx.num_tokens = group, chunk, x.shape[0]
+        start = group.rank_in_group * chunk
+        return x[start : start + chunk].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _gather_rows(grad, ctx.group, ctx.chunk, ctx.num_tokens), None, None
+
+
+class _GatherTokensFromTP(torch.autograd.Function):
+    """Forward: all-gather every TP rank's slice back into the ``num_tokens`` rows; backward: this rank's slice of
+    the (TP-replicated) output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, chunk: int, num_tokens: int) -> torch.Tensor:
+        ctx.group, ctx.chunk, ctx.rows = group, chunk, x.shape[0]
+        return _gather_rows(x, group, chunk, num_tokens)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        start = ctx.group.rank_in_group * ctx.chunk
+        return grad[start : start + ctx.rows].contiguous(), None, None, None
+
+
+def _gather_rows(x: torch.Tensor, group: Any, chunk: int, num_tokens: int) -> torch.Tensor:
+    """Pad this rank's ``x`` [n ≤ chunk, H] to ``chunk`` rows, all-gather over ``group``, keep ``num_tokens`` rows."""
+    padded = x.new_zeros(chunk, *x.shape[1:])
+    padded[: x.shape[0]] = x
+    return group.all_gather(padded)[:num_tokens]
+
+
 # ----------------------------------------------------------------------------------------------- the layer
 class MoELayer(nn.Module):
     """Sparse MoE block on local tokens: ``forward(hidden [T, H]) -> [T, H]`` (the routed experts plus, when
     ``shared_expert_intermediate_size`` is set, ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``).
 
-    Parameters (this rank's shares): ``router_weight [E, H]`` (replicated), ``w13 [E_local, 2·I_shard, H]``
-    (gate rows then up rows), ``w2 [E_local, H, I_shard]``, and for the shared expert ``shared_w13 [2·S_shard, H]``,
-    ``shared_w2 [H, S_shard]``, ``shared_gate_weight [1, H]`` (replicated). Load them with ``load_weight``.
-    ``ep_group``/``tp_group`` default to ``parallel_state.get_ep_group()``/``get_tp_group()`` (resolved at the first
+    Parameters (this rank's shares, trainable, in ``params_dtype``): ``router_weight [E, H]`` (replicated),
+    ``w13 [E_local, 2·I_shard, H]`` (gate rows then up rows), ``w2 [E_local, H, I_shard]``, and for the shared expert
+    ``shared_w13 [2·S_shard, H]``, ``shared_w2 [H, S_shard]``, ``shared_gate_weight [1, H]`` (replicated). Load them
+    with ``load_weight``. ``parallel_config`` defaults to ``MoEParallelConfig.make()`` (parallel_state's layout, a
+    single rank before it is initialised); ``ep_group``/``tp_group`` to parallel_state's (resolved at the first
     forward that needs them).
     """
 
@@ -107,7 +154,7 @@ class MoELayer(nn.Module):
         shared_expert_intermediate_size: int | None = None,
         parallel_config: MoEParallelConfig | None = None,
         placement: str = "linear",
-        dtype: torch.dtype = torch.float32,
+        params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         ep_group: Any = None,
         tp_group: Any = None,
@@ -115,7 +162,7 @@ class MoELayer(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"MoELayer: top_k (num_experts_per_tok) must be in 1..{num_experts}, got {top_k}")
-        cfg = parallel_config or MoEParallelConfig.make(1, 1, 1, use_ep=False)
+        cfg = parallel_config or MoEParallelConfig.make()
         self.parallel_config = cfg
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
@@ -127,17 +174,29 @@ class MoELayer(nn.Module):
         # Routed experts: sharded over the intermediate dim by the config's tp (flat group without EP, 1 with EP).
         self._expert_shard = shard_range(intermediate_size, cfg.tp_size, cfg.tp_rank)
         i_shard = self._expert_shard[1] - self._expert_shard[0]
-        kw = {"dtype": dtype, "device": device}
-        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * i_shard, hidden_size, **kw), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, i_shard, **kw), requires_grad=False)
+        kw = {"dtype": params_dtype or torch.get_default_dtype(), "device": device}
+        # Gradient groups (see the module docstring). With one rank in the expert group the layer is plain local
+        # math on this rank's tokens: every parameter is then replicated like a dense one.
+        if cfg.flat_size == 1:
+            expert_groups = replicated_groups = parallel_state.DENSE_GRAD_GROUPS
+        else:
+            expert_groups, replicated_groups = parallel_state.NO_GRAD_GROUPS, parallel_state.EXPERT_GROUP_GRAD_GROUPS
+
+        def param(*shape: int, groups: tuple[str, ...]) -> nn.Parameter:
+            p = nn.Parameter(torch.empty(*shape, **kw))
+            p.grad_reduce_groups = groups
+            return p
+
+        self.router_weight = param(num_experts, hidden_size, groups=replicated_groups)
+        self.w13 = param(self.num_local_experts, 2 * i_shard, hidden_size, groups=expert_groups)
+        self.w2 = param(self.num_local_experts, hidden_size, i_shard, groups=expert_groups)
         if shared_expert_intermediate_size:
             # The shared expert sees every token, so it is always sharded over the whole flattened group.
             self._shared_shard = shard_range(shared_expert_intermediate_size, cfg.flat_size, cfg.flat_rank)
             s_shard = self._shared_shard[1] - self._shared_shard[0]
-            self.shared_w13 = nn.Parameter(torch.empty(2 * s_shard, hidden_size, **kw), requires_grad=False)
-            self.shared_w2 = nn.Parameter(torch.empty(hidden_size, s_shard, **kw), requires_grad=False)
-            self.shared_gate_weight = nn.Parameter(torch.empty(1, hidden_size, **kw), requires_grad=False)
+            self.shared_w13 = param(2 * s_shard, hidden_size, groups=expert_groups)
+            self.shared_w2 = param(hidden_size, s_shard, groups=expert_groups)
+            self.shared_gate_weight = param(1, hidden_size, groups=replicated_groups)
         # Global expert id of each local expert, for the loaders.
         if expert_map is None:
             self.local_expert_ids = list(range(num_experts))
@@ -170,10 +229,10 @@ class MoELayer(nn.Module):
         cfg = self.parallel_config
         ep_group, tp_group = self._groups()
         num_tokens, h = hidden.shape
-        tp, tp_rank = cfg.dense_tp_size, cfg.dense_tp_rank
+        tp = cfg.attn_tp_size
         # 1. This TP rank's slice of the (TP-replicated) local tokens, with its router logits.
         chunk = -(-num_tokens // tp)
-        mine = hidden[tp_rank * chunk:(tp_rank + 1) * chunk]
+        mine = hidden if tp == 1 else _SplitTokensToTP.apply(hidden, tp_group, chunk)
         n_mine = mine.shape[0]
         payload = torch.cat([mine, F.linear(mine, self.router_weight)], dim=1)  # [n_mine, H + E]
         counts = ep_group.all_gather(torch.tensor([n_mine], dtype=torch.long, device=hidden.device))  # [flat]
@@ -182,7 +241,7 @@ class MoELayer(nn.Module):
             return hidden.new_zeros(hidden.shape)
         padded = payload.new_zeros(max_count, payload.shape[1])
         padded[:n_mine] = payload
-        gathered = ep_group.all_gather(padded)  # [flat * max_count, H + E]
+        gathered = ep_group.all_gather(padded)  # [flat * max_count, H + E]; backward: reduce-scatter
         valid = (torch.arange(max_count, device=hidden.device)[None, :] < counts[:, None]).flatten()
         tokens = gathered[valid]
         # 2. This rank's partial sum for every distinct token.
@@ -190,31 +249,31 @@ class MoELayer(nn.Module):
         # 3. Sum the partials and hand each rank the slice it contributed, then rebuild the TP group's tokens.
         back = partial.new_zeros(valid.shape[0], h)
         back[valid] = partial
-        mine_out = ep_group.reduce_scatter(back)[:n_mine]  # [n_mine, H]
+        mine_out = ep_group.reduce_scatter(back)[:n_mine]  # [n_mine, H]; backward: all-gather
         if tp == 1:
             return mine_out
-        slice_out = mine_out.new_zeros(chunk, h)
-        slice_out[:n_mine] = mine_out
-        return tp_group.all_gather(slice_out)[:num_tokens]
+        return _GatherTokensFromTP.apply(mine_out, tp_group, chunk, num_tokens)
 
     def _groups(self) -> tuple[Any, Any]:
         cfg = self.parallel_config
-        if self._ep_group is None or (cfg.dense_tp_size > 1 and self._tp_group is None):
-            from megacp import parallel_state
-
-            self._ep_group = self._ep_group or parallel_state.get_ep_group()
-            if cfg.dense_tp_size > 1:
-                self._tp_group = self._tp_group or parallel_state.get_tp_group()
+        if self._ep_group is None:
+            self._ep_group = parallel_state.group_or_single_rank("ep")
+        if cfg.attn_tp_size > 1 and self._tp_group is None:
+            self._tp_group = parallel_state.group_or_single_rank("tp")
         if self._ep_group.world_size != cfg.flat_size or self._ep_group.rank_in_group != cfg.flat_rank:
             raise ValueError(
                 f"MoELayer: the expert group has size {self._ep_group.world_size} and rank "
                 f"{self._ep_group.rank_in_group}, but the MoEParallelConfig says dp·pcp·tp = {cfg.flat_size} and "
-                f"flat rank {cfg.flat_rank}; build the config with MoEParallelConfig.make from parallel_state's sizes"
+                f"flat rank {cfg.flat_rank}; build the config with MoEParallelConfig.make() after "
+                f"initialize_model_parallel (its defaults are parallel_state's sizes and ranks)"
             )
-        if cfg.dense_tp_size > 1 and self._tp_group.world_size != cfg.dense_tp_size:
+        if cfg.attn_tp_size > 1 and (self._tp_group.world_size, self._tp_group.rank_in_group) != (
+                cfg.attn_tp_size, cfg.attn_tp_rank):
             raise ValueError(
-                f"MoELayer: the TP group has size {self._tp_group.world_size}, the MoEParallelConfig expects "
-                f"{cfg.dense_tp_size}; pass tp_size=get_tensor_model_parallel_world_size() to MoEParallelConfig.make"
+                f"MoELayer: the TP group has size {self._tp_group.world_size} and rank "
+                f"{self._tp_group.rank_in_group}, the MoEParallelConfig expects attention TP size {cfg.attn_tp_size} "
+                f"and rank {cfg.attn_tp_rank}; build the config with MoEParallelConfig.make() (its tp_size is "
+                f"parallel_state's TP size)"
             )
         return self._ep_group, self._tp_group
 

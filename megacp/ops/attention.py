@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from megacp.ops.attention_grad import differentiable, needs_grad
 from megacp.ops.merge import merge_attn_states
 
 ENV_BACKEND = "MEGACP_ATTN_BACKEND"
@@ -62,6 +63,8 @@ class AttentionBackend:
     decode kernel reading the paged cache directly (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional)
     explains, in the error of a forced but unavailable backend, why it cannot run. ``takes_host_cu_seqlens``: ``varlen``
     accepts the keyword ``host_cu_seqlens`` (the offsets as host ints, so it need not read ``cu_seqlens`` back).
+    ``differentiable``: ``varlen`` returns an output and an LSE that autograd differentiates w.r.t. q, k and v (see
+    megacp/ops/attention_grad.py); ``attention_with_lse`` refuses a backend without it when gradients are needed.
     """
 
     name: str
@@ -72,6 +75,7 @@ class AttentionBackend:
     paged: Optional[PagedFn] = None
     unavailable_reason: Optional[Callable[[torch.device], str]] = None
     takes_host_cu_seqlens: bool = False
+    differentiable: bool = False
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -133,6 +137,12 @@ def attention_with_lse(
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     impl = select_backend(q.device, backend)
+    if not impl.differentiable and needs_grad(q, k, v):
+        raise ValueError(
+            f"attention backend {impl.name!r} cannot compute gradients, and q/k/v require grad; choose a "
+            f"differentiable one ({', '.join(n for n in available_backends(q.device) if _BACKENDS[n].differentiable)}) "
+            f"with backend= or ${ENV_BACKEND}, or run under torch.no_grad() / torch.inference_mode()"
+        )
     if impl.takes_host_cu_seqlens:
         out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale),
                                host_cu_seqlens=host_cu_seqlens)
@@ -217,7 +227,7 @@ def paged_attention_with_lse(
         raise ValueError(f"paged_attention_with_lse: seq_lens_host has {len(seq_lens_host)} entries for B={q.shape[0]}")
     impl = select_backend(q.device, backend)
     host_max = max(seq_lens_host, default=0) if seq_lens_host is not None else None
-    if impl.paged is not None:
+    if impl.paged is not None and not needs_grad(q):
         res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale), host_max)
         if res is not None:
             return res[0].to(q.dtype), res[1].float()
@@ -350,7 +360,7 @@ def bottom_right_causal_from_top_left(
     # q: [lq, Hq, D], k/v: [lk, Hk, D] (lq, lk > 0) -> (out, lse float32)
     lq <= lk: keys [0, lk-lq) are visible to every query (non-causal part) and keys [lk-lq, lk) form a square where
     top-left == bottom-right; the two partials are merged by LSE. lq > lk: the first lq-lk queries see nothing, the
-    rest form a square. Note the LSE merge is not differentiable through a kernel whose lse has no gradient.
+    rest form a square. Gradients are right only if ``attn``'s LSE is differentiable (``attention_grad.differentiable``).
     """
     lq, lk = q.shape[0], k.shape[0]
     if lq >= lk:
@@ -464,7 +474,8 @@ def _sdpa_cpu_call(
         attn_mask=mask,
         scale=scale,
     )
-    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+    # float64 inputs keep a float64 LSE, so the LSE merges of the decomposition below stay exact in float64
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).to(torch.promote_types(q.dtype, torch.float32))
 
 
 def _sdpa_cpu_seq_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -473,14 +484,15 @@ def _sdpa_cpu_seq_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale
     return _sdpa_cpu_call(q, k, v, False, scale, mask)
 
 
+# The kernel differentiates its output only; wrapped, its LSE is differentiable too, so the prefix + square
+# decomposition below merges partials with gradients intact (the same path the cuDNN backend takes on CUDA).
+_sdpa_cpu_grad_call = differentiable(_sdpa_cpu_call)
+
+
 def _sdpa_cpu_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     if not causal:
-        return _sdpa_cpu_call(q, k, v, False, scale)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad and q.shape[0] < k.shape[0]:
-        # The kernel's lse has no gradient, so the LSE-merge decomposition would drop terms: use one masked call.
-        return _sdpa_cpu_seq_masked(q, k, v, bottom_right_causal_mask(q.shape[0], k.shape[0], q.device), scale)
-    return bottom_right_causal_from_top_left(_sdpa_cpu_call, q, k, v, scale)
+        return _sdpa_cpu_grad_call(q, k, v, False, scale)
+    return bottom_right_causal_from_top_left(_sdpa_cpu_grad_call, q, k, v, scale)
 
 
 def _sdpa_cpu_available(device: torch.device) -> bool:
@@ -514,6 +526,7 @@ register_backend(
         priority=0,
         by_positions=per_sequence_masked(_torch_seq_masked),
         takes_host_cu_seqlens=True,
+        differentiable=True,  # plain torch ops
     )
 )
 register_backend(
@@ -524,5 +537,6 @@ register_backend(
         priority=10,
         by_positions=_sdpa_cpu_by_positions,
         takes_host_cu_seqlens=True,
+        differentiable=True,
     )
 )

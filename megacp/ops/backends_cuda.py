@@ -22,6 +22,11 @@ there (``paged`` hook), else to the gather path.
 Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
 reference backend on the same device, so a CUDA run of the small float32 tests still works.
 
+Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs ``fused_attn_fwd`` in training mode
+and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
+``megacp.ops.attention_grad`` makes the LSE differentiable too (the ops differentiate their output only), so the LSE
+merge of cuDNN's prefix + square decomposition passes gradients exactly. Without gradients nothing changes.
+
 Transformer Engine is optional and fragile: it is imported lazily, on first use, inside ``except Exception``. On a
 machine with a system cuDNN besides PyTorch's pip cuDNN, TE loads the system one unless ``CUDNN_PATH`` points at
 PyTorch's, after which PyTorch's own cuDNN kernels refuse to run. We detect that situation *before* importing TE,
@@ -45,6 +50,7 @@ from megacp.ops.attention import (
     register_backend,
     select_backend,
 )
+from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 _FUSED_MAX_HEAD_DIM = 256
@@ -196,20 +202,25 @@ def cudnn_clash() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _te_state() -> tuple[tuple | None, str]:
-    """``((fused_attn_fwd, sub-backend), "")`` when TE is usable, else ``(None, reason)``. Imports TE at most once."""
+    """``((fused_attn_fwd, fused_attn_bwd, sub-backend), "")`` when TE is usable, else ``(None, reason)``. Imports
+    TE at most once."""
     clash = cudnn_clash()
     if clash is not None:
         return None, clash
     try:
         import transformer_engine.pytorch  # noqa: F401  (loads the extension and registers transformer_engine_torch)
-        from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_fwd
+        from transformer_engine.pytorch.cpp_extensions.fused_attn import (
+            FusedAttnBackend,
+            fused_attn_bwd,
+            fused_attn_fwd,
+        )
     except Exception as exc:  # noqa: BLE001  (ImportError, RuntimeError from a broken install, OSError, ...)
         reason = f"transformer_engine does not import ({type(exc).__name__}: {exc})"
         if "undefined symbol" in str(exc) or "cudnn" in str(exc).lower():
             reason += "; this looks like the cuDNN version clash: " + (
                 "export CUDNN_PATH to PyTorch's nvidia.cudnn folder and prepend $CUDNN_PATH/lib to LD_LIBRARY_PATH")
         return None, reason
-    return (fused_attn_fwd, FusedAttnBackend["F16_arbitrary_seqlen"]), ""
+    return (fused_attn_fwd, fused_attn_bwd, FusedAttnBackend["F16_arbitrary_seqlen"]), ""
 
 
 def te_unavailable_reason() -> str:
@@ -219,20 +230,49 @@ def te_unavailable_reason() -> str:
     return _te_state()[1]
 
 
+class _TECall:
+    """TE's fused attention over one packed THD batch, forward and backward (an ``attention_grad.AttentionKernel``).
+
+    The call is the one recorded in shared/te-wheels/README.md (``o_format="thd"`` always, both padded
+    cu_seqlens); the backward passes the forward's output, its aux tensors (softmax stats, RNG state) and the same
+    layout and mask arguments, with dO in the THD layout too.
+    """
+
+    def __init__(self, te: tuple, cu_q: list[int], cu_k: list[int], dev_cu, causal: bool, scale: float) -> None:
+        self.fwd, self.bwd, self.sub_backend = te
+        self.cu_q = cu_q
+        self.max_q, self.max_k = _max_len(cu_q), _max_len(cu_k)
+        self.cq, self.ck = dev_cu
+        self.layout = dict(
+            cu_seqlens_q_padded=self.cq, cu_seqlens_kv_padded=self.ck, attn_scale=scale, dropout=0.0,
+            qkv_layout="thd_thd_thd", o_format="thd", attn_mask_type="padding_causal_bottom_right" if causal else "padding",
+            window_size=(-1, 0) if causal else (-1, -1),
+        )
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        raw, aux = self.fwd(True, self.max_q, self.max_k, self.cq, self.ck, q, k, v, q.dtype, self.sub_backend,
+                            rng_gen=None, **self.layout)
+        out = raw.view(q.shape[0], q.shape[1], v.shape[2])
+        return out, lse_rows(aux[0], self.cu_q, q.shape[1]), (q, k, v, raw, list(aux))
+
+    def backward(self, saved, d_out: Tensor):
+        q, k, v, raw, aux = saved
+        grads = self.bwd(self.max_q, self.max_k, self.cq, self.ck, q, k, v, raw,
+                         d_out.to(q.dtype).reshape(raw.shape).contiguous(), q.dtype, aux, self.sub_backend,
+                         do_format="thd", dqkv_layout="thd_thd_thd", **self.layout)
+        return grads[0].view(q.shape), grads[1].view(k.shape), grads[2].view(v.shape)
+
+
 def _te_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
     te, reason = _te_state()
     if te is None:
         raise ValueError(f"attention backend 'te' cannot run: {reason}")
-    fwd, sub_backend = te
-    mask = "padding_causal_bottom_right" if causal else "padding"
-    cq, ck = dev_cu
-    out, aux = fwd(
-        True, _max_len(cu_q), _max_len(cu_k), cq, ck, q.contiguous(), k.contiguous(), v.contiguous(), q.dtype,
-        sub_backend, cu_seqlens_q_padded=cq, cu_seqlens_kv_padded=ck, attn_scale=scale, dropout=0.0,
-        qkv_layout="thd_thd_thd", o_format="thd", attn_mask_type=mask,
-        window_size=(-1, 0) if causal else (-1, -1), rng_gen=None,
-    )
-    return out.view(q.shape[0], q.shape[1], v.shape[2]), lse_rows(aux[0], cu_q, q.shape[1])
+    call = _TECall(te, cu_q, cu_k, dev_cu, causal, scale)
+    if needs_grad(q, k, v):
+        return lse_differentiable_attention(call, q, k, v, scale)
+    out, lse, _ = call.forward(q, k, v)
+    return out, lse
 
 
 def _te_available(device: torch.device) -> bool:
@@ -258,11 +298,15 @@ def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: f
 
 # Whether the cuDNN op takes fewer K/V heads than query heads (GQA) itself; None until the first GQA call tells.
 _CUDNN_GQA: dict[str, bool | None] = {"native": None}
+# With gradients: the op differentiates its output, attention_grad its LSE (for the prefix + square merge).
+_cudnn_grad_call = differentiable(_cudnn_call)
 
 
 def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     group = q.shape[1] // k.shape[1]
-    if group > 1 and _CUDNN_GQA["native"] is not False:
+    # Training repeats K/V for GQA (autograd sums the copies' gradients): whether cuDNN's *backward* takes fewer KV
+    # heads would only show after the forward succeeded, too late to fall back.
+    if group > 1 and _CUDNN_GQA["native"] is not False and not needs_grad(q, k, v):
         try:
             res = _cudnn_seq_heads(q, k, v, causal, scale)
             _CUDNN_GQA["native"] = True
@@ -276,8 +320,8 @@ def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> t
 
 def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     if not causal:
-        return _cudnn_call(q, k, v, False, scale)
-    return bottom_right_causal_from_top_left(_cudnn_call, q, k, v, scale)
+        return _cudnn_grad_call(q, k, v, False, scale)
+    return bottom_right_causal_from_top_left(_cudnn_grad_call, q, k, v, scale)
 
 
 def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None):
@@ -302,11 +346,16 @@ _FLASH_OP = getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
 def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
-    res = _FLASH_OP(
-        q, k, v, dev_cu[0], dev_cu[1], _max_len(cu_q), _max_len(cu_k),
-        0.0, causal, False, scale=scale,
-    )
-    return res[0], lse_rows(res[1], cu_q, q.shape[1])
+    def call(q_: Tensor, k_: Tensor, v_: Tensor) -> tuple[Tensor, Tensor]:
+        res = _FLASH_OP(
+            q_, k_, v_, dev_cu[0], dev_cu[1], _max_len(cu_q), _max_len(cu_k),
+            0.0, causal, False, scale=scale,
+        )
+        return res[0], lse_rows(res[1], cu_q, q_.shape[1])
+
+    if needs_grad(q, k, v):  # the op differentiates its output; attention_grad adds the LSE
+        return lse_differentiable_attention(AutogradCall(call), q, k, v, scale)
+    return call(q, k, v)
 
 
 def _flash_available(device: torch.device) -> bool:
@@ -356,11 +405,11 @@ PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 register_backend(
     AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged,
                      unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "",
-                     takes_host_cu_seqlens=True)
+                     takes_host_cu_seqlens=True, differentiable=True)
 )
 for _name, _kernel, _available in (("cudnn", _cudnn_kernel, _cudnn_available), ("flash", _flash_kernel, _flash_available),
                                    ("cuda", _auto_kernel, _any_fused)):
     register_backend(AttentionBackend(_name, _packed(_kernel), _available, PRIORITY[_name], paged=_paged,
-                                      takes_host_cu_seqlens=True))
+                                      takes_host_cu_seqlens=True, differentiable=True))
 
 __all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]

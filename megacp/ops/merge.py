@@ -27,10 +27,10 @@ if TYPE_CHECKING:  # parallel_state imports torch.distributed; keep this module 
 def lse_merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
     """Weights ``exp(l_i − L)`` and the merged ``L = logsumexp_i l_i`` over dim 0, safe for ``-inf`` entries.
 
-    # lses: [N, ...] -> (weights [N, ...] float32, lse [...] float32)
-    Where every ``l_i`` is ``-inf`` the weights are 0 and ``L`` is ``-inf``.
+    # lses: [N, ...] -> (weights [N, ...] float32, lse [...] float32; float64 for float64 lses)
+    Where every ``l_i`` is ``-inf`` the weights are 0 and ``L`` is ``-inf``. Differentiable (also at ``-inf``).
     """
-    lses = lses.float()
+    lses = lses.to(torch.promote_types(lses.dtype, torch.float32))
     m = lses.amax(dim=0)
     # An all -inf column would give exp(-inf - -inf) = NaN: shift it by 0 instead (its weights are then exactly 0).
     # (Python scalars in torch.where: no extra fill kernels; this runs once per layer per decode step.)
@@ -47,6 +47,7 @@ def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     """Merge N partial attention states over dim 0.
 
     # outs: [N, ..., D] (any float dtype), lses: [N, ...] -> (out [..., D] in outs.dtype, lse [...] float32)
+    Computed in float32, or float64 when the inputs are; differentiable w.r.t. outs and lses.
     """
     if outs.shape[:-1] != lses.shape:
         raise ValueError(
@@ -55,7 +56,7 @@ def merge_attn_states_n(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     if outs.shape[0] == 0:
         raise ValueError("merge_attn_states_n: need at least one partial state (N >= 1)")
     weights, lse = lse_merge_weights(lses)
-    out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
+    out = (weights.unsqueeze(-1) * outs.to(weights.dtype)).sum(dim=0)
     return out.to(outs.dtype), lse
 
 
@@ -64,7 +65,8 @@ def merge_attn_states(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[T
 
     # o1, o2: [..., D]; l1, l2: [...] -> (out [..., D] in o1.dtype, lse [...] float32)
     """
-    return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.float(), l2.float()]))
+    work = torch.promote_types(torch.promote_types(l1.dtype, l2.dtype), torch.float32)
+    return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.to(work), l2.to(work)]))
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
@@ -84,9 +86,9 @@ def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     All-gathers lse, rescales, and reduce-scatters the rescaled output over the head dim (in float32).
     """
     if group is None:
-        from megacp.parallel_state import get_dcp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_dcp_group()
+        group = group_or_single_rank("dcp")
     _check_merge_shapes("dcp_merge", out, lse)
     if out.shape[1] % group.world_size != 0:
         raise ValueError(
@@ -109,9 +111,9 @@ def pcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     All-gathers lse, rescales, and all-reduces the rescaled output (in float32).
     """
     if group is None:
-        from megacp.parallel_state import get_pcp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_pcp_group()
+        group = group_or_single_rank("pcp")
     _check_merge_shapes("pcp_merge", out, lse)
     if group.world_size == 1:
         return out, lse.float()
@@ -127,7 +129,7 @@ def cp_merge_gathered(
 
     # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] (this rank's partial over all the DCP group's heads)
     # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32) for this rank's own heads
-    ``group`` is the CP group (default ``get_cp_group()``), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
+    ``group`` is the CP group (default parallel_state's, one rank before it is initialised), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
     rank's partial covers the same ``dcp·Hq_local`` heads (the PCP ranks computed the same gathered queries), so this
     rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
 
@@ -139,9 +141,9 @@ def cp_merge_gathered(
     once instead of after each stage.
     """
     if group is None:
-        from megacp.parallel_state import get_cp_group
+        from megacp.parallel_state import group_or_single_rank
 
-        group = get_cp_group()
+        group = group_or_single_rank("cp")
     _check_merge_shapes("cp_merge_gathered", out, lse)
     if dcp_size < 1 or group.world_size % dcp_size != 0 or out.shape[1] % dcp_size != 0:
         raise ValueError(
