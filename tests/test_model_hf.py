@@ -310,14 +310,15 @@ def _schema_mismatches(dirs: dict[str, str]) -> dict[str, list[str]]:
     from safetensors import safe_open
 
     from megacp.models.llama import LlamaForCausalLM
-    from megacp.models.loader import canonical_name, moe_parallel_config
+    from megacp.models.loader import canonical_name
+    from megacp.moe import MoEParallelConfig
     from tests.dist_pool import model_parallel
 
     out = {}
     with model_parallel(tensor_model_parallel_size=2):
         for kind, path in dirs.items():
             config = load_model_config(path)
-            model = LlamaForCausalLM(config, moe_parallel_config=moe_parallel_config(False) if config.is_moe else None)
+            model = LlamaForCausalLM(config, moe_parallel_config=MoEParallelConfig.make(use_ep=False) if config.is_moe else None)
             saved = {}
             for file, names in checkpoint_files(path).items():
                 with safe_open(file, "pt") as f:

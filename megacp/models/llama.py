@@ -88,8 +88,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))  # [T, Hq_l, D], [T, Hkv_l, D] ×2
-        q, k = apply_rotary_tables(q, rope), apply_rotary_tables(k, rope)
+        qkv = self.qkv_proj(hidden)  # [T, (Hq_l + 2·Hkv_l)·D]
+        T, hq, hkv, d = qkv.shape[0], self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.qkv_proj.head_dim
+        # q and k are adjacent columns: rotate them as one [T, Hq_l + Hkv_l, D] view (half the kernels of rotating
+        # each; elementwise, so bitwise the same), then split the heads again.
+        qk = apply_rotary_tables(qkv[:, : (hq + hkv) * d].view(T, hq + hkv, d), rope)
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
         out = self.attn(q, k, v, meta, kv_cache)  # [T, Hq_l, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 
