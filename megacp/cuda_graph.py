@@ -3,8 +3,8 @@
 A decode step of a small batch is launch-bound: a few hundred small kernels whose launch costs exceed their run
 time. A CUDA graph records them once and replays them with one launch. What makes the step capturable:
 
-- its inputs live at fixed addresses (``AttentionMetadataBuilder``'s decode buffer and the block table's device
-  copy, ``megacp.buffers``): a replay reads whatever the host copied there for this step;
+- its inputs live at fixed addresses (the ``KVSession``'s metadata builder's decode buffer and its block table's
+  device copy, ``megacp.buffers``): a replay reads whatever the host copied there for this step;
 - its shapes depend only on the batch size, which is padded up to a bucket (1, 2, 4, 8, 16, 24, 32, 48, 64, then
   steps of 32): padding rows carry token 0, an empty KV shard (the paged kernel returns lse -inf for them) and
   write their K/V to the cache's null slot, so they never touch a real slot or a real row;
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 from torch import Tensor
 
-from megacp.kv.paged_cache import PagedKVCache
-from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder
+from megacp.layers.cp_metadata import AttentionMetadata
 from megacp.sampling import sample
+
+if TYPE_CHECKING:
+    from megacp.kv.session import KVSession
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -66,14 +69,14 @@ class _Graph:
 class DecodeGraphRunner:
     """Captures the pure-decode step for each bucket of ``batch_buckets(max_batch)``; ``run`` replays one.
 
+    The step runs over ``session`` (its caches, and its metadata builder's buffers, which the graphs read).
     ``capture()`` records every bucket, largest first, into one shared memory pool (``capture_s`` and
     ``capture_bytes`` say what it cost); ``num_replays`` counts replays, so a test can prove the graph ran.
     """
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[PagedKVCache], builder: AttentionMetadataBuilder,
-                 max_batch: int) -> None:
-        self.model, self.kv_caches, self.builder = model, kv_caches, builder
-        self.buckets = batch_buckets(min(max_batch, builder.max_num_reqs))
+    def __init__(self, model: torch.nn.Module, session: "KVSession", max_batch: int) -> None:
+        self.model, self.session = model, session
+        self.buckets = batch_buckets(min(max_batch, session.builder.max_num_reqs))
         self.graphs: dict[int, _Graph] = {}
         self.capture_s = 0.0
         self.capture_bytes = 0
@@ -85,7 +88,7 @@ class DecodeGraphRunner:
 
     def _forward(self, meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
         meta.decode.gather_block_table()
-        hidden = self.model(meta.input_ids, meta, self.kv_caches)
+        hidden = self.model(meta.input_ids, meta, self.session.kv_caches)
         logits = self.model.compute_logits(meta.select_logits_hidden(hidden)).float()
         return logits, sample(logits, 0.0, 1.0, None)  # greedy, NaN/inf rows flagged (no generator: capturable)
 
@@ -96,7 +99,7 @@ class DecodeGraphRunner:
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         for B in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
-            meta = self.builder.build([], [], [], token_ids=[], pad_decodes_to=B)  # all padding rows
+            meta = self.session.step([], pad_decodes_to=B)  # all padding rows
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: Triton compilation, cuBLAS handles, lazy tables
@@ -111,14 +114,15 @@ class DecodeGraphRunner:
         self.capture_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
         self.capture_s = time.perf_counter() - start
 
-    def run(self, req_rows: list[int], num_computed: list[int], token_ids: list[int]) -> tuple[Tensor, Tensor]:
-        """Replay the decode step of these requests: (logits [n, vocab] float32, greedy ids [n]).
+    def run(self, requests: Sequence[tuple[Hashable, Sequence[int]]]) -> tuple[Tensor, Tensor]:
+        """Replay the decode step of these requests (``KVSession.step``'s ``[(request_id, [token]), ...]``, each
+        with cached tokens): (logits [n, vocab] float32, greedy ids [n]).
 
         The returned tensors are views of the graph's outputs: read them before the next ``run``.
         """
-        n = len(req_rows)
+        n = len(requests)
         B = next(b for b in self.buckets if b >= n)
-        self.builder.build(req_rows, num_computed, [1] * n, token_ids=token_ids, pad_decodes_to=B)
+        self.session.step(requests, pad_decodes_to=B)
         g = self.graphs[B]
         g.graph.replay()
         self.num_replays += 1

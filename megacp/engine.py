@@ -6,10 +6,11 @@ makes the same scheduling decisions, so all ranks build the same step and call t
 1. **Schedule** (pure Python): one decode token for every running request that finished its prompt, then prompt
    chunks (oldest request first) up to ``max_num_batched_tokens`` tokens in total. A prompt longer than the budget is
    prefilled over several steps, each chunk attending to the request's own already cached context. A request is
-   admitted when its first chunk is scheduled: it then gets all the virtual KV blocks it can ever need
-   (``prompt + max_new_tokens`` tokens, ``blocks_needed``) at once, or waits until running requests free theirs.
-2. **Run**: ``AttentionMetadataBuilder.build`` (PCP split of prefill tokens, slot mapping for this CP rank) -> model forward ->
-   ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
+   admitted when its first chunk is scheduled: it then reserves, in the engine's ``KVSession``, all the virtual KV
+   blocks it can ever need (``prompt + max_new_tokens`` tokens) at once, or waits until running requests free theirs.
+2. **Run**: ``KVSession.step`` (the step's metadata: PCP split of prefill tokens, slot mapping for this CP rank) ->
+   model forward -> ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
+   A pure-decode step on CUDA with NCCL replays a CUDA graph over the same session instead (``megacp.cuda_graph``).
 3. **Agree**: the sampled ids are broadcast from TP rank 0 over the TP group, then from PCP rank 0 over the PCP group,
    i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
    the broadcast makes divergence impossible rather than unlikely.
@@ -37,11 +38,10 @@ import torch
 from torch import Tensor
 
 from megacp import parallel_state as ps
-from megacp.checks import check_bool, check_int, check_memory, check_request_fits, kv_cache_bytes, validate_requests
-from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
 from megacp.buffers import CpuGpuBuffer
+from megacp.checks import check_bool, check_int, check_request_fits, validate_requests
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
-from megacp.layers.cp_metadata import AttentionMetadataBuilder
+from megacp.kv.session import KVSession
 from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
 
 
@@ -91,9 +91,6 @@ class _Request:
     index: int  # position in the caller's list
     prompt: list[int]
     output: list[int] = field(default_factory=list)
-    row: int = -1  # BlockTable row while admitted
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens already in the (CP-sharded) cache
     ttft_s: float = 0.0
     prompt_logits: Tensor | None = None
     finish_reason: str = ""
@@ -102,10 +99,6 @@ class _Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt)
 
 
 def check_data_parallel(model_config: object, dp_size: int) -> None:
@@ -122,7 +115,8 @@ class LLMEngine:
     """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
 
     ``num_kv_blocks``: physical KV blocks per rank and layer (the same virtual block ids on every CP rank).
-    ``max_num_seqs``: requests admitted at once (rows of the block table). On CUDA with NCCL (or one GPU) pure-decode
+    ``max_num_seqs``: requests admitted at once (rows of the block table). The KV cache is a ``KVSession``
+    (``self.session``): requests are its ids, each step its metadata. On CUDA with NCCL (or one GPU) pure-decode
     steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``on_step(step)`` is called before each
     step (used by the example's fault-injection test hook).
     """
@@ -144,79 +138,63 @@ class LLMEngine:
         max_num_seqs = check_int("LLMEngine(max_num_seqs)", max_num_seqs, 1, hint="requests run at once, e.g. 64")
         check_data_parallel(model.config, ps.get_data_parallel_world_size())
         self.model = model
-        self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_step = on_step
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cp_world_size = ps.get_context_parallel_world_size()
-        self.cp_rank = ps.get_context_parallel_rank()
-        self.interleave_size = ps.get_cp_kv_cache_interleave_size()
-        self.num_kv_blocks = num_kv_blocks
-        self.allocator = BlockAllocator(num_kv_blocks)
         self.max_model_len = int(model.config.max_position_embeddings)
-        max_blocks = min(num_kv_blocks, blocks_needed(self.max_model_len, block_size, self.cp_world_size))
-        # Checked against this rank's device memory before allocating: a huge num_kv_blocks or block_size is a clear
-        # "needs N GiB" here rather than a MemoryError or an allocator failure.
-        check_memory(
-            kv_cache_bytes(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim,
-                           model.config.num_hidden_layers, self.dtype.itemsize, max_num_seqs, max_blocks),
-            self.device, "the KV cache (LLMEngine num_kv_blocks x block_size, all layers)",
-            "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
-        )
         self._cp_group = ps.get_cp_group()  # generate checks the model-parallel state is still this one
-        self.block_table = BlockTable(
-            block_size, max_num_seqs, max_blocks, self.cp_world_size, self.cp_rank, self.interleave_size, self.device
-        )
-        self.kv_caches = [
-            PagedKVCache(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim, self.dtype, self.device)
-            for _ in range(model.config.num_hidden_layers)
-        ]
-        self.metadata_builder = AttentionMetadataBuilder(
-            self.block_table, self.device, max_num_reqs=max_num_seqs, null_slot=self.kv_caches[0].null_slot
-            if self.kv_caches else None,
+        config = model.config
+        self.session = KVSession(
+            config.num_hidden_layers, config.num_key_value_heads, model.head_dim, num_kv_blocks, block_size,
+            max_num_seqs, max_seq_len=self.max_model_len, dtype=self.dtype, device=self.device,
         )
         self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
         # CUDA-graph decode (megacp/cuda_graph.py), captured at the first pure-decode step.
         self.graphs_off_reason = "enforce_eager=True" if enforce_eager else graph_support(model, self.device)
         self.graph_runner: DecodeGraphRunner | None = None
         self.eos_token_ids = set(model.config.eos_token_ids)
-        self._free_rows = list(range(max_num_seqs))
         self.stats = EngineStats()
         self._nonfinite_weight: str | None = None  # found by _stop_nonfinite, per generate ("" = none on this rank)
+
+    @property
+    def block_size(self) -> int:
+        return self.session.block_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.session.num_kv_blocks
 
     # ------------------------------------------------------------------ admission
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise ``ValueError`` if a request of this size could never run, even alone."""
         check_request_fits(prompt_len, max_new_tokens, self.max_model_len, self.num_kv_blocks, self.block_size,
-                           self.cp_world_size)
+                           self.session.cp_world_size)
+
+    def _computed(self, req: _Request) -> int:
+        """Tokens of ``req`` already in the (CP-sharded) cache."""
+        return self.session.num_cached(req.index)
+
+    def _in_prefill(self, req: _Request) -> bool:
+        return self._computed(req) < len(req.prompt)
 
     def _try_admit(self, req: _Request, max_new_tokens: int) -> bool:
-        need = blocks_needed(len(req.prompt) + max_new_tokens, self.block_size, self.cp_world_size)
-        if not self._free_rows or not self.allocator.can_allocate(need):
+        total = len(req.prompt) + max_new_tokens
+        if not self.session.can_reserve(req.index, total):
             return False
-        req.row = self._free_rows.pop(0)
-        req.blocks = self.allocator.allocate(need)
-        self.block_table.set_row(req.row, req.blocks)
+        self.session.reserve(req.index, total)
         return True
-
-    def _release(self, req: _Request) -> None:
-        self.allocator.free(req.blocks)
-        self.block_table.clear_row(req.row)
-        self._free_rows.append(req.row)
-        self._free_rows.sort()
-        req.row, req.blocks = -1, []
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(
         self, waiting: deque[_Request], running: list[_Request], max_new_tokens: int
     ) -> list[tuple[_Request, int]]:
         """This step's (request, number of new tokens): decodes first, then prompt chunks within the token budget."""
-        sched = [(r, 1) for r in running if not r.in_prefill]
+        sched = [(r, 1) for r in running if not self._in_prefill(r)]
         budget = self.max_num_batched_tokens - len(sched)
         for r in running:
-            if r.in_prefill and budget > 0:
-                n = min(len(r.prompt) - r.num_computed, budget)
+            if self._in_prefill(r) and budget > 0:
+                n = min(len(r.prompt) - self._computed(r), budget)
                 sched.append((r, n))
                 budget -= n
         while waiting and budget > 0 and self._try_admit(waiting[0], max_new_tokens):
@@ -229,29 +207,26 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
-    def _run_step(self, sched: list[tuple[_Request, int]], sampling: SamplingParams, generator: torch.Generator
-                  ) -> tuple[list[int], Tensor | None]:
-        """Forward the scheduled tokens; return sampled ids of the requests that need one and their logits.
-
-        Returns ids for the entries of ``sched`` that end a prompt or decode (in ``sched`` order), and their
-        logits [n, vocab] (None when no entry needs a token).
-        """
+    def _run_step(self, sched: list[tuple[_Request, int]], need: list[int], sampling: SamplingParams,
+                  generator: torch.Generator) -> tuple[list[int], Tensor | None]:
+        """Forward the scheduled tokens; return sampled ids of the entries ``need`` (indices into ``sched`` that end
+        a prompt or decode, in ``sched`` order) and their logits [n, vocab] (None when ``need`` is empty)."""
         # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
-        # builder's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
+        # session's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
         # is the step's one read-back (docs/benchmarks.md: host-bound decode).
-        new_ids = [t for r, n in sched for t in r.tokens[r.num_computed : r.num_computed + n]]
-        need = [i for i, (r, n) in enumerate(sched) if r.num_computed + n >= len(r.prompt)]
-        rows, computed = [r.row for r, _ in sched], [r.num_computed for r, _ in sched]
+        requests = []
+        for r, n in sched:
+            c = self._computed(r)
+            requests.append((r.index, r.tokens[c : c + n]))
         runner = self._graph_runner_for(sched, need)
         if runner is not None:
-            logits, greedy = runner.run(rows, computed, new_ids)
+            logits, greedy = runner.run(requests)
             self.stats.graph_replays += 1
             tokens = greedy if sampling.temperature == 0 else sample(logits, sampling.temperature, sampling.top_p,
                                                                      generator)
             return self._agree(tokens), logits
-        meta = self.metadata_builder.build(rows, computed, [n for _, n in sched], token_ids=new_ids,
-                                           logits_requests=need)
-        hidden = self.model(meta.input_ids, meta, self.kv_caches)
+        meta = self.session.step(requests, logits_requests=need)
+        hidden = self.model(meta.input_ids, meta, self.session.kv_caches)
         if not need:
             return [], None
         last_hidden = meta.select_logits_hidden(hidden)  # [len(need), hidden], same on every PCP rank
@@ -269,11 +244,10 @@ class LLMEngine:
         """The graph runner when this step is a pure decode it can replay (capturing on first use), else None."""
         if self.graphs_off_reason is not None or len(need) != len(sched):
             return None
-        if not all(r.num_computed > 0 and n == 1 for r, n in sched):
+        if not all(self._computed(r) > 0 and n == 1 for r, n in sched):
             return None
         if self.graph_runner is None:
-            self.graph_runner = DecodeGraphRunner(self.model, self.kv_caches, self.metadata_builder,
-                                                  self.block_table.max_num_reqs)
+            self.graph_runner = DecodeGraphRunner(self.model, self.session, self.session.max_num_seqs)
             self.graph_runner.capture()
             self.stats.graph_capture_s = self.graph_runner.capture_s
             self.stats.graph_capture_bytes = self.graph_runner.capture_bytes
@@ -290,7 +264,7 @@ class LLMEngine:
         waiting, running = deque(reqs), []
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stats = EngineStats(
-            kv_capacity_tokens=kv_capacity_tokens(self.num_kv_blocks, self.block_size, self.cp_world_size),
+            kv_capacity_tokens=self.session.capacity_tokens,
             kv_slots_per_rank=self.num_kv_blocks * self.block_size,
             cuda_graphs=self.graphs_off_reason or "on",
         )
@@ -306,18 +280,18 @@ class LLMEngine:
                 sched = self._schedule(waiting, running, sampling.max_new_tokens)
                 if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
                     raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
-                stats.peak_tokens_stored = max(stats.peak_tokens_stored, self._tokens_stored(running, sched))
+                decode_only = not any(self._in_prefill(r) for r, _ in sched)
+                need = [i for i, (r, n) in enumerate(sched) if self._computed(r) + n >= len(r.prompt)]
                 t0 = time.perf_counter()
-                tokens, logits = self._run_step(sched, sampling, generator)
+                tokens, logits = self._run_step(sched, need, sampling, generator)  # advances the cached lengths
                 now = time.perf_counter()
                 stats.num_steps += 1
-                if all(not r.in_prefill for r, _ in sched):
+                stats.peak_tokens_stored = max(stats.peak_tokens_stored, self.session.tokens_stored())
+                if decode_only:
                     stats.decode_time_s += now - t0
                     stats.decode_tokens += len(sched)
-                finishing = [(r, n) for r, n in sched if r.num_computed + n >= len(r.prompt)]
-                for r, n in sched:
-                    r.num_computed += n
-                for j, ((r, _), tok) in enumerate(zip(finishing, tokens)):
+                for k, (j, tok) in enumerate(zip(need, tokens)):
+                    r = sched[j][0]
                     if tok == NONFINITE_TOKEN:  # the same on every rank: the ids were broadcast from one rank
                         self._stop_nonfinite(r, stats.num_steps - 1)
                         running.remove(r)
@@ -325,19 +299,20 @@ class LLMEngine:
                     if not r.output:
                         r.ttft_s = now - start
                         if return_prompt_logits:
-                            r.prompt_logits = logits[j].cpu()
+                            r.prompt_logits = logits[k].cpu()
                     r.output.append(tok)
                     if tok in self.eos_token_ids and not sampling.ignore_eos:
                         r.finish_reason = "eos"
                     elif len(r.output) >= sampling.max_new_tokens:
                         r.finish_reason = "length"
                     if r.finish_reason:
-                        self._release(r)
+                        self.session.free(r.index)
                         running.remove(r)
         finally:
             # A step that raised (a bad input, a dead peer) must not leak this engine's KV blocks and rows.
-            for r in list(running):
-                self._release(r)
+            for r in running:
+                if r.index in self.session:
+                    self.session.free(r.index)
         stats.total_time_s = time.perf_counter() - start
         stats.ttft_s = [r.ttft_s for r in reqs]
         self.stats = stats
@@ -365,7 +340,7 @@ class LLMEngine:
         return validate_requests(
             prompt_ids, sampling.max_new_tokens, vocab_size=int(self.model.config.vocab_size),
             max_model_len=self.max_model_len, num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
-            cp_world_size=self.cp_world_size,
+            cp_world_size=self.session.cp_world_size,
         )
 
     def _stop_nonfinite(self, req: _Request, step: int) -> None:
@@ -383,10 +358,4 @@ class LLMEngine:
             f"(load_model checks them unless check_finite=False / --skip-finite-check) or use a wider dtype"
         )
         warnings.warn(req.error, RuntimeWarning, stacklevel=3)
-        self._release(req)
-
-    def _tokens_stored(self, running: list[_Request], sched: list[tuple[_Request, int]]) -> int:
-        """Tokens this rank holds once the step ran: its CP share of every running request's cached length."""
-        new = {id(r): n for r, n in sched}
-        lens = torch.tensor([r.num_computed + new.get(id(r), 0) for r in running], dtype=torch.long)
-        return int(cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
+        self.session.free(req.index)

@@ -272,20 +272,39 @@ def test_pcp_prefill_backward_matches_single_device(dist_pool_8, pcp):
     assert max(errs) <= ATOL
 
 
-def _layout_mismatch_task() -> str:
-    """A layer built before initialize_model_parallel (one rank) used with metadata of a pcp = 2 layout."""
+def _layout_mismatch_task() -> list[str]:
+    """A layer built before initialize_model_parallel (one rank) used with metadata of a pcp = 2 and of a dcp = 2
+    layout, and a layer built for dcp = 2 used with single-rank metadata."""
     from megacp.layers.cp_attention import ContextParallelAttention
     from megacp.layers.cp_metadata import build_attention_metadata
 
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
-    with model_parallel(prefill_context_parallel_size=2):
-        meta = build_attention_metadata([0], [0], [40], None)
-        q, kv = torch.zeros(meta.num_local_tokens, NUM_HEADS, HEAD_DIM), torch.zeros(meta.num_local_tokens, 2, HEAD_DIM)
-        with pytest.raises(ValueError) as err:
-            layer(q, kv, kv, meta, None)
-        return str(err.value)
+    messages = []
+    for sizes in (dict(prefill_context_parallel_size=2), dict(tensor_model_parallel_size=2,
+                                                             decode_context_parallel_size=2)):
+        with model_parallel(**sizes):
+            meta = build_attention_metadata([0], [0], [40], None)
+            q = torch.zeros(meta.num_local_tokens, NUM_HEADS, HEAD_DIM)
+            kv = torch.zeros(meta.num_local_tokens, 2, HEAD_DIM)
+            with pytest.raises(ValueError) as err:
+                layer(q, kv, kv, meta, None)
+            messages.append(str(err.value))
+            if "decode_context_parallel_size" in sizes:
+                dcp_layer = ContextParallelAttention(NUM_HEADS, 1, HEAD_DIM, 0.5)
+                single = build_attention_metadata([0], [0], [40], None, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
+                q = torch.zeros(40, NUM_HEADS // 2, HEAD_DIM)
+                kv = torch.zeros(40, 1, HEAD_DIM)
+                with pytest.raises(ValueError) as err:
+                    dcp_layer(q, kv, kv, single, None)
+                messages.append(str(err.value))
+    return messages
 
 
 def test_layer_used_with_metadata_of_another_layout_names_both(dist_pool_2):
-    for message in dist_pool_2.run(_layout_mismatch_task):
-        assert "built for prefill context parallel size 1" in message and "metadata is for 2" in message
+    for pcp_msg, dcp_msg, reverse_msg in dist_pool_2.run(_layout_mismatch_task):
+        assert "built for prefill_context_parallel_size=1, decode_context_parallel_size=1" in pcp_msg
+        assert "metadata is for prefill_context_parallel_size=2, decode_context_parallel_size=1" in pcp_msg
+        assert "built for prefill_context_parallel_size=1, decode_context_parallel_size=1" in dcp_msg
+        assert "metadata is for prefill_context_parallel_size=1, decode_context_parallel_size=2" in dcp_msg
+        assert "built for prefill_context_parallel_size=1, decode_context_parallel_size=2" in reverse_msg
+        assert "metadata is for prefill_context_parallel_size=1, decode_context_parallel_size=1" in reverse_msg

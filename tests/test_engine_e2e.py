@@ -119,10 +119,10 @@ def _failing_step_task():
             assert "injected failure" in str(e)
         else:
             raise AssertionError("the injected failure did not propagate")
-        free_after_failure = engine.allocator.num_free
+        free_after_failure = engine.session.allocator.num_free
         engine.on_step = None
         outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
-        return free_after_failure, engine.allocator.num_free, len(outs[0].output_ids)
+        return free_after_failure, engine.session.allocator.num_free, len(outs[0].output_ids)
 
 
 def test_failed_step_frees_kv_blocks(dist_pool_1):

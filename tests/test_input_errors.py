@@ -293,7 +293,7 @@ def _bad_then_good_task(model_dir: str, sizes: dict, prompts: list[list[int]], m
             except ValueError as e:
                 messages.append(str(e))
         outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
-        free = engine.allocator.num_free
+        free = engine.session.allocator.num_free
         for bad_arg in (dict(num_kv_blocks=0), dict(max_num_seqs=0), dict(block_size=2.0)):
             try:
                 LLMEngine(model, **{"num_kv_blocks": 8, **bad_arg})
@@ -362,7 +362,7 @@ def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_ne
         again = engine.generate(prompts[1:][::-1], sampling)[::-1]
         return ([(o.output_ids, o.finish_reason, o.error is not None and o.error.split(";")[0]) for o in outs],
                 [c.output_ids for c in clean], [str(w.message).split(";")[0] for w in caught],
-                [o.output_ids for o in again], engine.allocator.num_free)
+                [o.output_ids for o in again], engine.session.allocator.num_free)
 
 
 def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):

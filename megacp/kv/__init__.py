@@ -1,4 +1,5 @@
-"""Paged, context-parallel KV cache: slot math, block table, allocator, cache (DESIGN §2)."""
+"""Paged, context-parallel KV cache: slot math, block table, allocator, cache (DESIGN §2), and ``KVSession``, which
+owns them for a set of requests and builds each step's metadata."""
 
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable, validate_kv_layout
@@ -16,6 +17,7 @@ __all__ = [
     "BlockAllocator",
     "BlockTable",
     "KVCacheFullError",
+    "KVSession",
     "PagedKVCache",
     "blocks_needed",
     "cp_local_index",
@@ -26,3 +28,13 @@ __all__ = [
     "kv_capacity_tokens",
     "validate_kv_layout",
 ]
+
+
+def __getattr__(name: str):
+    # KVSession builds step metadata (megacp.layers), which itself imports megacp.kv: imported on first use, so the
+    # two packages do not import each other while initialising.
+    if name == "KVSession":
+        from megacp.kv.session import KVSession
+
+        return KVSession
+    raise AttributeError(f"module 'megacp.kv' has no attribute {name!r}")

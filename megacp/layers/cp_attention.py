@@ -231,14 +231,16 @@ class ContextParallelAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_layout(self, meta: AttentionMetadata) -> None:
-        """The metadata must be built for the PCP size this layer was built with (else its indices point at rows
-        of another layout)."""
-        if meta.pcp_size != self.pcp_group.world_size:
+        """The metadata must be built for the PCP and DCP sizes this layer was built with (else its indices point
+        at rows, and its slots at shards, of another layout)."""
+        built = (self.pcp_group.world_size, self.dcp_group.world_size)
+        if (meta.pcp_size, meta.dcp_size) != built:
             raise ValueError(
-                f"ContextParallelAttention was built for prefill context parallel size {self.pcp_group.world_size} "
-                f"but the step metadata is for {meta.pcp_size}; build the model and the metadata under the same "
-                f"initialize_model_parallel(prefill_context_parallel_size=...) (a layer built before it is "
-                f"initialised runs as a single rank)"
+                f"ContextParallelAttention was built for prefill_context_parallel_size={built[0]}, "
+                f"decode_context_parallel_size={built[1]} but the step metadata is for "
+                f"prefill_context_parallel_size={meta.pcp_size}, decode_context_parallel_size={meta.dcp_size}; build "
+                f"the model and the metadata under the same initialize_model_parallel(...) (a layer built before it "
+                f"is initialised runs as a single rank)"
             )
 
     def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:

@@ -119,14 +119,23 @@ class ContextMetadata:
 class AttentionMetadata:
     """One step on one rank: the common part, plus the metadata of each attention path the step uses.
 
-    ``token_index`` [T_local]: index of each local row into the concatenation (caller order) of all requests' new
-    tokens, ``-1`` for PCP padding (``token_index_host``: the same on the CPU). ``positions`` [T_local]: absolute
-    positions (padding: 0). ``input_ids`` [T_local]: this rank's token ids when the builder was given them.
+    ``num_tokens``: the new tokens of all scheduled requests (``N``). ``token_index`` [T_local]: index of each local
+    row into the concatenation (caller order) of all requests' new tokens, ``-1`` for PCP padding
+    (``token_index_host``: the same on the CPU; a CUDA-graph bucket's padding rows, past ``num_tokens``, read token 0).
+    ``positions`` [T_local]: absolute positions (padding: 0). ``input_ids`` [T_local]: this rank's token ids when the
+    builder was given them. ``pcp_size``/``dcp_size``: the layout the metadata was built for (each layer checks it).
+    ``caller_rows`` [N] (when a step has prefill rows): row of each new token, caller order, in this rank's rows
+    all-gathered over PCP (rank-major; ``gather_hidden``).
+
+    For your own per-token tensors: ``local_tokens(values)`` gives this rank's rows of any ``[N, ...]`` tensor (labels,
+    positions, ...), ``gather_hidden(hidden)`` every token's hidden state back in caller order.
     """
 
     num_local_tokens: int
+    num_tokens: int
     num_decodes: int
     pcp_size: int
+    dcp_size: int
     token_index: LongTensor
     token_index_host: LongTensor
     positions: LongTensor
@@ -137,6 +146,8 @@ class AttentionMetadata:
     prefill: PrefillMetadata | None = None
     context: ContextMetadata | None = None
     pcp_group: "ParallelGroup | None" = None
+    caller_rows: LongTensor | None = None
+    caller_range: Range = None  # caller_rows is a plain range (one prefill, pcp = 1): a slice
 
     def select_logits_hidden(self, hidden: Tensor) -> Tensor:
         """Hidden state of each request's last new token, in caller order, identical on every PCP rank.
@@ -157,12 +168,56 @@ class AttentionMetadata:
             return hidden[rows]
         mine = (rows >= 0).unsqueeze(-1)
         picked = torch.where(mine, hidden[rows.clamp(min=0)], torch.zeros_like(hidden[:1]))
-        group = self.pcp_group
-        if group is None:
-            from megacp.parallel_state import get_pcp_group
+        return self._pcp().all_reduce(picked)
 
-            group = get_pcp_group()
-        return group.all_reduce(picked)
+    def local_tokens(self, values: Tensor, fill: float | int = 0) -> Tensor:
+        """This rank's rows of a per-token tensor given for every new token in caller order (ids, labels, ...).
+
+        # values: [num_tokens, ...] -> [T_local, ...]; padding rows (PCP padding, CUDA-graph padding) hold ``fill``
+        Differentiable in ``values``. A CPU tensor is indexed on the host, any other on the metadata's device.
+        """
+        if values.shape[0] != self.num_tokens:
+            raise ValueError(
+                f"local_tokens: values has {values.shape[0]} rows, the step has {self.num_tokens} new tokens (give one "
+                "row per new token, requests concatenated in the order they were scheduled)"
+            )
+        n, T = self.num_tokens, self.num_local_tokens
+        if self.prefill is None:  # pure decode: local rows are the requests in caller order, then graph padding
+            if T == n:
+                return values
+            return torch.cat([values, values.new_full((T - n, *values.shape[1:]), fill)])
+        index = self.token_index_host if values.device.type == "cpu" else self.token_index
+        out = values[index.clamp(min=0)]
+        if self.pcp_size == 1:  # no PCP padding
+            return out
+        pad = (index < 0).view(-1, *[1] * (values.dim() - 1))
+        return torch.where(pad, torch.full_like(out, fill), out)
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """Every new token's hidden state, in caller order, identical on every PCP rank (an all-gather over PCP).
+
+        # hidden: [T_local, H] -> [num_tokens, H]
+        For outputs of every position (scoring a prompt, a reward model). A training loss is cheaper on the local rows
+        (``local_tokens(labels)``): this all-gather's backward sums every PCP rank's gradient.
+        """
+        if hidden.shape[0] != self.num_local_tokens:
+            raise ValueError(
+                f"gather_hidden: hidden has {hidden.shape[0]} rows, this step has {self.num_local_tokens} local tokens"
+            )
+        if self.prefill is None:  # decode rows are the same on every PCP rank, in caller order
+            return hidden[: self.num_tokens]
+        if self.pcp_size > 1:
+            hidden = self._pcp().all_gather(hidden, dim=0)  # [pcp·T_local, H], rank-major
+        if self.caller_range is not None:
+            return hidden[self.caller_range[0] : self.caller_range[1]]
+        return hidden[self.caller_rows]
+
+    def _pcp(self) -> "ParallelGroup":
+        if self.pcp_group is not None:
+            return self.pcp_group
+        from megacp.parallel_state import get_pcp_group
+
+        return get_pcp_group()
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -248,6 +303,7 @@ class AttentionMetadataBuilder:
     ) -> None:
         P, r, D, d = _parallel_coords(pcp_size, pcp_rank, dcp_size, dcp_rank)
         self.pcp_size, self.pcp_rank, self.pcp_group = P, r, pcp_group
+        self.dcp_size = D
         if device is None:
             device = block_table.device if block_table is not None else "cpu"
         self.device = torch.device(device)
@@ -302,7 +358,8 @@ class AttentionMetadataBuilder:
             dev = self._decode_buf.gpu
             tok_host = self._decode_buf.cpu[self._TOK, :B].clone()
             return AttentionMetadata(
-                num_local_tokens=B, num_decodes=B, pcp_size=self.pcp_size,
+                num_local_tokens=B, num_tokens=len(s.decodes), num_decodes=B, pcp_size=self.pcp_size,
+                dcp_size=self.dcp_size,
                 token_index=dev[self._TOK, :B], token_index_host=tok_host, positions=dev[self._POS, :B],
                 input_ids=None if ids is None else dev[self._IDS, :B], logits_rows=None, logits_range=(0, B),
                 decode=decode, pcp_group=self.pcp_group,
@@ -376,6 +433,9 @@ class AttentionMetadataBuilder:
         n_dec = len(s.decodes)
         rows_per = {i: 2 * pcp_chunk_size(s.new[i], P) if P > 1 else s.new[i] for i in s.prefills}
         num_prefill_rows = sum(rows_per.values())
+        T = n_dec + num_prefill_rows  # local rows, the same on every PCP rank
+        caller_rows = torch.empty(sum(s.new), dtype=torch.long)  # for gather_hidden: see AttentionMetadata
+        caller_rows[[s.offsets[i] for i in s.decodes]] = torch.arange(n_dec)  # PCP rank 0's copy
         logits_rows = torch.full((len(s.rows),), -1, dtype=torch.long)
         if r == 0:  # decodes are replicated over PCP: one rank provides their logits rows
             logits_rows[s.decodes] = torch.arange(n_dec)
@@ -393,6 +453,7 @@ class AttentionMetadataBuilder:
             restore = pcp_restore_index(n, P)  # position -> row of the PCP all-gather of L rows per rank
             owner, j = restore // L, restore % L
             gather.append(owner * num_prefill_rows + (row - n_dec) + j)
+            caller_rows[s.offsets[i] : s.offsets[i] + n] = owner * T + row + j
             slots.append(t.slot_mapping_host(torch.full((n,), s.rows[i], dtype=torch.long), c0 + torch.arange(n)))
             chunk = L // 2 if P > 1 else n
             for k, start in enumerate([r * chunk, (2 * P - 1 - r) * chunk] if P > 1 else [0]):
@@ -423,6 +484,9 @@ class AttentionMetadataBuilder:
         logits_range = _as_range(logits_rows) if P == 1 else None
         if logits_range is None:
             arena.add("logits_rows", logits_rows)
+        caller_range = _as_range(caller_rows)
+        if caller_range is None:
+            arena.add("caller_rows", caller_rows)
         gather_t, q_rows_t, k_index_t = _cat(gather), _cat(q_rows), _cat(k_index)
         write_rows, write_slots = write_plan(_cat(slots))
         ranges = {"gather": _as_range(gather_t), "q": _as_range(q_rows_t), "k": _as_range(k_index_t)}
@@ -460,7 +524,8 @@ class AttentionMetadataBuilder:
                 cu_seqlens_q_host=ctx_host["cu_q"].tolist(), cu_seqlens_k_host=ctx_host["cu_k"].tolist(),
             )
         return AttentionMetadata(
-            num_local_tokens=int(token_index_t.numel()), num_decodes=n_dec, pcp_size=P,
+            num_local_tokens=int(token_index_t.numel()), num_tokens=int(caller_rows.numel()), num_decodes=n_dec,
+            pcp_size=P, dcp_size=self.dcp_size, caller_rows=dev.get("caller_rows"), caller_range=caller_range,
             token_index=dev["token_index"], token_index_host=token_index_t, positions=dev["positions"],
             input_ids=dev.get("input_ids"), logits_rows=dev.get("logits_rows"), logits_range=logits_range,
             decode=decode, prefill=prefill, context=context, pcp_group=self.pcp_group,

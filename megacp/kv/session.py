@@ -1,0 +1,251 @@
+"""A KV session: this rank's KV cache of a set of requests, and each step's metadata over it.
+
+``KVSession`` owns what a model needs to run steps over a context-parallel paged KV cache, so a model of your own
+needs no plumbing of its own (``LLMEngine`` uses the same object):
+
+- the ``BlockTable`` (its CP world size, CP rank and interleave read from ``parallel_state``), the ``BlockAllocator``
+  of virtual block ids and one ``PagedKVCache`` per layer;
+- each request's cached length (tokens already in the CP group's caches);
+- the ``AttentionMetadataBuilder`` whose persistent buffers every step's ``AttentionMetadata`` lives in (the CUDA-graph
+  decode replays them, ``megacp.cuda_graph``).
+
+Per step::
+
+    meta = session.step([(request_id, new_token_ids), ...])   # blocks allocated as needed, metadata built
+    hidden = model(meta.input_ids, meta, session.kv_caches)     # this rank's rows
+    logits = lm_head(meta.select_logits_hidden(hidden))         # last new token of each request
+    session.free(request_id)                                    # when a request is done
+
+``step`` allocates before anything else and all-or-nothing: a step that does not fit raises ``KVCacheFullError``
+before any collective, with the session unchanged. Every rank of a model-parallel replica holds the same session state
+(same calls, same block ids), so the verdict is the same on every rank. The cached lengths advance when ``step``
+returns: the step's new tokens are written into the caches by the forward that follows it; a step whose forward
+fails should be followed by ``free`` of its requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from megacp.checks import check_int, check_memory, kv_cache_bytes
+from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
+from megacp.kv.block_table import BlockTable
+from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens
+from megacp.kv.paged_cache import PagedKVCache
+from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder
+
+
+@dataclass
+class _Sequence:
+    row: int  # BlockTable row
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0
+
+
+def _layout() -> tuple[int, int, int, int]:
+    """(tp size, CP world size, CP rank, interleave) of ``parallel_state``, or a single rank before it is set up."""
+    from megacp import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 1, 0, 1
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size(),
+            ps.get_context_parallel_rank(), ps.get_cp_kv_cache_interleave_size())
+
+
+class KVSession:
+    """This rank's paged KV cache of up to ``max_num_seqs`` requests, and the metadata of each step over it.
+
+    ``num_layers``: one ``PagedKVCache`` each (``kv_caches``). ``num_kv_heads``: the model's global KV head count
+    (this rank stores ``max(1, num_kv_heads / tp)`` of them, like ``ContextParallelAttention``). ``num_kv_blocks``:
+    physical blocks per rank and layer, the same virtual ids on every CP rank (a block holds ``block_size`` tokens on
+    each of the ``pcp·dcp`` CP ranks). ``max_seq_len``: the longest request (sizes the block table's rows; default:
+    the whole cache). The cache memory is checked against the device before it is allocated.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_kv_blocks: int,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        num_layers = check_int("KVSession(num_layers)", num_layers, 0)
+        num_kv_heads = check_int("KVSession(num_kv_heads)", num_kv_heads, 1, hint="the model's global KV head count")
+        head_dim = check_int("KVSession(head_dim)", head_dim, 1)
+        num_blocks = check_int("KVSession(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
+        block_size = check_int("KVSession(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
+        max_num_seqs = check_int("KVSession(max_num_seqs)", max_num_seqs, 1, hint="requests cached at once, e.g. 64")
+        tp, W, R, interleave = _layout()
+        self.cp_world_size, self.cp_rank, self.interleave_size = W, R, interleave
+        self.block_size, self.num_kv_blocks = block_size, num_blocks
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_local_kv_heads = max(1, num_kv_heads // tp)
+        max_blocks = num_blocks
+        if max_seq_len is not None:
+            max_seq_len = check_int("KVSession(max_seq_len)", max_seq_len, 1)
+            max_blocks = min(num_blocks, blocks_needed(max_seq_len, block_size, W))
+        self.max_seq_len = max_seq_len
+        # Checked against this rank's device memory before allocating: a huge num_blocks or block_size is a clear
+        # "needs N GiB" here rather than a MemoryError or an allocator failure.
+        check_memory(
+            kv_cache_bytes(num_blocks, block_size, self.num_local_kv_heads, head_dim, num_layers, dtype.itemsize,
+                           max_num_seqs, max_blocks),
+            self.device, "the KV cache (num_kv_blocks x block_size tokens, all layers)",
+            "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
+        )
+        self.block_table = BlockTable(block_size, max_num_seqs, max_blocks, W, R, interleave, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.kv_caches = [
+            PagedKVCache(num_blocks, block_size, self.num_local_kv_heads, head_dim, dtype, self.device)
+            for _ in range(num_layers)
+        ]
+        self.builder = AttentionMetadataBuilder(
+            self.block_table, self.device, max_num_reqs=max_num_seqs,
+            null_slot=self.kv_caches[0].null_slot if self.kv_caches else None,
+        )
+        self._seqs: dict[Hashable, _Sequence] = {}
+        self._free_rows = list(range(max_num_seqs))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def max_num_seqs(self) -> int:
+        return self.block_table.max_num_reqs
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the CP group's caches hold: ``num_blocks·block_size·pcp·dcp``."""
+        return kv_capacity_tokens(self.num_kv_blocks, self.block_size, self.cp_world_size)
+
+    def num_cached(self, request_id: Hashable) -> int:
+        """Tokens of ``request_id`` already in the caches (0 for a request the session does not hold)."""
+        seq = self._seqs.get(request_id)
+        return 0 if seq is None else seq.num_cached
+
+    def __contains__(self, request_id: Hashable) -> bool:
+        return request_id in self._seqs
+
+    def tokens_stored(self) -> int:
+        """Tokens this rank stores: its CP share of every held request's cached length."""
+        if not self._seqs:
+            return 0
+        lens = torch.tensor([s.num_cached for s in self._seqs.values()], dtype=torch.long)
+        return int(cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
+
+    # ------------------------------------------------------------------ blocks
+    def _blocks_to_add(self, request_id: Hashable, num_tokens: int) -> int:
+        seq = self._seqs.get(request_id)
+        have = 0 if seq is None else len(seq.blocks)
+        return max(0, blocks_needed(num_tokens, self.block_size, self.cp_world_size) - have)
+
+    def _check_fits(self, wanted: dict[Hashable, int]) -> None:
+        """KVCacheFullError unless every request of ``wanted`` (id -> total tokens) can get its rows and blocks."""
+        blocks = sum(self._blocks_to_add(rid, n) for rid, n in wanted.items())
+        rows = sum(1 for rid in wanted if rid not in self._seqs)
+        too_long = [(rid, n) for rid, n in wanted.items() if blocks_needed(n, self.block_size, self.cp_world_size)
+                    > self.block_table.max_num_blocks_per_req]
+        if too_long:
+            rid, n = too_long[0]
+            raise KVCacheFullError(
+                f"request {rid!r} needs {n} tokens, more than this session's max_seq_len / num_kv_blocks allow "
+                f"({self.block_table.max_num_blocks_per_req} blocks of {self.block_size}x{self.cp_world_size} "
+                f"tokens); build the KVSession with a larger max_seq_len or num_kv_blocks"
+            )
+        if rows > len(self._free_rows) or blocks > self.allocator.num_free:
+            raise KVCacheFullError(
+                f"out of KV cache: this step needs {blocks} more blocks and {rows} more request rows, "
+                f"{self.allocator.num_free} of {self.num_kv_blocks} blocks and {len(self._free_rows)} of "
+                f"{self.max_num_seqs} rows are free; free finished requests (KVSession.free), schedule fewer tokens, "
+                f"or build the session with more num_kv_blocks / max_num_seqs (a larger "
+                f"decode_context_parallel_size also spreads each sequence over more ranks)"
+            )
+
+    def can_reserve(self, request_id: Hashable, num_tokens: int) -> bool:
+        """Whether ``reserve(request_id, num_tokens)`` would succeed."""
+        try:
+            self._check_fits({request_id: num_tokens})
+        except KVCacheFullError:
+            return False
+        return True
+
+    def reserve(self, request_id: Hashable, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` tokens of ``request_id`` (a new request gets a row), allocating its blocks now
+        rather than step by step; ``KVCacheFullError`` and nothing changed when they do not fit."""
+        self._check_fits({request_id: num_tokens})
+        self._grow(request_id, num_tokens)
+
+    def _grow(self, request_id: Hashable, num_tokens: int) -> _Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            seq = self._seqs[request_id] = _Sequence(self._free_rows.pop(0))
+        add = self._blocks_to_add(request_id, num_tokens)
+        if add:
+            new = self.allocator.allocate(add)
+            seq.blocks += new
+            self.block_table.append_row(seq.row, new)
+        return seq
+
+    def free(self, request_id: Hashable) -> None:
+        """Forget ``request_id``: its blocks go back to the allocator, its row to the table."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            raise ValueError(f"KVSession.free: request {request_id!r} is not in this session")
+        self.allocator.free(seq.blocks)
+        self.block_table.clear_row(seq.row)
+        self._free_rows.append(seq.row)
+        self._free_rows.sort()
+
+    # ------------------------------------------------------------------ steps
+    def step(
+        self,
+        requests: Sequence[tuple[Hashable, Sequence[int] | Tensor | int]],
+        logits_requests: Sequence[int] | None = None,
+        pad_decodes_to: int | None = None,
+    ) -> AttentionMetadata:
+        """Allocate what the step needs, build its metadata, advance the cached lengths.
+
+        ``requests``: ``[(request_id, new_token_ids), ...]``, the new tokens of each request (a list or a CPU tensor of
+        ids, or just their count: then ``meta.input_ids`` is None and the caller picks its rows with
+        ``meta.local_tokens(...)``).
+        A request the session does not hold yet starts at position 0; one with cached tokens continues after them
+        (one new token = a decode, several = a prefill chunk over its cached context). ``logits_requests``: indices
+        into ``requests`` whose last token ``meta.select_logits_hidden`` returns (default all);
+        ``pad_decodes_to``: a pure-decode step padded to that many rows (CUDA-graph buckets).
+        """
+        parts, counts, kinds = [], [], set()
+        for item in requests:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ValueError(f"KVSession.step: each request must be (request_id, new_token_ids), got {item!r}")
+            rid, tokens = item
+            if isinstance(tokens, int) and not isinstance(tokens, bool):
+                kinds.add("count")
+                counts.append(tokens)
+            else:
+                kinds.add("ids")
+                parts.append(tokens.reshape(-1) if isinstance(tokens, Tensor) else [int(t) for t in tokens])
+                counts.append(len(parts[-1]))
+            if counts[-1] < 1:
+                raise ValueError(f"KVSession.step: request {rid!r} has no new tokens; schedule at least one")
+        if len(kinds) > 1:
+            raise ValueError("KVSession.step: give every request's new tokens as ids, or every request's count")
+        rids = [rid for rid, _ in requests]
+        if len(set(rids)) != len(rids):
+            raise ValueError(f"KVSession.step: a request appears twice in one step: {rids}")
+        self._check_fits({rid: self.num_cached(rid) + n for rid, n in zip(rids, counts)})
+        seqs = [self._grow(rid, self.num_cached(rid) + n) for rid, n in zip(rids, counts)]
+        token_ids: list[int] | Tensor | None = None if "count" in kinds else [t for part in parts for t in part]
+        if any(isinstance(part, Tensor) for part in parts):
+            token_ids = torch.cat([torch.as_tensor(part, dtype=torch.long) for part in parts])
+        meta = self.builder.build([s.row for s in seqs], [s.num_cached for s in seqs], counts, token_ids=token_ids,
+                                  pad_decodes_to=pad_decodes_to, logits_requests=logits_requests)
+        for seq, n in zip(seqs, counts):
+            seq.num_cached += n
+        return meta
