@@ -1,0 +1,62 @@
+"""The layers a model built on megacp needs, each working on this rank's share of the tokens and the weights.
+
+Attention (``ContextParallelAttention``: PCP prefill split, DCP-sharded KV decode, prefill over cached context) takes
+the step's ``AttentionMetadata`` (from ``megacp.KVSession.step`` or ``build_attention_metadata``); the Megatron-style
+tensor-parallel linears, the vocabulary-parallel embedding / LM head, RMSNorm, rotary embeddings and the MoE layer
+default to ``parallel_state``'s groups (one rank before ``initialize_model_parallel``). docs/own_model.md shows a
+model of your own built from them.
+"""
+
+from megacp.layers.cp_attention import ContextParallelAttention
+from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder, build_attention_metadata
+from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from megacp.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from megacp.layers.norm import RMSNorm
+from megacp.layers.pcp_split import pcp_split_positions
+from megacp.layers.rotary import (
+    RotaryEmbedding,
+    RotaryTables,
+    apply_rotary,
+    apply_rotary_tables,
+    compute_inv_freq,
+    rotary_cos_sin,
+    rotary_tables,
+)
+
+__all__ = [
+    "AttentionMetadata",
+    "AttentionMetadataBuilder",
+    "ColumnParallelLinear",
+    "ContextParallelAttention",
+    "MergedColumnParallelLinear",
+    "MoELayer",
+    "ParallelLMHead",
+    "QKVParallelLinear",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "RotaryTables",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "apply_rotary",
+    "apply_rotary_tables",
+    "build_attention_metadata",
+    "compute_inv_freq",
+    "pcp_split_positions",
+    "rotary_cos_sin",
+    "rotary_tables",
+]
+
+
+def __getattr__(name: str):
+    # megacp.moe's layer imports megacp.layers.linear: exported on first use so neither package needs the other
+    # fully initialised first.
+    if name == "MoELayer":
+        from megacp.moe.layer import MoELayer
+
+        return MoELayer
+    raise AttributeError(f"module 'megacp.layers' has no attribute {name!r}")
