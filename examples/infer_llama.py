@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from megacp import parallel_state as ps
 from megacp.checks import check_int, check_memory, check_real, kv_cache_bytes
 from megacp.config import ParallelConfig
-from megacp.engine import LLMEngine, check_data_parallel, check_request_fits
+from megacp.engine import LLMEngine, check_request_fits
 from megacp.kv import blocks_needed
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
@@ -121,6 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-finite-check", action="store_true",
                    help="do not check the checkpoint's weights for NaN/inf while loading (faster)")
     return p
+
+
+# The Python argument names megacp's messages use for what a flag sets, where they differ from the flag's dest.
+_ARGUMENT_OF_DEST = {"tensor_parallel_size": "tensor_model_parallel_size", "model": "model_dir"}
+
+
+def cli_message(message: str) -> str:
+    """A library message in this command line's words: every Python argument it names (``tensor_model_parallel_size``,
+    ``block_size``, ``world_size``, ...) becomes the flag that sets it, ``name=value`` becomes ``flag value``.
+
+    The first mention of a flag reads ``--long/-short``, later ones the short form. The flags come from
+    ``build_parser`` (plus torchrun's ``--nproc-per-node`` for the world size), so the mapping lives here once.
+    """
+    flags = {"world_size": ["--nproc-per-node"]}
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            flags[_ARGUMENT_OF_DEST.get(action.dest, action.dest)] = action.option_strings
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(sorted(flags, key=len, reverse=True)) +
+                         r")(?![\w-])(?:=('[^']*'|\"[^\"]*\"|[^\s,;:)]+))?")
+    seen: set[str] = set()
+
+    def flag(m: re.Match) -> str:
+        names = flags[m.group(1)]
+        text = "/".join(names) if m.group(1) not in seen else names[-1]
+        seen.add(m.group(1))
+        return text if m.group(2) is None else f"{text} {m.group(2)}"
+
+    return pattern.sub(flag, message)
 
 
 class Tokenizer:
@@ -221,10 +250,10 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     try:
         cfg = load_model_config(args.model) if args.model else build_tiny_llama_config()
     except ValueError as e:
-        raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
+        raise ValueError(str(e) if "model_dir" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
-    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size)
-    check_data_parallel(cfg, parallel.data_parallel_size)
+    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size,
+                      cfg.is_moe)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
     encode = tokenizer.encode_chat if args.chat else tokenizer.encode
@@ -285,7 +314,7 @@ def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: 
 
 def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
     return ParallelConfig(
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_model_parallel_size=args.tensor_parallel_size,
         prefill_context_parallel_size=args.prefill_context_parallel_size,
         decode_context_parallel_size=args.decode_context_parallel_size,
         data_parallel_size=args.data_parallel_size,
@@ -434,7 +463,7 @@ def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, dev
         },
         "config": {
             "model": args.model or "built-in tiny llama",
-            "tp": parallel.tensor_parallel_size,
+            "tp": parallel.tensor_model_parallel_size,
             "pcp": parallel.prefill_context_parallel_size,
             "dcp": parallel.decode_context_parallel_size,
             "dp": parallel.data_parallel_size,
@@ -484,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             args.model = None
         result, errors = run(args)
     except ValueError as e:
-        _fail(e, owns_process_group, 2)
+        _fail(ValueError(cli_message(str(e))), owns_process_group, 2)
     except (ps.CollectiveError, dist.DistError) as e:
         _fail(e, owns_process_group, 1)
     _teardown(owns_process_group)

@@ -76,23 +76,23 @@ def _hint(hint: str) -> str:
 # ------------------------------------------------------------------------------------------------ requests
 def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
                        block_size: int, cp_world_size: int) -> None:
-    """Raise ``ValueError`` (naming the flags to change) if one request could never run, even in an empty cache."""
+    """Raise ``ValueError`` (naming the arguments to change) if one request could never run, even in an empty cache."""
     if prompt_len < 1:
-        raise ValueError("every prompt needs at least one token (got an empty --prompt / --prompt-ids)")
+        raise ValueError("every prompt needs at least one token (got an empty prompt)")
     total = prompt_len + max_new_tokens
     if total > max_model_len:
         raise ValueError(
             f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
-            f"max_position_embeddings {max_model_len}; shorten the prompt or lower --max-new-tokens "
+            f"max_position_embeddings {max_model_len}; shorten the prompt or lower max_new_tokens "
             f"to {max(max_model_len - prompt_len, 0)}"
         )
     need = blocks_needed(total, block_size, cp_world_size)
     if need > num_kv_blocks:
         raise ValueError(
             f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} KV blocks of "
-            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise --num-kv-blocks to {need} "
-            f"or lower --max-new-tokens, or spread the cache over more ranks with a larger "
-            f"--prefill-context-parallel-size / --decode-context-parallel-size"
+            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise num_kv_blocks to {need} "
+            f"or lower max_new_tokens, or spread the cache over more ranks with a larger "
+            f"prefill_context_parallel_size / decode_context_parallel_size"
         )
 
 

@@ -1,20 +1,25 @@
 """Parallel configuration and every configuration check, in one place.
 
-Each ``validate_*`` function checks one concern and raises ``ValueError`` with one actionable message: it names the
-command-line flag (vLLM spelling, see DESIGN §5) and proposes a valid alternative computed from the numbers given.
-They are pure, so every rank runs them before any collective and a bad configuration fails fast everywhere.
+Each ``validate_*`` function checks one concern and raises ``ValueError`` with one actionable message that names the
+Python arguments involved (``initialize_model_parallel``'s and ``ParallelConfig``'s names, e.g.
+``tensor_model_parallel_size=3``) and proposes a valid alternative computed from the numbers given. They are pure, so
+every rank runs them before any collective and a bad configuration fails fast everywhere. ``ParallelConfig`` is the
+validated layout: constructing one runs the checks that need nothing else, ``check_world_size`` / ``check_model`` the
+ones that need the world or the model. A command line maps the argument names to its flags (``name=value`` ->
+``--flag value``; examples/infer_llama.py's ``cli_message``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TP_FLAG = "--tensor-parallel-size/-tp"
-PCP_FLAG = "--prefill-context-parallel-size/-pcp"
-DCP_FLAG = "--decode-context-parallel-size/-dcp"
-DP_FLAG = "--data-parallel-size/-dp"
-INTERLEAVE_FLAG = "--cp-kv-cache-interleave-size"
-BLOCK_SIZE_FLAG = "--block-size"
+TP = "tensor_model_parallel_size"
+PCP = "prefill_context_parallel_size"
+DCP = "decode_context_parallel_size"
+DP = "data_parallel_size"
+INTERLEAVE = "cp_kv_cache_interleave_size"
+BLOCK_SIZE = "block_size"
+WORLD_SIZE = "world_size"
 
 
 def _divisors(n: int) -> list[int]:
@@ -27,9 +32,9 @@ def _fmt(values: list[int]) -> str:
 
 def validate_sizes(tp: int = 1, pcp: int = 1, dcp: int = 1, dp: int = 1) -> None:
     """Every parallel size is an integer >= 1."""
-    for flag, value in ((TP_FLAG, tp), (PCP_FLAG, pcp), (DCP_FLAG, dcp), (DP_FLAG, dp)):
+    for name, value in ((TP, tp), (PCP, pcp), (DCP, dcp), (DP, dp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}; use {flag.split('/')[-1]} 1 to disable it")
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}; use {name}=1 to disable it")
 
 
 def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1) -> None:
@@ -38,15 +43,15 @@ def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1)
     if world_size == expected:
         return
     if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size} (the number of ranks torchrun started)")
-    fixes = [f"launch with --nproc-per-node {expected}"]
+        raise ValueError(f"{WORLD_SIZE} must be >= 1, got {world_size} (the number of ranks started)")
+    fixes = [f"launch with {WORLD_SIZE}={expected}"]
     if world_size % (dp * pcp) == 0:
-        fixes.append(f"use -tp {world_size // (dp * pcp)}")
+        fixes.append(f"use {TP}={world_size // (dp * pcp)}")
     if world_size % (dp * tp) == 0:
-        fixes.append(f"use -pcp {world_size // (dp * tp)}")
+        fixes.append(f"use {PCP}={world_size // (dp * tp)}")
     raise ValueError(
-        f"torchrun --nproc-per-node {world_size} but dp·pcp·tp = {dp}·{pcp}·{tp} = {expected}; "
-        f"{' or '.join(fixes)} (change {TP_FLAG} / {PCP_FLAG} / {DP_FLAG} so that their product is the world size)"
+        f"{WORLD_SIZE}={world_size} but dp·pcp·tp = {dp}·{pcp}·{tp} = {expected} ({DP}={dp}, {PCP}={pcp}, {TP}={tp}); "
+        f"{', or '.join(fixes)} (the product of the three sizes must be the world size)"
     )
 
 
@@ -54,24 +59,35 @@ def validate_dcp(tp: int, dcp: int) -> None:
     """DCP groups are contiguous runs inside a TP group, so ``dcp`` must divide ``tp``."""
     if tp % dcp != 0:
         raise ValueError(
-            f"{DCP_FLAG} {dcp} must divide {TP_FLAG} {tp} (DCP reuses the TP ranks); "
-            f"legal -dcp values for -tp {tp}: {_fmt(_divisors(tp))}"
+            f"{DCP}={dcp} must divide {TP}={tp} (DCP reuses the TP ranks); "
+            f"legal {DCP} values for {TP}={tp}: {_fmt(_divisors(tp))}"
         )
 
 
 def validate_kv_interleave(interleave: int, block_size: int | None = None) -> None:
     """``1 <= interleave <= block_size`` and ``block_size % interleave == 0`` (DESIGN §2)."""
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"{BLOCK_SIZE_FLAG} must be an integer >= 1, got {block_size!r}; e.g. {BLOCK_SIZE_FLAG} 16")
+        raise ValueError(f"{BLOCK_SIZE} must be an integer >= 1, got {block_size!r}; e.g. {BLOCK_SIZE}=16")
     if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
-        hint = f"legal values for {BLOCK_SIZE_FLAG} {block_size}: {_fmt(_divisors(block_size))}" if block_size else "e.g. 1"
-        raise ValueError(f"{INTERLEAVE_FLAG} must be an integer >= 1, got {interleave!r}; {hint}")
+        hint = f"legal values for {BLOCK_SIZE}={block_size}: {_fmt(_divisors(block_size))}" if block_size else "e.g. 1"
+        raise ValueError(f"{INTERLEAVE} must be an integer >= 1, got {interleave!r}; {hint}")
     if block_size is None:
         return
     if interleave > block_size or block_size % interleave != 0:
         raise ValueError(
-            f"{INTERLEAVE_FLAG} {interleave} must divide {BLOCK_SIZE_FLAG} {block_size} (1 <= interleave <= block size); "
-            f"legal values: {_fmt(_divisors(block_size))}, or raise {BLOCK_SIZE_FLAG} to a multiple of {interleave}"
+            f"{INTERLEAVE}={interleave} must divide {BLOCK_SIZE}={block_size} (1 <= interleave <= block size); "
+            f"legal values: {_fmt(_divisors(block_size))}, or raise {BLOCK_SIZE} to a multiple of {interleave}"
+        )
+
+
+def validate_moe_data_parallel(is_moe: bool, dp: int) -> None:
+    """Data-parallel replicas run independent schedules, which MoE layers cannot follow: they gather tokens over all
+    dp·pcp·tp ranks in every step, so every replica would have to step in lock-step (inference engines only)."""
+    if is_moe and dp > 1:
+        raise ValueError(
+            f"{DP}={dp} is not supported for MoE models (their expert layers gather tokens over all dp·pcp·tp ranks "
+            f"every step, and data-parallel replicas run different steps); use {DP}=1 and put the ranks into "
+            f"{TP} / {PCP} instead"
         )
 
 
@@ -112,15 +128,15 @@ def _no_dcp_note(num_heads: int, num_kv_heads: int, intermediate_size: int | Non
     """Why no ``tp`` allows ``dcp`` (called only then), the layouts that do load, and the way to shard the KV cache."""
     gqa_only = [t for t in _divisors(num_heads) if t > num_kv_heads and _gqa_ok(num_heads, num_kv_heads, t, dcp)]
     if gqa_only:
-        why = (f"-tp {_fmt(gqa_only)} would let DCP groups of {dcp} ranks share a KV head, but does not divide the "
-               f"MLP intermediate size {intermediate_size}")
+        why = (f"{TP} in ({_fmt(gqa_only)}) would let DCP groups of {dcp} ranks share a KV head, but does not "
+               f"divide the MLP intermediate size {intermediate_size}")
     else:
-        why = (f"DCP needs -tp a multiple of the {num_kv_heads} KV heads, with tp/{num_kv_heads} divisible by the "
-               f"-dcp size, that divides the {num_heads} attention heads; there is none")
-    layouts = ", ".join(f"-tp {t} -dcp {d}" for t, d in model_layouts(num_heads, num_kv_heads, intermediate_size))
+        why = (f"DCP needs {TP} to be a multiple of the {num_kv_heads} KV heads, with tp/{num_kv_heads} divisible "
+               f"by the DCP size, that divides the {num_heads} attention heads; there is none")
+    layouts = ", ".join(f"({TP}={t}, {DCP}={d})" for t, d in model_layouts(num_heads, num_kv_heads, intermediate_size))
     return (
-        f"; no layout of this model allows {DCP_FLAG} {dcp}: {why}. Layouts that load this model (with any -pcp and "
-        f"-dp): {layouts}; to shard the KV cache use {PCP_FLAG} (each rank stores 1/(pcp·dcp) of every sequence)"
+        f"; no layout of this model allows {DCP}={dcp}: {why}. Layouts that load this model (with any {PCP} and "
+        f"{DP}): {layouts}; to shard the KV cache use {PCP} (each rank stores 1/(pcp·dcp) of every sequence)"
     )
 
 
@@ -151,47 +167,36 @@ def validate_model_parallel(
             problems.append(f"the MLP intermediate size {intermediate_size} is not divisible by {tp}")
         dcp_hint = ""
         if dcp > 1:
-            dcp_hint = (f"; with -dcp {dcp}: -tp {_fmt(with_dcp)}" if with_dcp else
+            dcp_hint = (f"; with {DCP}={dcp}, legal {TP} values: {_fmt(with_dcp)}" if with_dcp else
                         _no_dcp_note(num_heads, num_kv_heads, intermediate_size, dcp))
         raise ValueError(
-            f"{TP_FLAG} {tp} does not fit {_describe(num_heads, num_kv_heads, intermediate_size)} "
-            f"({'; '.join(problems)}); legal -tp values: {_fmt(legal_tp)}{dcp_hint}"
+            f"{TP}={tp} does not fit {_describe(num_heads, num_kv_heads, intermediate_size)} "
+            f"({'; '.join(problems)}); legal {TP} values: {_fmt(legal_tp)}{dcp_hint}"
         )
     if not _layout_ok(num_heads, num_kv_heads, intermediate_size, tp, dcp):
         legal_dcp = [d for t, d in layouts if t == tp]
         if tp <= num_kv_heads:
-            why = f"with -tp {tp} <= {num_kv_heads} KV heads every TP rank holds distinct KV heads"
+            why = f"with {TP}={tp} <= {num_kv_heads} KV heads every TP rank holds distinct KV heads"
         else:
             why = f"each KV head is replicated on tp/num_kv_heads = {tp // num_kv_heads} ranks and a DCP group must share one"
-        alt = (f"; or keep -dcp {dcp} with -tp {with_dcp[0]}" if with_dcp else
+        alt = (f"; or keep {DCP}={dcp} with {TP}={with_dcp[0]}" if with_dcp else
                _no_dcp_note(num_heads, num_kv_heads, intermediate_size, dcp))
         raise ValueError(
-            f"{DCP_FLAG} {dcp} is not allowed: {why}; legal -dcp values for -tp {tp}: {_fmt(legal_dcp)}{alt}"
+            f"{DCP}={dcp} is not allowed: {why}; legal {DCP} values for {TP}={tp}: {_fmt(legal_dcp)}{alt}"
         )
-
-
-def validate_parallel_config(
-    world_size: int | None,
-    tp: int = 1,
-    pcp: int = 1,
-    dcp: int = 1,
-    dp: int = 1,
-    cp_kv_cache_interleave_size: int = 1,
-    block_size: int | None = None,
-) -> None:
-    """All process-layout checks (world size skipped when ``None``); model checks are ``validate_model_parallel``."""
-    validate_sizes(tp, pcp, dcp, dp)
-    validate_dcp(tp, dcp)
-    if world_size is not None:
-        validate_world_size(world_size, tp, pcp, dp)
-    validate_kv_interleave(cp_kv_cache_interleave_size, block_size)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """The user's parallel settings (CLI flags of examples/infer_llama.py)."""
+    """The parallel layout, validated when it is made (the arguments of ``initialize_model_parallel``).
 
-    tensor_parallel_size: int = 1
+    Construction checks everything that needs no more information (sizes, ``dcp | tp``, the KV interleave against
+    ``block_size`` when given) and raises ``ValueError``; ``check_world_size`` and ``check_model`` add the checks
+    that need the world size or the model. ``initialize_model_parallel`` builds one (``parallel_state
+    .get_parallel_config()``), ``load_model`` runs ``check_model`` on it.
+    """
+
+    tensor_model_parallel_size: int = 1
     prefill_context_parallel_size: int = 1
     decode_context_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -199,42 +204,48 @@ class ParallelConfig:
     cp_kv_cache_interleave_size: int = 1
     block_size: int | None = None
 
+    def __post_init__(self) -> None:
+        validate_sizes(self.tensor_model_parallel_size, self.prefill_context_parallel_size,
+                       self.decode_context_parallel_size, self.data_parallel_size)
+        validate_dcp(self.tensor_model_parallel_size, self.decode_context_parallel_size)
+        validate_kv_interleave(self.cp_kv_cache_interleave_size, self.block_size)
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be True or False, got {self.enable_expert_parallel!r}")
+
     @property
     def world_size(self) -> int:
-        return self.data_parallel_size * self.prefill_context_parallel_size * self.tensor_parallel_size
+        return self.data_parallel_size * self.prefill_context_parallel_size * self.tensor_model_parallel_size
 
     @property
     def cp_world_size(self) -> int:
         """Ranks sharing one sequence's KV cache: ``pcp·dcp``."""
         return self.prefill_context_parallel_size * self.decode_context_parallel_size
 
-    def validate(
-        self,
-        world_size: int | None = None,
-        num_heads: int | None = None,
-        num_kv_heads: int | None = None,
-        intermediate_size: int | None = None,
-    ) -> None:
-        """Raise ``ValueError`` on the first problem; model checks run when the head counts are given
-        (``intermediate_size``: the dense MLP's, see ``validate_model_parallel``)."""
-        validate_parallel_config(
-            world_size,
-            tp=self.tensor_parallel_size,
-            pcp=self.prefill_context_parallel_size,
-            dcp=self.decode_context_parallel_size,
-            dp=self.data_parallel_size,
-            cp_kv_cache_interleave_size=self.cp_kv_cache_interleave_size,
-            block_size=self.block_size,
-        )
+    def check_world_size(self, world_size: int) -> None:
+        """``world_size == dp·pcp·tp``."""
+        validate_world_size(world_size, self.tensor_model_parallel_size, self.prefill_context_parallel_size,
+                            self.data_parallel_size)
+
+    def check_model(self, num_heads: int, num_kv_heads: int, intermediate_size: int | None = None,
+                    is_moe: bool = False) -> None:
+        """The model's sizes against this layout (``validate_model_parallel``: heads, KV heads / GQA and DCP, the
+        dense MLP's ``intermediate_size``) and, for MoE models, ``data_parallel_size == 1``."""
+        validate_model_parallel(num_heads, num_kv_heads, self.tensor_model_parallel_size,
+                                self.decode_context_parallel_size, intermediate_size)
+        validate_moe_data_parallel(is_moe, self.data_parallel_size)
+
+    def validate(self, world_size: int | None = None, num_heads: int | None = None, num_kv_heads: int | None = None,
+                 intermediate_size: int | None = None, is_moe: bool = False) -> None:
+        """``check_world_size`` when ``world_size`` is given, ``check_model`` when the head counts are."""
+        if world_size is not None:
+            self.check_world_size(world_size)
         if num_heads is not None and num_kv_heads is not None:
-            validate_model_parallel(
-                num_heads, num_kv_heads, self.tensor_parallel_size, self.decode_context_parallel_size, intermediate_size
-            )
+            self.check_model(num_heads, num_kv_heads, intermediate_size, is_moe)
 
     def initialize_kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``parallel_state.initialize_model_parallel``."""
         return dict(
-            tensor_model_parallel_size=self.tensor_parallel_size,
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
             prefill_context_parallel_size=self.prefill_context_parallel_size,
             decode_context_parallel_size=self.decode_context_parallel_size,
             data_parallel_size=self.data_parallel_size,

@@ -40,6 +40,7 @@ from torch import Tensor
 from megacp import parallel_state as ps
 from megacp.buffers import CpuGpuBuffer
 from megacp.checks import check_bool, check_int, check_request_fits, validate_requests
+from megacp.config import validate_moe_data_parallel
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
 from megacp.kv.session import KVSession
 from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
@@ -101,16 +102,6 @@ class _Request:
         return self.prompt + self.output
 
 
-def check_data_parallel(model_config: object, dp_size: int) -> None:
-    """Data-parallel replicas run independent schedules, which MoE layers cannot follow: they gather tokens over
-    all dp·pcp·tp ranks in every step, so every replica would have to step in lock-step."""
-    if dp_size > 1 and getattr(model_config, "is_moe", False):
-        raise ValueError(
-            f"--data-parallel-size/-dp {dp_size} is not supported for MoE models (their expert layers gather tokens "
-            f"over all dp·pcp·tp ranks every step); use -dp 1 and put the ranks into -tp / -pcp instead"
-        )
-
-
 class LLMEngine:
     """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
 
@@ -136,7 +127,7 @@ class LLMEngine:
         max_num_batched_tokens = check_int("LLMEngine(max_num_batched_tokens)", max_num_batched_tokens, 1,
                                            hint="tokens per step, e.g. 512")
         max_num_seqs = check_int("LLMEngine(max_num_seqs)", max_num_seqs, 1, hint="requests run at once, e.g. 64")
-        check_data_parallel(model.config, ps.get_data_parallel_world_size())
+        validate_moe_data_parallel(getattr(model.config, "is_moe", False), ps.get_data_parallel_world_size())
         self.model = model
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_step = on_step

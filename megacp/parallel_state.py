@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from megacp.config import validate_dcp, validate_kv_interleave, validate_sizes, validate_world_size
+from megacp.config import ParallelConfig
 
 GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
 
@@ -121,9 +121,7 @@ def rank_layout(
         decode_context_parallel_size,
         data_parallel_size,
     )
-    validate_sizes(tp, pcp, dcp, dp)
-    validate_dcp(tp, dcp)
-    validate_world_size(world_size, tp, pcp, dp)
+    ParallelConfig(tp, pcp, dcp, dp).check_world_size(world_size)
 
     def rank(d: int, p: int, t: int) -> int:
         return (d * pcp + p) * tp + t
@@ -319,9 +317,7 @@ class _AllReduce(torch.autograd.Function):
 class ParallelState:
     groups: dict[str, ParallelGroup]
     world: ParallelGroup
-    decode_context_parallel_size: int
-    enable_expert_parallel: bool
-    cp_kv_cache_interleave_size: int
+    config: ParallelConfig
     owned_groups: list[dist.ProcessGroup] = field(default_factory=list)  # destroyed by destroy_model_parallel
 
 
@@ -364,7 +360,10 @@ def initialize_model_parallel(
         raise RuntimeError(
             "model parallel is already initialized; call megacp.parallel_state.destroy_model_parallel() first"
         )
-    validate_kv_interleave(cp_kv_cache_interleave_size)
+    config = ParallelConfig(  # every check that needs no world size, before torch.distributed is touched
+        tensor_model_parallel_size, prefill_context_parallel_size, decode_context_parallel_size, data_parallel_size,
+        enable_expert_parallel, cp_kv_cache_interleave_size,
+    )
     if not dist.is_initialized():
         _init_distributed_from_env(backend, timeout)
     world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -389,9 +388,7 @@ def initialize_model_parallel(
     _STATE = ParallelState(
         groups=groups,
         world=world,
-        decode_context_parallel_size=decode_context_parallel_size,
-        enable_expert_parallel=enable_expert_parallel,
-        cp_kv_cache_interleave_size=cp_kv_cache_interleave_size,
+        config=config,
         owned_groups=owned,
     )
 
@@ -494,7 +491,7 @@ def get_decode_context_parallel_world_size() -> int:
 
 def get_context_parallel_rank() -> int:
     """``cp_rank = pcp_rank·dcp + dcp_rank`` (equals the rank's position in the CP group)."""
-    return get_prefill_context_parallel_rank() * _state().decode_context_parallel_size + get_decode_context_parallel_rank()
+    return get_prefill_context_parallel_rank() * _state().config.decode_context_parallel_size + get_decode_context_parallel_rank()
 
 
 def get_context_parallel_world_size() -> int:
@@ -519,11 +516,16 @@ def get_expert_parallel_world_size() -> int:
 
 
 def expert_parallel_enabled() -> bool:
-    return _state().enable_expert_parallel
+    return _state().config.enable_expert_parallel
 
 
 def get_cp_kv_cache_interleave_size() -> int:
-    return _state().cp_kv_cache_interleave_size
+    return _state().config.cp_kv_cache_interleave_size
+
+
+def get_parallel_config() -> ParallelConfig:
+    """The validated layout ``initialize_model_parallel`` was given."""
+    return _state().config
 
 
 # ------------------------------------------------------------------------------------------------ training

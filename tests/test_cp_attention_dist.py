@@ -203,7 +203,7 @@ def test_layer_rejects_bad_inputs():
     from megacp.layers.cp_attention import ContextParallelAttention
     from megacp.layers.cp_metadata import build_attention_metadata
 
-    with pytest.raises(ValueError, match="decode-context-parallel-size|tensor-parallel-size"):
+    with pytest.raises(ValueError, match="decode_context_parallel_size|tensor_model_parallel_size"):
         ContextParallelAttention(4, 2, HEAD_DIM, 0.5, tp_size=3)
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
     bt = BlockTable(BLOCK, 2, 2)

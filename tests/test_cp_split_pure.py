@@ -90,7 +90,7 @@ def test_restore_index(pcp):
 
 
 def test_split_rejects_bad_args():
-    with pytest.raises(ValueError, match="prefill-context-parallel-size"):
+    with pytest.raises(ValueError, match="prefill_context_parallel_size"):
         pcp_split_positions(4, 2, 2)
     with pytest.raises(ValueError):
         pcp_split_positions(-1, 2, 0)

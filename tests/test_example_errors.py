@@ -270,13 +270,18 @@ def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
     assert len(lines) == 1 and needle in lines[0], err
 
 
-def test_moe_models_refuse_data_parallel():
-    """MoE layers gather tokens over every rank each step, so independently scheduled DP replicas would hang."""
-    from types import SimpleNamespace
+def test_cli_names_its_flags_for_library_arguments():
+    """Library errors name Python arguments; the CLI says the flag instead (first as --long/-short, then short),
+    ``name=value`` as ``flag value``."""
+    from examples.infer_llama import cli_message
+    from megacp.config import validate_moe_data_parallel
 
-    from megacp.engine import check_data_parallel
-
-    with pytest.raises(ValueError, match="--data-parallel-size/-dp 2 is not supported for MoE models"):
-        check_data_parallel(SimpleNamespace(is_moe=True), 2)
-    check_data_parallel(SimpleNamespace(is_moe=True), 1)
-    check_data_parallel(SimpleNamespace(is_moe=False), 4)
+    with pytest.raises(ValueError) as err:
+        validate_moe_data_parallel(True, 2)
+    assert str(err.value).startswith("data_parallel_size=2 is not supported for MoE models")
+    msg = cli_message(str(err.value))
+    assert msg.startswith("--data-parallel-size/-dp 2 is not supported for MoE models") and "use -dp 1 " in msg
+    assert cli_message("world_size=6 but ...; launch with world_size=4, or use tensor_model_parallel_size=3") == \
+        "--nproc-per-node 6 but ...; launch with --nproc-per-node 4, or use --tensor-parallel-size/-tp 3"
+    assert cli_message("model_dir='/a b/c' is not a directory; raise num_kv_blocks to 5 (block_size=16)") == \
+        "--model '/a b/c' is not a directory; raise --num-kv-blocks to 5 (--block-size 16)"

@@ -121,7 +121,7 @@ def test_layout_messages():
     from megacp.kv import cp_local_seq_lens
     from megacp.parallel_state import rank_layout
 
-    with pytest.raises(ValueError, match="world size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         rank_layout(0)
     with pytest.raises(ValueError, match=r"seq_lens must be >= 0, got -5"):
         cp_local_seq_lens(torch.tensor([3, -5]), 2, 0)

@@ -226,14 +226,14 @@ def test_block_table_rows_and_errors():
 
 @pytest.mark.parametrize("block_size,interleave", [(4, 3), (4, 8), (4, 0), (16, 5)])
 def test_block_table_rejects_bad_interleave(block_size, interleave):
-    with pytest.raises(ValueError, match="--cp-kv-cache-interleave-size=.*must divide --block-size"):
+    with pytest.raises(ValueError, match="cp_kv_cache_interleave_size"):
         BlockTable(block_size, 1, 1, cp_world_size=2, interleave_size=interleave)
 
 
 def test_block_table_rejects_bad_rank_and_sizes():
     with pytest.raises(ValueError, match="cp_rank=2"):
         BlockTable(4, 1, 1, cp_world_size=2, cp_rank=2)
-    with pytest.raises(ValueError, match="--block-size=0"):
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
         BlockTable(0, 1, 1)
     with pytest.raises(ValueError, match="cp_world_size=0"):
         BlockTable(4, 1, 1, cp_world_size=0)
@@ -314,7 +314,7 @@ def test_blocks_needed_hand_values():
 def test_allocator_all_or_nothing_and_errors():
     alloc = BlockAllocator(5)
     assert alloc.allocate(3) == [0, 1, 2] and alloc.num_free == 2
-    with pytest.raises(KVCacheFullError, match=r"asked for 3, 2 of 5 free.*--max-num-batched-tokens") as exc:
+    with pytest.raises(KVCacheFullError, match=r"asked for 3, 2 of 5 free.*max_num_batched_tokens") as exc:
         alloc.allocate(3)
     assert isinstance(exc.value, RuntimeError)
     assert alloc.num_free == 2  # nothing half-allocated

@@ -267,10 +267,6 @@ def test_tp_errors_are_clear() -> None:
     from megacp.layers.linear import QKVParallelLinear, kv_head_layout
     from megacp.parallel_state import ParallelGroup
 
-    with pytest.raises(ValueError, match="tensor-parallel-size .*multiple"):
-        kv_head_layout(num_kv_heads=3, tp_size=4, tp_rank=0)
-    with pytest.raises(ValueError, match="num_key_value_heads \\(6\\).*divisible.*\\(4\\)"):
-        kv_head_layout(num_kv_heads=6, tp_size=4, tp_rank=0)
     assert kv_head_layout(2, 8, 5) == (1, 1)
     assert kv_head_layout(8, 4, 3) == (2, 6)
 
@@ -278,8 +274,14 @@ def test_tp_errors_are_clear() -> None:
         def __init__(self, world_size: int) -> None:
             self.name, self.ranks, self.rank_in_group, self.world_size = "tp", list(range(world_size)), 0, world_size
 
-    with pytest.raises(ValueError, match="num_attention_heads \\(6\\).*divisible.*\\(4\\)"):
+    # QKV checks heads against TP with the one rule of megacp.config (DESIGN §3 GQA), naming the argument
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit a model with 6 attention heads"):
         QKVParallelLinear(16, 4, 6, 2, group=_FakeTP(4))
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit .* 3 KV heads.*legal "
+                                         r"tensor_model_parallel_size values: 1, 3"):
+        QKVParallelLinear(16, 4, 12, 3, group=_FakeTP(4))  # tp > KV heads but not a multiple of them
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit .* 6 KV heads"):
+        QKVParallelLinear(16, 4, 12, 6, group=_FakeTP(4))  # tp < KV heads but does not divide them
 
 
 def test_layers_before_initialize_model_parallel_run_as_one_rank() -> None:

@@ -83,7 +83,7 @@ def test_config_architectures_and_errors() -> None:
 def test_loader_file_errors() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         missing = os.path.join(tmp, "nope")
-        with pytest.raises(ValueError, match=f"--model '{missing}' is not a directory"):
+        with pytest.raises(ValueError, match=f"model_dir='{missing}' is not a directory"):
             load_model(missing)
         with pytest.raises(ValueError, match=r"config.json not found"):
             load_model(tmp)
@@ -263,7 +263,7 @@ def _check_load_errors(dirs: dict[str, str], tmp: str) -> list[str]:
     rank = torch.distributed.get_rank()
     with model_parallel(tensor_model_parallel_size=2, decode_context_parallel_size=2):
         # mistral has 2 KV heads: with tp=2 each rank holds its own, so dcp=2 is illegal (DESIGN §3 GQA)
-        with pytest.raises(ValueError, match="decode-context-parallel-size/-dcp 2 is not allowed"):
+        with pytest.raises(ValueError, match="decode_context_parallel_size=2 is not allowed"):
             load_model(dirs["mistral"])
         seen.append("dcp")
     with model_parallel(tensor_model_parallel_size=2):
@@ -272,7 +272,7 @@ def _check_load_errors(dirs: dict[str, str], tmp: str) -> list[str]:
         cfg = json.load(open(os.path.join(bad_heads, "config.json")))
         cfg.update(num_attention_heads=3, num_key_value_heads=1, head_dim=8)
         json.dump(cfg, open(os.path.join(bad_heads, "config.json"), "w"))
-        with pytest.raises(ValueError, match="tensor-parallel-size/-tp 2 does not fit a model with 3 attention heads"):
+        with pytest.raises(ValueError, match="tensor_model_parallel_size=2 does not fit a model with 3 attention heads"):
             load_model(bad_heads)
         seen.append("heads")
 

@@ -246,7 +246,7 @@ def test_two_ranks_match_transformers(dist_pool_2):
     runs = _runs([(2, 1, 1), (1, 2, 1)])
     _check(runs, dist_pool_2.run(_generate_all, runs, _prompts(), MAX_NEW, timeout=300))
     errors = dist_pool_2.run(_dp_error, hf_moe_models.model_dir("mixtral"))
-    assert all("--data-parallel-size 2 is not supported" in e and "-dp 1" in e for e in errors), errors
+    assert all("data_parallel_size=2 is not supported" in e and "data_parallel_size=1" in e for e in errors), errors
 
 
 @pytest.mark.slow

@@ -88,9 +88,9 @@ def test_rank_layout_design_worked_example():
 @pytest.mark.parametrize(
     "args,flag",
     [
-        ((6, 2, 2, 1, 1), "--nproc-per-node 4"),  # world 6 != 1·2·2
-        ((4, 4, 1, 3, 1), "--decode-context-parallel-size"),  # tp % dcp
-        ((4, 0, 1, 1, 1), "--tensor-parallel-size"),
+        ((6, 2, 2, 1, 1), "launch with world_size=4"),  # world 6 != 1·2·2
+        ((4, 4, 1, 3, 1), "decode_context_parallel_size=3 must divide tensor_model_parallel_size=4"),  # tp % dcp
+        ((4, 0, 1, 1, 1), "tensor_model_parallel_size must be an integer >= 1"),
     ],
 )
 def test_rank_layout_rejects_bad_sizes(args, flag):
@@ -218,7 +218,7 @@ def _check_config(sizes: dict) -> dict:
 
 def _check_configs(configs: list[dict]) -> list[dict]:
     # A bad configuration fails on every rank before any collective and leaves nothing behind.
-    with pytest.raises(ValueError, match="--nproc-per-node"):
+    with pytest.raises(ValueError, match="launch with world_size="):
         ps.initialize_model_parallel(tensor_model_parallel_size=3 * dist.get_world_size())
     assert not ps.model_parallel_is_initialized()
     return [_check_config(sizes) for sizes in configs]

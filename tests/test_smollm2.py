@@ -150,13 +150,14 @@ def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir):
     the layouts that load this model; tp 1 and tp 3 are the ones the parity tests above run."""
     import torch.distributed as dist
 
-    from examples.infer_llama import build_parser, validate
+    from examples.infer_llama import build_parser, cli_message, validate
 
     args = build_parser().parse_args(["--model", smollm2_dir, "-tp", "9", "-dcp", "3", "--prompt", PROMPTS[0]])
     with pytest.raises(ValueError) as info:
         validate(args, 9)
-    msg = str(info.value)
+    msg = cli_message(str(info.value))  # what main prints: the library's argument names as this CLI's flags
     assert not dist.is_initialized()
     assert "--tensor-parallel-size/-tp 9" in msg and "MLP intermediate size 1536 is not divisible by 9" in msg
-    assert "Layouts that load this model (with any -pcp and -dp): -tp 1 -dcp 1, -tp 3 -dcp 1;" in msg
+    assert ("Layouts that load this model (with any --prefill-context-parallel-size/-pcp and "
+            "--data-parallel-size/-dp): (-tp 1, -dcp 1), (-tp 3, -dcp 1);") in msg
     assert {t for t, *_ in LAYOUTS} == {1, 3}

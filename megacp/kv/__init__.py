@@ -2,7 +2,7 @@
 owns them for a set of requests and builds each step's metadata."""
 
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
-from megacp.kv.block_table import BlockTable, validate_kv_layout
+from megacp.kv.block_table import BlockTable
 from megacp.kv.layout import (
     cp_local_index,
     cp_local_positions,
@@ -10,6 +10,7 @@ from megacp.kv.layout import (
     cp_local_slot,
     cp_owner_rank,
     kv_capacity_tokens,
+    validate_kv_layout,
 )
 from megacp.kv.paged_cache import PagedKVCache
 

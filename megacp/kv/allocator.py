@@ -32,7 +32,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(
-                f"num_blocks={num_blocks} must be >= 1; give the KV cache more memory or a smaller --block-size"
+                f"num_blocks={num_blocks} must be >= 1; give the KV cache more memory or a smaller block_size"
             )
         self.num_blocks = num_blocks
         # A min-heap: the lowest free id always goes first, so allocation is deterministic and identical on every
@@ -54,8 +54,8 @@ class BlockAllocator:
         if n > len(self._free):
             raise KVCacheFullError(
                 f"out of KV cache blocks: asked for {n}, {len(self._free)} of {self.num_blocks} free; "
-                f"lower --max-num-batched-tokens, send fewer or shorter prompts, or give the KV cache more memory "
-                f"(a larger --decode-context-parallel-size also spreads each sequence over more ranks)"
+                f"lower max_num_batched_tokens, send fewer or shorter prompts, or give the KV cache more memory "
+                f"(a larger decode_context_parallel_size also spreads each sequence over more ranks)"
             )
         taken = [heapq.heappop(self._free) for _ in range(n)]
         for b in taken:

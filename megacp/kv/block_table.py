@@ -17,26 +17,7 @@ import torch
 from torch import LongTensor, Tensor
 
 from megacp.buffers import CpuGpuBuffer
-from megacp.kv.layout import cp_local_slot, cp_owner_rank
-
-
-def validate_kv_layout(block_size: int, cp_world_size: int = 1, cp_rank: int = 0, interleave_size: int = 1) -> None:
-    """Raise one actionable ``ValueError`` for a bad block size / CP size / interleave combination."""
-    if block_size < 1:
-        raise ValueError(f"--block-size={block_size} must be >= 1 (16 is the usual choice)")
-    if cp_world_size < 1:
-        raise ValueError(
-            f"cp_world_size={cp_world_size} must be >= 1 (it is --prefill-context-parallel-size * "
-            f"--decode-context-parallel-size)"
-        )
-    if not 0 <= cp_rank < cp_world_size:
-        raise ValueError(f"cp_rank={cp_rank} must be in [0, {cp_world_size}) for cp_world_size={cp_world_size}")
-    if not 1 <= interleave_size <= block_size or block_size % interleave_size != 0:
-        divisors = [d for d in range(1, block_size + 1) if block_size % d == 0]
-        raise ValueError(
-            f"--cp-kv-cache-interleave-size={interleave_size} must divide --block-size={block_size} "
-            f"(1 <= interleave <= block size); valid values: {divisors}"
-        )
+from megacp.kv.layout import cp_local_slot, cp_owner_rank, validate_kv_layout
 
 
 class BlockTable:
@@ -108,7 +89,7 @@ class BlockTable:
         if end > self.max_num_blocks_per_req:
             raise ValueError(
                 f"request row {req_index} would hold {end} blocks but max_num_blocks_per_req="
-                f"{self.max_num_blocks_per_req}; raise it or use a larger --block-size"
+                f"{self.max_num_blocks_per_req}; raise it or use a larger block_size"
             )
         ids = ids.cpu()  # host-side input is the norm; a device tensor is read back once, here
         if ids.numel() and int(ids.min()) < 0:

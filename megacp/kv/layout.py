@@ -24,17 +24,21 @@ from __future__ import annotations
 import torch
 from torch import LongTensor, Tensor
 
+from megacp.config import validate_kv_interleave
 
-def _check_cp(cp_world_size: int, interleave_size: int, cp_rank: int | None = None) -> None:
+
+def validate_kv_layout(block_size: int | None, cp_world_size: int = 1, cp_rank: int | None = None,
+                       interleave_size: int = 1) -> None:
+    """Raise one actionable ``ValueError`` for a bad block size / CP size / CP rank / interleave combination
+    (``block_size=None`` or ``cp_rank=None``: not checked); the interleave rule is ``config.validate_kv_interleave``."""
     if cp_world_size < 1:
         raise ValueError(
             f"cp_world_size={cp_world_size} must be >= 1 (it is prefill_context_parallel_size * "
             f"decode_context_parallel_size; use 1 for no context parallelism)"
         )
-    if interleave_size < 1:
-        raise ValueError(f"--cp-kv-cache-interleave-size={interleave_size} must be >= 1 (1 is the default)")
     if cp_rank is not None and not 0 <= cp_rank < cp_world_size:
         raise ValueError(f"cp_rank={cp_rank} must be in [0, {cp_world_size}) for cp_world_size={cp_world_size}")
+    validate_kv_interleave(interleave_size, block_size)
 
 
 def cp_owner_rank(positions: Tensor, cp_world_size: int, interleave_size: int = 1) -> LongTensor:
@@ -43,7 +47,7 @@ def cp_owner_rank(positions: Tensor, cp_world_size: int, interleave_size: int = 
     positions: [T] int (absolute token positions, >= 0) -> [T] long in [0, W).
     The block size does not matter: a virtual block holds a whole number (``B/I``) of ``W·I`` rounds.
     """
-    _check_cp(cp_world_size, interleave_size)
+    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     return (positions // interleave_size) % cp_world_size
 
@@ -54,7 +58,7 @@ def cp_local_index(positions: Tensor, block_size: int, cp_world_size: int, inter
     positions: [T] int -> [T] long. Equal to the local slot under the identity block table (block id k for
     virtual block k); meaningful on the owner rank only.
     """
-    _check_cp(cp_world_size, interleave_size)
+    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     virtual = block_size * cp_world_size
     off = positions % virtual
@@ -72,7 +76,7 @@ def cp_local_slot(
     ``block_table_row[p // (B·W)]`` -> [T] long. Whether this rank owns the token is not considered here
     (see ``cp_owner_rank``; ``BlockTable.compute_slot_mapping`` combines both).
     """
-    _check_cp(cp_world_size, interleave_size)
+    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     block_ids = torch.as_tensor(block_ids, device=positions.device).long()
     off = positions % (block_size * cp_world_size)
@@ -94,7 +98,7 @@ def cp_local_seq_lens(seq_lens: Tensor, cp_world_size: int, cp_rank: int, interl
     seq_lens: [N] int -> [N] long. ``base = (L // I // W)·I`` tokens from the full rounds of ``W·I`` tokens, plus
     this rank's part ``clamp(L − base·W − R·I, 0, I)`` of the last, partial round. Sums to ``L`` over ranks.
     """
-    _check_cp(cp_world_size, interleave_size, cp_rank)
+    validate_kv_layout(None, cp_world_size, cp_rank, interleave_size)
     seq_lens = torch.as_tensor(seq_lens).long()
     # Checked on the host only: on a device the check would cost a sync in every step.
     if seq_lens.device.type == "cpu" and seq_lens.numel() and int(seq_lens.min()) < 0:
@@ -113,7 +117,7 @@ def cp_local_positions(
     against the cached local context). The inverse of ``cp_local_index`` on this rank's tokens; the block size
     cancels out, since local indices run densely through each block.
     """
-    _check_cp(cp_world_size, interleave_size, cp_rank)
+    validate_kv_layout(None, cp_world_size, cp_rank, interleave_size)
     if seq_len < 0:
         raise ValueError(f"seq_len={seq_len} must be >= 0")
     local_len = int(cp_local_seq_lens(torch.tensor([seq_len]), cp_world_size, cp_rank, interleave_size)[0])

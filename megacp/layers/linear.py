@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacp import parallel_state
+from megacp.config import validate_model_parallel
 
 
 # --------------------------------------------------------------------------- helpers
@@ -40,7 +41,7 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
         raise ValueError(
             f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator}); "
-            f"choose --tensor-parallel-size among the divisors of {numerator}"
+            f"choose tensor_model_parallel_size among the divisors of {numerator}"
         )
     return numerator // denominator
 
@@ -292,16 +293,11 @@ def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, 
 
     tp ≤ num_kv_heads: KV heads are split evenly. tp > num_kv_heads: each rank holds one KV head, replicated on
     ``tp / num_kv_heads`` adjacent ranks (DESIGN §3 GQA), so rank r holds head ``r // (tp / num_kv_heads)``.
+    The sizes must pass ``megacp.config.validate_model_parallel`` (``QKVParallelLinear`` checks them).
     """
     if tp_size <= num_kv_heads:
-        n = divide(num_kv_heads, tp_size, "num_key_value_heads")
+        n = num_kv_heads // tp_size
         return n, tp_rank * n
-    if tp_size % num_kv_heads != 0:
-        raise ValueError(
-            f"--tensor-parallel-size ({tp_size}) larger than num_key_value_heads ({num_kv_heads}) must be a multiple "
-            f"of it so every KV head is replicated on the same number of ranks; use tp={num_kv_heads} or "
-            f"a multiple of {num_kv_heads}"
-        )
     return 1, tp_rank // (tp_size // num_kv_heads)
 
 
@@ -323,10 +319,11 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         group = resolve_tp_group(group)
         tp_size, tp_rank = group.world_size, group.rank_in_group
+        validate_model_parallel(num_heads, num_kv_heads, tp_size)  # heads vs TP, the GQA rule (DESIGN §3)
         self.head_dim = head_dim
         self.total_num_heads = num_heads
         self.total_num_kv_heads = num_kv_heads
-        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        self.num_heads = num_heads // tp_size
         self.num_kv_heads, self.kv_head_start = kv_head_layout(num_kv_heads, tp_size, tp_rank)
         local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, local_out * tp_size, bias=bias, group=group, params_dtype=params_dtype)

@@ -21,7 +21,7 @@ def pcp_split_positions(num_tokens: int, pcp_size: int, pcp_rank: int) -> LongTe
     if pcp_size < 1 or not 0 <= pcp_rank < pcp_size:
         raise ValueError(
             f"pcp_split_positions needs pcp_size >= 1 and 0 <= pcp_rank < pcp_size, got {pcp_size}, {pcp_rank} "
-            "(--prefill-context-parallel-size)"
+            "(pcp_size is prefill_context_parallel_size)"
         )
     if num_tokens < 0:
         raise ValueError(f"pcp_split_positions: num_tokens={num_tokens} must be >= 0")

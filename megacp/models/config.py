@@ -295,10 +295,10 @@ def load_model_config(model_dir: str) -> ModelConfig:
     """Read ``<model_dir>/config.json``; ValueError naming the file for a missing, unreadable or malformed one."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
-        raise ValueError(f"--model {model_dir!r} is not a directory; pass a Hugging Face checkpoint directory")
+        raise ValueError(f"model_dir={model_dir!r} is not a directory; pass a Hugging Face checkpoint directory")
     if not os.path.isfile(path):
         raise ValueError(
-            f"{path} not found: --model must be a Hugging Face checkpoint directory with config.json and *.safetensors"
+            f"{path} not found: model_dir must be a Hugging Face checkpoint directory with config.json and *.safetensors"
         )
     return model_config_from_dict(read_json(path, "the model's config"), source=path)
 

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 import torch
 
 from megacp import parallel_state
-from megacp.config import validate_model_parallel
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
 from megacp.models.llama import LlamaForCausalLM
 from megacp.moe import MoEParallelConfig
@@ -197,21 +196,9 @@ def seeded_hf_weights(model: LlamaForCausalLM, seed: int = 0) -> dict[str, torch
 def _validate_parallel(config: ModelConfig) -> None:
     if not parallel_state.model_parallel_is_initialized():
         raise ValueError("load_model needs megacp.parallel_state.initialize_model_parallel(...) to be called first")
-    validate_model_parallel(
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_decode_context_parallel_world_size(),
-        config.dense_intermediate_size,
+    parallel_state.get_parallel_config().check_model(
+        config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe
     )
-    dp = parallel_state.get_data_parallel_world_size()
-    if config.is_moe and dp > 1:
-        # The MoE layer is a collective over all dp·pcp·tp ranks, but DP replicas serve different prompts and so
-        # run different numbers of steps: they would wait on each other forever.
-        raise ValueError(
-            f"--data-parallel-size {dp} is not supported for the MoE model_type {config.model_type!r} "
-            f"(replicas would run different steps through one expert group); use -dp 1 and -tp/-pcp for more ranks"
-        )
 
 
 def load_model(
