@@ -216,6 +216,8 @@ def test_layer_rejects_bad_inputs():
         layer(q, k, k, meta, None)
     with pytest.raises(ValueError, match="expects q"):
         layer(q[:4], k[:4], k[:4], meta, cache)
+    with pytest.raises(ValueError, match="holds 2 KV heads of dim 4 on this rank, but the kv_cache was made for 1"):
+        layer(q, k, k, meta, PagedKVCache(2, BLOCK, 1, HEAD_DIM))
     with pytest.raises(ValueError, match="BlockTable"):
         build_attention_metadata([0], [3], [1], None)
 

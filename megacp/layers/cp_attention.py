@@ -123,7 +123,7 @@ class ContextParallelAttention(nn.Module):
         differentiable (the PCP all-gather's backward is a reduce-scatter). Padding rows return zeros.
         """
         self._check_layout(meta)
-        self._check_shapes(q, k, v, meta)
+        self._check_shapes(q, k, v, meta, kv_cache)
         if kv_cache is None and (meta.decode is not None or meta.context is not None):
             raise ValueError(
                 "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
@@ -243,8 +243,15 @@ class ContextParallelAttention(nn.Module):
                 f"is initialised runs as a single rank)"
             )
 
-    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
+    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata,
+                      kv_cache: PagedKVCache | None) -> None:
         T, Hq, Hkv, D = meta.num_local_tokens, self.num_local_heads, self.num_local_kv_heads, self.head_dim
+        if kv_cache is not None and (kv_cache.num_kv_heads, kv_cache.head_dim) != (Hkv, D):
+            raise ValueError(
+                f"ContextParallelAttention holds {Hkv} KV heads of dim {D} on this rank, but the kv_cache was made for "
+                f"{kv_cache.num_kv_heads} of dim {kv_cache.head_dim}; make the caches under the same "
+                f"tensor_model_parallel_size (KVSession(num_kv_heads=<the model's global count>) does)"
+            )
         if tuple(q.shape) != (T, Hq, D) or tuple(k.shape) != (T, Hkv, D) or k.shape != v.shape:
             raise ValueError(
                 f"ContextParallelAttention expects q [{T}, {Hq}, {D}] and k, v [{T}, {Hkv}, {D}] (local tokens of "
