@@ -42,7 +42,7 @@ def rank_inputs(q, k, v, T: int, pcp: int, r: int):
     ks = torch.cat([k[:lens[0]], k[:lens[1]]])
     vs = torch.cat([v[:lens[0]], v[:lens[1]]])
     dev = q.device
-    host = ([0, c, 2 * c], [0, lens[0], lens[0] + lens[1]])  # what StepMetadata hands the layer: no read-back
+    host = ([0, c, 2 * c], [0, lens[0], lens[0] + lens[1]])  # what PrefillMetadata hands the layer: no read-back
     cu_q = torch.tensor(host[0], dtype=torch.int32, device=dev)
     cu_k = torch.tensor(host[1], dtype=torch.int32, device=dev)
     return qs, ks, vs, cu_q, cu_k, host, causal_pairs(c, lens[0]) + causal_pairs(c, lens[1])

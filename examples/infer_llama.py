@@ -1,16 +1,21 @@
 """Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
 
+    torchrun --nproc-per-node 2 examples/infer_llama.py --model "$(python -m megacp.models.prepare smollm2)" -pcp 2 \
+        --prompt "The capital of France is" --chat --prompt "What is the capital of France?"
     torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
     torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
 
 ``--nproc-per-node`` must equal dp·pcp·tp (``-dp`` defaults to 1; with dp > 1 the prompts are dealt round-robin to
-the data-parallel replicas). Without ``--model`` a small seeded Llama with byte-level ids (UTF-8 bytes) is built, so
-the command runs anywhere, CPU included. Every configuration error is found on every rank before any collective and
-ends the job with exit code 2 and one message naming the flag.
+the data-parallel replicas). Without ``--model`` (or with ``--model tiny``) a small seeded Llama with byte-level ids
+(UTF-8 bytes) is built, so the command runs anywhere, CPU included; its text is noise. ``--chat`` wraps each
+``--prompt`` in the checkpoint's chat template as one user turn (what an instruction-tuned model expects). Every
+configuration error (a bad flag value, file, request or cache size) is found on every rank before generating and ends
+the job with exit code 2 and one message naming the flag or file.
 
 Test-only fault injection (used by tests/test_example_errors.py): with ``MEGACP_TEST_KILL_RANK=r`` and
 ``MEGACP_TEST_KILL_AT_STEP=s`` in the environment, world rank ``r`` exits abruptly (``os._exit(9)``) before engine
-step ``s``, to check that the other ranks do not wait forever.
+step ``s`` (or, with ``MEGACP_TEST_KILL_HOW=stop``, stops itself with SIGSTOP, a hung peer), to check that the other
+ranks do not wait forever and say which peer and group failed.
 """
 
 from __future__ import annotations
@@ -18,51 +23,103 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import warnings
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from megacp import parallel_state as ps
+from megacp.checks import check_int, check_memory, check_real, kv_cache_bytes
 from megacp.config import ParallelConfig
 from megacp.engine import LLMEngine, check_data_parallel, check_request_fits
 from megacp.kv import blocks_needed
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
-from megacp.sampling import SamplingParams
+from megacp.sampling import SEED_RANGE, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown flag or a bad value ends every rank the way every other configuration error does: one
+    ``[rank r] error: argument --flag: ...`` line and exit code 2 (``main`` prints it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(f"{message} (see --help)")
+
+
+def _int_flag(minimum: int = 1, maximum: int | None = None):
+    """argparse ``type``: an integer in range, parsed at parse time ("1e12" or "2.5" is not an integer)."""
+    def parse(text: str) -> int:
+        try:
+            value: Any = int(text)
+        except ValueError:
+            value = text
+        try:
+            return check_int("", value, minimum, maximum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "integer"
+    return parse
+
+
+def _real_flag(minimum: float, maximum: float | None = None, min_inclusive: bool = True):
+    """argparse ``type``: a finite number in range (NaN and inf are rejected here, not when they break something)."""
+    def parse(text: str) -> float:
+        try:
+            value: Any = float(text)
+        except ValueError:
+            value = text
+        try:
+            return check_real("", value, minimum, maximum, min_inclusive)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "number"
+    return parse
+
+
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0  # a week; larger values only overflow torch's timedelta handling
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: built-in tiny Llama)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--prefill-context-parallel-size", "-pcp", type=int, default=1)
-    p.add_argument("--decode-context-parallel-size", "-dcp", type=int, default=1)
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--cp-kv-cache-interleave-size", type=int, default=1, help="tokens per CP rank in a row")
-    p.add_argument("--block-size", type=int, default=16, help="KV tokens per block on each rank")
-    p.add_argument("--num-kv-blocks", type=int, default=None,
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    size = _int_flag(1)
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory, or 'tiny' (the default): the built-in seeded tiny Llama")
+    p.add_argument("--tensor-parallel-size", "-tp", type=size, default=1)
+    p.add_argument("--prefill-context-parallel-size", "-pcp", type=size, default=1)
+    p.add_argument("--decode-context-parallel-size", "-dcp", type=size, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=size, default=1)
+    p.add_argument("--cp-kv-cache-interleave-size", type=size, default=1, help="tokens per CP rank in a row")
+    p.add_argument("--block-size", type=size, default=16, help="KV tokens per block on each rank")
+    p.add_argument("--num-kv-blocks", type=size, default=None,
                    help="KV blocks per rank and layer (default: enough for all prompts at once)")
     p.add_argument("--enable-expert-parallel", action="store_true")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=size, default=512, help="tokens per engine step")
+    p.add_argument("--max-num-seqs", type=size, default=64, help="requests running at once")
+    p.add_argument("--max-new-tokens", type=size, default=32)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=_int_flag(*SEED_RANGE), default=0)
+    p.add_argument("--temperature", type=_real_flag(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_real_flag(0.0, 1.0, min_inclusive=False), default=1.0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly (default on CUDA with NCCL: replay CUDA graphs)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the checkpoint's chat template to each --prompt (one user turn, then the assistant's)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--json-out", default=None, help="rank 0 writes outputs, timings and KV numbers here")
-    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for a peer")
+    p.add_argument("--json-out", default=None,
+                   help="rank 0 writes outputs, timings and KV numbers here (checked for writability first)")
+    p.add_argument("--dist-timeout", type=_real_flag(0.0, MAX_DIST_TIMEOUT_S, min_inclusive=False), default=300.0,
+                   help="seconds a collective may wait for a peer")
+    p.add_argument("--skip-finite-check", action="store_true",
+                   help="do not check the checkpoint's weights for NaN/inf while loading (faster)")
     return p
 
 
@@ -74,9 +131,21 @@ class Tokenizer:
         self.byte_level = model_dir is None
         path = os.path.join(model_dir, "tokenizer.json") if model_dir else ""
         if model_dir and os.path.isfile(path):
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self.hf = HFTokenizer.from_file(path)
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except Exception as e:  # not installed, or a broken install
+                raise ValueError(
+                    f"--model {model_dir} has a tokenizer.json but the tokenizers package does not import ({e}); "
+                    f"pip install tokenizers, or pass token ids with --prompt-ids"
+                ) from None
+            try:
+                self.hf = HFTokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises a bare Exception for a corrupt or unsupported file
+                raise ValueError(
+                    f"{path} is not a readable tokenizer ({str(e).strip() or type(e).__name__}); re-download it, or "
+                    f"pass token ids with --prompt-ids"
+                ) from None
+        self.model_dir = model_dir
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
@@ -85,12 +154,46 @@ class Tokenizer:
             return list(text.encode("utf-8"))
         raise ValueError("--prompt needs a tokenizer.json in the --model directory; pass token ids with --prompt-ids")
 
+    def encode_chat(self, text: str) -> list[int]:
+        """``text`` as one user turn of the checkpoint's chat template, ready for the assistant's answer.
+
+        Rendered like transformers' ``apply_chat_template`` (a sandboxed jinja2 template, ``add_generation_prompt``);
+        the template writes the special tokens itself, so none are added.
+        """
+        template, special = _chat_template(self.model_dir) if self.hf is not None else (None, {})
+        if template is None:
+            raise ValueError("--chat needs a --model directory with tokenizer.json and a chat template "
+                             "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        rendered = env.from_string(template).render(
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
+        return self.hf.encode(rendered, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str | None:
         if self.hf is not None:
             return self.hf.decode(ids, skip_special_tokens=True)
         if self.byte_level:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return None
+
+
+def _chat_template(model_dir: str) -> tuple[str | None, dict[str, str]]:
+    """(chat template or None, its special-token variables) from the files ``save_pretrained`` writes."""
+    config: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    template = config.get("chat_template")
+    jinja_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    special = {k: v if isinstance(v, str) else v.get("content", "") for k, v in config.items()
+               if k in ("bos_token", "eos_token") and isinstance(v, (str, dict))}
+    return template if isinstance(template, str) else None, special
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -120,11 +223,12 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     except ValueError as e:
         raise ValueError(str(e) if "--model" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
-    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size)
     check_data_parallel(cfg, parallel.data_parallel_size)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
-    prompts = [tokenizer.encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
+    encode = tokenizer.encode_chat if args.chat else tokenizer.encode
+    prompts = [encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
     if not prompts:
         raise ValueError("no prompt given; pass --prompt TEXT or --prompt-ids 1,2,3 (both repeatable)")
     for ids in prompts:
@@ -134,12 +238,49 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     cp = parallel.cp_world_size
     per_req = [blocks_needed(len(ids) + args.max_new_tokens, args.block_size, cp) for ids in prompts]
     num_blocks = args.num_kv_blocks if args.num_kv_blocks is not None else max(sum(per_req), 1)
-    if num_blocks < 1:
-        raise ValueError(f"--num-kv-blocks={num_blocks} must be >= 1 (or leave it out to size the cache to the prompts)")
     for ids in prompts:
         check_request_fits(len(ids), args.max_new_tokens, cfg.max_position_embeddings, num_blocks, args.block_size, cp)
     _device(args.device)
     return cfg, prompts, tokenizer, num_blocks
+
+
+def _check_json_out(path: str) -> None:
+    """ValueError unless ``--json-out`` can be written (checked before the model loads, not after generating)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"--json-out {path} is a directory; pass a file name, e.g. --json-out {path}/out.json")
+    parent = os.path.dirname(path)
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"--json-out {path}: {ancestor} is not a directory; choose another path")
+    try:
+        if ancestor == parent:
+            existed = os.path.exists(path)
+            with open(path, "a"):
+                pass
+            if not existed:
+                os.remove(path)
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot create directories in {ancestor}")
+    except OSError as e:
+        raise ValueError(f"--json-out {path} is not writable ({e.strerror or e}); choose another path") from None
+
+
+def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: int, device: torch.device,
+                        dtype: torch.dtype) -> None:
+    """ValueError if this rank's KV cache cannot fit its device's memory, before the model loads."""
+    tp = args.tensor_parallel_size
+    local_kv_heads = max(cfg.num_key_value_heads // tp, 1)  # tp > KV heads: each rank keeps one replicated head
+    max_blocks = min(num_blocks, blocks_needed(cfg.max_position_embeddings, args.block_size,
+                                               args.prefill_context_parallel_size * args.decode_context_parallel_size))
+    need = kv_cache_bytes(num_blocks, args.block_size, local_kv_heads, cfg.head_dim, cfg.num_hidden_layers,
+                          dtype.itemsize, args.max_num_seqs, max_blocks)
+    check_memory(need, device, f"the KV cache ({num_blocks} blocks x {args.block_size} tokens, "
+                               f"{cfg.num_hidden_layers} layers, {str(dtype).removeprefix('torch.')})",
+                 "lower --num-kv-blocks, --block-size or --max-num-seqs, or spread the cache over more ranks "
+                 "with a larger -pcp / -dcp")
 
 
 def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
@@ -165,29 +306,37 @@ def _kill_hook(rank: int):
     kill_rank, kill_step = os.environ.get("MEGACP_TEST_KILL_RANK"), os.environ.get("MEGACP_TEST_KILL_AT_STEP")
     if kill_rank is None or kill_step is None or int(kill_rank) != rank:
         return None
+    stop = os.environ.get("MEGACP_TEST_KILL_HOW", "exit") == "stop"
 
     def on_step(step: int) -> None:
         if step == int(kill_step):
-            print(f"[rank {rank}] MEGACP_TEST_KILL_AT_STEP={step}: exiting abruptly", file=sys.stderr, flush=True)
-            os._exit(9)
+            how = "stopping (SIGSTOP)" if stop else "exiting abruptly"
+            print(f"[rank {rank}] MEGACP_TEST_KILL_AT_STEP={step}: {how}", file=sys.stderr, flush=True)
+            if stop:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:
+                os._exit(9)
 
     return on_step
 
 
-def _all_ok(ok: bool) -> bool:
-    """True when every rank reports ok (a collective: every rank must call it)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _first_error(check) -> str | None:
+    """Run ``check()`` on this rank and agree over all ranks (a collective): the first rank's ValueError message on
+    every rank, or None. For checks whose verdict can differ between ranks (memory, a file only rank 0 writes)."""
+    try:
+        check()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return ps.first_error_across_ranks(error)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Validate, initialise model parallel, load, generate. Returns the JSON dict on world rank 0, else None.
+def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+    """Validate, initialise model parallel, load, generate: (the JSON dict on world rank 0, else None; the errors of
+    requests stopped for NaN/inf logits, the same on every rank).
 
-    Raises ``ValueError`` for configuration errors (before any collective) and after a failed model load (on every
-    rank, after agreeing on the failure).
+    Raises ``ValueError`` for configuration errors (before any collective) and, on every rank after agreeing on the
+    failure, for an unwritable ``--json-out``, a cache too big for the device and a failed model load.
     """
     world_size, rank = _world()
     cfg, prompts, tokenizer, num_blocks = validate(args, world_size)
@@ -195,40 +344,66 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
     parallel = _parallel_config(args)
     ps.initialize_model_parallel(**parallel.initialize_kwargs(), timeout=timedelta(seconds=args.dist_timeout))
-    load_error = None
-    try:
-        model = load_model(args.model, dtype, device)
-    except (ValueError, OSError, KeyError) as e:
-        load_error = f"could not load --model {args.model}: {e}"
-    if not _all_ok(load_error is None):
-        raise ValueError(load_error or "another rank failed to load --model (see its message)")
+
+    def before_loading() -> None:
+        if args.json_out and rank == 0:
+            _check_json_out(args.json_out)
+        _check_cache_memory(args, cfg, num_blocks, device, dtype)
+
+    error = _first_error(before_loading)
+    if error is not None:
+        raise ValueError(error)
+    built: dict[str, Any] = {}
+
+    def load_and_build() -> None:
+        try:
+            built["model"] = load_model(args.model, dtype, device, check_finite=not args.skip_finite_check)
+        except (ValueError, OSError, KeyError) as e:
+            raise ValueError(f"could not load --model {args.model}: {e}") from None
+        built["engine"] = LLMEngine(built["model"], num_blocks, args.block_size, args.max_num_batched_tokens,
+                                    args.max_num_seqs, on_step=_kill_hook(rank),
+                                    enforce_eager=args.enforce_eager)
+
+    error = _first_error(load_and_build)
+    if error is not None:
+        raise ValueError(error)
+    engine = built["engine"]
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, len(prompts), dp_size))  # this replica's share of the prompts
-    engine = LLMEngine(model, num_blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs,
-                       on_step=_kill_hook(rank), enforce_eager=args.enforce_eager)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.ignore_eos, args.seed)
-    outs = engine.generate([prompts[i] for i in mine], sampling) if mine else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped request is reported below, once per rank
+        outs = engine.generate([prompts[i] for i in mine], sampling) if mine else []
     replica_leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_prefill_context_parallel_rank() == 0
     report = {
         "outputs": {i: o for i, o in zip(mine, outs)} if replica_leader else {},
         "stats": engine.stats,
     }
     reports: list[Any] = [None] * world_size
-    dist.all_gather_object(reports, report)
+    try:
+        dist.all_gather_object(reports, report)
+    except RuntimeError as e:
+        raise ps.collective_error("world", list(range(world_size)), rank, "all_gather_object",
+                                  timedelta(seconds=args.dist_timeout), e) from e
+    # Every rank sees every replica's outputs, so every rank reports the same stopped requests.
+    errors = [o.error for r in reports for _, o in sorted(r["outputs"].items()) if o.error]
     if rank != 0:
-        return None
-    return _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device)
+        return None, errors
+    return _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device), errors
 
 
 def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device) -> dict[str, Any]:
     by_index = {i: o for r in reports for i, o in r["outputs"].items()}
+    prompt_texts = [*args.prompt, *[None] * len(args.prompt_ids)]  # the order validate() encoded them in
     outputs = [
         {
+            "prompt": prompt_texts[i],
             "prompt_ids": prompts[i],
             "output_ids": by_index[i].output_ids,
             "text": tokenizer.decode(by_index[i].output_ids),
             "finish_reason": by_index[i].finish_reason,
+            "error": by_index[i].error,
             "ttft_s": by_index[i].ttft_s,
         }
         for i in range(len(prompts))
@@ -274,10 +449,18 @@ def _print_summary(result: dict[str, Any]) -> None:
     c, t, kv = result["config"], result["timings"], result["kv"]
     print(f"megacp: {c['model']}, world {c['world_size']} = dp {c['dp']} x pcp {c['pcp']} x tp {c['tp']}, "
           f"dcp {c['dcp']}, {c['dtype']} on {c['device']}")
+    pcp = c["pcp"]
+    if pcp > 1:
+        print(f"PCP {pcp}: each prompt is padded to a multiple of {2 * pcp} tokens and cut into {2 * pcp} chunks; "
+              f"rank r prefills chunks r and {2 * pcp - 1}-r (long prompts: per step, up to --max-num-batched-tokens)")
     for i, o in enumerate(result["outputs"]):
-        text = f" {o['text']!r}" if o["text"] is not None else ""
-        print(f"[{i}] {len(o['prompt_ids'])} prompt tokens -> {len(o['output_ids'])} new ({o['finish_reason']}):"
-              f"{text} {o['output_ids']}")
+        n = len(o["prompt_ids"])
+        split = f", ~{-(-n // (2 * pcp)) * 2} per PCP rank" if pcp > 1 else ""
+        prompt = o.get("prompt")
+        shown = f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''} " if prompt is not None else ""
+        answer = repr(o["text"]) if o["text"] is not None else str(o["output_ids"])
+        print(f"[{i}] {shown}({n} tokens{split}) -> {answer} ({len(o['output_ids'])} new, {o['finish_reason']}, "
+              f"TTFT {o['ttft_s'] * 1e3:.0f} ms)")
     print(f"TTFT mean {t['mean_ttft_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s, "
           f"{t['num_steps']} steps")
     print(f"KV: {kv['capacity_tokens']} tokens per CP group ({kv['cp_world_size']} ranks x {kv['slots_per_rank']} "
@@ -285,22 +468,25 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """CLI entry point; returns the JSON dict on world rank 0 (None elsewhere). Exit code 2 on a bad configuration.
+    """CLI entry point; returns the JSON dict on world rank 0 (None elsewhere).
+
+    Exit code 2 on a bad flag, file or configuration (found before generating); 1 when a peer rank died or timed out
+    (``--dist-timeout``) or a request was stopped because the model produced NaN/inf logits (the outputs are still
+    printed and written). Every rank prints its own one-line ``[rank r] error: ...``.
 
     Callable in-process (tests): it initialises torch.distributed only if nobody has, and tears down only what it
     set up.
     """
-    args = build_parser().parse_args(argv)
     owns_process_group = not dist.is_initialized()
     try:
-        result = run(args)
+        args = build_parser().parse_args(argv)
+        if args.model == "tiny":
+            args.model = None
+        result, errors = run(args)
     except ValueError as e:
-        _, rank = _world()
-        # One write() per message, so the ranks' lines never interleave on a shared stderr pipe.
-        sys.stderr.flush()
-        os.write(2, f"[rank {rank}] error: {e}\n".encode())
-        _teardown(owns_process_group)
-        sys.exit(2)
+        _fail(e, owns_process_group, 2)
+    except (ps.CollectiveError, dist.DistError) as e:
+        _fail(e, owns_process_group, 1)
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
@@ -308,7 +494,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=1)
         _print_summary(result)
+    if errors:
+        more = f" (and {len(errors) - 1} more stopped requests, see the outputs)" if len(errors) > 1 else ""
+        _fail(RuntimeError(errors[0] + more), False, 1)
     return result
+
+
+def _fail(e: BaseException, owns_process_group: bool, code: int) -> NoReturn:
+    _, rank = _world()
+    # One write() per message, so the ranks' lines never interleave on a shared stderr pipe.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, f"[rank {rank}] error: {e}\n".encode())
+    _teardown(owns_process_group)
+    sys.exit(code)
 
 
 def _teardown(owns_process_group: bool) -> None:

@@ -37,6 +37,8 @@ def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1)
     expected = dp * pcp * tp
     if world_size == expected:
         return
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size} (the number of ranks torchrun started)")
     fixes = [f"launch with --nproc-per-node {expected}"]
     if world_size % (dp * pcp) == 0:
         fixes.append(f"use -tp {world_size // (dp * pcp)}")
@@ -81,33 +83,88 @@ def _gqa_ok(num_heads: int, num_kv_heads: int, tp: int, dcp: int) -> bool:
     return num_kv_heads % tp == 0 and dcp == 1
 
 
-def validate_model_parallel(num_heads: int, num_kv_heads: int, tp: int, dcp: int = 1) -> None:
-    """Attention heads vs TP/DCP (DESIGN §3 "GQA").
+def _layout_ok(num_heads: int, num_kv_heads: int, intermediate_size: int | None, tp: int, dcp: int) -> bool:
+    return _gqa_ok(num_heads, num_kv_heads, tp, dcp) and (intermediate_size is None or intermediate_size % tp == 0)
+
+
+def model_layouts(num_heads: int, num_kv_heads: int, intermediate_size: int | None = None) -> list[tuple[int, int]]:
+    """Every ``(tp, dcp)`` under which a model with these sizes loads, for any ``pcp`` and ``dp``; sorted.
+
+    The rules, all at once: ``tp`` divides the attention heads; it divides the KV heads (then ``dcp = 1``) or is a
+    multiple of them with ``dcp | tp / num_kv_heads`` (DESIGN §3 GQA); it divides the dense MLP's
+    ``intermediate_size`` (None: the model has no dense MLP layer; MoE experts split unevenly, so they add no rule).
+    The vocabulary adds none either: it is padded to a multiple of ``tp``.
+    """
+    return [
+        (t, d)
+        for t in _divisors(num_heads)
+        for d in _divisors(t)
+        if _layout_ok(num_heads, num_kv_heads, intermediate_size, t, d)
+    ]
+
+
+def _describe(num_heads: int, num_kv_heads: int, intermediate_size: int | None) -> str:
+    mlp = f" and MLP intermediate size {intermediate_size}" if intermediate_size is not None else ""
+    return f"a model with {num_heads} attention heads, {num_kv_heads} KV heads{mlp}"
+
+
+def _no_dcp_note(num_heads: int, num_kv_heads: int, intermediate_size: int | None, dcp: int) -> str:
+    """Why no ``tp`` allows ``dcp`` (called only then), the layouts that do load, and the way to shard the KV cache."""
+    gqa_only = [t for t in _divisors(num_heads) if t > num_kv_heads and _gqa_ok(num_heads, num_kv_heads, t, dcp)]
+    if gqa_only:
+        why = (f"-tp {_fmt(gqa_only)} would let DCP groups of {dcp} ranks share a KV head, but does not divide the "
+               f"MLP intermediate size {intermediate_size}")
+    else:
+        why = (f"DCP needs -tp a multiple of the {num_kv_heads} KV heads, with tp/{num_kv_heads} divisible by the "
+               f"-dcp size, that divides the {num_heads} attention heads; there is none")
+    layouts = ", ".join(f"-tp {t} -dcp {d}" for t, d in model_layouts(num_heads, num_kv_heads, intermediate_size))
+    return (
+        f"; no layout of this model allows {DCP_FLAG} {dcp}: {why}. Layouts that load this model (with any -pcp and "
+        f"-dp): {layouts}; to shard the KV cache use {PCP_FLAG} (each rank stores 1/(pcp·dcp) of every sequence)"
+    )
+
+
+def validate_model_parallel(
+    num_heads: int, num_kv_heads: int, tp: int, dcp: int = 1, intermediate_size: int | None = None
+) -> None:
+    """Model sizes vs TP/DCP: every rule of ``model_layouts`` at once, so a suggestion never fails later.
 
     ``num_heads % tp == 0``. With ``tp > num_kv_heads`` each KV head is replicated on ``tp / num_kv_heads`` adjacent
     TP ranks and a DCP group must hold one KV head, so ``tp % num_kv_heads == 0`` and ``dcp | tp / num_kv_heads``;
-    with ``tp <= num_kv_heads`` the KV heads are split, so ``num_kv_heads % tp == 0`` and ``dcp == 1``.
+    with ``tp <= num_kv_heads`` the KV heads are split, so ``num_kv_heads % tp == 0`` and ``dcp == 1`` (DESIGN §3).
+    ``intermediate_size`` (the dense MLP's, None when every layer is MoE) must be divisible by ``tp``. Every value
+    the message proposes satisfies all of them. Pure: runs on every rank before any collective.
     """
     if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(
             f"model has {num_heads} attention heads and {num_kv_heads} KV heads; num_attention_heads must be a "
             f"multiple of num_key_value_heads (check the checkpoint's config.json)"
         )
-    legal_tp = [t for t in _divisors(num_heads) if _gqa_ok(num_heads, num_kv_heads, t, 1)]
-    if not _gqa_ok(num_heads, num_kv_heads, tp, 1):
+    layouts = model_layouts(num_heads, num_kv_heads, intermediate_size)
+    legal_tp = sorted({t for t, _ in layouts})
+    with_dcp = [t for t, d in layouts if d == dcp]
+    if not _layout_ok(num_heads, num_kv_heads, intermediate_size, tp, 1):
+        problems = []
+        if num_heads % tp or not _gqa_ok(num_heads, num_kv_heads, tp, 1):
+            problems.append("tp must divide the attention heads, and divide or be a multiple of the KV heads")
+        if intermediate_size is not None and intermediate_size % tp:
+            problems.append(f"the MLP intermediate size {intermediate_size} is not divisible by {tp}")
+        dcp_hint = ""
+        if dcp > 1:
+            dcp_hint = (f"; with -dcp {dcp}: -tp {_fmt(with_dcp)}" if with_dcp else
+                        _no_dcp_note(num_heads, num_kv_heads, intermediate_size, dcp))
         raise ValueError(
-            f"{TP_FLAG} {tp} does not fit a model with {num_heads} attention heads and {num_kv_heads} KV heads "
-            f"(tp must divide the attention heads, and divide or be a multiple of the KV heads); "
-            f"legal -tp values: {_fmt(legal_tp)}"
+            f"{TP_FLAG} {tp} does not fit {_describe(num_heads, num_kv_heads, intermediate_size)} "
+            f"({'; '.join(problems)}); legal -tp values: {_fmt(legal_tp)}{dcp_hint}"
         )
-    if not _gqa_ok(num_heads, num_kv_heads, tp, dcp):
-        legal_dcp = [d for d in _divisors(tp) if _gqa_ok(num_heads, num_kv_heads, tp, d)]
+    if not _layout_ok(num_heads, num_kv_heads, intermediate_size, tp, dcp):
+        legal_dcp = [d for t, d in layouts if t == tp]
         if tp <= num_kv_heads:
             why = f"with -tp {tp} <= {num_kv_heads} KV heads every TP rank holds distinct KV heads"
         else:
             why = f"each KV head is replicated on tp/num_kv_heads = {tp // num_kv_heads} ranks and a DCP group must share one"
-        bigger_tp = [t for t in legal_tp if t > num_kv_heads and (t // num_kv_heads) % dcp == 0]
-        alt = f"; or keep -dcp {dcp} with -tp {bigger_tp[0]}" if bigger_tp else ""
+        alt = (f"; or keep -dcp {dcp} with -tp {with_dcp[0]}" if with_dcp else
+               _no_dcp_note(num_heads, num_kv_heads, intermediate_size, dcp))
         raise ValueError(
             f"{DCP_FLAG} {dcp} is not allowed: {why}; legal -dcp values for -tp {tp}: {_fmt(legal_dcp)}{alt}"
         )
@@ -151,8 +208,15 @@ class ParallelConfig:
         """Ranks sharing one sequence's KV cache: ``pcp·dcp``."""
         return self.prefill_context_parallel_size * self.decode_context_parallel_size
 
-    def validate(self, world_size: int | None = None, num_heads: int | None = None, num_kv_heads: int | None = None) -> None:
-        """Raise ``ValueError`` on the first problem; model checks run when the head counts are given."""
+    def validate(
+        self,
+        world_size: int | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+    ) -> None:
+        """Raise ``ValueError`` on the first problem; model checks run when the head counts are given
+        (``intermediate_size``: the dense MLP's, see ``validate_model_parallel``)."""
         validate_parallel_config(
             world_size,
             tp=self.tensor_parallel_size,
@@ -163,7 +227,9 @@ class ParallelConfig:
             block_size=self.block_size,
         )
         if num_heads is not None and num_kv_heads is not None:
-            validate_model_parallel(num_heads, num_kv_heads, self.tensor_parallel_size, self.decode_context_parallel_size)
+            validate_model_parallel(
+                num_heads, num_kv_heads, self.tensor_parallel_size, self.decode_context_parallel_size, intermediate_size
+            )
 
     def initialize_kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``parallel_state.initialize_model_parallel``."""

@@ -12,7 +12,7 @@ time. A CUDA graph records them once and replays them with one launch. What make
   sequence (``seq_lens_host=None``), and nothing reads a device value back.
 
 Captured: block-table row gather → embedding → every layer (the DCP query all-gather and the CP merge all-gather
-included, on NCCL) → final norm → logits (TP all-gather) → greedy argmax. Sampling with temperature runs eagerly on
+included, on NCCL) → final norm → logits (TP all-gather) → greedy ``sample`` (argmax, NaN/inf rows flagged). Sampling with temperature runs eagerly on
 the replay's logits. Prefill and mixed steps always run eagerly. Collectives must be NCCL: gloo (CPU, or several
 ranks sharing a GPU in tests) goes through the host and cannot be captured, so ``graph_support`` says no and the
 engine runs eagerly; so do MoE models, whose expert all-to-all sizes depend on the routing.
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder
+from megacp.sampling import sample
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -86,7 +87,7 @@ class DecodeGraphRunner:
         meta.decode.gather_block_table()
         hidden = self.model(meta.input_ids, meta, self.kv_caches)
         logits = self.model.compute_logits(meta.select_logits_hidden(hidden)).float()
-        return logits, logits.argmax(dim=-1)
+        return logits, sample(logits, 0.0, 1.0, None)  # greedy, NaN/inf rows flagged (no generator: capturable)
 
     @torch.inference_mode()
     def capture(self) -> None:

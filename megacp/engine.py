@@ -14,6 +14,12 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
    the broadcast makes divergence impossible rather than unlikely.
 4. **Finish**: a request stops at ``max_new_tokens`` or at an EOS id (unless ``ignore_eos``) and frees its blocks.
+   A request whose logits hold NaN/inf stops with ``finish_reason="error"`` and a warning: ``sample`` marks its row
+   with ``NONFINITE_TOKEN`` on the device, so the flag rides in the step's one read-back of the ids, and the
+   broadcast makes the verdict the same on every rank.
+
+``generate`` first runs ``validate_requests`` (pure: token ids, lengths, sampling), so a bad request raises
+``ValueError`` on every rank before any collective and the engine stays usable.
 
 Data parallelism is the caller's business: give each DP replica its own share of the prompts (see
 examples/infer_llama.py).
@@ -22,19 +28,21 @@ examples/infer_llama.py).
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from megacp import parallel_state as ps
+from megacp.checks import check_bool, check_int, check_memory, check_request_fits, kv_cache_bytes, validate_requests
 from megacp.kv import BlockAllocator, BlockTable, PagedKVCache, blocks_needed, cp_local_seq_lens, kv_capacity_tokens
 from megacp.buffers import CpuGpuBuffer
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
 from megacp.layers.cp_metadata import AttentionMetadataBuilder
-from megacp.sampling import SamplingParams, sample
+from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
 
 
 @dataclass
@@ -43,9 +51,10 @@ class RequestOutput:
 
     prompt_ids: list[int]
     output_ids: list[int]
-    finish_reason: str  # "length" or "eos"
+    finish_reason: str  # "length", "eos" or "error" (see ``error``)
     ttft_s: float
     prompt_logits: Tensor | None = None
+    error: str | None = None  # why a request with finish_reason "error" stopped (NaN/inf logits)
 
 
 @dataclass
@@ -88,6 +97,7 @@ class _Request:
     ttft_s: float = 0.0
     prompt_logits: Tensor | None = None
     finish_reason: str = ""
+    error: str | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -96,28 +106,6 @@ class _Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt)
-
-
-def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
-                       block_size: int, cp_world_size: int) -> None:
-    """Raise ``ValueError`` (naming the flags to change) if one request could never run, even in an empty cache."""
-    if prompt_len < 1:
-        raise ValueError("every prompt needs at least one token (got an empty --prompt / --prompt-ids)")
-    total = prompt_len + max_new_tokens
-    if total > max_model_len:
-        raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
-            f"max_position_embeddings {max_model_len}; shorten the prompt or lower --max-new-tokens "
-            f"to {max(max_model_len - prompt_len, 0)}"
-        )
-    need = blocks_needed(total, block_size, cp_world_size)
-    if need > num_kv_blocks:
-        raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} KV blocks of "
-            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise --num-kv-blocks to {need} "
-            f"or lower --max-new-tokens, or spread the cache over more ranks with a larger "
-            f"--prefill-context-parallel-size / --decode-context-parallel-size"
-        )
 
 
 def check_data_parallel(model_config: object, dp_size: int) -> None:
@@ -149,10 +137,11 @@ class LLMEngine:
         on_step: Callable[[int], None] | None = None,
         enforce_eager: bool = False,
     ) -> None:
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"--max-num-batched-tokens={max_num_batched_tokens} must be >= 1 (e.g. 512)")
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs} must be >= 1 (requests run at once, e.g. 64)")
+        num_kv_blocks = check_int("LLMEngine(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
+        block_size = check_int("LLMEngine(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
+        max_num_batched_tokens = check_int("LLMEngine(max_num_batched_tokens)", max_num_batched_tokens, 1,
+                                           hint="tokens per step, e.g. 512")
+        max_num_seqs = check_int("LLMEngine(max_num_seqs)", max_num_seqs, 1, hint="requests run at once, e.g. 64")
         check_data_parallel(model.config, ps.get_data_parallel_world_size())
         self.model = model
         self.block_size = block_size
@@ -167,6 +156,15 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_kv_blocks)
         self.max_model_len = int(model.config.max_position_embeddings)
         max_blocks = min(num_kv_blocks, blocks_needed(self.max_model_len, block_size, self.cp_world_size))
+        # Checked against this rank's device memory before allocating: a huge num_kv_blocks or block_size is a clear
+        # "needs N GiB" here rather than a MemoryError or an allocator failure.
+        check_memory(
+            kv_cache_bytes(num_kv_blocks, block_size, model.num_local_kv_heads, model.head_dim,
+                           model.config.num_hidden_layers, self.dtype.itemsize, max_num_seqs, max_blocks),
+            self.device, "the KV cache (LLMEngine num_kv_blocks x block_size, all layers)",
+            "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
+        )
+        self._cp_group = ps.get_cp_group()  # generate checks the model-parallel state is still this one
         self.block_table = BlockTable(
             block_size, max_num_seqs, max_blocks, self.cp_world_size, self.cp_rank, self.interleave_size, self.device
         )
@@ -185,6 +183,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._free_rows = list(range(max_num_seqs))
         self.stats = EngineStats()
+        self._nonfinite_weight: str | None = None  # found by _stop_nonfinite, per generate ("" = none on this rank)
 
     # ------------------------------------------------------------------ admission
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -285,9 +284,9 @@ class LLMEngine:
         self, prompt_ids: list[list[int]], sampling: SamplingParams, return_prompt_logits: bool = False
     ) -> list[RequestOutput]:
         """Run all prompts to completion; outputs in the order of ``prompt_ids``. Updates ``self.stats``."""
-        for ids in prompt_ids:
-            self.check_fits(len(ids), sampling.max_new_tokens)
-        reqs = [_Request(i, [int(t) for t in ids]) for i, ids in enumerate(prompt_ids)]
+        prompts = self.validate_requests(prompt_ids, sampling, return_prompt_logits)
+        self._nonfinite_weight = None
+        reqs = [_Request(i, ids) for i, ids in enumerate(prompts)]
         waiting, running = deque(reqs), []
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stats = EngineStats(
@@ -305,7 +304,7 @@ class LLMEngine:
                 if self.on_step is not None:
                     self.on_step(stats.num_steps)
                 sched = self._schedule(waiting, running, sampling.max_new_tokens)
-                if not sched:  # cannot happen after check_fits: an empty cache fits any single request
+                if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
                     raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
                 stats.peak_tokens_stored = max(stats.peak_tokens_stored, self._tokens_stored(running, sched))
                 t0 = time.perf_counter()
@@ -319,6 +318,10 @@ class LLMEngine:
                 for r, n in sched:
                     r.num_computed += n
                 for j, ((r, _), tok) in enumerate(zip(finishing, tokens)):
+                    if tok == NONFINITE_TOKEN:  # the same on every rank: the ids were broadcast from one rank
+                        self._stop_nonfinite(r, stats.num_steps - 1)
+                        running.remove(r)
+                        continue
                     if not r.output:
                         r.ttft_s = now - start
                         if return_prompt_logits:
@@ -338,7 +341,49 @@ class LLMEngine:
         stats.total_time_s = time.perf_counter() - start
         stats.ttft_s = [r.ttft_s for r in reqs]
         self.stats = stats
-        return [RequestOutput(r.prompt, r.output, r.finish_reason, r.ttft_s, r.prompt_logits) for r in reqs]
+        return [RequestOutput(r.prompt, r.output, r.finish_reason, r.ttft_s, r.prompt_logits, r.error) for r in reqs]
+
+    def validate_requests(self, prompt_ids: Any, sampling: SamplingParams, return_prompt_logits: bool = False
+                          ) -> list[list[int]]:
+        """Every check of a ``generate`` call, run before anything else: the prompts as ``list[list[int]]``.
+
+        Pure given the engine's configuration, so every rank reaches the same verdict from the same arguments and a
+        rejected request (``ValueError``: a token id outside the vocabulary, a non-integer id, an empty prompt, a
+        prompt that cannot fit the cache or the model's positions, a bad ``sampling``) leaves the ranks in step and the
+        engine usable.
+        """
+        if not ps.model_parallel_is_initialized() or ps.get_cp_group() is not self._cp_group:
+            raise RuntimeError(
+                "LLMEngine.generate: the model-parallel state this engine was built on has been destroyed "
+                "(destroy_model_parallel); after initialize_model_parallel(...) load the model and build a new LLMEngine"
+            )
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(
+                f"generate(sampling) must be a megacp.sampling.SamplingParams, got {type(sampling).__name__}"
+            )
+        check_bool("generate(return_prompt_logits)", return_prompt_logits)
+        return validate_requests(
+            prompt_ids, sampling.max_new_tokens, vocab_size=int(self.model.config.vocab_size),
+            max_model_len=self.max_model_len, num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+            cp_world_size=self.cp_world_size,
+        )
+
+    def _stop_nonfinite(self, req: _Request, step: int) -> None:
+        """Stop a request whose logits were NaN/inf: free it, record why, warn (on every rank: the verdict came with
+        the broadcast ids)."""
+        if self._nonfinite_weight is None:  # one scan per generate call, and only once something went wrong
+            self._nonfinite_weight = next(
+                (n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), "")
+        bad = self._nonfinite_weight
+        where = f"; this rank's first non-finite weight is {bad}" if bad else ""
+        req.finish_reason = "error"
+        req.error = (
+            f"request {req.index}: the model produced NaN/inf logits at step {step} (after {len(req.output)} "
+            f"generated tokens), so the request was stopped{where}; check the checkpoint for non-finite weights "
+            f"(load_model checks them unless check_finite=False / --skip-finite-check) or use a wider dtype"
+        )
+        warnings.warn(req.error, RuntimeWarning, stacklevel=3)
+        self._release(req)
 
     def _tokens_stored(self, running: list[_Request], sched: list[tuple[_Request, int]]) -> int:
         """Tokens this rank holds once the step ran: its CP share of every running request's cached length."""

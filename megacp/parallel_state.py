@@ -19,6 +19,7 @@ gradient must be summed over after ``backward``, and ``allreduce_grads(model)`` 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -71,6 +72,38 @@ def run_collective(collective, tensors: tuple[torch.Tensor, ...], stage: bool, *
     tensors[0].copy_(host[0])
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed because a peer died or did not join it within the group's timeout.
+
+    The message names the group, its ranks, the peer (when the group has one other rank) and the timeout to raise.
+    """
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A transport failure (dead or stuck peer) rather than a usage error of the collective (wrong shapes, ...)."""
+    if isinstance(e, dist.DistError):
+        return True
+    msg = str(e)
+    return any(s in msg for s in ("gloo", "Timed out", "timed out", "Connection", "connection", "NCCL", "Broken pipe"))
+
+
+def collective_error(group_name: str, ranks: list[int], rank: int, op: str, timeout: timedelta | None,
+                     e: BaseException) -> CollectiveError:
+    """The ``CollectiveError`` for ``op`` on a group that failed with ``e``, seen from world rank ``rank``."""
+    others = [r for r in ranks if r != rank]
+    peer = f"peer rank {others[0]}" if len(others) == 1 else f"one of the peer ranks {others}"
+    limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the default timeout"
+    # gloo's text: "[.../pair.cc:537] Read error [ip]:port: Connection reset by peer. This is typically ..."
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first_line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line).split(". ")[0]
+    return CollectiveError(
+        f"{op} on the {group_name} group (ranks {ranks}) failed on rank {rank}: {peer} died or did not join within "
+        f"{limit} ({first_line}); check that rank's own error first. If it is only slow (a long model load, a "
+        f"stopped process), raise the timeout: --dist-timeout SECONDS in examples/infer_llama.py, "
+        f"initialize_model_parallel(timeout=...) in the API"
+    )
+
+
 def rank_layout(
     world_size: int,
     tensor_model_parallel_size: int = 1,
@@ -118,21 +151,33 @@ class ParallelGroup:
     ``all_gather``, ``reduce_scatter`` and ``all_reduce`` are differentiable when the input requires grad.
     """
 
-    def __init__(self, name: str, ranks: list[int], device_group: dist.ProcessGroup | None, rank: int):
+    def __init__(self, name: str, ranks: list[int], device_group: dist.ProcessGroup | None, rank: int,
+                 timeout: timedelta | None = None):
         self.name = name
         self.ranks = list(ranks)
+        self.rank = rank
         self.rank_in_group = self.ranks.index(rank)
         self.world_size = len(self.ranks)
         self.device_group = device_group
         self.backend = dist.get_backend(device_group) if device_group is not None else None
+        self.timeout = timeout  # only for error messages: the process group enforces it
 
     def __repr__(self) -> str:
         return f"ParallelGroup({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
 
     def _collective(self, collective, *tensors: torch.Tensor, **kwargs) -> None:
-        """Every collective goes through here: result in ``tensors[0]``; gloo + CUDA is staged through the host."""
+        """Every collective goes through here: result in ``tensors[0]``; gloo + CUDA is staged through the host.
+
+        A dead or stuck peer raises ``CollectiveError`` naming this group, the peer and the timeout.
+        """
         stage = stages_through_host(self.backend, tensors[0].device)
-        run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
+        try:
+            run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
+        except RuntimeError as e:
+            if not _is_peer_failure(e):
+                raise
+            op = getattr(collective, "__name__", "collective")
+            raise collective_error(self.name, self.ranks, self.rank, op, self.timeout, e) from e
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return x.requires_grad and torch.is_grad_enabled()
@@ -193,7 +238,27 @@ class ParallelGroup:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier(group=self.device_group)
+            try:
+                dist.barrier(group=self.device_group)
+            except RuntimeError as e:
+                if not _is_peer_failure(e):
+                    raise
+                raise collective_error(self.name, self.ranks, self.rank, "barrier", self.timeout, e) from e
+
+    def first_error(self, error: str | None) -> str | None:
+        """Collective: each rank passes its own error message (None if fine); every rank gets back the first one in
+        group order, or None. Lets a check that can fail on some ranks only (a shard with NaN weights, a rank short
+        of memory) fail on all of them with the same message instead of leaving the others waiting."""
+        if self.world_size == 1:
+            return error
+        gathered: list[str | None] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, error, group=self.device_group)
+        except RuntimeError as e:
+            if not _is_peer_failure(e):
+                raise
+            raise collective_error(self.name, self.ranks, self.rank, "all_gather_object", self.timeout, e) from e
+        return next((g for g in gathered if g is not None), None)
 
     # Flat collectives: gloo only has the flat tensor versions, so move `dim` to the front and back.
     def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -319,8 +384,8 @@ def initialize_model_parallel(
                 if rank in ranks:
                     owned.append(pg)
             if rank in ranks:
-                groups[name] = ParallelGroup(name, ranks, pg, rank)
-    world = ParallelGroup("world", list(range(world_size)), dist.group.WORLD, rank)
+                groups[name] = ParallelGroup(name, ranks, pg, rank, timeout)
+    world = ParallelGroup("world", list(range(world_size)), dist.group.WORLD, rank, timeout)
     _STATE = ParallelState(
         groups=groups,
         world=world,
@@ -370,6 +435,11 @@ def _state() -> ParallelState:
 # ------------------------------------------------------------------------------------------------ getters
 def get_world_group() -> ParallelGroup:
     return _state().world
+
+
+def first_error_across_ranks(error: str | None) -> str | None:
+    """``get_world_group().first_error(error)``: the first rank's error message on every rank, or None."""
+    return get_world_group().first_error(error)
 
 
 def get_tp_group() -> ParallelGroup:

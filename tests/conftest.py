@@ -49,6 +49,11 @@ def dist_pool_2() -> Iterator[DistPool]:
 
 
 @pytest.fixture(scope="session")
+def dist_pool_3() -> Iterator[DistPool]:
+    yield from _pool(3)
+
+
+@pytest.fixture(scope="session")
 def dist_pool_4() -> Iterator[DistPool]:
     yield from _pool(4)
 
@@ -56,3 +61,15 @@ def dist_pool_4() -> Iterator[DistPool]:
 @pytest.fixture(scope="session")
 def dist_pool_8() -> Iterator[DistPool]:
     yield from _pool(8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face checkpoint directory (``python -m megacp.models.prepare smollm2``):
+    converted once into the user cache (``$MEGACP_CACHE``, default ``~/.cache/megacp``), reused afterwards."""
+    from megacp.models.prepare import prepare
+
+    try:
+        return prepare("smollm2")
+    except ImportError as e:  # scripts/venv.sh installs it; elsewhere the real-weight tests are skipped
+        pytest.skip(f"the packaged SmolLM2 is not available: {e}")

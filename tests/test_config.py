@@ -8,6 +8,7 @@ import pytest
 
 from megacp.config import (
     ParallelConfig,
+    model_layouts,
     validate_dcp,
     validate_kv_interleave,
     validate_model_parallel,
@@ -145,6 +146,93 @@ def test_model_parallel_examples():
     assert "num_key_value_heads" in _error(validate_model_parallel, 32, 6, tp=2)
     validate_model_parallel(32, 8, tp=16, dcp=2)
     validate_model_parallel(32, 8, tp=8, dcp=1)
+
+
+def _layout_reference(num_heads: int, num_kv_heads: int, intermediate: int | None, tp: int, dcp: int) -> bool:
+    """Every rule a layout must pass to load (GQA + the dense MLP split), independently of megacp.config."""
+    return _gqa_reference(num_heads, num_kv_heads, tp, dcp) and (intermediate is None or intermediate % tp == 0)
+
+
+def _suggestions(msg: str) -> list[tuple[int, int]]:
+    """Every (tp, dcp) a message proposes, whatever sentence it is in."""
+    found = []
+    m = re.search(r"legal -tp values: ([0-9, ]+)", msg)
+    found += [(int(t), 1) for t in m.group(1).replace(" ", "").strip(",").split(",")] if m else []
+    for d, ts in re.findall(r"with -dcp (\d+): -tp ([0-9, ]+)", msg):
+        found += [(int(t), int(d)) for t in ts.replace(" ", "").strip(",").split(",")]
+    found += [(int(t), int(d)) for d, t in re.findall(r"keep -dcp (\d+) with -tp (\d+)", msg)]
+    m = re.search(r"legal -dcp values for -tp (\d+): ([0-9, ]+)", msg)
+    found += [(int(m.group(1)), int(d)) for d in m.group(2).replace(" ", "").strip(",").split(",")] if m else []
+    found += [(int(t), int(d)) for t, d in re.findall(r"(?<![\w/-])-tp (\d+) -dcp (\d+)", msg)]
+    return found
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,intermediate", [
+    (9, 3, 1536), (32, 8, 1000), (12, 2, 18), (16, 1, 24), (6, 3, None), (32, 8, 14336),
+])
+def test_layout_hint_proposes_only_layouts_that_load(num_heads, num_kv_heads, intermediate):
+    """With the MLP size in play too, every tp/dcp a rejection proposes passes every rule, and the full list of
+    layouts is exactly the reference's."""
+    layouts = [(t, d) for t in range(1, num_heads + 1) for d in range(1, t + 1)
+               if t % d == 0 and _layout_reference(num_heads, num_kv_heads, intermediate, t, d)]
+    assert model_layouts(num_heads, num_kv_heads, intermediate) == layouts
+    for tp in range(1, 2 * num_heads + 1):
+        for dcp in [d for d in range(1, tp + 1) if tp % d == 0]:
+            if _layout_reference(num_heads, num_kv_heads, intermediate, tp, dcp):
+                validate_model_parallel(num_heads, num_kv_heads, tp, dcp, intermediate)
+                continue
+            msg = _error(validate_model_parallel, num_heads, num_kv_heads, tp, dcp, intermediate)
+            proposed = _suggestions(msg)
+            assert proposed, msg
+            assert all(p in layouts for p in proposed), (proposed, msg)
+            if "Layouts that load this model" in msg:
+                listed = re.findall(r"(?<![\w/-])-tp (\d+) -dcp (\d+)", msg.split("Layouts that load this model")[1])
+                assert [(int(t), int(d)) for t, d in listed] == layouts, msg
+
+
+def test_smollm2_tp9_dcp3_hint():
+    """SmolLM2-135M: 9 heads, 3 KV heads, MLP 1536. DCP > 1 needs tp 9, which the MLP refuses: say so, list the
+    layouts that load (tp 1 and 3, dcp 1) and point to -pcp for sharding the KV cache."""
+    msg = _error(ParallelConfig(9, decode_context_parallel_size=3).validate, 9, 9, 3, 1536)
+    assert msg.startswith("--tensor-parallel-size/-tp 9 does not fit")
+    assert "MLP intermediate size 1536 is not divisible by 9" in msg and "legal -tp values: 1, 3;" in msg
+    assert "no layout of this model allows --decode-context-parallel-size/-dcp 3" in msg
+    assert "(with any -pcp and -dp): -tp 1 -dcp 1, -tp 3 -dcp 1;" in msg and "--prefill-context-parallel-size/-pcp" in msg
+    assert "-tp 3 -dcp 1" in _error(validate_model_parallel, 9, 3, 3, 3, 1536)
+    ParallelConfig(3, 2).validate(6, 9, 3, 1536)
+
+
+def _construct_layouts(num_heads: int, num_kv_heads: int, intermediate: int) -> list[tuple[int, int]]:
+    """On 4 ranks, every (tp, dcp) with tp | 4: does the model really build and load its (seeded) weights?"""
+    from megacp.models.config import build_tiny_llama_config
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.models.loader import seeded_hf_weights
+    from tests.dist_pool import model_parallel
+
+    config = build_tiny_llama_config(hidden_size=32, intermediate_size=intermediate, num_hidden_layers=1,
+                                     num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
+    loads = []
+    for tp in (1, 2, 4):
+        for dcp in [d for d in (1, 2, 4) if tp % d == 0]:
+            with model_parallel(tensor_model_parallel_size=tp, prefill_context_parallel_size=4 // tp,
+                                decode_context_parallel_size=dcp):
+                try:
+                    model = LlamaForCausalLM(config)
+                    loaders = model.hf_weight_loaders()
+                    for name, tensor in seeded_hf_weights(model).items():
+                        loaders[name](tensor)
+                except ValueError:
+                    continue
+                loads.append((tp, dcp))
+    return loads
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,intermediate", [(4, 2, 6), (4, 1, 12), (8, 2, 20)])
+def test_model_layouts_are_what_the_layers_accept(dist_pool_4, num_heads, num_kv_heads, intermediate):
+    """The rule is the layers' own: the layouts (with tp | 4) whose model builds and loads are model_layouts'."""
+    built = dist_pool_4.run(_construct_layouts, num_heads, num_kv_heads, intermediate)
+    expected = [(t, d) for t, d in model_layouts(num_heads, num_kv_heads, intermediate) if 4 % t == 0]
+    assert built == [expected] * 4
 
 
 # ------------------------------------------------------------------------------------------------ ParallelConfig

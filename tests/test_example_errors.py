@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,12 +36,14 @@ def _torchrun(nproc: int, args: list[str], env_extra: dict[str, str] | None = No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env_extra), cwd=REPO)
 
 
-def _launch_ranks(nproc: int, args: list[str]) -> list[subprocess.CompletedProcess]:
+def _launch_ranks(nproc: int, args: list[str], env_extra: dict[str, str] | None = None,
+                  wait_for: list[int] | None = None) -> list[subprocess.CompletedProcess | None]:
     """Start the example as ``nproc`` ranks with torchrun's environment, each waited for on its own.
 
     torchrun stops the other workers as soon as one fails, so under load a slow rank can be killed before it prints
     its own message. Launching the ranks ourselves lets every rank run to its own exit, which is what "fails fast on
-    every rank with one message" means.
+    every rank with one message" means. Only the ranks in ``wait_for`` (default: all) are waited for; the others
+    (e.g. one stopped on purpose) are killed afterwards and reported as None.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,18 +51,21 @@ def _launch_ranks(nproc: int, args: list[str]) -> list[subprocess.CompletedProce
     procs = []
     for rank in range(nproc):
         env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    **(env_extra or {})})
         procs.append(subprocess.Popen([sys.executable, EXAMPLE, "--dist-timeout", "30", *args], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
+    results: list[subprocess.CompletedProcess | None] = [None] * nproc
     try:
         for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+            if wait_for is None or rank in wait_for:
+                out, err = proc.communicate(timeout=TIMEOUT_S)
+                results[rank] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+                proc.communicate()
     return results
 
 
@@ -133,6 +139,96 @@ def test_unsupported_model_type(tmp_path):
                                 "--model", "gpt2", "llama")
 
 
+@pytest.mark.parametrize("how,needle", [("exit", "died"), ("stop", "Timed out")])
+def test_surviving_rank_names_group_peer_and_timeout(how, needle):
+    """Rank 1 dies (or hangs, stopped) before step 3: rank 0 fails its next collective with one line naming the
+    group, peer rank 1 and --dist-timeout, exits non-zero and leaves no process behind (the stopped rank is ours to
+    kill: under torchrun the launcher does that)."""
+    results = _launch_ranks(
+        2, ["-pcp", "2", "--prompt", "a prompt long enough for a few steps", "--max-new-tokens", "8",
+            "--dist-timeout", "8"],
+        env_extra={"MEGACP_TEST_KILL_RANK": "1", "MEGACP_TEST_KILL_AT_STEP": "3", "MEGACP_TEST_KILL_HOW": how},
+        wait_for=[0] if how == "stop" else None,
+    )
+    survivor = results[0]
+    assert survivor.returncode == 1, survivor.stderr
+    lines = [line for line in survivor.stderr.splitlines() if line.startswith("[rank 0] error: ")]
+    assert len(lines) == 1, survivor.stderr
+    # pcp 2 = cp 2: the failing collective is on the PCP or the CP group, both ranks [0, 1].
+    assert re.search(r"\] error: \w+ on the p?cp group \(ranks \[0, 1\]\) failed on rank 0: peer rank 1 died or did "
+                     r"not join within 8 s \(", lines[0]), lines[0]
+    assert needle in lines[0] or how == "exit"
+    assert "--dist-timeout" in lines[0] and "Traceback" not in survivor.stderr
+    if how == "exit":
+        assert results[1].returncode == 9 and "exiting abruptly" in results[1].stderr
+
+
+def _main_exit_task(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` on a pool rank: (exit code, what it wrote to stderr)."""
+    import tempfile
+
+    from examples.infer_llama import main
+
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            try:
+                main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return code, f.read().decode()
+
+
+def _errors_of(per_rank: list[tuple[int, str]], code: int) -> str:
+    """Every rank exited with ``code`` after one ``[rank r] error:`` line, the same on every rank: that message."""
+    messages = []
+    for rank, (got, err) in enumerate(per_rank):
+        lines = [line for line in err.splitlines() if line.startswith(f"[rank {rank}] error: ")]
+        assert got == code and len(lines) == 1, f"rank {rank}: exit {got}, stderr:\n{err}"
+        assert "Traceback" not in err, err
+        messages.append(lines[0].split("] error: ", 1)[1])
+    assert all(m == messages[0] for m in messages), f"ranks disagree: {messages}"
+    return messages[0]
+
+
+def test_nan_weights_refused_or_reported(dist_pool_2, tmp_path):
+    """NaN in one TP shard of a weight: the load fails on every rank naming tensor and file; with
+    --skip-finite-check the run ends with exit 1 on every rank, the NaN request marked in --json-out, never exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(hf_models.model_dir("llama"), tmp_path / "nan")
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.weight"][:, 60] = float("nan")  # columns of TP rank 1 only
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    argv = ["--model", str(model), "-tp", "2", "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--dtype", "float32"]
+    msg = _errors_of(dist_pool_2.run(_main_exit_task, argv), 2)
+    assert "model.layers.0.self_attn.o_proj.weight" in msg and f"{model}/model.safetensors holds NaN/inf" in msg
+    assert "--skip-finite-check" in msg
+    out = tmp_path / "out.json"
+    msg = _errors_of(dist_pool_2.run(_main_exit_task, [*argv, "--skip-finite-check", "--json-out", str(out)]), 1)
+    assert msg.startswith("request 0: the model produced NaN/inf logits at step 0")
+    result = json.loads(out.read_text())
+    assert result["outputs"][0]["finish_reason"] == "error" and result["outputs"][0]["output_ids"] == []
+
+
+def test_cache_memory_and_json_out_checked_before_loading(dist_pool_2, tmp_path):
+    base = ["-pcp", "2", "--prompt-ids", "5,6,7", "--max-new-tokens", "3"]
+    msg = _errors_of(dist_pool_2.run(_main_exit_task, [*base, "--num-kv-blocks", str(10**12)]), 2)
+    assert "the KV cache (1000000000000 blocks x 16 tokens, 4 layers, float32) needs" in msg
+    assert "GiB per rank" in msg and "--num-kv-blocks" in msg
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    msg = _errors_of(dist_pool_2.run(_main_exit_task, [*base, "--json-out", str(blocked / "out.json")]), 2)
+    assert msg == f"--json-out {blocked}/out.json: {blocked} is not a directory; choose another path"
+
+
 def test_worker_killed_mid_generation():
     proc = _torchrun(
         2,
@@ -144,11 +240,25 @@ def test_worker_killed_mid_generation():
     assert "MEGACP_TEST_KILL_AT_STEP=3: exiting abruptly" in proc.stderr
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--max-new-tokens", "0", "--max-new-tokens"),
-                                               ("--cp-kv-cache-interleave-size", "3", "--block-size"),
-                                               ("--top-p", "0", "--top-p")])
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-new-tokens", "0", "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    ("--max-new-tokens", "2.5", "argument --max-new-tokens: must be an integer >= 1, got '2.5'"),
+    ("--cp-kv-cache-interleave-size", "3", "--block-size"),
+    ("--top-p", "0", "argument --top-p: must be a finite number in (0.0, 1.0], got 0.0"),
+    ("--temperature", "nan", "argument --temperature: must be a finite number >= 0.0, got nan"),
+    ("--temperature", "inf", "argument --temperature: must be a finite number >= 0.0, got inf"),
+    ("--seed", str(2**70), "argument --seed: must be an integer in"),
+    ("--dist-timeout", "0", "argument --dist-timeout: must be a finite number in (0.0, "),
+    ("--dist-timeout", "-5", "argument --dist-timeout: must be a finite number"),
+    ("--num-kv-blocks", "1e12", "argument --num-kv-blocks: must be an integer >= 1, got '1e12'"),
+    ("--block-size", "0", "argument --block-size: must be an integer >= 1, got 0"),
+    ("--max-num-seqs", "0", "argument --max-num-seqs: must be an integer >= 1, got 0"),
+    ("-tp", "x", "argument --tensor-parallel-size/-tp: must be an integer >= 1, got 'x'"),
+    ("--no-such-flag", "1", "unrecognized arguments: --no-such-flag 1"),
+])
 def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
-    """Pure flag checks run before any process group exists, so ``main`` fails in-process with exit code 2."""
+    """Flag values are checked at parse time (NaN, inf, non-integers, out of range), before any process group
+    exists, so ``main`` fails in-process with exit code 2 and one line naming the flag."""
     from examples.infer_llama import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -156,7 +266,8 @@ def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
         main(["--prompt-ids", "1,2,3", flag, value])
     assert exc.value.code == 2
     err = capfd.readouterr().err
-    assert "[rank 0] error: " in err and needle in err
+    lines = [line for line in err.splitlines() if line.startswith("[rank 0] error: ")]
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_moe_models_refuse_data_parallel():

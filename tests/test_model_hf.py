@@ -303,6 +303,45 @@ def test_load_errors_tp2(dist_pool_2) -> None:
     assert results == [["dcp", "heads", "names", "shape"]] * 2
 
 
+# ------------------------------------------------------------------------------------------------- weight schema
+def _schema_mismatches(dirs: dict[str, str]) -> dict[str, list[str]]:
+    """Under tp=2, the model's one weight schema (names + full shapes from ``hf_weight_loaders``) against the
+    tensors transformers saved: every name and every full (unsharded) shape must agree."""
+    from safetensors import safe_open
+
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.models.loader import canonical_name, moe_parallel_config
+    from tests.dist_pool import model_parallel
+
+    out = {}
+    with model_parallel(tensor_model_parallel_size=2):
+        for kind, path in dirs.items():
+            config = load_model_config(path)
+            model = LlamaForCausalLM(config, moe_parallel_config=moe_parallel_config(False) if config.is_moe else None)
+            saved = {}
+            for file, names in checkpoint_files(path).items():
+                with safe_open(file, "pt") as f:
+                    saved.update({canonical_name(n): tuple(f.get_slice(n).get_shape()) for n in names})
+            if config.tie_word_embeddings:
+                saved.pop("lm_head.weight", None)
+            fused = any(n.endswith("experts.gate_up_proj") for n in saved)
+            schema = {n: w.shape for n, w in model.hf_weight_loaders(fused_experts=fused).items()}
+            if not fused:
+                assert schema == model.hf_weight_shapes()
+            out[kind] = sorted(f"{n}: {schema.get(n)} vs {saved.get(n)}" for n in set(schema) | set(saved)
+                               if schema.get(n) != saved.get(n))
+    return out
+
+
+def test_weight_schema_matches_transformers_checkpoints(dist_pool_2) -> None:
+    from tests import hf_moe_models
+
+    dirs = {k: _model_dir(k) for k in ("llama_bias", "qwen2", "mistral")}
+    dirs.update({k: hf_moe_models.model_dir(k) for k in ("mixtral", "qwen2_moe", "qwen2_moe_fused")})
+    for per_rank in dist_pool_2.run(_schema_mismatches, dirs):
+        assert per_rank == {k: [] for k in dirs}
+
+
 # ------------------------------------------------------------------------------------------------- built-in model
 def _builtin_summary() -> tuple[list[float], float, float, float]:
     """Seeded tiny Llama under tp=2: its logits must equal the unsharded model's (same seed, same weights)."""

@@ -206,7 +206,7 @@ def test_load_weight_rejects_bad_names_and_shapes():
         layer.load_weight("experts.0.fc1.weight", torch.zeros(I, H))
     with pytest.raises(ValueError, match="no shared expert"):
         layer.load_weight("shared_expert_gate.weight", torch.zeros(1, H))
-    with pytest.raises(ValueError, match=r"expected \[24, 16\]"):
+    with pytest.raises(ValueError, match=r"expects \[24, 16\]"):
         layer.load_weight("experts.0.gate_proj.weight", torch.zeros(H, I))
     with pytest.raises(ValueError, match="top_k"):
         MoELayer(H, I, E, E + 1, True)

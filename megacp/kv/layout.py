@@ -96,6 +96,9 @@ def cp_local_seq_lens(seq_lens: Tensor, cp_world_size: int, cp_rank: int, interl
     """
     _check_cp(cp_world_size, interleave_size, cp_rank)
     seq_lens = torch.as_tensor(seq_lens).long()
+    # Checked on the host only: on a device the check would cost a sync in every step.
+    if seq_lens.device.type == "cpu" and seq_lens.numel() and int(seq_lens.min()) < 0:
+        raise ValueError(f"seq_lens must be >= 0, got {int(seq_lens.min())}")
     base = (seq_lens // interleave_size // cp_world_size) * interleave_size
     return base + torch.clamp(seq_lens - base * cp_world_size - cp_rank * interleave_size, 0, interleave_size)
 

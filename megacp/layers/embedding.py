@@ -15,10 +15,9 @@ from torch import nn
 
 from megacp.layers.linear import (
     new_param,
-    check_shape,
-    copy_into,
     copy_to_tp_region,
     gather_from_tp_region,
+    load_shard,
     reduce_from_tp_region,
     resolve_tp_group,
 )
@@ -63,15 +62,17 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = new_param((self.num_embeddings_per_partition, embedding_dim), params_dtype)
         self.weight.weight_loader = self.weight_loader
 
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The full ``[vocab_size, embedding_dim]`` tensor."""
+        return (self.num_embeddings, self.embedding_dim)
+
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Keep this rank's rows of the full ``[vocab_size, embedding_dim]`` tensor; zero the padding rows."""
-        check_shape(loaded, (self.num_embeddings, self.embedding_dim))
         real_end = min(self.vocab_end, self.num_embeddings)
         n = max(real_end - self.vocab_start, 0)
         with torch.no_grad():
             param.data.zero_()
-            if n > 0:
-                copy_into(param.data[:n], loaded[self.vocab_start : real_end])
+        load_shard(param.data[:n], loaded, (slice(self.vocab_start, self.vocab_start + n),), self.checkpoint_shape(param))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

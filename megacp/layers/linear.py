@@ -7,7 +7,8 @@ needs exactly one all-reduce.
 
 Every layer has ``weight_loader(param, loaded, ...)``: ``loaded`` is the *full* Hugging Face tensor, or a
 safetensors lazy slice (``safe_open(...).get_slice(name)``); the loader indexes only this rank's rows/columns so
-a rank never materialises another rank's shard.
+a rank never materialises another rank's shard. ``checkpoint_shape(param, ...)`` (same extra arguments) is the full
+shape the loader expects: the one statement of each checkpoint tensor's shape, which ``load_shard`` checks.
 
 The collectives are wrapped in Megatron's conjugate autograd pairs (copy ↔ all-reduce, gather ↔ split) so
 ``kv_cache=None`` prefill stays differentiable.
@@ -62,11 +63,21 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
 
+def load_shard(dst: torch.Tensor, loaded: Any, index: tuple[slice, ...], full_shape: Sequence[int]) -> None:
+    """Check that ``loaded`` (full tensor or lazy safetensors slice) has ``full_shape``, then copy ``loaded[index]``
+    (this rank's part, read alone from a lazy slice) into ``dst``, converting dtype and device.
+
+    ``loaded[index]`` may carry extra size-1 dims (one expert's row of a fused ``[E, ...]`` tensor): it is reshaped to
+    ``dst``'s shape. Every weight loader of the layers and of the MoE layer goes through here.
+    """
+    check_shape(loaded, full_shape)
+    with torch.no_grad():
+        copy_into(dst, loaded[index].reshape(dst.shape))
+
+
 def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
     """Replicated parameter (norm weights, biases of row-parallel layers): copy the whole tensor."""
-    check_shape(loaded, param.shape)
-    with torch.no_grad():
-        copy_into(param.data, loaded[:])
+    load_shard(param.data, loaded, (slice(None),), param.shape)
 
 
 def new_param(
@@ -170,13 +181,15 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The full ``[output_size, input_size]`` weight or ``[output_size]`` bias."""
+        return (self.output_size, *param.shape[1:])
+
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Keep rows ``[rank·n, (rank+1)·n)`` of the full ``[output_size, ...]`` tensor."""
-        check_shape(loaded, (self.output_size, *param.shape[1:]))
         n = self.output_size_per_partition
         start = self.tp_rank * n
-        with torch.no_grad():
-            copy_into(param.data, loaded[start : start + n])
+        load_shard(param.data, loaded, (slice(start, start + n),), self.checkpoint_shape(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
@@ -216,13 +229,15 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The full ``[output_size, input_size]`` weight; the (replicated) bias is whole on every rank."""
+        return (self.output_size, self.input_size) if param is self.weight else tuple(param.shape)
+
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Keep columns ``[rank·n, (rank+1)·n)`` of the full ``[output_size, input_size]`` tensor."""
-        check_shape(loaded, (self.output_size, self.input_size))
         n = self.input_size_per_partition
         start = self.tp_rank * n
-        with torch.no_grad():
-            copy_into(param.data, loaded[:, start : start + n])
+        load_shard(param.data, loaded, (slice(None), slice(start, start + n)), self.checkpoint_shape(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -253,19 +268,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             divide(size, group.world_size, "MLP intermediate size")
         super().__init__(input_size, sum(self.output_sizes), bias=bias, group=group, params_dtype=params_dtype)
 
+    def checkpoint_shape(  # type: ignore[override]
+        self, param: nn.Parameter, shard_id: int | None = None
+    ) -> tuple[int, ...]:
+        """Full shape of output ``shard_id``'s tensor: ``[output_sizes[shard_id], input_size]`` (bias: no 2nd dim)."""
+        if shard_id is None:
+            raise ValueError("MergedColumnParallelLinear needs shard_id (index into output_sizes)")
+        return (self.output_sizes[shard_id], *param.shape[1:])
+
     def weight_loader(  # type: ignore[override]
         self, param: nn.Parameter, loaded: Any, shard_id: int | None = None
     ) -> None:
         """Load output ``shard_id`` (0 = gate, 1 = up) from its full ``[output_sizes[shard_id], ...]`` tensor."""
-        if shard_id is None:
-            raise ValueError("MergedColumnParallelLinear.weight_loader needs shard_id (index into output_sizes)")
-        full = self.output_sizes[shard_id]
-        check_shape(loaded, (full, *param.shape[1:]))
-        n = full // self.tp_size
+        full_shape = self.checkpoint_shape(param, shard_id)
+        n = full_shape[0] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         start = self.tp_rank * n
-        with torch.no_grad():
-            copy_into(param.data[offset : offset + n], loaded[start : start + n])
+        load_shard(param.data[offset : offset + n], loaded, (slice(start, start + n),), full_shape)
 
 
 def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -332,21 +351,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         with torch.no_grad():
             kv.copy_(gathered[first : first + replicas].sum(dim=0))
 
+    def checkpoint_shape(  # type: ignore[override]
+        self, param: nn.Parameter, shard_id: str | None = None
+    ) -> tuple[int, ...]:
+        """Full shape of HF ``q_proj``/``k_proj``/``v_proj`` (``shard_id`` "q", "k" or "v"): ``[heads·head_dim, hidden]``."""
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        return (heads * self.head_dim, *param.shape[1:])
+
     def weight_loader(  # type: ignore[override]
         self, param: nn.Parameter, loaded: Any, shard_id: str | None = None
     ) -> None:
         """Load the full HF ``q_proj``/``k_proj``/``v_proj`` weight or bias (``shard_id`` "q", "k" or "v")."""
-        d = self.head_dim
+        full_shape = self.checkpoint_shape(param, shard_id)
         if shard_id == "q":
-            full_heads, offset, size, start = self.total_num_heads, 0, self.q_size, self.tp_rank * self.q_size
-        elif shard_id in ("k", "v"):
-            full_heads, size, start = self.total_num_kv_heads, self.kv_size, self.kv_head_start * d
-            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         else:
-            raise ValueError(f"QKVParallelLinear.weight_loader shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        check_shape(loaded, (full_heads * d, *param.shape[1:]))
-        with torch.no_grad():
-            copy_into(param.data[offset : offset + size], loaded[start : start + size])
+            size, start = self.kv_size, self.kv_head_start * self.head_dim
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+        load_shard(param.data[offset : offset + size], loaded, (slice(start, start + size),), full_shape)
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv ``[T, local_out]`` → q ``[T, Hq_local, D]``, k and v ``[T, Hkv_local, D]``."""

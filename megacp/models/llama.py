@@ -14,12 +14,15 @@ ranks, and only the row-parallel projections / vocab layers across TP. The engin
 with ``meta.select_logits_hidden(hidden)`` and then calls ``compute_logits``. This file uses no
 ``torch.distributed`` directly: every collective lives in the layers.
 
-Weights are loaded by name: ``hf_weight_loaders()`` maps each Hugging Face tensor name to a function that takes
-the full tensor (or a safetensors lazy slice) and keeps this rank's shard.
+Weights are loaded by name: ``hf_weight_loaders()`` maps each Hugging Face tensor name to an ``HFWeight``, a
+callable that takes the full tensor (or a safetensors lazy slice) and keeps this rank's shard, and that knows the
+full shape it expects (asked from the owning layer's ``checkpoint_shape``). That map is the model's one checkpoint
+schema: ``hf_weight_shapes()`` is read off it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -40,7 +43,19 @@ from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tab
 from megacp.models.config import ModelConfig
 from megacp.moe import MoELayer, MoEParallelConfig
 
-WeightLoader = Callable[[Any], None]  # takes a full tensor or a safetensors slice
+
+@dataclass(frozen=True)
+class HFWeight:
+    """One checkpoint tensor the model expects: its full (unsharded) shape and the function that loads it.
+
+    Calling it with the full tensor or a safetensors lazy slice keeps this rank's shard (shape-checked).
+    """
+
+    shape: tuple[int, ...]
+    load: Callable[[Any], Any]
+
+    def __call__(self, loaded: Any) -> None:
+        self.load(loaded)
 
 
 class LlamaAttention(nn.Module):
@@ -138,7 +153,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache, rope)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
-    def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, WeightLoader]:
+    def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, HFWeight]:
         """``{HF name: loader}`` for ``model.layers.N.*`` (prefix ``"model.layers.N."``).
 
         MoE layers expect the per-expert layout of published checkpoints, or with ``fused_experts`` the
@@ -146,42 +161,48 @@ class LlamaDecoderLayer(nn.Module):
         """
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj
-        loaders: dict[str, WeightLoader] = {
-            f"{prefix}input_layernorm.weight": _bind(self.input_layernorm.weight),
-            f"{prefix}post_attention_layernorm.weight": _bind(self.post_attention_layernorm.weight),
-            f"{prefix}self_attn.o_proj.weight": _bind(attn.o_proj.weight),
+        loaders: dict[str, HFWeight] = {
+            f"{prefix}input_layernorm.weight": _bind_replicated(self.input_layernorm.weight),
+            f"{prefix}post_attention_layernorm.weight": _bind_replicated(self.post_attention_layernorm.weight),
+            f"{prefix}self_attn.o_proj.weight": _bind(attn.o_proj, attn.o_proj.weight),
         }
         for shard_id in ("q", "k", "v"):
-            loaders[f"{prefix}self_attn.{shard_id}_proj.weight"] = _bind(qkv.weight, shard_id)
+            loaders[f"{prefix}self_attn.{shard_id}_proj.weight"] = _bind(qkv, qkv.weight, shard_id)
             if qkv.bias is not None:
-                loaders[f"{prefix}self_attn.{shard_id}_proj.bias"] = _bind(qkv.bias, shard_id)
+                loaders[f"{prefix}self_attn.{shard_id}_proj.bias"] = _bind(qkv, qkv.bias, shard_id)
         if attn.o_proj.bias is not None:
-            loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj.bias)
+            loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj, attn.o_proj.bias)
         if isinstance(mlp, MoELayer):
             names = _moe_weight_names(self.config, fused_experts)
             loaders.update({f"{prefix}mlp.{n}": _bind_moe(mlp, n) for n in names})
             return loaders
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
         loaders.update({
-            f"{prefix}mlp.gate_proj.weight": _bind(mlp.gate_up_proj.weight, 0),
-            f"{prefix}mlp.up_proj.weight": _bind(mlp.gate_up_proj.weight, 1),
-            f"{prefix}mlp.down_proj.weight": _bind(mlp.down_proj.weight),
+            f"{prefix}mlp.gate_proj.weight": _bind(gate_up, gate_up.weight, 0),
+            f"{prefix}mlp.up_proj.weight": _bind(gate_up, gate_up.weight, 1),
+            f"{prefix}mlp.down_proj.weight": _bind(down, down.weight),
         })
-        if mlp.gate_up_proj.bias is not None:
-            loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(mlp.gate_up_proj.bias, 0)
-            loaders[f"{prefix}mlp.up_proj.bias"] = _bind(mlp.gate_up_proj.bias, 1)
-            loaders[f"{prefix}mlp.down_proj.bias"] = _bind(mlp.down_proj.bias)
+        if gate_up.bias is not None:
+            loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(gate_up, gate_up.bias, 0)
+            loaders[f"{prefix}mlp.up_proj.bias"] = _bind(gate_up, gate_up.bias, 1)
+            loaders[f"{prefix}mlp.down_proj.bias"] = _bind(down, down.bias)
         return loaders
 
 
-def _bind(param: nn.Parameter, *shard: Any) -> WeightLoader:
-    """A one-argument loader: ``param.weight_loader(param, loaded, *shard)``."""
-    loader = getattr(param, "weight_loader", default_weight_loader)
-    return lambda loaded: loader(param, loaded, *shard)
+def _bind(layer: nn.Module, param: nn.Parameter, *shard: Any) -> HFWeight:
+    """``param`` of a tensor-parallel ``layer``: its ``checkpoint_shape`` and ``param.weight_loader(param, ., *shard)``."""
+    loader = param.weight_loader
+    return HFWeight(layer.checkpoint_shape(param, *shard), lambda loaded: loader(param, loaded, *shard))
 
 
-def _bind_moe(moe: MoELayer, name: str) -> WeightLoader:
-    """A one-argument loader: ``moe.load_weight(name, loaded)`` (reads nothing for another rank's expert)."""
-    return lambda loaded: moe.load_weight(name, loaded)
+def _bind_replicated(param: nn.Parameter) -> HFWeight:
+    """A parameter every rank holds whole (norm weights)."""
+    return HFWeight(tuple(param.shape), lambda loaded: default_weight_loader(param, loaded))
+
+
+def _bind_moe(moe: MoELayer, name: str) -> HFWeight:
+    """``moe.load_weight(name, .)`` (reads nothing for another rank's expert) with ``moe.checkpoint_shape(name)``."""
+    return HFWeight(moe.checkpoint_shape(name), lambda loaded: moe.load_weight(name, loaded))
 
 
 def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
@@ -195,20 +216,6 @@ def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
         names += [f"shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
         names.append("shared_expert_gate.weight")
     return names
-
-
-def _moe_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Full shapes of one MoE block's per-expert-layout tensors, relative to ``model.layers.N.mlp.``."""
-    h, inter, shared = config.hidden_size, config.moe_intermediate_size, config.shared_expert_intermediate_size
-    gate, up, down = config.expert_proj_names
-    shapes: dict[str, tuple[int, ...]] = {"gate.weight": (config.num_experts, h)}
-    for e in range(config.num_experts):
-        shapes.update({f"experts.{e}.{gate}.weight": (inter, h), f"experts.{e}.{up}.weight": (inter, h),
-                       f"experts.{e}.{down}.weight": (h, inter)})
-    if shared:
-        shapes.update({"shared_expert.gate_proj.weight": (shared, h), "shared_expert.up_proj.weight": (shared, h),
-                       "shared_expert.down_proj.weight": (h, shared), "shared_expert_gate.weight": (1, h)})
-    return shapes
 
 
 class LlamaForCausalLM(nn.Module):
@@ -259,56 +266,22 @@ class LlamaForCausalLM(nn.Module):
         """hidden ``[N, hidden]`` → float32 logits ``[N, vocab_size]``, the full vocabulary on every TP rank."""
         return self.lm_head.compute_logits(hidden).float()
 
-    def hf_weight_loaders(self, fused_experts: bool = False) -> dict[str, WeightLoader]:
+    def hf_weight_loaders(self, fused_experts: bool = False) -> dict[str, HFWeight]:
         """Every Hugging Face tensor name this model expects → the function that loads it.
 
         MoE blocks are named ``model.layers.N.mlp.*`` (the loader maps Mixtral's ``block_sparse_moe.`` here), experts
         per expert or, with ``fused_experts``, in transformers v5's fused layout.
         """
-        loaders: dict[str, WeightLoader] = {
-            "model.embed_tokens.weight": _bind(self.embed_tokens.weight),
-            "model.norm.weight": _bind(self.norm.weight),
+        loaders: dict[str, HFWeight] = {
+            "model.embed_tokens.weight": _bind(self.embed_tokens, self.embed_tokens.weight),
+            "model.norm.weight": _bind_replicated(self.norm.weight),
         }
         if not self.config.tie_word_embeddings:
-            loaders["lm_head.weight"] = _bind(self.lm_head.weight)
+            loaders["lm_head.weight"] = _bind(self.lm_head, self.lm_head.weight)
         for i, layer in enumerate(self.layers):
             loaders.update(layer.hf_weight_loaders(f"model.layers.{i}.", fused_experts))
         return loaders
 
     def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full (unsharded) shape of every expected HF tensor (per-expert layout), e.g. to build seeded weights."""
-        c = self.config
-        h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-        if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (c.vocab_size, h)
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            per_layer = {
-                "input_layernorm.weight": (h,),
-                "post_attention_layernorm.weight": (h,),
-                "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
-                "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
-                "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
-                "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
-            }
-            if i in c.moe_layers:
-                per_layer.update({f"mlp.{k}": v for k, v in _moe_weight_shapes(c).items()})
-            else:
-                per_layer.update(
-                    {"mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
-                )
-            if c.qkv_bias:
-                per_layer.update({
-                    "self_attn.q_proj.bias": (c.num_attention_heads * d,),
-                    "self_attn.k_proj.bias": (c.num_key_value_heads * d,),
-                    "self_attn.v_proj.bias": (c.num_key_value_heads * d,),
-                })
-            if c.o_proj_bias:
-                per_layer["self_attn.o_proj.bias"] = (h,)
-            if c.mlp_bias and i not in c.moe_layers:
-                per_layer.update(
-                    {"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)}
-                )
-            shapes.update({p + k: v for k, v in per_layer.items()})
-        return shapes
+        return {name: weight.shape for name, weight in self.hf_weight_loaders().items()}

@@ -13,7 +13,7 @@ reads only its own experts' tensors (or its experts' rows of the fused ones).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from typing import Any, Iterator
 
@@ -21,7 +21,7 @@ import torch
 
 from megacp import parallel_state
 from megacp.config import validate_model_parallel
-from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
+from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
 from megacp.models.llama import LlamaForCausalLM
 from megacp.moe import MoEParallelConfig
 
@@ -40,24 +40,56 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def _unreadable(path: str, e: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt: re-download it, or re-save the "
+        f"model with save_pretrained(..., safe_serialization=True)"
+    )
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str) -> Iterator[Any]:
+    """``safe_open(path)``; a file safetensors cannot parse (empty, truncated, random bytes) -> ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError (a bad header), OSError
+        raise _unreadable(path, e) from None
+    with handle as f:
+        yield f
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+    index = read_json(index_path, 'a sharded checkpoint\'s {"weight_map": {tensor name: shard file}}')
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(
+            f"{index_path} must hold {{\"weight_map\": {{tensor name: shard file name}}}}; its weight_map is "
+            f"missing or malformed: re-download it"
+        )
+    return weight_map
+
+
 def checkpoint_files(model_dir: str) -> dict[str, list[str]]:
-    """``{safetensors file path: [tensor names]}`` for a checkpoint directory (single file or sharded index)."""
+    """``{safetensors file path: [tensor names]}`` for a checkpoint directory (single file or sharded index).
+
+    ValueError naming the file for a malformed index, a missing shard or a file safetensors cannot parse.
+    """
     index_path = os.path.join(model_dir, INDEX_FILE)
     single_path = os.path.join(model_dir, SINGLE_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
         files: dict[str, list[str]] = {}
-        for name, filename in weight_map.items():
+        for name, filename in _read_index(index_path).items():
             files.setdefault(os.path.join(model_dir, filename), []).append(name)
         missing = sorted(p for p in files if not os.path.isfile(p))
         if missing:
             raise ValueError(f"{index_path} lists shard file(s) that do not exist: {', '.join(missing)}")
         return files
     if os.path.isfile(single_path):
-        from safetensors import safe_open
-
-        with safe_open(single_path, framework="pt") as f:
+        with _open_safetensors(single_path) as f:
             return {single_path: list(f.keys())}
     raise ValueError(
         f"no weights in {model_dir}: expected {SINGLE_FILE} or {INDEX_FILE} (+ its shards); "
@@ -80,24 +112,61 @@ def _check_names(expected: set[str], found: set[str], model_dir: str) -> None:
         )
 
 
-def _iter_slices(files: dict[str, list[str]], wanted: set[str]) -> Iterator[tuple[str, Any]]:
-    """(canonical name, lazy slice) of every tensor whose canonical name is in ``wanted``."""
-    from safetensors import safe_open
+class _CheckedSlice:
+    """A safetensors lazy slice whose reads fail with a ValueError naming the file: a read error (a shard cut short
+    after its header) or, with ``check_finite``, NaN/inf values in the part this rank reads."""
 
+    def __init__(self, inner: Any, path: str, check_finite: bool) -> None:
+        self._inner, self._path, self._check_finite = inner, path, check_finite
+
+    def get_shape(self) -> list[int]:
+        return self._inner.get_shape()
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        try:
+            t = self._inner[index]
+        except Exception as e:  # SafetensorError / OSError from the file
+            raise ValueError(f"reading it from {self._path} failed ({e}); the file is corrupt: re-download it") from None
+        if self._check_finite and t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(
+                    f"{self._path} holds NaN/inf values in this tensor ({bad} of the {t.numel()} elements this rank "
+                    f"reads), which would make every output garbage: use an intact checkpoint, or pass "
+                    f"load_model(check_finite=False) (--skip-finite-check) to load it anyway"
+                )
+        return t
+
+
+def _iter_slices(files: dict[str, list[str]], wanted: set[str], check_finite: bool = True,
+                 index_path: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(canonical name, lazy slice) of every tensor whose canonical name is in ``wanted``."""
     for path, names in files.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
+            keys = set(f.keys())
+            absent = [n for n in names if n not in keys and canonical_name(n) in wanted]
+            if absent:
+                raise ValueError(
+                    f"{index_path or path} maps tensor {absent[0]} to {os.path.basename(path)}, but that file does not "
+                    f"contain it{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''}; the index and the "
+                    f"shards do not belong together: re-download them"
+                )
             for name in names:
                 if canonical_name(name) in wanted:
-                    yield canonical_name(name), f.get_slice(name)
+                    yield canonical_name(name), _CheckedSlice(f.get_slice(name), path, check_finite)
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: str, files: dict[str, list[str]] | None = None) -> None:
-    """Fill ``model`` from the safetensors in ``model_dir``; ValueError naming missing/unexpected/misshapen tensors."""
+def load_weights(model: LlamaForCausalLM, model_dir: str, files: dict[str, list[str]] | None = None,
+                 check_finite: bool = True) -> None:
+    """Fill ``model`` from the safetensors in ``model_dir``; ValueError naming missing/unexpected/misshapen tensors,
+    unreadable files and (``check_finite``) tensors with NaN/inf values in this rank's part."""
     files = checkpoint_files(model_dir) if files is None else files
+    index_path = os.path.join(model_dir, INDEX_FILE)
     found = {canonical_name(name) for names in files.values() for name in names}
     loaders = model.hf_weight_loaders(fused_experts=any(n.endswith(".mlp.experts.gate_up_proj") for n in found))
     _check_names(set(loaders), found, model_dir)
-    for name, loaded in _iter_slices(files, set(loaders)):
+    for name, loaded in _iter_slices(files, set(loaders), check_finite,
+                                     index_path if os.path.isfile(index_path) else None):
         try:
             loaders[name](loaded)
         except ValueError as e:
@@ -133,6 +202,7 @@ def _validate_parallel(config: ModelConfig) -> None:
         config.num_key_value_heads,
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_decode_context_parallel_world_size(),
+        config.dense_intermediate_size,
     )
     dp = parallel_state.get_data_parallel_world_size()
     if config.is_moe and dp > 1:
@@ -150,6 +220,7 @@ def load_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
     enable_expert_parallel: bool | None = None,
+    check_finite: bool = True,
 ) -> LlamaForCausalLM:
     """Build the model for this rank's TP shard and load it; ``model_dir=None`` → the seeded tiny Llama.
 
@@ -157,7 +228,10 @@ def load_model(
     ``enable_expert_parallel`` (default: what ``initialize_model_parallel`` was given) whole experts per rank.
     Checks (ValueError, the same on every rank, before any collective): checkpoint directory/config/weights exist,
     ``model_type`` is supported, heads fit ``tp`` and ``dcp`` (DESIGN §3 GQA rule), ``dp = 1`` for MoE models,
-    tensor names and shapes match.
+    tensor names and shapes match. Reading (ValueError naming the file): a malformed index, a truncated or corrupt
+    safetensors file, an index that maps a tensor to the wrong shard, and, unless ``check_finite=False`` (faster),
+    NaN/inf weights. Ranks read different shards, so the read errors are agreed on over all ranks (one collective):
+    every rank raises the same message, none is left waiting.
     """
     if model_dir is None:
         config, files = build_tiny_llama_config(), None
@@ -171,6 +245,13 @@ def load_model(
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():
             loaders[name](tensor)
-    else:
-        load_weights(model, model_dir, files)
-    return model.requires_grad_(False).eval()  # inference: no autograd graph through the weights
+        return model.requires_grad_(False).eval()  # inference: no autograd graph through the weights
+    error = None
+    try:
+        load_weights(model, model_dir, files, check_finite)
+    except ValueError as e:
+        error = str(e)
+    error = parallel_state.first_error_across_ranks(error)
+    if error is not None:
+        raise ValueError(error)
+    return model.requires_grad_(False).eval()

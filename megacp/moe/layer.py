@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacp import parallel_state
+from megacp.layers.linear import load_shard
 from megacp.moe.config import MoEParallelConfig, determine_expert_map
 
 _EXPERT_PROJ_ALIASES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
                         "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral names its projections w1/w3/w2
 _PER_EXPERT_NAME = re.compile(r"^experts\.(\d+)\.(\w+)\.weight$")
-_SHARED_NAME = re.compile(r"^shared_expert\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -278,6 +278,28 @@ class MoELayer(nn.Module):
         return self._ep_group, self._tp_group
 
     # ------------------------------------------------------------------------------------------- loading
+    def checkpoint_shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of checkpoint tensor ``name`` (relative to ``model.layers.N.mlp.``, names as in ``load_weight``).
+
+        The one statement of the MoE block's checkpoint schema: ``load_weight`` checks against it and the model's
+        ``hf_weight_shapes`` reads it. ValueError for a name this layer does not have.
+        """
+        h, i, e, s = self.hidden_size, self.intermediate_size, self.num_experts, self.shared_expert_intermediate_size
+        shapes = {"gate.weight": (e, h), "experts.gate_up_proj": (e, 2 * i, h), "experts.down_proj": (e, h, i)}
+        if s:
+            shapes.update({"shared_expert.gate_proj.weight": (s, h), "shared_expert.up_proj.weight": (s, h),
+                           "shared_expert.down_proj.weight": (h, s), "shared_expert_gate.weight": (1, h)})
+        if name in shapes:
+            return shapes[name]
+        match = _PER_EXPERT_NAME.match(name)
+        if match and match.group(2) in _EXPERT_PROJ_ALIASES:
+            return (h, i) if _EXPERT_PROJ_ALIASES[match.group(2)] == "down_proj" else (i, h)
+        raise ValueError(
+            f"MoELayer.load_weight: unknown MoE weight {name!r} (expected gate.weight, experts.<e>.<gate_proj|up_proj|"
+            f"down_proj>.weight, experts.gate_up_proj, experts.down_proj"
+            + (", shared_expert.*.weight, shared_expert_gate.weight)" if s else "; this layer has no shared expert)")
+        )
+
     def load_weight(self, name: str, weight: Any) -> bool:
         """Load one checkpoint tensor named relative to the HF MoE block (``model.layers.N.mlp.`` stripped).
 
@@ -287,37 +309,35 @@ class MoELayer(nn.Module):
         ``shared_expert_gate.weight`` [1, H]. ``weight`` is a tensor or a lazy safetensors slice (``get_slice``):
         only this rank's share is read. Returns False when the tensor belongs to another rank's expert.
         """
-        if name == "gate.weight":
-            return _copy(self.router_weight, weight, (slice(None),), (self.num_experts, self.hidden_size), name)
-        if name == "shared_expert_gate.weight" and self.shared_expert_intermediate_size:
-            return _copy(self.shared_gate_weight, weight, (slice(None),), (1, self.hidden_size), name)
-        if name == "experts.gate_up_proj":
-            for local, g in enumerate(self.local_expert_ids):
-                self._load_gate_up(self.w13[local], weight, g, name)
-            return bool(self.local_expert_ids)
-        if name == "experts.down_proj":
-            s, e = self._expert_shard
-            shape = (self.num_experts, self.hidden_size, self.intermediate_size)
-            for local, g in enumerate(self.local_expert_ids):
-                _copy(self.w2[local], weight, (slice(g, g + 1), slice(None), slice(s, e)), shape, name)
-            return bool(self.local_expert_ids)
+        full = self.checkpoint_shape(name)
         match = _PER_EXPERT_NAME.match(name)
-        if match and match.group(2) in _EXPERT_PROJ_ALIASES:
+        if match:
             return self.load_expert_weight(int(match.group(1)), match.group(2), weight)
-        match = _SHARED_NAME.match(name)
-        if match and self.shared_expert_intermediate_size:
+        if name == "gate.weight":
+            load_shard(self.router_weight, weight, (slice(None),), full)
+        elif name == "shared_expert_gate.weight":
+            load_shard(self.shared_gate_weight, weight, (slice(None),), full)
+        elif name == "experts.gate_up_proj":
+            # Fused [E, 2I, H]: gate rows 0..I, up rows I..2I; this rank needs rows [s, e) of each half.
+            s, e = self._expert_shard
+            i = self.intermediate_size
+            for local, g in enumerate(self.local_expert_ids):
+                load_shard(self.w13[local, : e - s], weight, (slice(g, g + 1), slice(s, e)), full)
+                load_shard(self.w13[local, e - s:], weight, (slice(g, g + 1), slice(i + s, i + e)), full)
+            return bool(self.local_expert_ids)
+        elif name == "experts.down_proj":
+            s, e = self._expert_shard
+            for local, g in enumerate(self.local_expert_ids):
+                load_shard(self.w2[local], weight, (slice(g, g + 1), slice(None), slice(s, e)), full)
+            return bool(self.local_expert_ids)
+        else:  # shared_expert.{gate_proj,up_proj,down_proj}.weight
             s, e = self._shared_shard
-            full = (self.shared_expert_intermediate_size, self.hidden_size)
-            if match.group(1) == "down_proj":
-                return _copy(self.shared_w2, weight, (slice(None), slice(s, e)), full[::-1], name)
-            rows = slice(0, e - s) if match.group(1) == "gate_proj" else slice(e - s, 2 * (e - s))
-            return _copy(self.shared_w13[rows], weight, (slice(s, e),), full, name)
-        raise ValueError(
-            f"MoELayer.load_weight: unknown MoE weight {name!r} (expected gate.weight, experts.<e>.<gate_proj|up_proj|"
-            f"down_proj>.weight, experts.gate_up_proj, experts.down_proj"
-            + (", shared_expert.*.weight, shared_expert_gate.weight)" if self.shared_expert_intermediate_size else
-               "; this layer has no shared expert)")
-        )
+            if name == "shared_expert.down_proj.weight":
+                load_shard(self.shared_w2, weight, (slice(None), slice(s, e)), full)
+            else:
+                rows = slice(0, e - s) if name == "shared_expert.gate_proj.weight" else slice(e - s, 2 * (e - s))
+                load_shard(self.shared_w13[rows], weight, (slice(s, e),), full)
+        return True
 
     def load_expert_weight(self, expert_id: int, name: str, weight: Any) -> bool:
         """Load one expert's projection (``gate_proj``/``up_proj`` [I, H], ``down_proj`` [H, I], or Mixtral's
@@ -330,28 +350,12 @@ class MoELayer(nn.Module):
         local = expert_id if self.expert_map is None else int(self.expert_map[expert_id])
         if local < 0:
             return False
+        full = self.checkpoint_shape(f"experts.{expert_id}.{name}.weight")
         proj = _EXPERT_PROJ_ALIASES[name]
         s, e = self._expert_shard
-        full = (self.intermediate_size, self.hidden_size)
         if proj == "down_proj":
-            return _copy(self.w2[local], weight, (slice(None), slice(s, e)), full[::-1], name)
-        rows = slice(0, e - s) if proj == "gate_proj" else slice(e - s, 2 * (e - s))
-        return _copy(self.w13[local, rows], weight, (slice(s, e),), full, name)
-
-    def _load_gate_up(self, dst: torch.Tensor, weight: Any, g: int, name: str) -> None:
-        # Fused [E, 2I, H]: gate rows 0..I, up rows I..2I; this rank needs rows [s, e) of each half.
-        s, e = self._expert_shard
-        i = self.intermediate_size
-        shape = (self.num_experts, 2 * i, self.hidden_size)
-        _copy(dst[: e - s], weight, (slice(g, g + 1), slice(s, e)), shape, name)
-        _copy(dst[e - s:], weight, (slice(g, g + 1), slice(i + s, i + e)), shape, name)
-
-
-def _copy(dst: torch.Tensor, src: Any, index: tuple[slice, ...], full_shape: tuple[int, ...], name: str) -> bool:
-    """Copy ``src[index]`` (tensor or lazy safetensors slice of shape ``full_shape``) into ``dst`` (dtype-converting)."""
-    shape = tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
-    if shape != tuple(full_shape):
-        raise ValueError(f"MoELayer: checkpoint tensor {name!r} has shape {list(shape)}, expected {list(full_shape)}")
-    with torch.no_grad():
-        dst.copy_(src[index].reshape(dst.shape))
-    return True
+            load_shard(self.w2[local], weight, (slice(None), slice(s, e)), full)
+        else:
+            rows = slice(0, e - s) if proj == "gate_proj" else slice(e - s, 2 * (e - s))
+            load_shard(self.w13[local, rows], weight, (slice(s, e),), full)
+        return True
