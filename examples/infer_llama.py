@@ -334,12 +334,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
         "outputs": {i: o for i, o in zip(mine, outs)} if replica_leader else {},
         "stats": engine.stats,
     }
-    reports: list[Any] = [None] * world_size
-    try:
-        dist.all_gather_object(reports, report)
-    except RuntimeError as e:
-        raise ps.collective_error("world", list(range(world_size)), rank, "all_gather_object",
-                                  timedelta(seconds=args.dist_timeout), e) from e
+    reports: list[Any] = ps.get_world_group().all_gather_object(report)
     # Every rank sees every replica's outputs, so every rank reports the same stopped requests.
     errors = [o.error for r in reports for _, o in sorted(r["outputs"].items()) if o.error]
     if rank != 0:
