@@ -418,8 +418,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         result, errors = run(args)
     except ValueError as e:
         _fail(e, owns_process_group, 2)
-    except (ps.CollectiveError, dist.DistError) as e:
+    except ps.CollectiveError as e:
         _fail(e, owns_process_group, 1)
+    except dist.DistError as e:  # outside megacp's groups: process-group set-up, the rendezvous store
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _fail(RuntimeError(f"torch.distributed failed ({first_line}); a peer rank died or did not join within "
+                           f"--dist-timeout {args.dist_timeout:g} s: check the other ranks' errors, or raise "
+                           f"--dist-timeout"), owns_process_group, 1)
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
