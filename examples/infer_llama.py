@@ -380,12 +380,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
         "outputs": {i: o for i, o in zip(mine, outs)} if replica_leader else {},
         "stats": engine.stats,
     }
-    reports: list[Any] = [None] * world_size
-    try:
-        dist.all_gather_object(reports, report)
-    except RuntimeError as e:
-        raise ps.collective_error("world", list(range(world_size)), rank, "all_gather_object",
-                                  timedelta(seconds=args.dist_timeout), e) from e
+    reports: list[Any] = ps.get_world_group().all_gather_object(report)
     # Every rank sees every replica's outputs, so every rank reports the same stopped requests.
     errors = [o.error for r in reports for _, o in sorted(r["outputs"].items()) if o.error]
     if rank != 0:
@@ -485,8 +480,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         result, errors = run(args)
     except ValueError as e:
         _fail(e, owns_process_group, 2)
-    except (ps.CollectiveError, dist.DistError) as e:
+    except ps.CollectiveError as e:
         _fail(e, owns_process_group, 1)
+    except dist.DistError as e:  # outside megacp's groups: process-group set-up, the rendezvous store
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _fail(RuntimeError(f"torch.distributed failed ({first_line}); a peer rank died or did not join within "
+                           f"--dist-timeout {args.dist_timeout:g} s: check the other ranks' errors, or raise "
+                           f"--dist-timeout"), owns_process_group, 1)
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
