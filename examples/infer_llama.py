@@ -1,15 +1,16 @@
 """Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
 
     torchrun --nproc-per-node 2 examples/infer_llama.py --model "$(python -m megacp.models.prepare smollm2)" -pcp 2 \
-        --prompt "The capital of France is" --chat --prompt "What is the capital of France?"
+        --chat --prompt "What is the capital of France?"
     torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
     torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
 
 ``--nproc-per-node`` must equal dp·pcp·tp (``-dp`` defaults to 1; with dp > 1 the prompts are dealt round-robin to
 the data-parallel replicas). Without ``--model`` (or with ``--model tiny``) a small seeded Llama with byte-level ids
-(UTF-8 bytes) is built, so the command runs anywhere, CPU included; its text is noise. ``--chat`` wraps each
-``--prompt`` in the checkpoint's chat template as one user turn (what an instruction-tuned model expects). Every configuration error is found on every rank before any collective and
-ends the job with exit code 2 and one message naming the flag.
+(UTF-8 bytes) is built, so the command runs anywhere, CPU included; its text is noise. ``--chat`` wraps every
+``--prompt`` in the checkpoint's chat template as one user turn (what an instruction-tuned model expects). Every
+configuration error is found on every rank before any collective and ends the job with exit code 2 and one message
+naming the flag.
 
 Test-only fault injection (used by tests/test_example_errors.py): with ``MEGACP_TEST_KILL_RANK=r`` and
 ``MEGACP_TEST_KILL_AT_STEP=s`` in the environment, world rank ``r`` exits abruptly (``os._exit(9)``) before engine

@@ -160,3 +160,11 @@ def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir):
     assert "--tensor-parallel-size/-tp 9" in msg and "MLP intermediate size 1536 is not divisible by 9" in msg
     assert "Layouts that load this model (with any -pcp and -dp): -tp 1 -dcp 1, -tp 3 -dcp 1;" in msg
     assert {t for t, *_ in LAYOUTS} == {1, 3}
+
+
+def test_chat_needs_a_template():
+    """--chat with the built-in model (byte-level ids, no template) is a configuration error naming the flag."""
+    from examples.infer_llama import build_parser, validate
+
+    with pytest.raises(ValueError, match="--chat needs a --model directory with tokenizer.json and a chat template"):
+        validate(build_parser().parse_args(["--chat", "--prompt", "hi"]), 1)
