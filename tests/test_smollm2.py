@@ -145,18 +145,21 @@ def test_chat_template_matches_transformers(smollm2_dir):
     assert Tokenizer(smollm2_dir).encode(question) == _tokenizer(smollm2_dir)(question).input_ids
 
 
-def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir):
-    """-tp 9 -dcp 3 on 9 processes: the CLI's validation (run before initialize_model_parallel) refuses it with
-    the layouts that load this model; tp 1 and tp 3 are the ones the parity tests above run."""
-    import torch.distributed as dist
+def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir, monkeypatch):
+    """-tp 9 -dcp 3 on 9 processes: the CLI refuses it before setting up any process group (which would be the first
+    collective), listing the layouts that load this model; tp 1 and tp 3 are the ones the parity tests above run."""
+    import examples.infer_llama as cli
 
-    from examples.infer_llama import build_parser, validate
+    def no_collective(*args, **kwargs):
+        raise AssertionError("the layout check came after process-group set-up")
 
-    args = build_parser().parse_args(["--model", smollm2_dir, "-tp", "9", "-dcp", "3", "--prompt", PROMPTS[0]])
+    monkeypatch.setattr(cli, "_world", lambda: (9, 0))  # what rank 0 of `torchrun --nproc-per-node 9` sees
+    monkeypatch.setattr(cli.ps, "initialize_model_parallel", no_collective)
+    monkeypatch.setattr(cli.dist, "init_process_group", no_collective)
+    args = cli.build_parser().parse_args(["--model", smollm2_dir, "-tp", "9", "-dcp", "3", "--prompt", PROMPTS[0]])
     with pytest.raises(ValueError) as info:
-        validate(args, 9)
+        cli.run(args)
     msg = str(info.value)
-    assert not dist.is_initialized()
     assert "--tensor-parallel-size/-tp 9" in msg and "MLP intermediate size 1536 is not divisible by 9" in msg
     assert "Layouts that load this model (with any -pcp and -dp): -tp 1 -dcp 1, -tp 3 -dcp 1;" in msg
     assert {t for t, *_ in LAYOUTS} == {1, 3}
