@@ -103,7 +103,8 @@ class Tokenizer:
                              "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         rendered = env.from_string(template).render(
             messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
         return self.hf.encode(rendered, add_special_tokens=False).ids

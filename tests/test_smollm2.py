@@ -128,7 +128,8 @@ def test_bf16_agreement_is_reported(dist_pool_2, smollm2_dir, record_property):
     agreement = sum(same_prefix) / sum(len(r) for r in ref)
     record_property("bf16_greedy_agreement", agreement)
     print(f"\nSmolLM2 bf16 vs fp32 greedy ids, PCP 2: {sum(same_prefix)}/{sum(len(r) for r in ref)} tokens equal "
-          f"before the first difference (per prompt {same_prefix}); bf16 text of prompt 0: {result['outputs'][0]['text']!r}")
+          f"before the first difference (per prompt {same_prefix}); bf16 text of prompt 0: "
+          f"{result['outputs'][0]['text']!r}")
     assert _ids(result)[0][0] == ref[0][0]  # " Paris"
 
 

@@ -31,7 +31,7 @@ from importlib import metadata
 MARKER = "megacp_prepared.json"
 # What the conversion imports, and the command that installs it (the quick start's venv has all of it).
 _CONVERT_DEPS = ("transformers", "gguf", "accelerate", "tokenizers")
-_INSTALL_EXTRA = "pip install transformers gguf accelerate tokenizers (megacp's 'models' extra: pip install '.[models]')"
+_INSTALL_EXTRA = "pip install transformers gguf accelerate tokenizers (megacp's extra: pip install '.[models]')"
 
 
 @dataclass(frozen=True)
