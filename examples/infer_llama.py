@@ -1,7 +1,7 @@
 """Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
 
     torchrun --nproc-per-node 2 examples/infer_llama.py --model "$(python -m megacp.models.prepare smollm2)" -pcp 2 \
-        --prompt "The capital of France is" --chat --prompt "What is the capital of France?"
+        --chat --prompt "What is the capital of France?"
     torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
     torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
 
@@ -166,7 +166,8 @@ class Tokenizer:
                              "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         rendered = env.from_string(template).render(
             messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
         return self.hf.encode(rendered, add_special_tokens=False).ids

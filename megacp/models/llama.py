@@ -206,7 +206,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def _bind(layer: nn.Module, param: nn.Parameter, *shard: Any) -> HFWeight:
-    """``param`` of a tensor-parallel ``layer``: its ``checkpoint_shape`` and ``param.weight_loader(param, ., *shard)``."""
+    """``param`` of a TP ``layer``: its ``checkpoint_shape`` and ``param.weight_loader(param, ., *shard)``."""
     loader = param.weight_loader
     return HFWeight(layer.checkpoint_shape(param, *shard), lambda loaded: loader(param, loaded, *shard))
 
