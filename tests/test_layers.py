@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from megacp.layers.norm import RMSNorm, rms_norm
 from megacp.layers.rotary import (
     RotaryEmbedding,
-    apply_rotary,
     apply_rotary_tables,
     compute_inv_freq,
-    rotary_cos_sin,
 )
+from tests.references import apply_rotary, rotary_cos_sin
 
 ATOL = 1e-5
 
