@@ -112,18 +112,29 @@ class Megacp:
         return self.engine.stats.decode_tokens_per_s
 
 
-def profile(name: str, eng, prompt: list[int], prompts: list[list[int]], n: int) -> None:
-    """Where the time goes: GPU time per op of one long prefill, CPU time per op of a batch-1 decode."""
+def profile(name: str, eng, prompt: list[int], prompts: list[list[int]], n: int, chunk: int | None = None) -> None:
+    """Where the time goes: GPU time per op of one long prefill and of a batch-1 decode (run megacp with
+    ``--enforce-eager`` to see the decode step's kernels: a graph replay shows as one launch)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for what, fn, key in (("prefill", lambda: eng.ttft(prompt), "device_time_total"),
-                          ("decode", lambda: eng.decode_tps(prompts, n), "self_cpu_time_total")):
+    def chunked() -> None:
+        whole, eng.engine.max_num_batched_tokens = eng.engine.max_num_batched_tokens, chunk
+        try:
+            eng.ttft(prompt)
+        finally:
+            eng.engine.max_num_batched_tokens = whole
+
+    parts = [("prefill", lambda: eng.ttft(prompt), "device_time_total"),
+             ("decode", lambda: eng.decode_tps(prompts, n), "device_time_total")]
+    if chunk and hasattr(eng, "engine"):
+        parts.append((f"chunked prefill ({chunk}-token chunks)", chunked, "device_time_total"))
+    for what, fn, key in parts:
         with torch_profiler_guard():
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
             print(f"--- profile {name} {what} (sorted by {key})", flush=True)
-            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 class torch_profiler_guard:
@@ -159,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--enforce-eager", action="store_true", help="megacp without CUDA graphs")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="also time megacp's TTFT with prompts prefilled in chunks of this many tokens (chunked "
+                        "prefill over the cached context), reported as chunked_ttft_s and chunked_vs_whole")
     p.add_argument("--decode-prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
@@ -189,6 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
             for n, prompt in long_prompts.items():
                 eng.ttft(prompt)  # warm-up (kernel selection, allocator)
                 res["ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
+            if name == "megacp" and args.chunk_tokens:
+                whole = eng.engine.max_num_batched_tokens
+                eng.engine.max_num_batched_tokens = args.chunk_tokens  # the scheduler reads it every step
+                res["chunked_ttft_s"], res["chunked_vs_whole"] = {}, {}
+                for n, prompt in long_prompts.items():
+                    eng.ttft(prompt)
+                    res["chunked_ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
+                    res["chunked_vs_whole"][n] = res["chunked_ttft_s"][n] / res["ttft_s"][n]
+                eng.engine.max_num_batched_tokens = whole
             for b in args.batch:
                 eng.decode_tps(short[:b], 4)  # warm-up
                 res["decode_tokens_per_s"][b] = _median(
@@ -213,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["results"][name] = res
             print(name, res, flush=True)
             if args.profile:
-                profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens)
+                profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens, args.chunk_tokens)
             del eng
             torch.cuda.empty_cache()
     if {"megacp", "transformers"} <= set(result["results"]):

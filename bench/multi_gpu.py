@@ -293,6 +293,8 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
             "kv_capacity_tokens": stats.kv_capacity_tokens,
             "peak_tokens_stored_per_rank": [g["peak"] for g in gathered],
             "max_context_in_free_memory": (max(free - reserve, 0) // per_token_bytes) * pcp * dcp,
+            "cuda_graphs": stats.cuda_graphs,
+            "graph_replays": stats.graph_replays,
         }
         rows.append(row)
         log(f"decode tp={tp} pcp={pcp} dcp={dcp} context={n}: {row['decode_ms_per_token']:.2f} ms/token "

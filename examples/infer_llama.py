@@ -1,7 +1,7 @@
 """Generate text with a Llama-family model under tensor + prefill/decode context parallelism.
 
     torchrun --nproc-per-node 2 examples/infer_llama.py --model "$(python -m megacp.models.prepare smollm2)" -pcp 2 \
-        --prompt "The capital of France is" --chat --prompt "What is the capital of France?"
+        --chat --prompt "What is the capital of France?"
     torchrun --nproc-per-node 4 examples/infer_llama.py -tp 2 -pcp 2 -dcp 2 --prompt "Hello, megacp"
     torchrun --nproc-per-node 2 examples/infer_llama.py --model DIR -pcp 2 --prompt-ids 1,2,3 --json-out out.json
 
@@ -195,7 +195,8 @@ class Tokenizer:
                              "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         rendered = env.from_string(template).render(
             messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
         return self.hf.encode(rendered, add_special_tokens=False).ids
@@ -409,12 +410,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
         "outputs": {i: o for i, o in zip(mine, outs)} if replica_leader else {},
         "stats": engine.stats,
     }
-    reports: list[Any] = [None] * world_size
-    try:
-        dist.all_gather_object(reports, report)
-    except RuntimeError as e:
-        raise ps.collective_error("world", list(range(world_size)), rank, "all_gather_object",
-                                  timedelta(seconds=args.dist_timeout), e) from e
+    reports: list[Any] = ps.get_world_group().all_gather_object(report)
     # Every rank sees every replica's outputs, so every rank reports the same stopped requests.
     errors = [o.error for r in reports for _, o in sorted(r["outputs"].items()) if o.error]
     if rank != 0:
@@ -514,8 +510,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         result, errors = run(args)
     except ValueError as e:
         _fail(ValueError(cli_message(str(e))), owns_process_group, 2)
-    except (ps.CollectiveError, dist.DistError) as e:
+    except ps.CollectiveError as e:
         _fail(e, owns_process_group, 1)
+    except dist.DistError as e:  # outside megacp's groups: process-group set-up, the rendezvous store
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _fail(RuntimeError(f"torch.distributed failed ({first_line}); a peer rank died or did not join within "
+                           f"--dist-timeout {args.dist_timeout:g} s: check the other ranks' errors, or raise "
+                           f"--dist-timeout"), owns_process_group, 1)
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:

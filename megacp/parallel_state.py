@@ -243,20 +243,24 @@ class ParallelGroup:
                     raise
                 raise collective_error(self.name, self.ranks, self.rank, "barrier", self.timeout, e) from e
 
-    def first_error(self, error: str | None) -> str | None:
-        """Collective: each rank passes its own error message (None if fine); every rank gets back the first one in
-        group order, or None. Lets a check that can fail on some ranks only (a shard with NaN weights, a rank short
-        of memory) fail on all of them with the same message instead of leaving the others waiting."""
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in group order (host-side; for reports and verdicts, not tensors)."""
         if self.world_size == 1:
-            return error
-        gathered: list[str | None] = [None] * self.world_size
+            return [obj]
+        gathered: list[object] = [None] * self.world_size
         try:
-            dist.all_gather_object(gathered, error, group=self.device_group)
+            dist.all_gather_object(gathered, obj, group=self.device_group)
         except RuntimeError as e:
             if not _is_peer_failure(e):
                 raise
             raise collective_error(self.name, self.ranks, self.rank, "all_gather_object", self.timeout, e) from e
-        return next((g for g in gathered if g is not None), None)
+        return gathered
+
+    def first_error(self, error: str | None) -> str | None:
+        """Collective: each rank passes its own error message (None if fine); every rank gets back the first one in
+        group order, or None. Lets a check that can fail on some ranks only (a shard with NaN weights, a rank short
+        of memory) fail on all of them with the same message instead of leaving the others waiting."""
+        return next((g for g in self.all_gather_object(error) if g is not None), None)  # type: ignore[misc]
 
     # Flat collectives: gloo only has the flat tensor versions, so move `dim` to the front and back.
     def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -25,10 +25,10 @@ print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'back
 
 for step in $steps; do
   case $step in
-    tests) timeout 240 python3 -m pytest -q -m gpu -rs -s tests/test_gpu_backends.py tests/test_cuda_graph.py \
-             tests/test_no_host_sync.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) timeout 360 python3 -m pytest -q -m gpu -rs -s tests/test_gpu_backends.py tests/test_cuda_graph.py \
+             tests/test_no_host_sync.py tests/test_training_dist.py 2>&1 | tee "$OUT/tests.log" ;;
     prefill) timeout 140 python3 bench/prefill_split.py ${PREFILL_ARGS:-} --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
-    decode) timeout 90 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
+    decode) timeout 200 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
     e2e) timeout 240 python3 bench/e2e.py ${E2E_ARGS:-} --json-out "$OUT/e2e.json" 2>&1 | tail -150 ;;
     e2e32) timeout 300 python3 bench/e2e.py --layers 32 --engines megacp transformers --prompt-lens 8192 --batch 1 \
              --reps 2 --json-out "$OUT/e2e32.json" 2>&1 | tail -60 ;;

@@ -12,7 +12,6 @@ from megacp.ops import attention as attn_mod
 from megacp.ops import (
     AttentionBackend,
     attention_with_lse,
-    attention_with_lse_by_positions,
     available_backends,
     merge_attn_states,
     merge_attn_states_n,
@@ -20,6 +19,8 @@ from megacp.ops import (
     register_backend,
     select_backend,
 )
+
+from tests.references import attention_by_positions  # noqa: E402
 
 BACKENDS = ["torch", "sdpa_cpu"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -285,11 +286,8 @@ def test_backend_selection(monkeypatch):
     assert select_backend("cpu").name == "sdpa_cpu"  # higher priority but unavailable on CPU
     with pytest.raises(ValueError, match=r"not available on cpu.*\['sdpa_cpu', 'torch'\]"):
         select_backend("cpu", backend="gpu_only")
-    register_backend(AttentionBackend("no_pos", torch_varlen, lambda d: True, 50))
-    assert select_backend("cpu").name == "no_pos"
-    assert select_backend("cpu", need_positions=True).name == "sdpa_cpu"
-    with pytest.raises(ValueError, match="by-positions"):
-        select_backend("cpu", backend="no_pos", need_positions=True)
+    register_backend(AttentionBackend("mid", torch_varlen, lambda d: True, 50))
+    assert select_backend("cpu").name == "mid"  # the highest available priority wins
 
 
 def test_bad_shapes_raise():
@@ -309,12 +307,11 @@ def _owner(p, w, i):
 CP_REQS = [(0, 1), (5, 1), (0, 6), (7, 4), (0, 13), (11, 1), (2, 9)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("w", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("interleave", [1, 2, 4])
-def test_cp_sharded_causal_attention_merges_to_unsplit(backend, w, interleave):
+def test_cp_sharded_causal_attention_merges_to_unsplit(w, interleave):
     """Split K/V as the CP cache does (token p on shard (p // I) % W), attend per shard with the causal mask by
-    absolute positions, merge with merge_attn_states_n: equals unsplit causal attention."""
+    absolute positions (tests/references.py), merge with merge_attn_states_n: equals unsplit causal attention."""
     hq, hk, scale = 4, 2, 0.41
     lens = [(new, done + new) for done, new in CP_REQS]
     q, k, v, cu_q, _ = _packed(lens, hq, hk, seed=w * 10 + interleave)
@@ -334,9 +331,8 @@ def test_cp_sharded_causal_attention_merges_to_unsplit(backend, w, interleave):
             vs.append(vv[mine])
             kp.append(mine)
             shard_lens.append(mine.numel())
-        o, l = attention_with_lse_by_positions(
-            q, torch.cat(ks), torch.cat(vs), cu_q, _cu(shard_lens), q_pos, torch.cat(kp), scale, backend=backend
-        )
+        o, l = attention_by_positions(q, torch.cat(ks), torch.cat(vs), cu_q, _cu(shard_lens), q_pos, torch.cat(kp),
+                                      scale)
         assert not torch.isnan(o).any() and not torch.isnan(l).any()
         outs.append(o)
         lses.append(l)

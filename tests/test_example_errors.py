@@ -3,7 +3,10 @@
 Configuration errors start the example as 2 ranks with torchrun's environment, each rank waited for on its own: a
 scenario passes when every rank exits non-zero well within the timeout after printing the same one-line message
 naming the flag to change. Real ``torchrun`` runs check the job as users launch it: a bad flag and a worker killed
-mid-generation both end the whole job non-zero, no hang.
+mid-generation both end the whole job non-zero, no hang. A rank that dies or hangs (SIGSTOP) mid-generation leaves
+the survivor a one-line error naming the group, the peer and ``--dist-timeout``. Flag values are checked at parse time
+(in-process), and NaN weights, a cache too big for memory and an unwritable ``--json-out`` fail on both ranks of the
+shared 2-rank gloo pool with the same message.
 """
 
 from __future__ import annotations

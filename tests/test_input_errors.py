@@ -336,7 +336,8 @@ def test_bad_request_then_good_request(dist_pool_4, sizes):
     assert free == 8
 
 
-def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_new: int):
+def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_new: int, sizes: dict,
+                           device: str = "cpu", dtype: torch.dtype = torch.float32):
     """NaN in one embedding row (on the TP rank that holds it): only the request that feeds that token stops."""
     import warnings
 
@@ -345,9 +346,8 @@ def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_ne
     from megacp.sampling import SamplingParams
     from tests.dist_pool import model_parallel
 
-    with model_parallel(tensor_model_parallel_size=2, prefill_context_parallel_size=2,
-                        decode_context_parallel_size=2):
-        model = load_model(None, torch.float32, torch.device("cpu"))
+    with model_parallel(**sizes):
+        model = load_model(None, dtype, torch.device(device))
         engine = LLMEngine(model, num_kv_blocks=8, block_size=4)
         sampling = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
         clean = engine.generate(prompts[1:], sampling)
@@ -358,17 +358,18 @@ def _nonfinite_logits_task(poisoned_token: int, prompts: list[list[int]], max_ne
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             outs = engine.generate(prompts, sampling)
-        # The stopped request's cache blocks (holding NaN K/V) are reused by the next requests: no NaN may leak.
-        again = engine.generate(prompts[1:][::-1], sampling)[::-1]
+        # The stopped request's cache blocks (holding NaN K/V) are reused by the next requests (lowest block ids
+        # first): no NaN may leak from stale slots.
+        again = engine.generate(prompts[1:], sampling)
         return ([(o.output_ids, o.finish_reason, o.error is not None and o.error.split(";")[0]) for o in outs],
                 [c.output_ids for c in clean], [str(w.message).split(";")[0] for w in caught],
                 [o.output_ids for o in again], engine.session.allocator.num_free)
 
 
-def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):
-    poisoned = 200
-    prompts = [[10, 11, poisoned, 12], [20, 21, 22], [30, 31]]
-    per_rank = dist_pool_4.run(_nonfinite_logits_task, poisoned, prompts, 5)
+NAN_PROMPTS = [[10, 11, 200, 12], [20, 21, 22], [30, 31]]  # token 200 gets a NaN embedding
+
+
+def _check_nonfinite_run(per_rank: list) -> None:
     outs, clean, warned, again, free = per_rank[0]
     assert all(r[:4] == per_rank[0][:4] for r in per_rank), "ranks disagree"
     assert again == clean
@@ -378,6 +379,19 @@ def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):
     assert [o[0] for o in outs[1:]] == clean and [o[1] for o in outs[1:]] == ["length", "length"]
     assert warned == [expected_error]
     assert free == 8
+
+
+def test_nonfinite_logits_stop_the_request_on_every_rank(dist_pool_4):
+    sizes = dict(tensor_model_parallel_size=2, prefill_context_parallel_size=2, decode_context_parallel_size=2)
+    _check_nonfinite_run(dist_pool_4.run(_nonfinite_logits_task, 200, NAN_PROMPTS, 5, sizes))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nonfinite_logits_on_gpu(dist_pool_1):
+    """The CUDA kernels (fused prefill, Triton paged decode) in bfloat16: the same stop, and no NaN leaking from
+    the stopped request's stale cache slots into the requests that reuse its blocks."""
+    _check_nonfinite_run(dist_pool_1.run(_nonfinite_logits_task, 200, NAN_PROMPTS, 5, {}, "cuda", torch.bfloat16))
 
 
 def test_collective_error_names_group_peer_and_timeout():

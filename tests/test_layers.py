@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from megacp.layers.norm import RMSNorm, rms_norm
 from megacp.layers.rotary import (
     RotaryEmbedding,
-    apply_rotary,
     apply_rotary_tables,
     compute_inv_freq,
-    rotary_cos_sin,
 )
+from tests.references import apply_rotary, rotary_cos_sin
 
 ATOL = 1e-5
 
@@ -326,3 +325,26 @@ def test_parameters_are_trainable_and_carry_their_gradient_groups() -> None:
                       "shared_gate_weight": ("ep",)}
     assert all(p.requires_grad and p.dtype == torch.float64 for p in moe.parameters())
     assert all(p.grad_reduce_groups == ps.DENSE_GRAD_GROUPS for p in MoELayer(16, 8, 4, 2, True).parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_rms_norm_matches_two_ops_on_cuda(dtype):
+    """The Triton residual-add + RMSNorm kernel against the PyTorch add then the HF-order norm."""
+    from megacp.layers.norm import rms_norm
+    from megacp.ops import rms_norm as ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T, H in ((1, 4096), (7, 4096), (300, 576), (2, 33)):
+        x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
+        r = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
+        w = 1 + 0.1 * torch.randn(H, device="cuda", dtype=dtype, generator=g)
+        assert ops.available(x)
+        out, summed = ops.fused_add_rms_norm(x, r, w, 1e-5)
+        assert torch.equal(summed, x + r)  # the next residual: exactly what the add in dtype stores
+        ref = rms_norm(x + r, w, 1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # one bf16 rounding step, from the fp32 sum order
+        assert (out.float() - ref.float()).abs().max().item() <= tol * max(1.0, ref.float().abs().max().item())
+        out1, same = ops.fused_add_rms_norm(x, None, w, 1e-5)
+        assert same is x and (out1.float() - rms_norm(x, w, 1e-5).float()).abs().max().item() <= tol * 10

@@ -1,4 +1,4 @@
-"""dcp_merge / pcp_merge and cp_merge_gathered across real gloo processes equal unsplit decode attention.
+"""dcp_merge / a PCP merge (tests/references.py) and cp_merge_gathered across real gloo processes equal unsplit decode attention.
 
 One task per parallel configuration, all on the shared 4-rank pool. Every rank builds the same full K/V, keeps the
 tokens its CP rank owns (token p on CP rank (p // I) % W, DESIGN §2), attends all the DCP group's query heads to its
@@ -32,7 +32,9 @@ def _reference(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], 
 
 
 def _check_decode_merge(sizes: dict, interleave: int, dtype_name: str = "float32") -> dict:
-    from megacp.ops import attention_with_lse, cp_merge_gathered, dcp_merge, pcp_merge
+    from megacp.ops import attention_with_lse, cp_merge_gathered, dcp_merge
+    from megacp.parallel_state import get_pcp_group
+    from tests.references import pcp_merge
 
     dtype = getattr(torch, dtype_name)
     with model_parallel(cp_kv_cache_interleave_size=interleave, **sizes) as ps:
@@ -59,7 +61,7 @@ def _check_decode_merge(sizes: dict, interleave: int, dtype_name: str = "float32
         one_out, one_lse = cp_merge_gathered(out, lse, dcp.world_size)  # default group: get_cp_group()
         out, lse = dcp_merge(out, lse, dcp)
         assert out.shape == (len(SEQ_LENS), hq_local, D) and lse.shape == (len(SEQ_LENS), hq_local)
-        out, lse = pcp_merge(out, lse)  # default group: get_pcp_group()
+        out, lse = pcp_merge(out, lse, get_pcp_group())
         heads = slice(dcp.rank_in_group * hq_local, (dcp.rank_in_group + 1) * hq_local)
         return {
             "empty_shard": min(local_lens) == 0,
@@ -78,7 +80,9 @@ def _check_decode_merge(sizes: dict, interleave: int, dtype_name: str = "float32
 
 def _check_all_empty_rows() -> dict:
     """A sequence no rank holds (length 0 everywhere) merges to out 0 / lse -inf, not NaN."""
-    from megacp.ops import cp_merge_gathered, dcp_merge, pcp_merge
+    from megacp.ops import cp_merge_gathered, dcp_merge
+    from megacp.parallel_state import get_pcp_group
+    from tests.references import pcp_merge
 
     sizes = {"tensor_model_parallel_size": 2, "prefill_context_parallel_size": 2, "decode_context_parallel_size": 2}
     with model_parallel(**sizes) as ps:
@@ -89,7 +93,7 @@ def _check_all_empty_rows() -> dict:
         out[0] = 0.0
         o1, l1 = cp_merge_gathered(out, lse, 2)
         o, l = dcp_merge(out, lse)
-        o, l = pcp_merge(o, l)
+        o, l = pcp_merge(o, l, get_pcp_group())
         results = {}
         for name, (oo, ll) in {"": (o, l), "one_": (o1, l1)}.items():
             results.update({

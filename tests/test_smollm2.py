@@ -128,7 +128,8 @@ def test_bf16_agreement_is_reported(dist_pool_2, smollm2_dir, record_property):
     agreement = sum(same_prefix) / sum(len(r) for r in ref)
     record_property("bf16_greedy_agreement", agreement)
     print(f"\nSmolLM2 bf16 vs fp32 greedy ids, PCP 2: {sum(same_prefix)}/{sum(len(r) for r in ref)} tokens equal "
-          f"before the first difference (per prompt {same_prefix}); bf16 text of prompt 0: {result['outputs'][0]['text']!r}")
+          f"before the first difference (per prompt {same_prefix}); bf16 text of prompt 0: "
+          f"{result['outputs'][0]['text']!r}")
     assert _ids(result)[0][0] == ref[0][0]  # " Paris"
 
 
@@ -145,19 +146,30 @@ def test_chat_template_matches_transformers(smollm2_dir):
     assert Tokenizer(smollm2_dir).encode(question) == _tokenizer(smollm2_dir)(question).input_ids
 
 
-def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir):
-    """-tp 9 -dcp 3 on 9 processes: the CLI's validation (run before initialize_model_parallel) refuses it with
-    the layouts that load this model; tp 1 and tp 3 are the ones the parity tests above run."""
-    import torch.distributed as dist
+def test_tp9_dcp3_is_refused_before_any_collective(smollm2_dir, monkeypatch):
+    """-tp 9 -dcp 3 on 9 processes: the CLI refuses it before setting up any process group (which would be the first
+    collective), listing the layouts that load this model; tp 1 and tp 3 are the ones the parity tests above run."""
+    import examples.infer_llama as cli
 
-    from examples.infer_llama import build_parser, cli_message, validate
+    def no_collective(*args, **kwargs):
+        raise AssertionError("the layout check came after process-group set-up")
 
-    args = build_parser().parse_args(["--model", smollm2_dir, "-tp", "9", "-dcp", "3", "--prompt", PROMPTS[0]])
+    monkeypatch.setattr(cli, "_world", lambda: (9, 0))  # what rank 0 of `torchrun --nproc-per-node 9` sees
+    monkeypatch.setattr(cli.ps, "initialize_model_parallel", no_collective)
+    monkeypatch.setattr(cli.dist, "init_process_group", no_collective)
+    args = cli.build_parser().parse_args(["--model", smollm2_dir, "-tp", "9", "-dcp", "3", "--prompt", PROMPTS[0]])
     with pytest.raises(ValueError) as info:
-        validate(args, 9)
-    msg = cli_message(str(info.value))  # what main prints: the library's argument names as this CLI's flags
-    assert not dist.is_initialized()
+        cli.run(args)
+    msg = cli.cli_message(str(info.value))  # what main prints: the library's argument names as this CLI's flags
     assert "--tensor-parallel-size/-tp 9" in msg and "MLP intermediate size 1536 is not divisible by 9" in msg
     assert ("Layouts that load this model (with any --prefill-context-parallel-size/-pcp and "
             "--data-parallel-size/-dp): (-tp 1, -dcp 1), (-tp 3, -dcp 1);") in msg
     assert {t for t, *_ in LAYOUTS} == {1, 3}
+
+
+def test_chat_needs_a_template():
+    """--chat with the built-in model (byte-level ids, no template) is a configuration error naming the flag."""
+    from examples.infer_llama import build_parser, validate
+
+    with pytest.raises(ValueError, match="--chat needs a --model directory with tokenizer.json and a chat template"):
+        validate(build_parser().parse_args(["--chat", "--prompt", "hi"]), 1)

@@ -18,15 +18,7 @@ from megacp.layers.linear import (
 )
 from megacp.layers.norm import RMSNorm
 from megacp.layers.pcp_split import pcp_split_positions
-from megacp.layers.rotary import (
-    RotaryEmbedding,
-    RotaryTables,
-    apply_rotary,
-    apply_rotary_tables,
-    compute_inv_freq,
-    rotary_cos_sin,
-    rotary_tables,
-)
+from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables, compute_inv_freq, rotary_tables
 
 __all__ = [
     "AttentionMetadata",
@@ -42,12 +34,10 @@ __all__ = [
     "RotaryTables",
     "RowParallelLinear",
     "VocabParallelEmbedding",
-    "apply_rotary",
     "apply_rotary_tables",
     "build_attention_metadata",
     "compute_inv_freq",
     "pcp_split_positions",
-    "rotary_cos_sin",
     "rotary_tables",
 ]
 

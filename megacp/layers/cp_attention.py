@@ -7,7 +7,7 @@ with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
   every rank attends to its local paged shard (returning LSE), and ``cp_merge_gathered`` all-gathers the packed
   partials (out and LSE) over the CP group once and merges this rank's heads locally: two collectives per layer at
-  most, none at pcp = dcp = 1 (it equals ``dcp_merge`` then ``pcp_merge``, which cost four).
+  most, none at pcp = dcp = 1 (it equals a DCP merge then a PCP merge, which cost four).
 - ``_prefill_pcp``: prefill rows. K/V are all-gathered over PCP and restored to sequence order; each rank writes the
   tokens it owns into its cache; each local chunk (head and tail of the DualChunkSwap split) attends causally,
   bottom-right aligned, to the request's new tokens up to the chunk's end.
@@ -174,7 +174,7 @@ class ContextParallelAttention(nn.Module):
         )
         # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
-        # heads, LSE-corrected: the same as dcp_merge then pcp_merge, in one latency-bound small collective
+        # heads, LSE-corrected: the same as a DCP then a PCP merge, in one latency-bound small collective
         # instead of up to four (see cp_merge_gathered).
         out, _ = cp_merge_gathered(out, lse, dcp, self.cp_group)  # [B, Hq_local, D]
         return out

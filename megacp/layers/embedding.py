@@ -72,7 +72,8 @@ class VocabParallelEmbedding(nn.Module):
         n = max(real_end - self.vocab_start, 0)
         with torch.no_grad():
             param.data.zero_()
-        load_shard(param.data[:n], loaded, (slice(self.vocab_start, self.vocab_start + n),), self.checkpoint_shape(param))
+        rows = (slice(self.vocab_start, self.vocab_start + n),)
+        load_shard(param.data[:n], loaded, rows, self.checkpoint_shape(param))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

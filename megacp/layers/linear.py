@@ -351,7 +351,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def checkpoint_shape(  # type: ignore[override]
         self, param: nn.Parameter, shard_id: str | None = None
     ) -> tuple[int, ...]:
-        """Full shape of HF ``q_proj``/``k_proj``/``v_proj`` (``shard_id`` "q", "k" or "v"): ``[heads·head_dim, hidden]``."""
+        """Full ``[heads·head_dim, hidden]`` shape of HF ``q_proj``/``k_proj``/``v_proj`` (``shard_id`` "q"/"k"/"v")."""
         if shard_id not in ("q", "k", "v"):
             raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads

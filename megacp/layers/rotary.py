@@ -1,12 +1,12 @@
 """Rotary position embeddings (neox style, as Hugging Face Llama) with optional Llama-3 / linear scaling.
 
-Pure functions for the math (``compute_inv_freq``, ``apply_rotary``) plus a small module that applies them at
-each token's absolute position, so PCP-split or padded token sets need no special handling.
+Pure functions for the math (``compute_inv_freq``, ``rotary_tables``, ``apply_rotary_tables``) plus a small module
+that applies them at each token's absolute position, so PCP-split or padded token sets need no special handling.
 
 Every layer rotates at the same positions, so the model builds the tables once per forward (``RotaryEmbedding.tables``)
 and each layer only applies them (``apply_rotary_tables``): a decode step is launch-bound, and recomputing cos/sin
 in every layer cost 5–9 small kernels per layer (cos, sin, their casts). The tables carry ``sin`` with the first half negated so that
-``rotate_half(x)·sin == swap_halves(x)·sin_signed`` exactly (a sign flip is exact), one ``neg`` kernel less per call.
+HF's ``rotate_half(x)·sin == swap_halves(x)·sin_signed`` exactly (a sign flip is exact), one ``neg`` kernel less per call.
 """
 
 from __future__ import annotations
@@ -52,25 +52,6 @@ def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: Mapping[str
     )
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions ``[T]`` → cos, sin ``[T, head_dim]`` (float32, the two halves repeated, neox layout)."""
-    freqs = positions.float()[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[T, H, D]``, cos/sin ``[T, D]`` → ``[T, H, D]`` in x's dtype (cos/sin cast to it first, as HF does)."""
-    cos = cos.to(x.dtype).unsqueeze(1)
-    sin = sin.to(x.dtype).unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 class RotaryTables(NamedTuple):
     """cos/sin of one step's positions, ready to apply: both ``[T, 1, D]`` in the activations' dtype."""
 
@@ -80,14 +61,16 @@ class RotaryTables(NamedTuple):
 
 def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
     """positions ``[T]`` → tables for ``apply_rotary_tables`` (computed in float32, then cast to ``dtype`` as HF does)."""
-    cos, sin = rotary_cos_sin(positions, inv_freq)
+    freqs = positions.float()[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D], the two halves repeated (neox layout)
+    cos, sin = emb.cos(), emb.sin()
     half = sin.shape[-1] // 2
     sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
     return RotaryTables(cos.to(dtype).unsqueeze(1), sin_signed.to(dtype).unsqueeze(1))
 
 
 def apply_rotary_tables(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-    """x ``[T, H, D]`` → ``[T, H, D]``; bitwise equal to ``apply_rotary(x, cos, sin)`` for the same positions."""
+    """x ``[T, H, D]`` → ``[T, H, D]``; bitwise equal to HF's ``x·cos + rotate_half(x)·sin`` at the same positions."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * tables.cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * tables.sin_signed.to(x.dtype)
 

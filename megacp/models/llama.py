@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE) built from megacp's tensor-parallel layers.
 
-    embed → N × [RMSNorm → QKV → RoPE(meta.positions) → ContextParallelAttention → o_proj (+res)
-                 RMSNorm → gate/up → SiLU·mul → down (+res)] → RMSNorm
+    embed → N × [(+res) RMSNorm → QKV → RoPE(meta.positions) → ContextParallelAttention → o_proj
+                 (+res) RMSNorm → gate/up → SiLU·mul → down] → (+res) RMSNorm
+    (each residual add is fused into the norm after it; the residual stream is carried beside the hidden states)
 
 The RoPE cos/sin tables of the step's positions are built once per forward and shared by every layer.
 
@@ -152,11 +153,21 @@ class LlamaDecoderLayer(nn.Module):
         )
 
     def forward(
-        self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
-    ) -> torch.Tensor:
-        """hidden ``[T_local, hidden]`` → ``[T_local, hidden]``; ``rope``: the step's tables (``LlamaForCausalLM``)."""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache, rope)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) ``[T_local, hidden]`` each → the same; ``rope``: the step's tables.
+
+        The residual stream is carried separately (vLLM style) so that each residual add is fused into the norm
+        after it: the layer's input is ``hidden + residual`` (``residual`` None: ``hidden`` alone, the first layer).
+        """
+        if residual is None:
+            residual, h = hidden, self.input_layernorm(hidden)
+        else:
+            h, residual = self.input_layernorm(hidden, residual)
+        h = self.self_attn(h, meta, kv_cache, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
     def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, HFWeight]:
         """``{HF name: loader}`` for ``model.layers.N.*`` (prefix ``"model.layers.N."``).
@@ -195,7 +206,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def _bind(layer: nn.Module, param: nn.Parameter, *shard: Any) -> HFWeight:
-    """``param`` of a tensor-parallel ``layer``: its ``checkpoint_shape`` and ``param.weight_loader(param, ., *shard)``."""
+    """``param`` of a TP ``layer``: its ``checkpoint_shape`` and ``param.weight_loader(param, ., *shard)``."""
     loader = param.weight_loader
     return HFWeight(layer.checkpoint_shape(param, *shard), lambda loaded: loader(param, loaded, *shard))
 
@@ -263,9 +274,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for a model with {len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb.tables(meta.positions, hidden.dtype)  # the same positions in every layer
+        residual = None
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None, rope)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None, rope, residual)
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[N, hidden]`` → float32 logits ``[N, vocab_size]``, the full vocabulary on every TP rank."""

@@ -31,7 +31,7 @@ from importlib import metadata
 MARKER = "megacp_prepared.json"
 # What the conversion imports, and the command that installs it (the quick start's venv has all of it).
 _CONVERT_DEPS = ("transformers", "gguf", "accelerate", "tokenizers")
-_INSTALL_EXTRA = "pip install 'megacp[models]'  (or: pip install transformers gguf accelerate tokenizers)"
+_INSTALL_EXTRA = "pip install transformers gguf accelerate tokenizers (megacp's extra: pip install '.[models]')"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,11 @@ def _convert(src: str, out: str) -> None:
     """Dequantise ``src`` (GGUF) with transformers and write a plain float32 HF checkpoint into ``out``."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except Exception as e:  # installed but broken (a version clash raises more than ImportError)
+        raise ImportError(f"transformers is installed but does not import ({e}); run: {_INSTALL_EXTRA}") from e
 
     folder, filename = os.path.split(src)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
@@ -111,6 +115,13 @@ def _convert(src: str, out: str) -> None:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     tokenizer.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _make_readable(folder: str) -> None:
@@ -144,8 +155,8 @@ def prepare(name: str = "smollm2", out: str | None = None, force: bool = False) 
         _convert(src, tmp)
         _make_readable(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"source": f"{model.package} {metadata.version(model.package)} {model.gguf_file}",
-                       "transformers": metadata.version("transformers"), "dtype": "float32"}, f, indent=1)
+            json.dump({"source": f"{model.package} {_version(model.package)} {model.gguf_file}",
+                       "transformers": _version("transformers"), "dtype": "float32"}, f, indent=1)
         if os.path.isdir(out) and (force or not is_prepared(out)):
             shutil.rmtree(out)  # a stale or unfinished directory (force: the user asked for a fresh one)
         try:

@@ -5,9 +5,6 @@ Public interface (docs/architecture.md "Attention with LSE"):
 - ``attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, backend=None) -> (out, lse)``: packed
   variable-length batch, GQA, ``causal`` = **bottom-right** alignment (query i of a sequence with lengths (lq, lk) sees
   keys j <= i + lk - lq).
-- ``attention_with_lse_by_positions(...)``: the same with an explicit mask by absolute positions (query at position
-  ``qp`` sees key at ``kp`` iff ``kp <= qp``), for keys that are an arbitrary subset of a sequence, e.g. one CP rank's
-  interleaved KV shard.
 - ``paged_attention_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)``: decode over a paged cache.
 
 LSE convention: natural log, float32, ``[Tq, Hq]``. Rows that see no key get ``out = 0`` and ``lse = -inf`` whatever
@@ -20,8 +17,7 @@ tensor back; without them the lengths are read once per call.
 
 Backends live in a small registry (``register_backend``). The automatic choice is the highest-priority backend that is
 ``available`` for the query's device; ``MEGACP_ATTN_BACKEND`` or ``backend=`` forces one. A backend supplies a packed
-varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence`` /
-``per_sequence_masked``; a kernel with only top-left causal masking gets bottom-right alignment from
+varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence``; a kernel with only top-left causal masking gets bottom-right alignment from
 ``bottom_right_causal_from_top_left``.
 """
 
@@ -42,24 +38,19 @@ ENV_BACKEND = "MEGACP_ATTN_BACKEND"
 # (q [Tq,Hq,D], k [Tk,Hk,D], v, cu_seqlens_q [B+1], cu_seqlens_k [B+1], causal, scale) -> (out [Tq,Hq,D], lse [Tq,Hq]);
 # a backend with ``takes_host_cu_seqlens`` also accepts ``host_cu_seqlens=(cu_q list, cu_k list) | None``.
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
-# (q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions [Tq], k_positions [Tk], scale) -> (out, lse)
-PositionsFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 # (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale, max_seq_len: int | None) -> (out, lse) normalised,
 # or None to use the gather path
 PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float, Optional[int]], Optional[tuple[Tensor, Tensor]]]
 HostCuSeqlens = tuple[Sequence[int], Sequence[int]]  # (cu_seqlens_q, cu_seqlens_k) as host ints
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
 SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
-# One sequence with an explicit mask: (q, k, v, allowed [lq, lk] bool, scale) -> (out, lse)
-SeqMaskedFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
     """One implementation of attention-with-LSE.
 
-    ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them); ``by_positions``
-    (optional) must return them normalised. Higher ``priority`` wins the automatic choice. ``paged`` (optional) is a
+    ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them). Higher ``priority`` wins the automatic choice. ``paged`` (optional) is a
     decode kernel reading the paged cache directly (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional)
     explains, in the error of a forced but unavailable backend, why it cannot run. ``takes_host_cu_seqlens``: ``varlen``
     accepts the keyword ``host_cu_seqlens`` (the offsets as host ints, so it need not read ``cu_seqlens`` back).
@@ -71,7 +62,6 @@ class AttentionBackend:
     varlen: VarlenFn
     available: Callable[[torch.device], bool]
     priority: int = 0
-    by_positions: Optional[PositionsFn] = None
     paged: Optional[PagedFn] = None
     unavailable_reason: Optional[Callable[[torch.device], str]] = None
     takes_host_cu_seqlens: bool = False
@@ -93,22 +83,18 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b.name for b in ranked if b.available(device)]
 
 
-def select_backend(
-    device: torch.device | str, backend: str | None = None, need_positions: bool = False
-) -> AttentionBackend:
+def select_backend(device: torch.device | str, backend: str | None = None) -> AttentionBackend:
     """``backend`` (or ``$MEGACP_ATTN_BACKEND``) if given, else the best available one for ``device``."""
     device = torch.device(device)
     name = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
-    usable = [n for n in available_backends(device) if not need_positions or _BACKENDS[n].by_positions is not None]
+    usable = available_backends(device)
     if name is None:
         if not usable:  # "torch" is always available, so this only happens if someone replaced it
             raise ValueError(f"no attention backend is available on {device}; registered: {sorted(_BACKENDS)}")
         return _BACKENDS[usable[0]]
     if name not in usable:
         what = "unknown" if name not in _BACKENDS else f"not available on {device}"
-        if name in _BACKENDS and need_positions and _BACKENDS[name].by_positions is None:
-            what = "without a by-positions (explicit mask) variant"
-        elif name in _BACKENDS and _BACKENDS[name].unavailable_reason is not None:
+        if name in _BACKENDS and _BACKENDS[name].unavailable_reason is not None:
             why = _BACKENDS[name].unavailable_reason(device)
             what += f" ({why})" if why else ""
         raise ValueError(
@@ -162,36 +148,6 @@ def _every_row_has_keys(host_cu_seqlens: HostCuSeqlens, causal: bool) -> bool:
         if lq and (lk == 0 or (causal and lq > lk)):
             return False
     return True
-
-
-def attention_with_lse_by_positions(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    q_positions: Tensor,
-    k_positions: Tensor,
-    scale: float,
-    backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Packed varlen attention with a causal mask by absolute positions.
-
-    # q: [Tq, Hq, D], k/v: [Tk, Hk, D], q_positions: int [Tq], k_positions: int [Tk]
-    # -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
-    Within each sequence, a query at position qp sees the keys with position kp <= qp (keys may be any subset of
-    the sequence in any order, e.g. a CP rank's interleaved shard). Rows that see no key give out 0 and lse -inf.
-    """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if q_positions.shape != (q.shape[0],) or k_positions.shape != (k.shape[0],):
-        raise ValueError(
-            f"q_positions {tuple(q_positions.shape)} / k_positions {tuple(k_positions.shape)} must be [Tq]={q.shape[0]}"
-            f" / [Tk]={k.shape[0]}"
-        )
-    impl = select_backend(q.device, backend, need_positions=True)
-    assert impl.by_positions is not None
-    out, lse = impl.by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, float(scale))
-    return out.to(q.dtype), lse.float()
 
 
 def paged_attention_with_lse(
@@ -325,29 +281,6 @@ def per_sequence(seq_fn: SeqFn) -> VarlenFn:
     return varlen
 
 
-def per_sequence_masked(seq_fn: SeqMaskedFn) -> PositionsFn:
-    """Lift a one-sequence explicit-mask kernel to packed varlen attention by absolute positions (normalised)."""
-
-    def by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale):
-        outs, lses = [], []
-        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
-            if q1 == q0:
-                continue
-            allowed = k_positions[k0:k1].unsqueeze(0) <= q_positions[q0:q1].unsqueeze(1)  # [lq, lk]
-            has_key = allowed.any(dim=1).unsqueeze(1)  # [lq, 1]
-            if not bool(has_key.any()):
-                outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
-                lses.append(_neg_inf(q1 - q0, q.shape[1], q.device))
-                continue
-            out, lse = seq_fn(q[q0:q1], k[k0:k1], v[k0:k1], allowed, scale)
-            out, lse = _normalise_empty_rows(out.to(q.dtype), lse.float(), has_key.squeeze(1))
-            outs.append(out)
-            lses.append(lse)
-        return _cat(outs, lses, q, v)
-
-    return by_positions
-
-
 def bottom_right_causal_from_top_left(
     attn: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]],
     q: Tensor,
@@ -478,12 +411,6 @@ def _sdpa_cpu_call(
     return out[0].transpose(0, 1), lse[0].transpose(0, 1).to(torch.promote_types(q.dtype, torch.float32))
 
 
-def _sdpa_cpu_seq_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    # The kernel wants an additive mask in the query dtype; fully masked rows come back as lse 0 (normalised by caller).
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-    return _sdpa_cpu_call(q, k, v, False, scale, mask)
-
-
 # The kernel differentiates its output only; wrapped, its LSE is differentiable too, so the prefix + square
 # decomposition below merges partials with gradients intact (the same path the cuDNN backend takes on CUDA).
 _sdpa_cpu_grad_call = differentiable(_sdpa_cpu_call)
@@ -512,19 +439,12 @@ def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu
     return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
 
 
-def _sdpa_cpu_by_positions(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale):
-    _check_sdpa_cpu_dtypes(q, k, v)
-    lifted = per_sequence_masked(_sdpa_cpu_seq_masked)
-    return lifted(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, scale)
-
-
 register_backend(
     AttentionBackend(
         name="torch",
         varlen=per_sequence(_torch_seq),
         available=lambda device: True,
         priority=0,
-        by_positions=per_sequence_masked(_torch_seq_masked),
         takes_host_cu_seqlens=True,
         differentiable=True,  # plain torch ops
     )
@@ -535,7 +455,6 @@ register_backend(
         varlen=_sdpa_cpu_varlen,
         available=_sdpa_cpu_available,
         priority=10,
-        by_positions=_sdpa_cpu_by_positions,
         takes_host_cu_seqlens=True,
         differentiable=True,
     )

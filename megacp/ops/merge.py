@@ -7,7 +7,8 @@ Attention over the union of disjoint subsets is
     L = logsumexp_i l_i,        o = Σ_i exp(l_i − L) · o_i .
 
 The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
-``dcp_merge`` and ``pcp_merge`` are thin layers that apply the same weights across ranks of a ``ParallelGroup``, and
+``dcp_merge`` is a thin layer that applies the same weights across the ranks of a ``ParallelGroup`` (the prefill
+over cached context uses it), and
 ``cp_merge_gathered`` does both at once with one all-gather over the CP group (what decode uses).
 Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``,
 never NaN.
@@ -104,28 +105,10 @@ def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     return merged.to(out.dtype), merged_lse[:, start : start + local_heads].contiguous()
 
 
-def pcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) -> tuple[Tensor, Tensor]:
-    """Prefill-CP merge: same queries on every rank, each against its own KV shard.
-
-    # out: [B, H, D], lse: [B, H] -> (out [B, H, D] in out.dtype, lse [B, H] float32), identical on every rank
-    All-gathers lse, rescales, and all-reduces the rescaled output (in float32).
-    """
-    if group is None:
-        from megacp.parallel_state import group_or_single_rank
-
-        group = group_or_single_rank("pcp")
-    _check_merge_shapes("pcp_merge", out, lse)
-    if group.world_size == 1:
-        return out, lse.float()
-    scaled, merged_lse = _scale_for_group(out, lse, group)
-    merged = group.all_reduce(scaled.contiguous())
-    return merged.to(out.dtype), merged_lse
-
-
 def cp_merge_gathered(
     out: Tensor, lse: Tensor, dcp_size: int, group: "ParallelGroup | None" = None
 ) -> tuple[Tensor, Tensor]:
-    """Decode merge over the whole CP group in one collective: equals ``pcp_merge(*dcp_merge(out, lse))``.
+    """Decode merge over the whole CP group in one collective: equals a DCP merge over heads followed by a PCP merge over ranks (all-gather lse, rescale, all-reduce).
 
     # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] (this rank's partial over all the DCP group's heads)
     # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32) for this rank's own heads
@@ -134,7 +117,7 @@ def cp_merge_gathered(
     rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
 
     Why one all-gather of the packed ``[out | lse]`` instead of dcp_merge's all-gather + reduce-scatter and
-    pcp_merge's all-gather + all-reduce: decode tensors are small (``B·dcp·Hq_local·(D+1)`` floats: a few KiB at
+    a PCP merge's all-gather + all-reduce: decode tensors are small (``B·dcp·Hq_local·(D+1)`` floats: a few KiB at
     batch 1, ~1 MiB at batch 64 with 32 heads of 128), so each collective costs its fixed launch/host latency, not
     bandwidth (docs/benchmarks.md measured ~0.2–0.3 ms of host time per NCCL call). Moving ``W×`` the bytes in one
     call is cheaper than up to four calls, and the partials travel in float32, so the merge rounds to ``out.dtype``
