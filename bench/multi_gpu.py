@@ -262,11 +262,14 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
     engine = LLMEngine(model, num_blocks, BLOCK, max_num_batched_tokens=max(args.contexts), max_num_seqs=1)
     marks: list[float] = []
 
-    def mark(step: int) -> None:
+    run_step = engine._run_step
+
+    def marked_step(*args, **kwargs):
         _sync(device)  # the step before has finished its GPU work (it read its sampled ids back already)
         marks.append(time.perf_counter())
+        return run_step(*args, **kwargs)
 
-    engine.on_step = mark
+    engine._run_step = marked_step
     warm = _prompt(min(1024, max(args.contexts)), args.vocab, 1)
     engine.generate([warm], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     rows = []

@@ -11,11 +11,6 @@ the data-parallel replicas). Without ``--model`` (or with ``--model tiny``) a sm
 ``--prompt`` in the checkpoint's chat template as one user turn (what an instruction-tuned model expects). Every
 configuration error (a bad flag value, file, request or cache size) is found on every rank before generating and ends
 the job with exit code 2 and one message naming the flag or file.
-
-Test-only fault injection (used by tests/test_example_errors.py): with ``MEGACP_TEST_KILL_RANK=r`` and
-``MEGACP_TEST_KILL_AT_STEP=s`` in the environment, world rank ``r`` exits abruptly (``os._exit(9)``) before engine
-step ``s`` (or, with ``MEGACP_TEST_KILL_HOW=stop``, stops itself with SIGSTOP, a hung peer), to check that the other
-ranks do not wait forever and say which peer and group failed.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import warnings
 from datetime import timedelta
@@ -331,25 +325,6 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
-def _kill_hook(rank: int):
-    """The test-only fault injection described in the module docstring (None when not requested)."""
-    kill_rank, kill_step = os.environ.get("MEGACP_TEST_KILL_RANK"), os.environ.get("MEGACP_TEST_KILL_AT_STEP")
-    if kill_rank is None or kill_step is None or int(kill_rank) != rank:
-        return None
-    stop = os.environ.get("MEGACP_TEST_KILL_HOW", "exit") == "stop"
-
-    def on_step(step: int) -> None:
-        if step == int(kill_step):
-            how = "stopping (SIGSTOP)" if stop else "exiting abruptly"
-            print(f"[rank {rank}] MEGACP_TEST_KILL_AT_STEP={step}: {how}", file=sys.stderr, flush=True)
-            if stop:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            else:
-                os._exit(9)
-
-    return on_step
-
-
 def _first_error(check) -> str | None:
     """Run ``check()`` on this rank and agree over all ranks (a collective): the first rank's ValueError message on
     every rank, or None. For checks whose verdict can differ between ranks (memory, a file only rank 0 writes)."""
@@ -391,7 +366,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
         except (ValueError, OSError, KeyError) as e:
             raise ValueError(f"could not load --model {args.model}: {e}") from None
         built["engine"] = LLMEngine(built["model"], num_blocks, args.block_size, args.max_num_batched_tokens,
-                                    args.max_num_seqs, on_step=_kill_hook(rank),
+                                    args.max_num_seqs,
                                     enforce_eager=args.enforce_eager)
 
     error = _first_error(load_and_build)

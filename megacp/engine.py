@@ -32,7 +32,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -108,8 +108,7 @@ class LLMEngine:
     ``num_kv_blocks``: physical KV blocks per rank and layer (the same virtual block ids on every CP rank).
     ``max_num_seqs``: requests admitted at once (rows of the block table). The KV cache is a ``KVSession``
     (``self.session``): requests are its ids, each step its metadata. On CUDA with NCCL (or one GPU) pure-decode
-    steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``on_step(step)`` is called before each
-    step (used by the example's fault-injection test hook).
+    steps replay CUDA graphs; ``enforce_eager=True`` turns that off.
     """
 
     def __init__(
@@ -119,7 +118,6 @@ class LLMEngine:
         block_size: int = 16,
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
-        on_step: Callable[[int], None] | None = None,
         enforce_eager: bool = False,
     ) -> None:
         num_kv_blocks = check_int("LLMEngine(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
@@ -130,7 +128,6 @@ class LLMEngine:
         validate_moe_data_parallel(getattr(model.config, "is_moe", False), ps.get_data_parallel_world_size())
         self.model = model
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.on_step = on_step
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = int(model.config.max_position_embeddings)
@@ -266,8 +263,6 @@ class LLMEngine:
         start = time.perf_counter()
         try:
             while waiting or running:
-                if self.on_step is not None:
-                    self.on_step(stats.num_steps)
                 sched = self._schedule(waiting, running, sampling.max_new_tokens)
                 if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
                     raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")

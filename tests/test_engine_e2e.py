@@ -106,13 +106,18 @@ def _failing_step_task():
     from megacp.sampling import SamplingParams
     from tests.dist_pool import model_parallel
 
-    def boom(step: int) -> None:
-        if step == 3:
-            raise RuntimeError("injected failure")
-
     with model_parallel():
         model = load_model(None, torch.float32, torch.device("cpu"))
-        engine = LLMEngine(model, num_kv_blocks=6, block_size=4, on_step=boom)
+        engine = LLMEngine(model, num_kv_blocks=6, block_size=4)
+        run_step, calls = engine._run_step, [0]
+
+        def boom(*args, **kwargs):  # the 4th step raises, as a bad input or a dead peer would
+            calls[0] += 1
+            if calls[0] == 4:
+                raise RuntimeError("injected failure")
+            return run_step(*args, **kwargs)
+
+        engine._run_step = boom
         try:
             engine.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(max_new_tokens=6, ignore_eos=True))
         except RuntimeError as e:
@@ -120,7 +125,7 @@ def _failing_step_task():
         else:
             raise AssertionError("the injected failure did not propagate")
         free_after_failure = engine.session.allocator.num_free
-        engine.on_step = None
+        engine._run_step = run_step
         outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
         return free_after_failure, engine.session.allocator.num_free, len(outs[0].output_ids)
 

@@ -28,8 +28,14 @@ EXAMPLE = os.path.join(REPO, "examples", "infer_llama.py")
 TIMEOUT_S = 180  # generous for a loaded 2-core box; a hang would hit it, a healthy failure takes seconds
 
 
+FAULT_INJECTION = os.path.join(REPO, "tests", "fault_injection")  # sitecustomize.py: MEGACP_TEST_KILL_* hooks
+
+
 def _env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **(env_extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **(env_extra or {}))
+    if any(k.startswith("MEGACP_TEST_KILL") for k in (env_extra or {})):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (FAULT_INJECTION, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _torchrun(nproc: int, args: list[str], env_extra: dict[str, str] | None = None,
