@@ -177,7 +177,7 @@ def _time_ms(fn, device: torch.device, reps: int) -> float:
 def bench_attention(args, layout, device, dtype, log) -> list[dict]:
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     tp, pcp, dcp = layout
     world = dist.get_world_size()
@@ -212,7 +212,7 @@ def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
     all-gather, paged attention over this rank's shard, LSE merge and reduce-scatter); the cache holds random K/V."""
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     tp, pcp, dcp = layout
     world = dist.get_world_size()

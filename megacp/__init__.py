@@ -27,7 +27,7 @@ _EXPORTS = {
     "ParallelConfig": ("megacp.config", "ParallelConfig"),
     "KVSession": ("megacp.kv.session", "KVSession"),
     "AttentionMetadata": ("megacp.layers.cp_metadata", "AttentionMetadata"),
-    "build_attention_metadata": ("megacp.layers.cp_metadata", "build_attention_metadata"),
+    "build_attention_metadata": ("megacp.layers.metadata_builder", "build_attention_metadata"),
     "LLMEngine": ("megacp.engine", "LLMEngine"),
     "SamplingParams": ("megacp.sampling", "SamplingParams"),
     "load_model": ("megacp.models.loader", "load_model"),
@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
     from megacp.config import ParallelConfig
     from megacp.engine import LLMEngine
     from megacp.kv.session import KVSession
-    from megacp.layers.cp_metadata import AttentionMetadata, build_attention_metadata
+    from megacp.layers.cp_metadata import AttentionMetadata
+    from megacp.layers.metadata_builder import build_attention_metadata
     from megacp.models.loader import load_model
     from megacp.parallel_state import allreduce_grads, destroy_model_parallel, initialize_model_parallel
     from megacp.sampling import SamplingParams

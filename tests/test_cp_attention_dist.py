@@ -101,7 +101,7 @@ def _scenario(tp: int, pcp: int, dcp: int, interleave: int, device: torch.device
     from megacp import parallel_state as ps
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     if ps.model_parallel_is_initialized():
         W, R = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
@@ -201,7 +201,7 @@ def test_single_device_without_parallel_state():
 def test_layer_rejects_bad_inputs():
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     with pytest.raises(ValueError, match="decode_context_parallel_size|tensor_model_parallel_size"):
         ContextParallelAttention(4, 2, HEAD_DIM, 0.5, tp_size=3)
@@ -235,7 +235,7 @@ def test_cp_attention_matches_single_device(dist_pool_8, tp, pcp, dcp):
 # ------------------------------------------------------------------------------------------------ backward
 def _backward_task(pcp: int) -> float:
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     with model_parallel(prefill_context_parallel_size=pcp, data_parallel_size=8 // pcp):
         prompts = [1, 3, 2 * pcp - 1, 37, 20]
@@ -278,7 +278,7 @@ def _layout_mismatch_task() -> list[str]:
     """A layer built before initialize_model_parallel (one rank) used with metadata of a pcp = 2 and of a dcp = 2
     layout, and a layer built for dcp = 2 used with single-rank metadata."""
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
     messages = []

@@ -11,7 +11,7 @@ import torch
 
 from megacp.kv import BlockTable
 from megacp.kv.layout import cp_local_seq_lens
-from megacp.layers.cp_metadata import build_attention_metadata
+from megacp.layers.metadata_builder import build_attention_metadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 
 NULL_SLOT = 10**6  # a cache's null slot (no cache is built here)

@@ -404,7 +404,7 @@ def test_cp_attention_layer_on_gpu_matches_causal_sdpa():
     """Single-GPU ContextParallelAttention over a paged cache: prefill, prefill over cached context, decodes."""
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     H, HKV, D, BLOCK = 32, 8, 128, 16
     steps = [[(0, 300), (1, 1), (2, 1000)], [(0, 1), (1, 64), (2, 1), (3, 7)]] + [[(i, 1) for i in range(4)]] * 3

@@ -120,7 +120,7 @@ def _prefill_logits(model, prompts: list[list[int]], use_cache: bool) -> torch.T
     from megacp import parallel_state as ps
     from megacp.kv.block_table import BlockTable
     from megacp.kv.paged_cache import PagedKVCache
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     cp_world, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     per_block = BLOCK_SIZE * cp_world

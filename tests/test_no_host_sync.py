@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacp.kv import BlockTable, PagedKVCache, blocks_needed
-from megacp.layers.cp_metadata import build_attention_metadata
+from megacp.layers.metadata_builder import build_attention_metadata
 from megacp.ops import attention_with_lse, paged_attention_with_lse
 from megacp.ops import backends_cuda
 from tests.dist_pool import model_parallel

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megacp.kv import BlockTable, KVCacheFullError, KVSession
-from megacp.layers.cp_metadata import AttentionMetadataBuilder
+from megacp.layers.metadata_builder import AttentionMetadataBuilder
 
 BLOCK = 4
 

@@ -77,7 +77,7 @@ def _reference(kind: str, num_kv_heads: int = 1, tied: bool = False, head_dim: i
 # ------------------------------------------------------------------------------------------------ worker side
 def _training_metadata(seq_lens: list[int], device: str = "cpu"):
     """Step metadata of a cache-free prefill of ``seq_lens`` (the one place this test builds metadata)."""
-    from megacp.layers.cp_metadata import build_attention_metadata
+    from megacp.layers.metadata_builder import build_attention_metadata
 
     return build_attention_metadata(list(range(len(seq_lens))), [0] * len(seq_lens), seq_lens, None, device=device)
 

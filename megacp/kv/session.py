@@ -36,7 +36,8 @@ from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable
 from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens
 from megacp.kv.paged_cache import PagedKVCache
-from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder
+from megacp.layers.cp_metadata import AttentionMetadata
+from megacp.layers.metadata_builder import AttentionMetadataBuilder
 
 
 @dataclass

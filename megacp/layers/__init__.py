@@ -8,7 +8,8 @@ model of your own built from them.
 """
 
 from megacp.layers.cp_attention import ContextParallelAttention
-from megacp.layers.cp_metadata import AttentionMetadata, AttentionMetadataBuilder, build_attention_metadata
+from megacp.layers.cp_metadata import AttentionMetadata
+from megacp.layers.metadata_builder import AttentionMetadataBuilder, build_attention_metadata
 from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from megacp.layers.linear import (
     ColumnParallelLinear,
