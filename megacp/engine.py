@@ -39,7 +39,7 @@ from torch import Tensor
 
 from megacp import parallel_state as ps
 from megacp.buffers import CpuGpuBuffer
-from megacp.checks import check_bool, check_int, check_request_fits, validate_requests
+from megacp.checks import check_bool, check_int, validate_requests
 from megacp.config import validate_moe_data_parallel
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
 from megacp.kv.session import KVSession
@@ -154,11 +154,6 @@ class LLMEngine:
         return self.session.num_kv_blocks
 
     # ------------------------------------------------------------------ admission
-    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        """Raise ``ValueError`` if a request of this size could never run, even alone."""
-        check_request_fits(prompt_len, max_new_tokens, self.max_model_len, self.num_kv_blocks, self.block_size,
-                           self.session.cp_world_size)
-
     def _computed(self, req: _Request) -> int:
         """Tokens of ``req`` already in the (CP-sharded) cache."""
         return self.session.num_cached(req.index)

@@ -44,9 +44,6 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
-
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free block ids, or raise ``KVCacheFullError`` and take none."""
         if n < 0:

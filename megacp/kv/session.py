@@ -242,9 +242,10 @@ class KVSession:
             raise ValueError(f"KVSession.step: a request appears twice in one step: {rids}")
         self._check_fits({rid: self.num_cached(rid) + n for rid, n in zip(rids, counts)})
         seqs = [self._grow(rid, self.num_cached(rid) + n) for rid, n in zip(rids, counts)]
-        token_ids: list[int] | Tensor | None = None if "count" in kinds else [t for part in parts for t in part]
-        if any(isinstance(part, Tensor) for part in parts):
-            token_ids = torch.cat([torch.as_tensor(part, dtype=torch.long) for part in parts])
+        token_ids: list[int] | Tensor | None = None
+        if "count" not in kinds:
+            token_ids = (torch.cat([torch.as_tensor(part, dtype=torch.long) for part in parts])
+                         if any(isinstance(part, Tensor) for part in parts) else [t for part in parts for t in part])
         meta = self.builder.build([s.row for s in seqs], [s.num_cached for s in seqs], counts, token_ids=token_ids,
                                   pad_decodes_to=pad_decodes_to, logits_requests=logits_requests)
         for seq, n in zip(seqs, counts):
