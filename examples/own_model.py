@@ -156,7 +156,7 @@ def run(tp: int, pcp: int, dcp: int, interleave: int, atol: float) -> float:
     model = GPT(cfg).eval()
     load_from_reference(model, ref, cfg)
     session = megacp.KVSession(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                               num_kv_blocks=16, block_size=4)
+                               num_kv_blocks=16, block_size=4, vocab_size=cfg.vocab_size)
     gen = torch.Generator().manual_seed(1)
     seqs = {rid: torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
             for rid, n in (("a", 13), ("b", 6), ("c", 3))}

@@ -68,6 +68,18 @@ def test_step_rejects_bad_requests():
     assert s.allocator.num_free == 6 and not s._seqs
 
 
+def test_step_checks_token_ids_against_the_vocabulary():
+    s = _session(vocab_size=10)
+    for bad, needle in (([3, 10], r"\[0\]\[1\] = 10 is outside the model's vocabulary \[0, 10\)"),
+                        ([-1], r"= -1 is outside"), ([2.5], "non-integer token id"),
+                        (torch.tensor([4, 12]), r"= 12 is outside")):
+        with pytest.raises(ValueError, match=needle):
+            s.step([("a", bad)])
+        assert s.allocator.num_free == 6 and not s._seqs  # rejected before anything changed
+    meta = s.step([("a", torch.tensor([1, 9])), ("b", [0])])
+    assert meta.input_ids.tolist() == [1, 9, 0] and s.num_cached("a") == 2
+
+
 def _session_task() -> dict:
     """Under pcp 2 (interleave 2): the session's layout comes from parallel_state, each rank stores its share, and
     running out of blocks says the same on every rank."""

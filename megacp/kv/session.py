@@ -25,13 +25,14 @@ fails should be followed by ``free`` of its requests.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
-from megacp.checks import check_int, check_memory, kv_cache_bytes
+from megacp.checks import check_int, check_memory, kv_cache_bytes, validate_prompt_ids
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable
 from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens
@@ -45,6 +46,15 @@ class _Sequence:
     row: int  # BlockTable row
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
+
+
+def _token_list(request_id: Hashable, tokens: Sequence[int]) -> list[int]:
+    """``tokens`` as Python ints; ``ValueError`` for a non-integer id (``int(2.5)`` would silently give token 2)."""
+    try:
+        return [operator.index(t) for t in tokens]
+    except TypeError:
+        raise ValueError(f"KVSession.step: request {request_id!r} has a non-integer token id in {list(tokens)!r}") \
+            from None
 
 
 def _layout() -> tuple[int, int, int, int]:
@@ -64,7 +74,9 @@ class KVSession:
     (this rank stores ``max(1, num_kv_heads / tp)`` of them, like ``ContextParallelAttention``). ``num_kv_blocks``:
     physical blocks per rank and layer, the same virtual ids on every CP rank (a block holds ``block_size`` tokens on
     each of the ``pcp·dcp`` CP ranks). ``max_seq_len``: the longest request (sizes the block table's rows; default:
-    the whole cache). The cache memory is checked against the device before it is allocated.
+    the whole cache). The cache memory is checked against the device before it is allocated. ``vocab_size``:
+    given, every step's token ids are checked against it on the host, before anything changes (a tensor-parallel
+    embedding would otherwise turn an out-of-vocabulary id into a zero row; ``LLMEngine`` checks its requests itself).
     """
 
     def __init__(
@@ -78,7 +90,9 @@ class KVSession:
         max_seq_len: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        vocab_size: int | None = None,
     ) -> None:
+        self.vocab_size = None if vocab_size is None else check_int("KVSession(vocab_size)", vocab_size, 1)
         num_layers = check_int("KVSession(num_layers)", num_layers, 0)
         num_kv_heads = check_int("KVSession(num_kv_heads)", num_kv_heads, 1, hint="the model's global KV head count")
         head_dim = check_int("KVSession(head_dim)", head_dim, 1)
@@ -231,12 +245,15 @@ class KVSession:
                 counts.append(tokens)
             else:
                 kinds.add("ids")
-                parts.append(tokens.reshape(-1) if isinstance(tokens, Tensor) else [int(t) for t in tokens])
+                parts.append(tokens.reshape(-1) if isinstance(tokens, Tensor) else _token_list(rid, tokens))
                 counts.append(len(parts[-1]))
             if counts[-1] < 1:
                 raise ValueError(f"KVSession.step: request {rid!r} has no new tokens; schedule at least one")
         if len(kinds) > 1:
             raise ValueError("KVSession.step: give every request's new tokens as ids, or every request's count")
+        if self.vocab_size is not None and parts:  # on the host, the same verdict on every rank, nothing changed yet
+            validate_prompt_ids([p.tolist() if isinstance(p, Tensor) else p for p in parts], self.vocab_size,
+                                name="KVSession.step new token ids")
         rids = [rid for rid, _ in requests]
         if len(set(rids)) != len(rids):
             raise ValueError(f"KVSession.step: a request appears twice in one step: {rids}")
