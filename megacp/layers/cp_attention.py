@@ -135,17 +135,19 @@ class ContextParallelAttention(nn.Module):
         if pre is None:
             return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
         o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], pre, kv_cache)
-        if pre.q_range == (B, T):  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
+        in_order = pre.q_range == (B, T)  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
+        ctx = meta.context
+        q_rows = None if in_order and ctx is None else _index(pre.q_rows, pre.q_range, q.device)
+        if in_order:
             out = o_new if o_dec is None else torch.cat([o_dec, o_new])
         else:
             out = q.new_zeros(T, self.num_local_heads, self.head_dim)
             if o_dec is not None:
                 out = torch.cat([o_dec, out[B:]])
-            out = out.index_copy(0, _index(pre.q_rows, pre.q_range, q.device), o_new)
-        ctx = meta.context
+            out = out.index_copy(0, q_rows, o_new)
         if ctx is not None:
             lse = q.new_full((T, self.num_local_heads), float("-inf"), dtype=torch.float32)
-            lse = lse.index_copy(0, _index(pre.q_rows, pre.q_range, q.device), lse_new)
+            lse = lse.index_copy(0, q_rows, lse_new)
             o_ctx, lse_ctx = self._prefill_over_context(q[ctx.rows], ctx, kv_cache)
             merged, _ = merge_attn_states(out[ctx.rows], lse[ctx.rows], o_ctx, lse_ctx)
             out = out.index_copy(0, ctx.real_rows, merged[ctx.real_index])
