@@ -52,12 +52,9 @@ def graph_time_us(fn, calls: int = 20, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens: int,
-               num_splits: int | None = None) -> dict | None:
-    from triton.testing import do_bench
-
-    if B * L > max_tokens:
-        return None
+def case_tensors(B: int, L: int, hq: int, hkv: int, d: int, block: int) -> dict:
+    """One decode case in bfloat16: a paged cache with shuffled block ids holding ``L`` tokens for each of ``B``
+    sequences, the same K/V as contiguous ``[B, Hkv, L, D]`` copies, the ``[B, Hq, D]`` queries."""
     per = -(-L // block)
     g = torch.Generator(device="cuda").manual_seed(B * 7 + L)
     k_cache = torch.randn(B * per, block, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -66,16 +63,28 @@ def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens
     block_table = ids.view(B, per)
     seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    scale = d ** -0.5
-    # contiguous copy of the same K/V, [B, Hkv, L, D]
     slots = (block_table.long().unsqueeze(-1) * block + torch.arange(block, device="cuda")).view(B, -1)[:, :L]
-    k_contig = k_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous()
-    v_contig = v_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous()
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table, "seq_lens": seq_lens,
+            "slots": slots, "scale": d ** -0.5,
+            "k_contig": k_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous(),
+            "v_contig": v_cache.flatten(0, 1)[slots].transpose(1, 2).contiguous()}
+
+
+def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens: int,
+               plan: paged_decode.DecodePlan | None = None) -> dict | None:
+    from triton.testing import do_bench
+
+    if B * L > max_tokens:
+        return None
+    c = case_tensors(B, L, hq, hkv, d, block)
+    q, k_cache, v_cache, block_table, seq_lens, slots, scale = (
+        c[k] for k in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "slots", "scale"))
+    k_contig, v_contig = c.pop("k_contig"), c.pop("v_contig")
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
     def paged():
         return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=L,
-                                                  num_splits=num_splits)
+                                                  plan=plan)
 
     def sdpa():
         return F.scaled_dot_product_attention(q4, k_contig, v_contig, scale=scale, enable_gqa=True)
@@ -105,7 +114,7 @@ def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens
         row[f"{name}_graph_us"] = us
         row[f"{name}_graph_TBps"] = nbytes / us / 1e6
     row["paged_vs_sdpa_graph"] = row["paged_graph_TBps"] / row["sdpa_graph_TBps"]
-    del k_cache, v_cache, k_contig, v_contig
+    del c, k_cache, v_cache, k_contig, v_contig
     torch.cuda.empty_cache()
     return row
 
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=2 * 1024 * 1024, help="skip cases with B·L above this")
-    p.add_argument("--num-splits", type=int, default=None, help="override the kernel's split-KV plan")
+    p.add_argument("--num-splits", type=int, default=None, help="override the kernel's split-KV plan (eager timing)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     require_cuda()
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         for dcp in args.dcp:
             for B in args.batch:
                 row = bench_case(B, ctx // dcp, args.heads, args.kv_heads, args.head_dim, args.block_size,
-                                 args.max_tokens, args.num_splits)
+                                 args.max_tokens,
+                                 paged_decode.DecodePlan(args.num_splits) if args.num_splits else None)
                 if row is not None:
                     rows.append({"context": ctx, "dcp": dcp, **row})
     result = {"benchmark": "decode", "env": environment(),

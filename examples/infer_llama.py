@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_real_flag(0.0, 1.0, min_inclusive=False), default=1.0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="run decode steps eagerly (default on CUDA with NCCL: replay CUDA graphs)")
+                   help="run decode steps eagerly (default on CUDA with a dense model: replay CUDA graphs)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     p.add_argument("--chat", action="store_true",
                    help="apply the checkpoint's chat template to each --prompt (one user turn, then the assistant's)")

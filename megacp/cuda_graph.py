@@ -9,20 +9,25 @@ time. A CUDA graph records them once and replays them with one launch. What make
   steps of 32): padding rows carry token 0, an empty KV shard (the paged kernel returns lse -inf for them) and
   write their K/V to the cache's null slot, so they never touch a real slot or a real row;
 - the paged decode kernel plans its split-KV grid by the block table's capacity instead of the step's longest
-  sequence (``seq_lens_host=None``), and nothing reads a device value back.
+  sequence (``seq_lens_host=None``; each split finds its share of the real length on the device), and nothing reads
+  a device value back.
 
 Captured: block-table row gather → embedding → every layer (the DCP query all-gather and the CP merge all-gather
-included, on NCCL) → final norm → logits (TP all-gather) → greedy ``sample`` (argmax, NaN/inf rows flagged). Sampling with temperature runs eagerly on
-the replay's logits. Prefill and mixed steps always run eagerly. Collectives must be NCCL: gloo (CPU, or several
-ranks sharing a GPU in tests) goes through the host and cannot be captured, so ``graph_support`` says no and the
-engine runs eagerly; so do MoE models, whose expert all-to-all sizes depend on the routing.
+included) → final norm → logits (TP all-gather) → greedy ``sample`` (argmax, NaN/inf rows flagged). Sampling with
+temperature runs eagerly on the replay's logits. Prefill and mixed steps always run eagerly.
+
+NCCL collectives are recorded in the graph. A gloo group's collectives go through host memory and cannot be: there
+the step is captured in pieces (``PiecewiseGraph``) cut at each such collective, which runs eagerly between the
+pieces' replays, on the same tensors (what several ranks sharing one GPU in tests and ``scripts/gpu_graph_matrix.py``
+use). MoE models run eagerly: their expert all-to-all sizes depend on the routing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,20 +55,54 @@ def graph_support(model: torch.nn.Module, device: torch.device) -> str | None:
         return f"CUDA graphs need a CUDA device (this run is on {device.type})"
     if getattr(model.config, "is_moe", False):
         return "MoE layers route a data-dependent number of tokens to each rank"
-    from megacp import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        for group in (ps.get_tp_group(), ps.get_pcp_group(), ps.get_dcp_group(), ps.get_cp_group()):
-            if group.world_size > 1 and group.backend != "nccl":
-                return f"the {group.name} group uses {group.backend}, whose collectives go through the host"
     return None
 
 
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    logits: Tensor  # [B, vocab] float32, written by each replay
-    greedy: Tensor  # [B] long
+class PiecewiseGraph:
+    """One step captured as a sequence of CUDA graphs cut at each host-staged (gloo) collective.
+
+    ``capture()`` is a context manager around the step's code: it records graph pieces into ``pool``; each staged
+    collective met inside ends the current piece, runs once (so every rank stays in step) and is kept. ``replay()``
+    replays piece 0, runs collective 0 eagerly, replays piece 1, ... With NCCL (or one rank) there are no cuts and
+    it is one plain graph. Pieces share ``pool`` and are replayed in the order they were captured, which is what
+    makes sharing it safe.
+    """
+
+    def __init__(self, pool: tuple[int, int]) -> None:
+        self.pool = pool
+        self.pieces: list[torch.cuda.CUDAGraph] = []
+        self.collectives: list[Callable[[], None]] = []
+
+    def _begin(self) -> None:
+        self.pieces.append(torch.cuda.CUDAGraph())
+        self.pieces[-1].capture_begin(pool=self.pool)
+
+    def _cut(self, collective: Callable[[], None]) -> None:
+        self.pieces[-1].capture_end()
+        collective()
+        self.collectives.append(collective)
+        self._begin()
+
+    @contextlib.contextmanager
+    def capture(self):
+        from megacp import parallel_state as ps
+
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()  # capture cannot run on the default stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), ps.cut_graphs_at_host_collectives(self._cut):
+            self._begin()
+            try:
+                yield self
+            finally:
+                self.pieces[-1].capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def replay(self) -> None:
+        for i, piece in enumerate(self.pieces):
+            piece.replay()
+            if i < len(self.collectives):
+                self.collectives[i]()
 
 
 class DecodeGraphRunner:
@@ -106,8 +145,8 @@ class DecodeGraphRunner:
                 for _ in range(2):
                     self._forward(meta)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            graph = PiecewiseGraph(pool)
+            with graph.capture():
                 logits, greedy = self._forward(meta)
             self.graphs[B] = _Graph(graph, logits, greedy)
         torch.cuda.synchronize()

@@ -10,7 +10,8 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    blocks it can ever need (``prompt + max_new_tokens`` tokens) at once, or waits until running requests free theirs.
 2. **Run**: ``KVSession.step`` (the step's metadata: PCP split of prefill tokens, slot mapping for this CP rank) ->
    model forward -> ``select_logits_hidden`` -> ``compute_logits`` (full vocabulary on every rank) -> ``sample``.
-   A pure-decode step on CUDA with NCCL replays a CUDA graph over the same session instead (``megacp.cuda_graph``).
+   A pure-decode step on CUDA (dense model) replays a CUDA graph over the same session instead (``megacp.cuda_graph``;
+   with gloo groups the graph is cut into pieces at each collective, which runs eagerly between them).
 3. **Agree**: the sampled ids are broadcast from TP rank 0 over the TP group, then from PCP rank 0 over the PCP group,
    i.e. from the replica's first rank (world rank 0 when dp = 1). Sampling is already seeded identically everywhere,
    the broadcast makes divergence impossible rather than unlikely.

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterable
+from typing import Callable, Iterator, Iterable
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,24 @@ def run_collective(collective, tensors: tuple[torch.Tensor, ...], stage: bool, *
     host = [t.to("cpu", copy=True) for t in tensors]
     collective(*host, **kwargs)
     tensors[0].copy_(host[0])
+
+
+# While ``megacp.cuda_graph`` captures a step, a collective staged through the host (gloo on CUDA tensors) cannot be
+# recorded in the graph: it is handed to this callback instead, which ends the graph piece being captured, runs the
+# collective eagerly and replays it between the pieces (``cut_graphs_at_host_collectives``).
+_host_collective_cut: Callable[[Callable[[], None]], None] | None = None
+
+
+@contextmanager
+def cut_graphs_at_host_collectives(cut: Callable[[Callable[[], None]], None]) -> Iterator[None]:
+    """Within this block every host-staged collective of a ``ParallelGroup`` calls ``cut(run)`` instead of running:
+    ``run()`` performs it (result in its output tensor, as always), ``cut`` decides when (``PiecewiseGraph``)."""
+    global _host_collective_cut
+    previous, _host_collective_cut = _host_collective_cut, cut
+    try:
+        yield
+    finally:
+        _host_collective_cut = previous
 
 
 class CollectiveError(RuntimeError):
@@ -166,16 +185,24 @@ class ParallelGroup:
     def _collective(self, collective, *tensors: torch.Tensor, **kwargs) -> None:
         """Every collective goes through here: result in ``tensors[0]``; gloo + CUDA is staged through the host.
 
-        A dead or stuck peer raises ``CollectiveError`` naming this group, the peer and the timeout.
+        A dead or stuck peer raises ``CollectiveError`` naming this group, the peer and the timeout. A staged
+        collective met while a CUDA graph is captured goes to ``cut_graphs_at_host_collectives``'s callback.
         """
         stage = stages_through_host(self.backend, tensors[0].device)
-        try:
-            run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
-        except RuntimeError as e:
-            if not _is_peer_failure(e):
-                raise
-            op = getattr(collective, "__name__", "collective")
-            raise collective_error(self.name, self.ranks, self.rank, op, self.timeout, e) from e
+
+        def run() -> None:
+            try:
+                run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
+            except RuntimeError as e:
+                if not _is_peer_failure(e):
+                    raise
+                op = getattr(collective, "__name__", "collective")
+                raise collective_error(self.name, self.ranks, self.rank, op, self.timeout, e) from e
+
+        if stage and _host_collective_cut is not None:
+            _host_collective_cut(run)  # a CUDA graph is being captured: it runs ``run`` between graph pieces
+        else:
+            run()
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return x.requires_grad and torch.is_grad_enabled()

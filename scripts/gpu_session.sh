@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One session on the GPU machine (see bench/README.md): install Transformer Engine if its parts were copied to
 # /root/te, apply the cuDNN fix, run the GPU tests and the benchmarks, write logs and JSON under $OUT.
-#   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [e2e] [e2e32] [cpmatrix]
+#   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [sweep] [e2e] [e2e32] [cpmatrix] [graphmatrix]
 #   (default: tests prefill decode e2e)
 set -o pipefail
 OUT=${OUT:-$PWD/out}
@@ -25,15 +25,18 @@ print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'back
 
 for step in $steps; do
   case $step in
-    tests) timeout 360 python3 -m pytest -q -m gpu -rs -s tests/test_gpu_backends.py tests/test_cuda_graph.py \
-             tests/test_no_host_sync.py tests/test_training_dist.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -m gpu -rs -s ${TESTS:-tests/test_gpu_backends.py \
+             tests/test_cuda_graph.py tests/test_no_host_sync.py tests/test_training_dist.py} 2>&1 | tee "$OUT/tests.log" ;;
     prefill) timeout 140 python3 bench/prefill_split.py ${PREFILL_ARGS:-} --json-out "$OUT/prefill_split.json" 2>&1 | tail -40 ;;
     decode) timeout 200 python3 bench/decode.py --json-out "$OUT/decode.json" 2>&1 | tail -45 ;;
+    sweep) timeout 240 python3 bench/decode_sweep.py ${SWEEP_ARGS:-} --json-out "$OUT/decode_sweep.json" 2>&1 | tail -30 ;;
     e2e) timeout 240 python3 bench/e2e.py ${E2E_ARGS:-} --json-out "$OUT/e2e.json" 2>&1 | tail -150 ;;
     e2e32) timeout 300 python3 bench/e2e.py --layers 32 --engines megacp transformers --prompt-lens 8192 --batch 1 \
              --reps 2 --json-out "$OUT/e2e32.json" 2>&1 | tail -60 ;;
     cpmatrix) timeout 300 torchrun --nproc-per-node 8 scripts/gpu_cp_matrix.py --json-out "$OUT/gpu_cp_matrix.json" 2>&1 | tail -30 ;;
-    *) echo "unknown step $step (tests, prefill, decode, e2e, e2e32, cpmatrix)" ;;
+    graphmatrix) timeout 300 torchrun --nproc-per-node 8 scripts/gpu_graph_matrix.py --json-out "$OUT/gpu_graph_matrix.json" \
+             2>&1 | grep -v '^ ' | tail -40 ;;
+    *) echo "unknown step $step (tests, prefill, decode, sweep, e2e, e2e32, cpmatrix, graphmatrix)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"
 done

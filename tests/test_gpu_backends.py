@@ -238,11 +238,12 @@ def test_cuda_backend_picks_kernels_by_shape(monkeypatch):
     assert choose(50, 1000, dev) == "cudnn"
 
 
-def test_choose_splits_covers_the_sequence():
-    for batch, heads, tokens in [(1, 8, 131072), (64, 8, 8192), (1, 1, 1), (16, 8, 0), (3, 2, 1000)]:
-        splits, per = paged_decode.choose_splits(batch, heads, tokens)
-        assert per % 64 == 0 and splits >= 1 and splits * per >= tokens and (splits - 1) * per < max(tokens, 1)
-        assert splits <= 64
+def test_choose_plan_stays_within_the_tiles():
+    for batch, heads, tokens in [(1, 8, 131072), (64, 8, 8192), (1, 1, 1), (16, 8, 0), (3, 2, 1000), (16, 8, 2048)]:
+        plan = paged_decode.choose_plan(batch, heads, tokens)
+        tiles = max(1, -(-tokens // plan.block_n))
+        assert 1 <= plan.num_splits <= min(tiles, 64), (batch, heads, tokens, plan)
+        assert plan.block_n % 16 == 0 and plan.num_warps in (1, 2, 4, 8) and plan.num_stages >= 1
 
 
 # ----------------------------------------------------------------------------------------------- GPU: backends
@@ -395,6 +396,13 @@ def test_paged_decode_matches_reference(B, hq, hkv, d, block, lens):
     # float32 caches stay in full precision (no tf32): tight tolerance
     out32, lse32 = paged_decode.paged_decode_with_lse(q.float(), kc.float(), vc.float(), bt, sl, scale)
     assert _rel(out32.cpu(), ref_out) < 1e-5 and _lse_err(lse32, ref_lse) < 1e-4
+    # any launch plan gives the same result: one split (no merge kernel), uneven splits, more splits than a short
+    # sequence has tiles (empty trailing splits), other tile sizes
+    for plan in (paged_decode.DecodePlan(1), paged_decode.DecodePlan(3, 32, 8, 3), paged_decode.DecodePlan(64),
+                 paged_decode.DecodePlan(5, 128, 8, 1)):
+        p_out, p_lse = paged_decode.paged_decode_with_lse(q.float(), kc.float(), vc.float(), bt, sl, scale, plan=plan)
+        assert _rel(p_out.cpu(), ref_out) < 1e-5 and _lse_err(p_lse, ref_lse) < 1e-4, plan
+        assert bool((p_out[sl == 0] == 0).all()) and bool(torch.isinf(p_lse[sl == 0]).all()), plan
 
 
 # ----------------------------------------------------------------------------------------------- GPU: layer + engine

@@ -7,9 +7,13 @@ the DCP/PCP merges.
 
 Design (split-KV, "flash decoding"): one program per (sequence, KV head, split of the sequence). A program loads the
 ``G = Hq / Hkv`` query heads that share its KV head (GQA: the K/V tile is read once for all of them), walks its
-tokens in tiles of ``BLOCK_N``, looking up every token's block in the block table, and keeps an online softmax in
+tokens in tiles of ``block_n``, looking up every token's block in the block table, and keeps an online softmax in
 base 2. It writes a float32 partial output and a partial LSE per split; a second small kernel merges the splits by
-LSE. Splits give enough programs to fill the GPU when the batch is small and the context long.
+LSE. Splits give enough programs to fill the GPU when the batch is small and the context long. The number of splits
+is planned on the host (``choose_plan``: from the batch and an upper bound on the length, no device read), but each
+program derives its token range from its sequence's real length on the device, so a plan sized by the block table's
+capacity (a CUDA graph) still spreads a short sequence over every split. With one split the kernel writes the final
+output itself and the merge kernel is skipped.
 
 Without Triton (CPU, or no ``triton`` package) ``available()`` is False and callers use the gather path.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,21 +50,27 @@ def available(device: torch.device | str) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu"
 
 
-def choose_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 132) -> tuple[int, int]:
-    """Split-KV plan: ``(num_splits, tokens_per_split)`` with ``tokens_per_split`` a multiple of the tile size.
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the split kernel is launched: ``num_splits`` programs per (sequence, KV head), each walking its share of
+    the sequence in tiles of ``block_n`` tokens, with Triton's ``num_warps`` and ``num_stages``."""
+
+    num_splits: int
+    block_n: int = _BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def choose_plan(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 132) -> DecodePlan:
+    """The split-KV plan for ``batch`` sequences of at most ``max_tokens`` tokens (the longest sequence, or an upper
+    bound on it such as the block table's capacity).
 
     Aims at about sixteen programs per multiprocessor over ``batch · num_kv_heads · num_splits`` programs (many
-    waves, so the last, partial one costs little: with four per multiprocessor, batch 16 ran at 0.83 of contiguous
-    SDPA's bandwidth on an H100 against 0.96 for batch 1 and 64), never a split shorter than one tile, never more than
-    ``_MAX_SPLITS`` splits. ``max_tokens`` is the longest sequence (or
-    an upper bound on it, e.g. the block table's capacity).
+    waves, so the last, partial one costs little), never more splits than tiles, never more than ``_MAX_SPLITS``.
     """
     tiles = max(1, -(-max_tokens // _BLOCK_N))
     want = max(1, -(-16 * num_sms // max(1, batch * num_kv_heads)))
-    splits = min(want, tiles, _MAX_SPLITS)
-    tokens_per_split = -(-tiles // splits) * _BLOCK_N
-    splits = max(1, -(-max(1, max_tokens) // tokens_per_split))
-    return splits, tokens_per_split
+    return DecodePlan(num_splits=min(want, tiles, _MAX_SPLITS))
 
 
 def paged_decode_with_lse(
@@ -70,14 +81,14 @@ def paged_decode_with_lse(
     seq_lens: Tensor,
     scale: float,
     max_seq_len: int | None = None,
-    num_splits: int | None = None,
+    plan: DecodePlan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention (one query per sequence, non-causal) over a paged K/V cache, with LSE.
 
     # q: [B, Hq, D], k_cache/v_cache: [num_blocks, block_size, Hkv, D], block_table: int [B, max_blocks],
     # seq_lens: int [B] (may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32 natural log)
     ``max_seq_len`` (optional, a host int bounding ``seq_lens``) sizes the split plan; without it the block table's
-    capacity is used, which needs no device sync; ``num_splits`` overrides the plan (benchmarks). A sequence of
+    capacity is used, which needs no device sync; ``plan`` overrides ``choose_plan`` (benchmarks). A sequence of
     length 0 gives out 0 and lse -inf.
     """
     if triton is None:
@@ -100,12 +111,14 @@ def paged_decode_with_lse(
     cap = block_table.shape[1] * block_size
     bound = cap if max_seq_len is None else max(0, min(int(max_seq_len), cap))
     num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
-    splits, tokens_per_split = choose_splits(B, Hkv, bound, num_sms)
-    if num_splits is not None:
-        tokens_per_split = -(-max(1, bound) // (num_splits * _BLOCK_N)) * _BLOCK_N
-        splits = max(1, -(-max(1, bound) // tokens_per_split))
-    out_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    plan = plan or choose_plan(B, Hkv, bound, num_sms)
+    splits = plan.num_splits
+    if splits == 1:  # the split kernel writes the final output and LSE itself
+        out_part, lse_part, stride_os = out, lse, 0
+    else:
+        out_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+        stride_os = out_part.stride(2)
     seq_lens = seq_lens.to(device=q.device)
     block_table = block_table.to(device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
@@ -115,23 +128,24 @@ def paged_decode_with_lse(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
-        out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        out_part.stride(0), out_part.stride(1), stride_os,
         lse_part.stride(0), lse_part.stride(1),
-        float(scale) * _LOG2E, tokens_per_split,
+        float(scale) * _LOG2E, splits,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=_BLOCK_N,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=plan.block_n,
         # float32 caches (tests, CPU-style runs) must not silently drop to tf32 in the matrix units
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    _merge_kernel[(B, Hq)](
-        out_part, lse_part, out, lse, splits,
-        out_part.stride(0), out_part.stride(1), out_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=D, D_PAD=d_pad, CHUNK=_MERGE_CHUNK,
-        num_warps=4,
-    )
+    if splits > 1:
+        _merge_kernel[(B, Hq)](
+            out_part, lse_part, out, lse, splits,
+            out_part.stride(0), out_part.stride(1), out_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            HEAD_DIM=D, D_PAD=d_pad, CHUNK=_MERGE_CHUNK,
+            num_warps=4,
+        )
     return out, lse
 
 
@@ -156,7 +170,7 @@ if triton is not None:
         stride_btb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
-        scale_log2, tokens_per_split,
+        scale_log2, num_splits,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -164,6 +178,8 @@ if triton is not None:
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(lens_ptr + b).to(tl.int32)
+        # this split's share of the real length: whole tiles, spread evenly (trailing splits may be empty)
+        tokens_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, seq_len)
 
@@ -203,7 +219,7 @@ if triton is not None:
         out = acc / l_safe[:, None]
         lse = tl.where(has, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-        tl.store(o_ptrs, out, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
     @triton.jit
@@ -245,4 +261,4 @@ if triton is not None:
         tl.store(lse_ptr + b * stride_lb + h, lse)
 
 
-__all__ = ["available", "choose_splits", "paged_decode_with_lse", "kv_read_bytes"]
+__all__ = ["DecodePlan", "available", "choose_plan", "paged_decode_with_lse", "kv_read_bytes"]
