@@ -1,7 +1,7 @@
 """Launch-plan sweep of the Triton paged decode kernel, timed inside CUDA-graph replays next to contiguous SDPA.
 
 For each (batch, shard tokens) case it times ``paged_decode_with_lse`` under every ``DecodePlan`` of the grid
-(splits × tile × warps × stages; plans Triton cannot fit in shared memory are skipped) and SDPA over a contiguous
+(splits × tile × warps × stages × fused merge; plans Triton cannot fit in shared memory are skipped) and SDPA over a contiguous
 copy of the same K/V, and reports each plan's time, its ratio to SDPA, and the plan ``choose_plan`` picks. It is how
 ``choose_plan``'s rule was chosen (docs/benchmarks.md); rerun it after changing the kernel.
 
@@ -37,10 +37,11 @@ def sweep_case(B: int, L: int, args: argparse.Namespace) -> dict:
                                                                    enable_gqa=True))
     del k_contig, v_contig
     rows = []
-    for splits, block_n, warps, stages in itertools.product(args.splits, args.block_n, args.warps, args.stages):
-        if splits > -(-L // block_n):
+    grid = itertools.product(args.splits, args.block_n, args.warps, args.stages, args.fused_merge)
+    for splits, block_n, warps, stages, fused in grid:
+        if splits > -(-L // block_n) or (fused and splits == 1):
             continue
-        plan = paged_decode.DecodePlan(splits, block_n, warps, stages)
+        plan = paged_decode.DecodePlan(splits, block_n, warps, stages, bool(fused))
 
         def run():
             return paged_decode.paged_decode_with_lse(c["q"], c["k_cache"], c["v_cache"], c["block_table"],
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)

@@ -105,6 +105,13 @@ class PiecewiseGraph:
                 self.collectives[i]()
 
 
+@dataclass
+class _Graph:
+    graph: PiecewiseGraph
+    logits: Tensor  # [B, vocab] float32, written by each replay
+    greedy: Tensor  # [B] long
+
+
 class DecodeGraphRunner:
     """Captures the pure-decode step for each bucket of ``batch_buckets(max_batch)``; ``run`` replays one.
 

@@ -397,12 +397,16 @@ def test_paged_decode_matches_reference(B, hq, hkv, d, block, lens):
     out32, lse32 = paged_decode.paged_decode_with_lse(q.float(), kc.float(), vc.float(), bt, sl, scale)
     assert _rel(out32.cpu(), ref_out) < 1e-5 and _lse_err(lse32, ref_lse) < 1e-4
     # any launch plan gives the same result: one split (no merge kernel), uneven splits, more splits than a short
-    # sequence has tiles (empty trailing splits), other tile sizes
+    # sequence has tiles (empty trailing splits), other tile sizes,
+    # and the splits merged inside the split kernel (by the last program of each sequence and KV head)
     for plan in (paged_decode.DecodePlan(1), paged_decode.DecodePlan(3, 32, 8, 3), paged_decode.DecodePlan(64),
-                 paged_decode.DecodePlan(5, 128, 8, 1)):
+                 paged_decode.DecodePlan(5, 128, 8, 1), paged_decode.DecodePlan(3, fused_merge=True),
+                 paged_decode.DecodePlan(8, 32, 4, 2, True)):
         p_out, p_lse = paged_decode.paged_decode_with_lse(q.float(), kc.float(), vc.float(), bt, sl, scale, plan=plan)
         assert _rel(p_out.cpu(), ref_out) < 1e-5 and _lse_err(p_lse, ref_lse) < 1e-4, plan
         assert bool((p_out[sl == 0] == 0).all()) and bool(torch.isinf(p_lse[sl == 0]).all()), plan
+        b_out, b_lse = paged_decode.paged_decode_with_lse(q, kc, vc, bt, sl, scale, plan=plan)
+        assert _rel(b_out.cpu(), ref_out) < 1e-2 and _lse_err(b_lse, ref_lse) < 1e-2, plan
 
 
 # ----------------------------------------------------------------------------------------------- GPU: layer + engine

@@ -38,6 +38,7 @@ _LOG2E = 1.4426950408889634
 _BLOCK_N = 64  # tokens per tile
 _MAX_SPLITS = 64  # cap on splits per sequence (the merge kernel walks them in chunks)
 _MERGE_CHUNK = 16  # splits the merge kernel loads at once
+_MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 
 
 def available(device: torch.device | str) -> bool:
@@ -59,6 +60,9 @@ class DecodePlan:
     block_n: int = _BLOCK_N
     num_warps: int = 4
     num_stages: int = 2
+    # merge the splits in the split kernel (its last program per sequence and KV head does it) instead of a second
+    # kernel: saves a launch, worth it for a few splits (``_MAX_FUSED_SPLITS``)
+    fused_merge: bool = False
 
 
 def choose_plan(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 132) -> DecodePlan:
@@ -113,12 +117,15 @@ def paged_decode_with_lse(
     num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
     plan = plan or choose_plan(B, Hkv, bound, num_sms)
     splits = plan.num_splits
+    fused = plan.fused_merge and splits > 1
     if splits == 1:  # the split kernel writes the final output and LSE itself
         out_part, lse_part, stride_os = out, lse, 0
     else:
         out_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
         stride_os = out_part.stride(2)
+    # fused merge: one arrival counter per (sequence, KV head); the last program resets its counter to 0
+    counters = torch.zeros(B * Hkv if fused else 1, dtype=torch.int32, device=q.device)
     seq_lens = seq_lens.to(device=q.device)
     block_table = block_table.to(device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
@@ -130,14 +137,15 @@ def paged_decode_with_lse(
         block_table.stride(0),
         out_part.stride(0), out_part.stride(1), stride_os,
         lse_part.stride(0), lse_part.stride(1),
+        out, lse, counters, out.stride(0), out.stride(1), lse.stride(0),
         float(scale) * _LOG2E, splits,
-        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        FUSED_MERGE=fused, BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=plan.block_n,
         # float32 caches (tests, CPU-style runs) must not silently drop to tf32 in the matrix units
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _merge_kernel[(B, Hq)](
             out_part, lse_part, out, lse, splits,
             out_part.stride(0), out_part.stride(1), out_part.stride(2),
@@ -170,8 +178,9 @@ if triton is not None:
         stride_btb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
+        fin_out_ptr, fin_lse_ptr, counter_ptr, stride_fb, stride_fh, stride_flb,
         scale_log2, num_splits,
-        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -221,6 +230,37 @@ if triton is not None:
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+        if FUSED_MERGE:
+            # The last split program of this (sequence, KV head) to arrive merges every split's partial by LSE. The
+            # barrier makes this program's stores precede its arrival; acq_rel makes the others' visible to the last.
+            tl.debug_barrier()
+            counter = counter_ptr + b * tl.num_programs(1) + kvh
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                lse_row = lse_ptr + b * stride_lb + heads * stride_lh  # [GROUP_PAD] pointers, + split
+                m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                for s_i in range(0, num_splits):
+                    m = tl.maximum(m, tl.load(lse_row + s_i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                total = tl.zeros([GROUP_PAD], tl.float32)
+                merged = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+                for s_i in range(0, num_splits):
+                    ls = tl.load(lse_row + s_i, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp(ls - m_safe)
+                    live = ls > float("-inf")
+                    part = tl.load(out_ptr + b * stride_ob + heads[:, None] * stride_oh + s_i * stride_os + d[None, :],
+                                   mask=(g_ok & live)[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                    total += w
+                    merged += part * w[:, None]
+                has_any = total > 0
+                tot_safe = tl.where(has_any, total, 1.0)
+                fin = merged / tot_safe[:, None]
+                tl.store(fin_out_ptr + b * stride_fb + heads[:, None] * stride_fh + d[None, :],
+                         fin.to(fin_out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+                tl.store(fin_lse_ptr + b * stride_flb + heads,
+                         tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=g_ok)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
 
     @triton.jit
     def _merge_kernel(
