@@ -13,8 +13,9 @@ and the block size, in float32 and bfloat16, with the attention backend the devi
 FlashAttention / TE per shape, the Triton paged decode). Bars: float32 within the test's ``ATOL``; bfloat16 within
 twice the error of single-device SDPA in bfloat16 on the same device (FlashAttention's tests' rule).
 
-The fused kernels take only half dtypes (``backends_cuda.fused_shapes_ok``), so in float32 prefill goes to the "torch"
-reference on the GPU and decode to the gather path; the summary counts, per case, which kernels ran to show it.
+The fused prefill kernels take only half dtypes (``backends_cuda.fused_shapes_ok``), so in float32 prefill goes to the
+"torch" reference on the GPU; decode runs the Triton paged kernel in every dtype (float32 without tf32). The summary
+counts, per case, which kernels ran to show it.
 
 Prints one line per case and, on rank 0, a JSON summary; exits 1 if any case failed. A rank whose check fails
 mid-scenario prints why on stderr and leaves its peers waiting in a collective: they give up after

@@ -7,7 +7,7 @@ through host memory and cannot be recorded in a CUDA graph: the engine captures 
 those collectives (``megacp.cuda_graph.PiecewiseGraph``) and runs them eagerly between the pieces' replays.
 
 For each layout of ``tests/test_cp_attention_dist.CONFIGS`` (dp fills the 8 ranks) and each dtype (float32,
-bfloat16), a seeded tiny Llama (2 layers, 8 query / 4 KV heads of 64) runs ``LLMEngine.generate`` on batches of 1, 3,
+bfloat16), a seeded tiny Llama (2 layers, 8 query heads of 64, one KV head) runs ``LLMEngine.generate`` on batches of 1, 3,
 17 and 64 random prompts (6 new tokens each) twice: with ``enforce_eager=True`` and with graphs. Checks, on every rank:
 
 - the greedy ids with graphs equal the eager ones exactly;
@@ -44,13 +44,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def tiny_model(dtype: torch.dtype, device: torch.device):
-    """The seeded tiny Llama: 8 query heads and 4 KV heads of 64 (every layout of the matrix splits them)."""
+    """The seeded tiny Llama: 8 query heads of 64 and one KV head (so every dcp | tp is legal), 128 positions (the
+    block table's capacity, which the graphs' decode plans by)."""
     from megacp.models.config import build_tiny_llama_config
     from megacp.models.llama import LlamaForCausalLM
     from megacp.models.loader import seeded_hf_weights
 
     config = build_tiny_llama_config(hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=8, num_key_value_heads=4)
+                                     num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=128)
     with torch.device(device):
         model = LlamaForCausalLM(config, params_dtype=dtype)
     loaders = model.hf_weight_loaders()

@@ -211,7 +211,7 @@ def _tiny_model(dtype: torch.dtype, device: str):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_model_steps_do_not_sync_on_cuda(dtype, tol):
-    """float32 runs the reference kernels, bf16 the fused ones (cuDNN/flash/TE and the Triton paged decode)."""
+    """float32 runs the reference prefill kernels, bf16 the fused ones (cuDNN/flash/TE); both the Triton paged decode."""
     with model_parallel(backend="gloo"):
         model = _tiny_model(dtype, "cuda")
         _run_steps(model, 1, 0, 1, "cuda")  # warm-up: kernel compilation and first-use allocations

@@ -160,8 +160,9 @@ def _max_len(cu: list[int]) -> int:
 
 
 def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=None):
-    """Paged decode for the CUDA backends: the Triton kernel when it can run, else the gather path (None)."""
-    if not paged_decode.available(q.device) or not fused_shapes_ok(q, k_cache, v_cache):
+    """Paged decode for the CUDA backends: the Triton kernel when it can run (half or float32 caches), else the
+    gather path (None)."""
+    if not paged_decode.available(q.device) or not paged_decode.supports(q, k_cache):
         return None
     return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len)
 

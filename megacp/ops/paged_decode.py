@@ -41,6 +41,13 @@ _MERGE_CHUNK = 16  # splits the merge kernel loads at once
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 
 
+def supports(q: Tensor, k_cache: Tensor) -> bool:
+    """Whether the kernel takes these inputs: one dtype among float16, bfloat16 and float32 (float32 is computed
+    without tf32), head dim up to 256."""
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_cache.dtype == q.dtype
+            and q.shape[-1] <= 256)
+
+
 def available(device: torch.device | str) -> bool:
     """Whether the Triton kernel can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``)."""
     if triton is None:
@@ -69,12 +76,15 @@ def choose_plan(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 1
     """The split-KV plan for ``batch`` sequences of at most ``max_tokens`` tokens (the longest sequence, or an upper
     bound on it such as the block table's capacity).
 
-    Aims at about sixteen programs per multiprocessor over ``batch · num_kv_heads · num_splits`` programs (many
-    waves, so the last, partial one costs little), never more splits than tiles, never more than ``_MAX_SPLITS``.
+    Aims at about four programs per multiprocessor over ``batch · num_kv_heads · num_splits`` programs: one wave,
+    each program as long as possible (``bench/decode_sweep.py`` on an H200: batch 16 × 8 KV heads ran best with 4
+    splits, batch 64 with 1, batch 1 with 64; sixteen per multiprocessor cost 5–15% in short shards). Never more
+    splits than tiles, never more than ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the kernel.
     """
     tiles = max(1, -(-max_tokens // _BLOCK_N))
-    want = max(1, -(-16 * num_sms // max(1, batch * num_kv_heads)))
-    return DecodePlan(num_splits=min(want, tiles, _MAX_SPLITS))
+    want = max(1, round(4 * num_sms / max(1, batch * num_kv_heads)))
+    splits = min(want, tiles, _MAX_SPLITS)
+    return DecodePlan(num_splits=splits, fused_merge=1 < splits <= _MAX_FUSED_SPLITS)
 
 
 def paged_decode_with_lse(
@@ -301,4 +311,4 @@ if triton is not None:
         tl.store(lse_ptr + b * stride_lb + h, lse)
 
 
-__all__ = ["DecodePlan", "available", "choose_plan", "paged_decode_with_lse", "kv_read_bytes"]
+__all__ = ["DecodePlan", "available", "supports", "choose_plan", "paged_decode_with_lse", "kv_read_bytes"]
