@@ -8,9 +8,9 @@ time. A CUDA graph records them once and replays them with one launch. What make
 - its shapes depend only on the batch size, which is padded up to a bucket (1, 2, 4, 8, 16, 24, 32, 48, 64, then
   steps of 32): padding rows carry token 0, an empty KV shard (the paged kernel returns lse -inf for them) and
   write their K/V to the cache's null slot, so they never touch a real slot or a real row;
-- the paged decode kernel plans its split-KV grid by the block table's capacity instead of the step's longest
-  sequence (``seq_lens_host=None``; each split finds its share of the real length on the device), and nothing reads
-  a device value back.
+- the paged decode kernel plans its split-KV grid by the block table's capacity, not the step's longest sequence
+  (each split finds its share of the real length on the device; the eager step plans the same way, so a replay
+  gives the eager numbers), and nothing reads a device value back.
 
 Captured: block-table row gather → embedding → every layer (the DCP query all-gather and the CP merge all-gather
 included) → final norm → logits (TP all-gather) → greedy ``sample`` (argmax, NaN/inf rows flagged). Sampling with

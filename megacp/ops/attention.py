@@ -38,9 +38,9 @@ ENV_BACKEND = "MEGACP_ATTN_BACKEND"
 # (q [Tq,Hq,D], k [Tk,Hk,D], v, cu_seqlens_q [B+1], cu_seqlens_k [B+1], causal, scale) -> (out [Tq,Hq,D], lse [Tq,Hq]);
 # a backend with ``takes_host_cu_seqlens`` also accepts ``host_cu_seqlens=(cu_q list, cu_k list) | None``.
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
-# (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale, max_seq_len: int | None) -> (out, lse) normalised,
-# or None to use the gather path
-PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float, Optional[int]], Optional[tuple[Tensor, Tensor]]]
+# (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale) -> (out, lse) normalised, or None to use the gather
+# path; it must not read ``seq_lens`` back to the host (CUDA graphs)
+PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Optional[tuple[Tensor, Tensor]]]
 HostCuSeqlens = tuple[Sequence[int], Sequence[int]]  # (cu_seqlens_q, cu_seqlens_k) as host ints
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
 SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
@@ -166,8 +166,9 @@ def paged_attention_with_lse(
     # ids), seq_lens: int [B] (local lengths, may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32)
     Uses the backend's paged kernel when it has one (reads the cache through the block table), else gathers each
     sequence's K/V into a contiguous buffer and runs ``attention_with_lse``; seq_len 0 gives out 0 and lse -inf.
-    ``seq_lens_host``: the same lengths as host ints (optional; given, nothing is read back from the device, and the
-    paged kernel sizes its split plan by the real longest sequence).
+    ``seq_lens_host``: the same lengths as host ints (optional; given, nothing is read back from the device). The
+    paged kernel plans its splits by the block table's capacity either way, as inside a CUDA graph, so a decode step
+    gives the same numbers eagerly and replayed (each split finds its share of the real length on the device).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -182,9 +183,8 @@ def paged_attention_with_lse(
     if seq_lens_host is not None and len(seq_lens_host) != q.shape[0]:
         raise ValueError(f"paged_attention_with_lse: seq_lens_host has {len(seq_lens_host)} entries for B={q.shape[0]}")
     impl = select_backend(q.device, backend)
-    host_max = max(seq_lens_host, default=0) if seq_lens_host is not None else None
     if impl.paged is not None and not needs_grad(q):
-        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale), host_max)
+        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale))
         if res is not None:
             return res[0].to(q.dtype), res[1].float()
     block_size = k_cache.shape[1]

@@ -159,12 +159,12 @@ def _max_len(cu: list[int]) -> int:
     return max(b - a for a, b in zip(cu[:-1], cu[1:]))
 
 
-def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len=None):
+def _paged(q, k_cache, v_cache, block_table, seq_lens, scale):
     """Paged decode for the CUDA backends: the Triton kernel when it can run (half or float32 caches), else the
     gather path (None)."""
     if not paged_decode.available(q.device) or not paged_decode.supports(q, k_cache):
         return None
-    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, max_seq_len)
+    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 
 def _is_cuda(device: torch.device) -> bool:
