@@ -63,10 +63,14 @@ def stages_through_host(backend: str | None, device: torch.device) -> bool:
 def run_collective(collective, tensors: tuple[torch.Tensor, ...], stage: bool, **kwargs) -> None:
     """``collective(*tensors, **kwargs)``, whose result lands in ``tensors[0]`` (the output, or the in-place tensor).
 
-    With ``stage`` it runs on CPU copies of ``tensors`` and copies the result back into ``tensors[0]``.
+    With ``stage`` it runs on CPU copies of ``tensors`` and copies the result back into ``tensors[0]``; a summing
+    ``all_reduce`` is then done as ``rank_order_sum``.
     """
     if not stage:
         collective(*tensors, **kwargs)
+        return
+    if collective is dist.all_reduce and kwargs.get("op", dist.ReduceOp.SUM) == dist.ReduceOp.SUM:
+        tensors[0].copy_(rank_order_sum(tensors[0].to("cpu", copy=True), kwargs.get("group")))
         return
     host = [t.to("cpu", copy=True) for t in tensors]
     collective(*host, **kwargs)
@@ -89,6 +93,25 @@ def cut_graphs_at_host_collectives(cut: Callable[[Callable[[], None]], None]) ->
         yield
     finally:
         _host_collective_cut = previous
+
+
+def rank_order_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum over ``group`` of every rank's CPU tensor ``x``, added in rank order in float32 and rounded once.
+
+    Why not gloo's own all_reduce: its ring adds each element in an order set by the tensor's size, so a bfloat16
+    row summed over more than two ranks rounds differently in a batch of 17 rows than in one of 24 (a CUDA graph's
+    padded bucket), and greedy tokens could differ between graph and eager decode. Here a row's result depends on
+    nothing but that row.
+    """
+    world = dist.get_world_size(group)
+    flat = x.reshape(-1)
+    gathered = flat.new_empty(world * flat.numel())
+    _all_gather_flat(gathered, flat, group=group)
+    parts = gathered.view(world, -1)
+    total = parts[0].float()
+    for r in range(1, world):
+        total += parts[r].float()
+    return total.to(x.dtype).view(x.shape)
 
 
 class CollectiveError(RuntimeError):
