@@ -134,9 +134,10 @@ def paged_decode_with_lse(
         out_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
         stride_os = out_part.stride(2)
-    # fused merge: one arrival counter per (sequence, KV head); the last program resets its counter to 0
-    counters = torch.zeros(B * Hkv if fused else 1, dtype=torch.int32, device=q.device)
     seq_lens = seq_lens.to(device=q.device)
+    # fused merge: one arrival counter per (sequence, KV head), zeroed here (one memset); without it the kernel never
+    # touches its counter argument, which then is any device tensor, so no memset is launched
+    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device) if fused else seq_lens
     block_table = block_table.to(device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
     _split_kernel[(B, Hkv, splits)](
