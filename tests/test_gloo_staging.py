@@ -113,3 +113,34 @@ def test_staged_all_reduce_rounds_a_row_the_same_in_any_batch(dist_pool_4):
         assert torch.equal(r["big"], want) and torch.equal(r["small"], want[:17])
     # the reason it exists: gloo's ring rounds the same rows differently when the tensor is longer
     assert not torch.equal(r0["gloo_small"], r0["gloo_big"][:17])
+
+
+def _cut_task() -> dict:
+    """Inside ``cut_graphs_at_host_collectives`` a staged collective is handed to the callback instead of running;
+    running the handed-over closure later performs it into the same output (what ``PiecewiseGraph`` replays)."""
+    saved = ps.stages_through_host
+    ps.stages_through_host = lambda backend, device: backend == "gloo"  # stage CPU tensors too
+    handed = []
+    try:
+        with model_parallel(tensor_model_parallel_size=2):
+            g = ps.get_tp_group()
+            x = torch.tensor([1.0, 2.0]) * (g.rank_in_group + 1)
+            with ps.cut_graphs_at_host_collectives(handed.append):
+                y = g.all_reduce(x)  # in place, deferred
+                before = y.tolist()
+            inside_only = ps._host_collective_cut is None  # the hook is gone after the block
+            handed[0]()
+            after, again = y.tolist(), None
+            x.copy_(torch.tensor([1.0, 1.0]))
+            handed[0]()  # a replay: the same collective on the tensor's new contents
+            again = y.tolist()
+    finally:
+        ps.stages_through_host = saved
+    return {"n": len(handed), "before": before, "after": after, "again": again, "reset": inside_only}
+
+
+def test_staged_collectives_are_handed_to_the_graph_cut(dist_pool_2):
+    for r, res in enumerate(dist_pool_2.run(_cut_task)):
+        assert res["n"] == 1 and res["reset"]
+        assert res["before"] == [1.0 * (r + 1), 2.0 * (r + 1)]  # not run yet
+        assert res["after"] == [3.0, 6.0] and res["again"] == [2.0, 2.0]
