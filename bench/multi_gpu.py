@@ -252,6 +252,7 @@ def bench_decode_attention(args, layout, device, dtype, log) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ decode (DCP)
 def bench_decode(args, layout, device, dtype, log) -> list[dict]:
     tp, pcp, dcp = layout
+    began = time.perf_counter()  # where a slow run spends its time: logged per phase
     world = dist.get_world_size()
     ps.initialize_model_parallel(tp, pcp, dcp, world // (tp * pcp))
     longest = max(args.contexts) + args.new_tokens
@@ -272,6 +273,8 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
     engine._run_step = marked_step
     warm = _prompt(min(1024, max(args.contexts)), args.vocab, 1)
     engine.generate([warm], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    log(f"decode tp={tp} pcp={pcp} dcp={dcp}: model, engine and warm-up (graph capture "
+        f"{engine.stats.graph_capture_s:.1f} s) took {time.perf_counter() - began:.1f} s")
     rows = []
     for n in args.contexts:
         marks.clear()
@@ -298,11 +301,13 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
             "max_context_in_free_memory": (max(free - reserve, 0) // per_token_bytes) * pcp * dcp,
             "cuda_graphs": stats.cuda_graphs,
             "graph_replays": stats.graph_replays,
+            "seconds_since_layout_start": time.perf_counter() - began,
         }
         rows.append(row)
         log(f"decode tp={tp} pcp={pcp} dcp={dcp} context={n}: {row['decode_ms_per_token']:.2f} ms/token "
             f"(mean {row['decode_ms_per_token_mean']:.2f}), KV capacity {row['kv_capacity_tokens']} tokens, "
-            f"stored per rank {row['peak_tokens_stored_per_rank']}")
+            f"stored per rank {row['peak_tokens_stored_per_rank']}, graph replays {row['graph_replays']}, "
+            f"{row['seconds_since_layout_start']:.1f} s since the layout started")
     del engine, model
     _release(device)
     return rows

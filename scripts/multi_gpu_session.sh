@@ -28,7 +28,7 @@ for step in $steps; do
              --json-out "$OUT/nccl_check.json" 2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/nccl_check.log" ;;
     cli) timeout 60 torchrun --nproc-per-node "$NPROC" examples/infer_llama.py -pcp "$NPROC" --device cuda \
            --dtype float32 --prompt "Hello, megacp" --max-new-tokens 16 --json-out "$OUT/cli.json" 2>&1 | tail -8 ;;
-    bench) timeout 280 torchrun --nproc-per-node "$NPROC" bench/multi_gpu.py ${BENCH_ARGS:-} \
+    bench) timeout ${BENCH_TIMEOUT:-480} torchrun --nproc-per-node "$NPROC" bench/multi_gpu.py ${BENCH_ARGS:-} \
              --json-out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.log" | tail -60 ;;
     *) echo "unknown step $step (check, cli, bench)" ;;
   esac
