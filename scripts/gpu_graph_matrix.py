@@ -74,7 +74,8 @@ def run_case(dtype: str, device: torch.device) -> dict:
     kwargs = dict(num_kv_blocks=256, block_size=16, max_num_seqs=max(BATCHES))
     eager, graphs = LLMEngine(model, enforce_eager=True, **kwargs), LLMEngine(model, **kwargs)
     sampling = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
-    res: dict = {"eager": {}, "graph": {}, "eager_replays": {}, "graph_replays": {}, "errors": []}
+    res: dict = {"eager": {}, "graph": {}, "eager_replays": {}, "graph_replays": {}, "errors": [],
+                 "eager_repeatable": {}}
     if graphs.graphs_off_reason is not None:
         res["errors"].append(f"graphs are off: {graphs.graphs_off_reason}")
     for batch in BATCHES:
@@ -82,6 +83,9 @@ def run_case(dtype: str, device: torch.device) -> dict:
         for name, engine in (("eager", eager), ("graph", graphs)):
             res[name][batch] = [o.output_ids for o in engine.generate(p, sampling)]
             res[f"{name}_replays"][batch] = engine.stats.graph_replays
+        # diagnostic, not a check: does the eager engine itself repeat its ids (a mismatch with the graph then
+        # points at the graph, else at nondeterminism)?
+        res["eager_repeatable"][batch] = [o.output_ids for o in eager.generate(p, sampling)] == res["eager"][batch]
     runner = graphs.graph_runner
     res["pieces"] = {b: len(g.graph.pieces) for b, g in runner.graphs.items()} if runner else {}
     res["capture_s"], res["capture_bytes"] = graphs.stats.graph_capture_s, graphs.stats.graph_capture_bytes
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"tp": tp, "pcp": pcp, "dcp": dcp, "dp": WORLD // (tp * pcp), "dtype": dtype,
                        "batches": list(BATCHES), "graph_pieces": pieces,
                        "replays_per_generate": sorted({n for g in gathered for n in g["graph_replays"].values()}),
+                       "eager_repeatable": all(all(g.get("eager_repeatable", {}).values()) for g in gathered),
                        "capture_s": round(max(g.get("capture_s", 0.0) for g in gathered), 2),
                        "capture_mib": round(max(g.get("capture_bytes", 0) for g in gathered) / 2**20, 1),
                        "seconds": round(max(g["seconds"] for g in gathered), 1), "passed": not fails,
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rank == 0:
                     print(f"tp={tp} pcp={pcp} dcp={dcp} dp={row['dp']} {dtype:8s}: pieces {pieces} replays "
                           f"{row['replays_per_generate']} capture {row['capture_s']} s {row['capture_mib']} MiB "
-                          f"{row['seconds']} s {'PASS' if row['passed'] else 'FAIL ' + '; '.join(fails[:2])}",
+                          f"{row['seconds']} s eager repeatable {row['eager_repeatable']} "
+                          f"{'PASS' if row['passed'] else 'FAIL ' + '; '.join(fails[:2])}",
                           flush=True)
         finally:
             ps.destroy_model_parallel()
