@@ -52,6 +52,11 @@ def graph_time_us(fn, calls: int = 20, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kv_read_bytes(batch: int, seq_len: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of K and V a decode step must read at least: ``2 · B · L · Hkv · D · itemsize``."""
+    return 2 * batch * seq_len * num_kv_heads * head_dim * itemsize
+
+
 def case_tensors(B: int, L: int, hq: int, hkv: int, d: int, block: int) -> dict:
     """One decode case in bfloat16: a paged cache with shuffled block ids holding ``L`` tokens for each of ``B``
     sequences, the same K/V as contiguous ``[B, Hkv, L, D]`` copies, the ``[B, Hq, D]`` queries."""
@@ -97,7 +102,7 @@ def bench_case(B: int, L: int, hq: int, hkv: int, d: int, block: int, max_tokens
     out, _ = paged()
     ref = sdpa()[:, :, 0]
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    nbytes = paged_decode.kv_read_bytes(B, L, hkv, d, k_cache.element_size())
+    nbytes = kv_read_bytes(B, L, hkv, d, k_cache.element_size())
     row = {"batch": B, "shard_tokens": L, "kv_bytes": nbytes, "rel_err_vs_sdpa": err}
     for name, fn in (("paged", paged), ("sdpa", sdpa), ("gather_sdpa", gather_sdpa)):
         ms = do_bench(fn, warmup=10, rep=40, return_mode="median")

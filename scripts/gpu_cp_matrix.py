@@ -122,6 +122,15 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def report(summary: dict, json_out: str | None) -> None:
+    """Print the summary as JSON and write it to ``json_out`` (rank 0 calls it)."""
+    print(json.dumps(summary, indent=1), flush=True)
+    if json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"env": environment(device), "head_dim": args.head_dim, "num_heads": matrix.NUM_HEADS,
                "cases": len(rows), "failed": failed, "result": "PASS" if not failed else "FAIL", "rows": rows}
     if rank == 0:
-        print(json.dumps(summary, indent=1), flush=True)
-        if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(summary, f, indent=1)
+        report(summary, args.json_out)
         log(f"gpu_cp_matrix: {failed} failed of {len(rows)}")
     dist.destroy_process_group()
     return 1 if failed else 0

@@ -22,8 +22,6 @@ Prints one line per case and, on rank 0, a JSON summary; exits 1 if any case fai
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -35,7 +33,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megacp import parallel_state as ps  # noqa: E402
+from scripts.gpu_cp_matrix import environment, report  # noqa: E402
 from tests import test_cp_attention_dist as matrix  # noqa: E402
+from tests.test_no_host_sync import _tiny_model  # noqa: E402
 
 WORLD = 8
 BATCHES = (1, 3, 17, 64)
@@ -46,18 +46,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def tiny_model(dtype: torch.dtype, device: torch.device):
     """The seeded tiny Llama: 8 query heads of 64 and one KV head (so every dcp | tp is legal), 128 positions (the
     block table's capacity, which the graphs' decode plans by)."""
-    from megacp.models.config import build_tiny_llama_config
-    from megacp.models.llama import LlamaForCausalLM
-    from megacp.models.loader import seeded_hf_weights
-
-    config = build_tiny_llama_config(hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=128)
-    with torch.device(device):
-        model = LlamaForCausalLM(config, params_dtype=dtype)
-    loaders = model.hf_weight_loaders()
-    for name, tensor in seeded_hf_weights(model, 0).items():
-        loaders[name](tensor)
-    return model.eval()
+    return _tiny_model(dtype, device, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=128)
 
 
 def prompts(batch: int, vocab: int) -> list[list[int]]:
@@ -164,16 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ps.destroy_model_parallel()
     failed = sum(not r["passed"] for r in rows)
-    summary = {"env": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device), "world_size": WORLD,
-                       "backend": "gloo"},
-               "cases": len(rows), "failed": failed, "result": "PASS" if not failed else "FAIL", "rows": rows}
+    summary = {"env": environment(device), "cases": len(rows), "failed": failed,
+               "result": "PASS" if not failed else "FAIL", "rows": rows}
     if rank == 0:
-        print(json.dumps(summary, indent=1), flush=True)
-        if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(summary, f, indent=1)
+        report(summary, args.json_out)
         print(f"gpu_graph_matrix: {failed} failed of {len(rows)}", flush=True)
     dist.destroy_process_group()
     return 1 if failed else 0

@@ -191,14 +191,15 @@ class _NoCudaSync(HostReads):
         return super().__exit__(*exc)
 
 
-def _tiny_model(dtype: torch.dtype, device: str):
-    """The seeded tiny Llama with head dim 64 (the built-in one has 8, too small for some fused kernels)."""
+def _tiny_model(dtype: torch.dtype, device: str, **overrides):
+    """The seeded tiny Llama with head dim 64 (the built-in one has 8, too small for some fused kernels);
+    ``overrides``: other ``build_tiny_llama_config`` arguments."""
     from megacp.models.config import build_tiny_llama_config
     from megacp.models.llama import LlamaForCausalLM
     from megacp.models.loader import seeded_hf_weights
 
-    config = build_tiny_llama_config(hidden_size=256, intermediate_size=256, num_attention_heads=4,
-                                     num_key_value_heads=2)
+    shape = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    config = build_tiny_llama_config(**{**shape, **overrides})
     with torch.device(device):
         model = LlamaForCausalLM(config, params_dtype=dtype)
     loaders = model.hf_weight_loaders()

@@ -77,9 +77,8 @@ def choose_plan(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 1
     bound on it such as the block table's capacity).
 
     Aims at about four programs per multiprocessor over ``batch · num_kv_heads · num_splits`` programs: one wave,
-    each program as long as possible (``bench/decode_sweep.py`` on an H200: batch 16 × 8 KV heads ran best with 4
-    splits, batch 64 with 1, batch 1 with 64; sixteen per multiprocessor cost 5–15% in short shards). Never more
-    splits than tiles, never more than ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the kernel.
+    each program as long as possible (chosen with ``bench/decode_sweep.py``, docs/benchmarks.md). Never more splits
+    than tiles, never more than ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the kernel.
     """
     tiles = max(1, -(-max_tokens // _BLOCK_N))
     want = max(1, round(4 * num_sms / max(1, batch * num_kv_heads)))
@@ -171,11 +170,6 @@ def paged_decode_with_lse(
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def kv_read_bytes(batch: int, seq_len: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Bytes of K and V a decode step must read at least: ``2 · B · L · Hkv · D · itemsize``."""
-    return 2 * batch * seq_len * num_kv_heads * head_dim * itemsize
 
 
 if triton is not None:
@@ -312,4 +306,4 @@ if triton is not None:
         tl.store(lse_ptr + b * stride_lb + h, lse)
 
 
-__all__ = ["DecodePlan", "available", "supports", "choose_plan", "paged_decode_with_lse", "kv_read_bytes"]
+__all__ = ["DecodePlan", "available", "supports", "choose_plan", "paged_decode_with_lse"]
