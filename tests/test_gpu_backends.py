@@ -238,6 +238,16 @@ def test_cuda_backend_picks_kernels_by_shape(monkeypatch):
     assert choose(50, 1000, dev) == "cudnn"
 
 
+def test_decode_plan_refuses_bad_values():
+    for kwargs, name in [({"num_splits": 0}, "num_splits"), ({"num_splits": 2, "block_n": 48}, "block_n"),
+                         ({"num_splits": 2, "num_warps": 3}, "num_warps"), ({"num_splits": 2, "num_stages": 0},
+                                                                               "num_stages"),
+                         ({"num_splits": 2.0}, "num_splits")]:
+        with pytest.raises(ValueError, match=rf"DecodePlan\({name}=.*use "):
+            paged_decode.DecodePlan(**kwargs)
+    assert paged_decode.DecodePlan(3, 32, 8, 1, True).block_n == 32
+
+
 def test_choose_plan_stays_within_the_tiles():
     for batch, heads, tokens in [(1, 8, 131072), (64, 8, 8192), (1, 1, 1), (16, 8, 0), (3, 2, 1000), (16, 8, 2048)]:
         plan = paged_decode.choose_plan(batch, heads, tokens)

@@ -71,6 +71,18 @@ class DecodePlan:
     # kernel: saves a launch, worth it for a few splits (``_MAX_FUSED_SPLITS``)
     fused_merge: bool = False
 
+    def __post_init__(self) -> None:
+        checks = (
+            ("num_splits", self.num_splits, self.num_splits >= 1, "1 or more, e.g. 4"),
+            ("block_n", self.block_n, self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0,
+             f"a power of two from 16, e.g. {_BLOCK_N}"),
+            ("num_warps", self.num_warps, self.num_warps in (1, 2, 4, 8, 16), "1, 2, 4, 8 or 16"),
+            ("num_stages", self.num_stages, self.num_stages >= 1, "1 or more, e.g. 2"),
+        )
+        for name, value, ok, valid in checks:
+            if not isinstance(value, int) or isinstance(value, bool) or not ok:
+                raise ValueError(f"DecodePlan({name}={value!r}) is not valid: use {valid}")
+
 
 def choose_plan(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int = 132) -> DecodePlan:
     """The split-KV plan for ``batch`` sequences of at most ``max_tokens`` tokens (the longest sequence, or an upper
