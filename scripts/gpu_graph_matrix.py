@@ -65,7 +65,7 @@ def run_case(dtype: str, device: torch.device) -> dict:
     eager, graphs = LLMEngine(model, enforce_eager=True, **kwargs), LLMEngine(model, **kwargs)
     sampling = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     res: dict = {"eager": {}, "graph": {}, "eager_replays": {}, "graph_replays": {}, "errors": [],
-                 "eager_repeatable": {}}
+                 "eager_repeatable": {}, "graph_repeatable": {}}
     if graphs.graphs_off_reason is not None:
         res["errors"].append(f"graphs are off: {graphs.graphs_off_reason}")
     for batch in BATCHES:
@@ -73,9 +73,10 @@ def run_case(dtype: str, device: torch.device) -> dict:
         for name, engine in (("eager", eager), ("graph", graphs)):
             res[name][batch] = [o.output_ids for o in engine.generate(p, sampling)]
             res[f"{name}_replays"][batch] = engine.stats.graph_replays
-        # diagnostic, not a check: does the eager engine itself repeat its ids (a mismatch with the graph then
-        # points at the graph, else at nondeterminism)?
+        # diagnostic, not a check: does each engine repeat its own ids (a mismatch with the graph then points at a
+        # difference between the paths, else at nondeterminism)?
         res["eager_repeatable"][batch] = [o.output_ids for o in eager.generate(p, sampling)] == res["eager"][batch]
+        res["graph_repeatable"][batch] = [o.output_ids for o in graphs.generate(p, sampling)] == res["graph"][batch]
     runner = graphs.graph_runner
     res["pieces"] = {b: len(g.graph.pieces) for b, g in runner.graphs.items()} if runner else {}
     res["capture_s"], res["capture_bytes"] = graphs.stats.graph_capture_s, graphs.stats.graph_capture_bytes
@@ -140,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
                        "batches": list(BATCHES), "graph_pieces": pieces,
                        "replays_per_generate": sorted({n for g in gathered for n in g["graph_replays"].values()}),
                        "eager_repeatable": all(all(g.get("eager_repeatable", {}).values()) for g in gathered),
+                       "graph_repeatable": all(all(g.get("graph_repeatable", {}).values()) for g in gathered),
                        "capture_s": round(max(g.get("capture_s", 0.0) for g in gathered), 2),
                        "capture_mib": round(max(g.get("capture_bytes", 0) for g in gathered) / 2**20, 1),
                        "seconds": round(max(g["seconds"] for g in gathered), 1), "passed": not fails,
-                       "fails": fails[:8]}
+                       "fails": fails[:32]}
                 rows.append(row)
                 if rank == 0:
                     print(f"tp={tp} pcp={pcp} dcp={dcp} dp={row['dp']} {dtype:8s}: pieces {pieces} replays "
                           f"{row['replays_per_generate']} capture {row['capture_s']} s {row['capture_mib']} MiB "
-                          f"{row['seconds']} s eager repeatable {row['eager_repeatable']} "
+                          f"{row['seconds']} s repeatable eager {row['eager_repeatable']} graph {row['graph_repeatable']} "
                           f"{'PASS' if row['passed'] else 'FAIL ' + '; '.join(fails[:2])}",
                           flush=True)
         finally:

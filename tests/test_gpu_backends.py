@@ -417,6 +417,37 @@ def test_paged_decode_matches_reference(B, hq, hkv, d, block, lens):
         assert bool((p_out[sl == 0] == 0).all()) and bool(torch.isinf(p_lse[sl == 0]).all()), plan
         b_out, b_lse = paged_decode.paged_decode_with_lse(q, kc, vc, bt, sl, scale, plan=plan)
         assert _rel(b_out.cpu(), ref_out) < 1e-2 and _lse_err(b_lse, ref_lse) < 1e-2, plan
+    # the fused plans' persistent arrival counters are back at zero after every launch
+    assert all(int(c.abs().sum()) == 0 for c in paged_decode._COUNTERS[q.device])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(paged_decode.triton is None, reason="needs triton")
+def test_paged_decode_fused_merge_replays_in_a_cuda_graph():
+    """A fused-merge launch captured in a CUDA graph (its counters are the persistent ones, reset by the kernel) gives
+    the eager result on every replay, on new query and length contents, with eager launches in between."""
+    q, kc, vc, bt, sl = _paged_case(3, 32, 8, 128, 16, [1000, 700, 3000], torch.bfloat16, seed=7)
+    scale = 1 / math.sqrt(128)
+    plan = paged_decode.DecodePlan(4, fused_merge=True)
+    run = lambda: paged_decode.paged_decode_with_lse(q, kc, vc, bt, sl, scale, plan=plan)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up: compiles and allocates the counters outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = run()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for lens in ([5, 0, 2999], [1000, 700, 3000], [999, 64, 65]):  # within each row's blocks
+        q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
+        sl.copy_(torch.tensor(lens, dtype=sl.dtype))
+        graph.replay()
+        e_out, e_lse = run()
+        assert torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse), lens
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in paged_decode._COUNTERS[q.device])
 
 
 # ----------------------------------------------------------------------------------------------- GPU: layer + engine

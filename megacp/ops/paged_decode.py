@@ -146,9 +146,9 @@ def paged_decode_with_lse(
         lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
         stride_os = out_part.stride(2)
     seq_lens = seq_lens.to(device=q.device)
-    # fused merge: one arrival counter per (sequence, KV head), zeroed here (one memset); without it the kernel never
-    # touches its counter argument, which then is any device tensor, so no memset is launched
-    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device) if fused else seq_lens
+    # fused merge: one arrival counter per (sequence, KV head); without it the kernel never touches its counter
+    # argument, which then is any device tensor
+    counters = _arrival_counters(q.device, B * Hkv) if fused else seq_lens
     block_table = block_table.to(device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
     _split_kernel[(B, Hkv, splits)](
@@ -177,6 +177,28 @@ def paged_decode_with_lse(
             num_warps=4,
         )
     return out, lse
+
+
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` zeroed int32 arrival counters for a fused-merge launch on ``device``, without a memset per launch.
+
+    The buffer persists per device: the last program of each (sequence, KV head) resets its counter to 0 before the
+    kernel ends, so the next launch in stream order finds zeros again (eager calls and graph replays alike). It
+    assumes that fused launches on one device do not overlap in time (one stream, as the engine's step runs). A
+    buffer too small is superseded by a larger zeroed one but kept alive, because graphs captured earlier hold its
+    address; during a capture, where that zeroing would not run before later eager calls, the launch gets its own
+    zeroed counters instead (a memset inside the graph).
+    """
+    bufs = _COUNTERS.setdefault(device, [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1][:n]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    bufs.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return bufs[-1][:n]
 
 
 @functools.lru_cache(maxsize=None)
