@@ -260,7 +260,10 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
     per_token_bytes = args.layers * 2 * model.num_local_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
     num_blocks = int(args.kv_gib * 2**30) // (per_token_bytes * BLOCK)
     free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else 0
+    log(f"decode tp={tp} pcp={pcp} dcp={dcp}: model built, {time.perf_counter() - began:.1f} s")
     engine = LLMEngine(model, num_blocks, BLOCK, max_num_batched_tokens=max(args.contexts), max_num_seqs=1)
+    log(f"decode tp={tp} pcp={pcp} dcp={dcp}: engine with {num_blocks} KV blocks per rank made, "
+        f"{time.perf_counter() - began:.1f} s")
     marks: list[float] = []
 
     run_step = engine._run_step
