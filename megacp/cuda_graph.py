@@ -127,6 +127,20 @@ class DecodeGraphRunner:
         self.capture_s = 0.0
         self.capture_bytes = 0
         self.num_replays = 0
+        from megacp import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.release_before_destroy(self.release)
+
+    def release(self) -> None:
+        """Drop every captured graph (and their memory pool): ``destroy_model_parallel`` calls it before destroying the
+        groups whose NCCL collectives the graphs recorded. ``run`` then refuses to replay."""
+        if self.graphs:
+            torch.cuda.synchronize()  # no replay still running
+        for g in self.graphs.values():
+            for piece in g.graph.pieces:
+                piece.reset()
+        self.graphs.clear()
 
     @property
     def max_batch(self) -> int:
@@ -167,6 +181,9 @@ class DecodeGraphRunner:
         The returned tensors are views of the graph's outputs: read them before the next ``run``.
         """
         n = len(requests)
+        if not self.graphs:
+            raise RuntimeError("DecodeGraphRunner.run: the graphs were released (destroy_model_parallel); build a new "
+                               "LLMEngine after initialize_model_parallel(...)")
         B = next(b for b in self.buckets if b >= n)
         self.session.step(requests, pad_decodes_to=B)
         g = self.graphs[B]

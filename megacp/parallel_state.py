@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -373,6 +374,8 @@ class ParallelState:
     world: ParallelGroup
     config: ParallelConfig
     owned_groups: list[dist.ProcessGroup] = field(default_factory=list)  # destroyed by destroy_model_parallel
+    # weak references to release callbacks of objects that captured these groups' collectives (CUDA graphs)
+    before_destroy: list[weakref.ref] = field(default_factory=list)
 
 
 _STATE: ParallelState | None = None
@@ -451,11 +454,28 @@ def model_parallel_is_initialized() -> bool:
     return _STATE is not None
 
 
+def release_before_destroy(release: Callable[[], None]) -> None:
+    """Have ``destroy_model_parallel`` call the bound method ``release`` (held weakly) before it destroys the groups.
+
+    For objects that recorded these groups' NCCL collectives in CUDA graphs: ``ncclCommDestroy`` blocks for ever
+    while such a graph is alive (pytorch#115388), so the graphs must go first, whoever still holds their owner.
+    """
+    _state().before_destroy.append(weakref.WeakMethod(release))
+
+
 def destroy_model_parallel() -> None:
-    """Destroy every group created by ``initialize_model_parallel`` and forget all state (the default group stays)."""
+    """Destroy every group created by ``initialize_model_parallel`` and forget all state (the default group stays).
+
+    First calls what ``release_before_destroy`` registered (an engine's CUDA graphs are dropped)."""
     global _STATE
     state, _STATE = _STATE, None
-    if state is None or not dist.is_initialized():
+    if state is None:
+        return
+    for ref in state.before_destroy:
+        release = ref()
+        if release is not None:
+            release()
+    if not dist.is_initialized():
         return
     for pg in state.owned_groups:
         dist.destroy_process_group(pg)

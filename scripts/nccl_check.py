@@ -18,6 +18,10 @@ layouts of ``E2E_RUNS`` with tp·pcp = world (2 ranks: (tp, pcp, dcp) = (1,2,1),
 on tiny float32 checkpoints (Llama with 1 KV head, Qwen2 with 2 KV heads where dcp = 1, Mixtral MoE with 1 KV head,
 also with expert parallelism); greedy ids must equal ``transformers``' greedy ``generate`` (float32, CPU).
 
+**teardown**: ``destroy_model_parallel`` returns while an ``LLMEngine`` whose decode graphs recorded the groups'
+collectives is still referenced (pytorch#115388: ``ncclCommDestroy`` blocks for ever on a live captured graph, so
+megacp releases the graphs first); a hang ends the process after 120 s with its stack printed.
+
 Prints one line per check and a JSON summary (rank 0); exits 1 if any check failed.
 """
 
@@ -26,9 +30,11 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import faulthandler
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -128,6 +134,29 @@ def check_e2e(world: int, device: torch.device, log) -> list[dict]:
     return results
 
 
+def check_teardown(world: int, device: torch.device, log) -> list[dict]:
+    from megacp.engine import LLMEngine
+    from megacp.sampling import SamplingParams
+    from scripts.gpu_graph_matrix import tiny_model
+
+    ps.initialize_model_parallel(world, 1, world, 1)  # tp = dcp = world: every decode collective in the graph
+    engine = LLMEngine(tiny_model(torch.float32, device), num_kv_blocks=64, block_size=16, max_num_seqs=4)
+    engine.generate([list(range(3, 20))], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    replays = engine.stats.graph_replays
+    faulthandler.dump_traceback_later(120, exit=True)
+    start = time.perf_counter()
+    ps.destroy_model_parallel()  # ``engine`` (and its graphs' owner) is still alive here
+    faulthandler.cancel_dump_traceback_later()
+    seconds = time.perf_counter() - start
+    released = engine.graph_runner is None or not engine.graph_runner.graphs
+    want_replays = 3 if device.type == "cuda" else 0  # CPU runs eagerly
+    passed = replays == want_replays and released
+    log(f"teardown tp=dcp={world}: destroy_model_parallel took {seconds:.2f} s with the engine alive, graph replays "
+        f"{replays} (want {want_replays}), graphs released {released}: {'PASS' if passed else 'FAIL'}")
+    return [{"tp": world, "dcp": world, "destroy_s": seconds, "graph_replays": replays, "released": released,
+             "passed": passed}]
+
+
 def environment(device: torch.device) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "backend": dist.get_backend(), "world_size": dist.get_world_size(),
@@ -142,7 +171,8 @@ def environment(device: torch.device) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--parts", nargs="+", choices=["attention", "e2e"], default=["attention", "e2e"])
+    p.add_argument("--parts", nargs="+", choices=["attention", "e2e", "teardown"],
+                   default=["attention", "e2e", "teardown"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -163,10 +193,13 @@ def main() -> int:
         summary["attention"] = check_attention(world, device, args.dtypes, log)
     if "e2e" in args.parts:
         summary["e2e"] = check_e2e(world, device, log)
-    failed = sum(not r["passed"] for part in ("attention", "e2e") for r in summary.get(part, []))
+    if "teardown" in args.parts:
+        summary["teardown"] = check_teardown(world, device, log)
+    parts = ("attention", "e2e", "teardown")
+    failed = sum(not r["passed"] for part in parts for r in summary.get(part, []))
     summary["failed"] = failed
     if rank == 0:
-        log(f"nccl_check: {failed} failed of {sum(len(summary.get(k, [])) for k in ('attention', 'e2e'))}")
+        log(f"nccl_check: {failed} failed of {sum(len(summary.get(k, [])) for k in parts)}")
         if args.json_out:
             os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
             with open(args.json_out, "w") as f:

@@ -282,3 +282,38 @@ def test_initialize_groups_collectives_destroy(world, request):
             assert seen == _expected_getters(rank, sizes), (rank, sizes)
     if world == 8:  # DESIGN's worked example, literally
         assert [seen[0]["cp"][0] for seen in per_rank] == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+class _GraphOwner:
+    """Stands in for a CUDA-graph runner: records when ``release`` ran relative to the groups' destruction."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def release(self) -> None:
+        self.events.append("release")
+
+
+def _release_before_destroy_task() -> list[str]:
+    events: list[str] = []
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    alive, gone = _GraphOwner(events), _GraphOwner(events)
+    ps.release_before_destroy(alive.release)
+    ps.release_before_destroy(gone.release)
+    del gone  # held weakly: a collected owner is skipped, not kept alive by the registration
+    real_destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda pg=None: (events.append("destroy group"), real_destroy(pg))[1]
+    try:
+        ps.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group = real_destroy
+    ps.destroy_model_parallel()  # a second call finds nothing to release or destroy
+    return events
+
+
+def test_destroy_releases_registered_graph_owners_before_the_groups(dist_pool_2):
+    """``destroy_model_parallel`` calls what ``release_before_destroy`` registered (live owners only) before it
+    destroys any group: ncclCommDestroy blocks for ever while a graph that recorded the group's collectives lives."""
+    for events in dist_pool_2.run(_release_before_destroy_task):
+        assert events[0] == "release" and events.count("release") == 1, events
+        assert events.count("destroy group") >= 1 and "release" not in events[1:], events
