@@ -9,7 +9,8 @@ Attention over the union of disjoint subsets is
 The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
 ``dcp_merge`` is a thin layer that applies the same weights across the ranks of a ``ParallelGroup`` (the prefill
 over cached context uses it), and
-``cp_merge_gathered`` does both at once with one all-gather over the CP group (what decode uses).
+``cp_merge_gathered`` does both at once with one all-gather over the CP group (what decode uses; on CUDA its local
+merge is one Triton kernel, ``merge_kernel.merge_partials``, when no gradient is needed).
 Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``,
 never NaN.
 """
@@ -20,6 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from megacp.ops import paged_decode
+from megacp.ops.merge_kernel import merge_partials
 
 if TYPE_CHECKING:  # parallel_state imports torch.distributed; keep this module importable without it
     from megacp.parallel_state import ParallelGroup
@@ -141,8 +145,20 @@ def cp_merge_gathered(
     packed = torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], dim=-1)  # [B, dcp·H, D+1]
     gathered = group.all_gather(packed.unsqueeze(0), dim=0)  # [W, B, dcp·H, D+1], CP rank major
     mine = gathered[:, :, start : start + local_heads]  # [W, B, H, D+1]: every partial of this rank's heads
+    if _fused_merge_applies(mine, out):  # one kernel instead of ~15 small ones per layer (merge_kernel)
+        merged = out.new_empty(out.shape[0], local_heads, out.shape[2])
+        merged_lse = lse.new_empty(out.shape[0], local_heads, dtype=torch.float32)
+        merge_partials(mine[..., :-1], mine[..., -1], merged, merged_lse)
+        return merged, merged_lse
     merged, merged_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
     return merged.to(out.dtype), merged_lse
+
+
+def _fused_merge_applies(partials: Tensor, out: Tensor) -> bool:
+    """Whether ``merge_partials`` takes this merge: Triton can run here, float32 partials (not float64), and no
+    gradient is needed (the kernel has no backward; training goes through the PyTorch merge)."""
+    return (partials.dtype == torch.float32 and paged_decode.available(partials.device)
+            and not (torch.is_grad_enabled() and (partials.requires_grad or out.requires_grad)))
 
 
 def _check_merge_shapes(fn: str, out: Tensor, lse: Tensor) -> None:

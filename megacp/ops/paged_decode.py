@@ -8,12 +8,12 @@ the DCP/PCP merges.
 Design (split-KV, "flash decoding"): one program per (sequence, KV head, split of the sequence). A program loads the
 ``G = Hq / Hkv`` query heads that share its KV head (GQA: the K/V tile is read once for all of them), walks its
 tokens in tiles of ``block_n``, looking up every token's block in the block table, and keeps an online softmax in
-base 2. It writes a float32 partial output and a partial LSE per split; a second small kernel merges the splits by
-LSE. Splits give enough programs to fill the GPU when the batch is small and the context long. The number of splits
-is planned on the host (``choose_plan``: from the batch and an upper bound on the length, no device read), but each
-program derives its token range from its sequence's real length on the device, so a plan sized by the block table's
-capacity (a CUDA graph) still spreads a short sequence over every split. With one split the kernel writes the final
-output itself and the merge kernel is skipped.
+base 2. It writes a float32 partial output and a partial LSE per split; a second small kernel (``merge_kernel``)
+merges the splits by LSE. Splits give enough programs to fill the GPU when the batch is small and the context long.
+The number of splits is planned on the host (``choose_plan``: from the batch and an upper bound on the length, no
+device read), but each program derives its token range from its sequence's real length on the device, so a plan
+sized by the block table's capacity (a CUDA graph) still spreads a short sequence over every split. With one split
+the kernel writes the final output itself and the merge kernel is skipped.
 
 Without Triton (CPU, or no ``triton`` package) ``available()`` is False and callers use the gather path.
 """
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megacp.ops.merge_kernel import merge_partials
+
 try:  # optional: never let a missing or broken Triton break ``import megacp``
     import triton
     import triton.language as tl
@@ -37,7 +39,6 @@ except Exception:  # noqa: BLE001
 _LOG2E = 1.4426950408889634
 _BLOCK_N = 64  # tokens per tile
 _MAX_SPLITS = 64  # cap on splits per sequence (the merge kernel walks them in chunks)
-_MERGE_CHUNK = 16  # splits the merge kernel loads at once
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 
 
@@ -167,15 +168,8 @@ def paged_decode_with_lse(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if splits > 1 and not fused:
-        _merge_kernel[(B, Hq)](
-            out_part, lse_part, out, lse, splits,
-            out_part.stride(0), out_part.stride(1), out_part.stride(2),
-            lse_part.stride(0), lse_part.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            HEAD_DIM=D, D_PAD=d_pad, CHUNK=_MERGE_CHUNK,
-            num_warps=4,
-        )
+    if splits > 1 and not fused:  # [B, Hq, S, ...] partials, merged as [S, B, Hq, ...] strided views
+        merge_partials(out_part.permute(2, 0, 1, 3), lse_part.permute(2, 0, 1), out, lse)
     return out, lse
 
 
@@ -300,44 +294,6 @@ if triton is not None:
                 tl.store(fin_lse_ptr + b * stride_flb + heads,
                          tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=g_ok)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
-
-    @triton.jit
-    def _merge_kernel(
-        part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
-        stride_pb, stride_ph, stride_ps,
-        stride_plb, stride_plh,
-        stride_ob, stride_oh, stride_lb,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        d = tl.arange(0, D_PAD)
-        d_ok = d < HEAD_DIM
-        lse_row = part_lse_ptr + b * stride_plb + h * stride_plh
-        part_row = part_ptr + b * stride_pb + h * stride_ph
-        # Pass 1: the largest partial LSE (-inf if every split was empty).
-        m = tl.full([CHUNK], float("-inf"), tl.float32)
-        for s0 in range(0, num_splits, CHUNK):
-            s = s0 + tl.arange(0, CHUNK)
-            m = tl.maximum(m, tl.load(lse_row + s, mask=s < num_splits, other=float("-inf")))
-        m_all = tl.max(m, 0)
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        # Pass 2: weights exp(lse_s - m), weighted sum of the partial outputs (empty splits weigh 0 and are not read).
-        total = tl.zeros([CHUNK], tl.float32)
-        acc = tl.zeros([CHUNK, D_PAD], tl.float32)
-        for s0 in range(0, num_splits, CHUNK):
-            s = s0 + tl.arange(0, CHUNK)
-            ls = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
-            w = tl.exp(ls - m_safe)
-            live = ls > float("-inf")
-            o = tl.load(part_row + s[:, None] * stride_ps + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
-            total += w
-            acc += o * w[:, None]
-        tot = tl.sum(total, 0)
-        res = tl.sum(acc, 0) / tl.where(tot > 0, tot, 1.0)
-        lse = tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
-        tl.store(lse_ptr + b * stride_lb + h, lse)
 
 
 __all__ = ["DecodePlan", "available", "supports", "choose_plan", "paged_decode_with_lse"]
