@@ -1,0 +1,137 @@
+"""megacp's Triton kernels run on the CPU under Triton's interpreter, against PyTorch references.
+
+    TRITON_INTERPRET=1 python -m tests.triton_interpreter_checks      (tests/test_triton_kernels_cpu.py runs it)
+
+The interpreter executes a kernel's Python body program by program with numpy, so a CPU machine checks the kernels'
+logic (index math, masks, the split plan, the split merge, the fused merge's arrival counters, the LSE merge of
+gathered CP partials, the fused residual-add + RMSNorm) with no GPU. It does not check what only a GPU shows
+(compilation for a GPU, memory ordering between programs, speed): ``test_triton_kernels_cpu`` compiles the kernels
+for sm_90 separately and the GPU-marked tests run them. Shapes are tiny: the interpreter is slow.
+Exits 0 after printing ``triton interpreter checks: ok``; an assertion names the failing case.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from megacp.ops import cp_merge_gathered, merge_attn_states_n, paged_attention_with_lse
+from megacp.ops import merge as merge_mod
+from megacp.ops import paged_decode, rms_norm
+from megacp.ops.merge_kernel import merge_partials
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:g}"
+
+
+def _lse_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: -inf LSE rows differ"
+    finite = torch.isfinite(want)
+    _close(got[finite], want[finite], tol, what + " lse")
+
+
+def check_paged_decode() -> None:
+    """Every launch plan (one split, uneven splits, more splits than tiles, split merge by kernel and in-kernel
+    merge by arrival counters, twice so the counters must have reset) equals the PyTorch gather path, with a
+    ``randperm`` block table, GQA and an empty sequence."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, bs, nb = 3, 4, 2, 16, 4, 40
+    k = torch.randn(nb, bs, Hkv, D, generator=g)
+    v = torch.randn(nb, bs, Hkv, D, generator=g)
+    bt = torch.stack([torch.randperm(nb, generator=g)[:10] for _ in range(B)]).int()
+    lens = torch.tensor([37, 5, 0])
+    q = torch.randn(B, Hq, D, generator=g)
+    want_out, want_lse = paged_attention_with_lse(q, k, v, bt, lens, 0.25, backend="torch")
+    plans = [paged_decode.DecodePlan(1, block_n=16), paged_decode.DecodePlan(3, block_n=16),
+             paged_decode.DecodePlan(7, block_n=16), paged_decode.DecodePlan(2, block_n=32, fused_merge=True),
+             paged_decode.DecodePlan(3, block_n=16, fused_merge=True)]
+    for plan in plans + plans[-2:]:
+        out, lse = paged_decode.paged_decode_with_lse(q, k, v, bt, lens, 0.25, plan=plan)
+        _close(out, want_out, 1e-5, f"paged decode {plan}")
+        _lse_close(lse, want_lse, 1e-5, f"paged decode {plan}")
+        assert bool((out[2] == 0).all()), f"paged decode {plan}: an empty sequence must give out 0"
+    counters = paged_decode._COUNTERS[torch.device("cpu")]
+    assert all(int(c.abs().sum()) == 0 for c in counters), "fused merge left its arrival counters non-zero"
+    out, lse = paged_decode.paged_decode_with_lse(q, k, v, bt, lens, 0.25)  # choose_plan's own plan
+    _close(out, want_out, 1e-5, "paged decode, chosen plan")
+
+
+def check_merge_partials() -> None:
+    """The LSE merge kernel on a strided slice of gathered partials equals ``merge_attn_states_n`` (an empty partial,
+    an all-empty row), for float32 and bfloat16 outputs."""
+    g = torch.Generator().manual_seed(1)
+    W, B, H, D = 4, 3, 6, 24
+    gathered = torch.randn(W, B, 2 * H, D + 1, generator=g)
+    gathered[..., -1] *= 3
+    gathered[1, 0, H + 2, -1] = -math.inf
+    gathered[:, 2, H + 1, -1] = -math.inf
+    mine = gathered[:, :, H:]
+    want_out, want_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out, lse = torch.empty(B, H, D, dtype=dtype), torch.empty(B, H)
+        merge_partials(mine[..., :-1], mine[..., -1], out, lse)
+        _close(out, want_out, tol, f"merge_partials {dtype}")
+        _lse_close(lse, want_lse, 1e-5, f"merge_partials {dtype}")
+        assert bool((out[2, 1] == 0).all()), "merge_partials: an all-empty row must give out 0"
+
+
+class _GatheredGroup:
+    """A CP group seen from one rank: its all-gather returns every rank's packed partials."""
+
+    def __init__(self, packed: list[torch.Tensor], rank: int) -> None:
+        self.packed, self.rank_in_group, self.world_size = packed, rank, len(packed)
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return torch.stack([x[0] if w == self.rank_in_group else p for w, p in enumerate(self.packed)])
+
+
+def check_cp_merge_gathered() -> None:
+    """Decode's CP merge (pcp 2 × dcp 2) takes the kernel and gives every rank the PyTorch merge of its heads."""
+    g = torch.Generator().manual_seed(2)
+    W, dcp, B, H, D = 4, 2, 2, 3, 16
+    outs = torch.randn(W, B, dcp * H, D, generator=g)
+    lses = 3 * torch.randn(W, B, dcp * H, generator=g)
+    lses[0, 1, 4] = -math.inf
+    packed = [torch.cat([outs[w], lses[w].unsqueeze(-1)], dim=-1) for w in range(W)]
+    calls = []
+    kernel = merge_mod.merge_partials
+    merge_mod.merge_partials = lambda *a: (calls.append(1), kernel(*a))[1]
+    try:
+        for rank in range(W):
+            heads = slice((rank % dcp) * H, (rank % dcp + 1) * H)
+            want_out, want_lse = merge_attn_states_n(outs[:, :, heads], lses[:, :, heads])
+            with torch.inference_mode():
+                out, lse = cp_merge_gathered(outs[rank], lses[rank], dcp, _GatheredGroup(packed, rank))
+            _close(out, want_out, 1e-5, f"cp_merge_gathered rank {rank}")
+            _lse_close(lse, want_lse, 1e-5, f"cp_merge_gathered rank {rank}")
+    finally:
+        merge_mod.merge_partials = kernel
+    assert len(calls) == W, f"cp_merge_gathered used the kernel {len(calls)} times, not {W}"
+
+
+def check_rms_norm() -> None:
+    """The fused residual-add + RMSNorm equals PyTorch's add then ``rms_norm`` (float32)."""
+    g = torch.Generator().manual_seed(3)
+    x, r, w = torch.randn(5, 48, generator=g), torch.randn(5, 48, generator=g), torch.randn(48, generator=g)
+    out, summed = rms_norm.fused_add_rms_norm(x, r, w, 1e-6)
+    _close(summed, x + r, 1e-6, "fused add")
+    _close(out, torch.nn.functional.rms_norm(x + r, (48,), w, 1e-6), 1e-5, "fused rms_norm")
+    out, same = rms_norm.fused_add_rms_norm(x, None, w, 1e-6)
+    assert same is x
+    _close(out, torch.nn.functional.rms_norm(x, (48,), w, 1e-6), 1e-5, "fused rms_norm without residual")
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
+    for check in (check_paged_decode, check_merge_partials, check_cp_merge_gathered, check_rms_norm):
+        check()
+    print("triton interpreter checks: ok")
+
+
+if __name__ == "__main__":
+    main()
