@@ -520,48 +520,16 @@ def test_engine_greedy_on_gpu_matches_transformers():
     assert [o.output_ids for o in outs] == expected
 
 
-class _GatheredGroup:
-    """A CP group of ``W`` ranks seen from ``rank``: its all-gather returns every rank's packed partials (this
-    rank's is the tensor it was given, so gradients flow as through a real all-gather)."""
-
-    def __init__(self, packed: list[torch.Tensor], rank: int) -> None:
-        self.packed, self.rank_in_group, self.world_size = packed, rank, len(packed)
-
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        assert dim == 0 and torch.equal(x[0], self.packed[self.rank_in_group])
-        return torch.stack([x[0] if w == self.rank_in_group else p for w, p in enumerate(self.packed)])
-
 
 @gpu
 @needs_cuda
 @pytest.mark.skipif(paged_decode.triton is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cp_merge_gathered_kernel_equals_the_pytorch_merge(dtype):
-    """On CUDA the decode merge of gathered CP partials is one Triton kernel (merge_kernel); it gives the PyTorch
-    merge's result for every rank's heads (pcp 2 x dcp 2), with empty partials and an all-empty row, and a merge that
-    needs gradients still goes through PyTorch."""
-    from megacp.ops import cp_merge_gathered, merge_attn_states_n
+def test_lse_merge_kernel_equals_the_pytorch_merge(dtype):
+    """On CUDA the decode merge of gathered CP partials (and the paged decode's split merge) is one Triton kernel
+    (merge_kernel); it gives the PyTorch merge's result (tests/triton_interpreter_checks.py runs the same checks on
+    the CPU under Triton's interpreter)."""
+    from tests import triton_interpreter_checks as checks
 
-    W, dcp, B, H, D = 4, 2, 5, 3, 128
-    g = torch.Generator().manual_seed(3)
-    outs = torch.randn(W, B, dcp * H, D, generator=g).cuda().to(dtype)
-    lses = (3 * torch.randn(W, B, dcp * H, generator=g)).cuda()
-    lses[1, 0, 2] = float("-inf")  # one rank's shard was empty for this row
-    lses[:, 4, H + 1] = float("-inf")  # no rank had a token for this row and head
-    packed = [torch.cat([outs[w].float(), lses[w].unsqueeze(-1)], dim=-1) for w in range(W)]
-    for rank in range(W):
-        heads = slice((rank % dcp) * H, (rank % dcp + 1) * H)
-        ref_out, ref_lse = merge_attn_states_n(outs[:, :, heads].float(), lses[:, :, heads])
-        with torch.inference_mode():
-            out, lse = cp_merge_gathered(outs[rank], lses[rank], dcp, _GatheredGroup(packed, rank))
-        assert out.dtype == dtype and lse.dtype == torch.float32
-        tol = 1e-6 if dtype == torch.float32 else 1e-2
-        assert torch.allclose(out.float(), ref_out, atol=tol, rtol=tol), (rank, (out.float() - ref_out).abs().max())
-        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-        finite = torch.isfinite(ref_lse)
-        assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-5)
-        assert bool((out[torch.isinf(ref_lse)] == 0).all())
-    leaf = outs[0].detach().float().requires_grad_()
-    out, _ = cp_merge_gathered(leaf, lses[0], dcp, _GatheredGroup([torch.cat([leaf.detach(), lses[0].unsqueeze(-1)],
-                                                                             dim=-1)] + packed[1:], 0))
-    assert out.grad_fn is not None  # the PyTorch path, differentiable
+    checks.check_merge_partials("cuda")
+    checks.check_cp_merge_gathered("cuda", dtype)

@@ -1,4 +1,4 @@
-"""megacp's Triton kernels run on the CPU under Triton's interpreter, against PyTorch references.
+"""megacp's Triton kernels against PyTorch references: on the CPU under Triton's interpreter (and on a GPU).
 
     TRITON_INTERPRET=1 python -m tests.triton_interpreter_checks      (tests/test_triton_kernels_cpu.py runs it)
 
@@ -6,7 +6,8 @@ The interpreter executes a kernel's Python body program by program with numpy, s
 logic (index math, masks, the split plan, the split merge, the fused merge's arrival counters, the LSE merge of
 gathered CP partials, the fused residual-add + RMSNorm) with no GPU. It does not check what only a GPU shows
 (compilation for a GPU, memory ordering between programs, speed): ``test_triton_kernels_cpu`` compiles the kernels
-for sm_90 separately and the GPU-marked tests run them. Shapes are tiny: the interpreter is slow.
+for sm_90 separately and the GPU-marked tests run them, ``check_merge_partials`` and ``check_cp_merge_gathered``
+with ``device="cuda"``. Shapes are tiny: the interpreter is slow.
 Exits 0 after printing ``triton interpreter checks: ok``; an assertion names the failing case.
 """
 
@@ -60,7 +61,7 @@ def check_paged_decode() -> None:
     _close(out, want_out, 1e-5, "paged decode, chosen plan")
 
 
-def check_merge_partials() -> None:
+def check_merge_partials(device: str = "cpu") -> None:
     """The LSE merge kernel on a strided slice of gathered partials equals ``merge_attn_states_n`` (an empty partial,
     an all-empty row), for float32 and bfloat16 outputs."""
     g = torch.Generator().manual_seed(1)
@@ -69,48 +70,58 @@ def check_merge_partials() -> None:
     gathered[..., -1] *= 3
     gathered[1, 0, H + 2, -1] = -math.inf
     gathered[:, 2, H + 1, -1] = -math.inf
-    mine = gathered[:, :, H:]
+    mine = gathered.to(device)[:, :, H:]
     want_out, want_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        out, lse = torch.empty(B, H, D, dtype=dtype), torch.empty(B, H)
+        out, lse = torch.empty(B, H, D, dtype=dtype, device=device), torch.empty(B, H, device=device)
         merge_partials(mine[..., :-1], mine[..., -1], out, lse)
         _close(out, want_out, tol, f"merge_partials {dtype}")
         _lse_close(lse, want_lse, 1e-5, f"merge_partials {dtype}")
         assert bool((out[2, 1] == 0).all()), "merge_partials: an all-empty row must give out 0"
 
 
-class _GatheredGroup:
-    """A CP group seen from one rank: its all-gather returns every rank's packed partials."""
+class GatheredGroup:
+    """A CP group seen from one rank: its all-gather returns every rank's packed partials (this rank's is the tensor
+    it was given, so gradients flow as through a real all-gather)."""
 
     def __init__(self, packed: list[torch.Tensor], rank: int) -> None:
         self.packed, self.rank_in_group, self.world_size = packed, rank, len(packed)
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        assert dim == 0 and torch.equal(x[0], self.packed[self.rank_in_group])
         return torch.stack([x[0] if w == self.rank_in_group else p for w, p in enumerate(self.packed)])
 
 
-def check_cp_merge_gathered() -> None:
-    """Decode's CP merge (pcp 2 × dcp 2) takes the kernel and gives every rank the PyTorch merge of its heads."""
+def check_cp_merge_gathered(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Decode's CP merge (pcp 2 × dcp 2) takes the kernel and gives every rank the PyTorch merge of its heads (an
+    empty shard for one row, a row and head no rank has keys for); a merge that needs gradients goes through
+    PyTorch."""
     g = torch.Generator().manual_seed(2)
-    W, dcp, B, H, D = 4, 2, 2, 3, 16
-    outs = torch.randn(W, B, dcp * H, D, generator=g)
-    lses = 3 * torch.randn(W, B, dcp * H, generator=g)
-    lses[0, 1, 4] = -math.inf
-    packed = [torch.cat([outs[w], lses[w].unsqueeze(-1)], dim=-1) for w in range(W)]
+    W, dcp, B, H, D = 4, 2, 5, 3, 32
+    outs = torch.randn(W, B, dcp * H, D, generator=g).to(device=device, dtype=dtype)
+    lses = (3 * torch.randn(W, B, dcp * H, generator=g)).to(device)
+    lses[1, 0, 2] = -math.inf
+    lses[:, 4, H + 1] = -math.inf
+    packed = [torch.cat([outs[w].float(), lses[w].unsqueeze(-1)], dim=-1) for w in range(W)]
     calls = []
     kernel = merge_mod.merge_partials
     merge_mod.merge_partials = lambda *a: (calls.append(1), kernel(*a))[1]
     try:
         for rank in range(W):
             heads = slice((rank % dcp) * H, (rank % dcp + 1) * H)
-            want_out, want_lse = merge_attn_states_n(outs[:, :, heads], lses[:, :, heads])
+            want_out, want_lse = merge_attn_states_n(outs[:, :, heads].float(), lses[:, :, heads])
             with torch.inference_mode():
-                out, lse = cp_merge_gathered(outs[rank], lses[rank], dcp, _GatheredGroup(packed, rank))
-            _close(out, want_out, 1e-5, f"cp_merge_gathered rank {rank}")
+                out, lse = cp_merge_gathered(outs[rank], lses[rank], dcp, GatheredGroup(packed, rank))
+            assert out.dtype == dtype and lse.dtype == torch.float32
+            _close(out, want_out, 1e-5 if dtype == torch.float32 else 3e-2, f"cp_merge_gathered rank {rank} {dtype}")
             _lse_close(lse, want_lse, 1e-5, f"cp_merge_gathered rank {rank}")
+            assert bool((out[torch.isinf(want_lse)] == 0).all()), "rows without keys must give out 0"
+        assert len(calls) == W, f"cp_merge_gathered used the kernel {len(calls)} times, not {W}"
+        leaf = outs[0].detach().float().requires_grad_()
+        out, _ = cp_merge_gathered(leaf, lses[0], dcp, GatheredGroup([packed[0]] + packed[1:], 0))
+        assert out.grad_fn is not None and len(calls) == W, "a merge needing gradients must use PyTorch"
     finally:
         merge_mod.merge_partials = kernel
-    assert len(calls) == W, f"cp_merge_gathered used the kernel {len(calls)} times, not {W}"
 
 
 def check_rms_norm() -> None:
@@ -128,8 +139,11 @@ def check_rms_norm() -> None:
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
-    for check in (check_paged_decode, check_merge_partials, check_cp_merge_gathered, check_rms_norm):
-        check()
+    check_paged_decode()
+    check_merge_partials()
+    check_cp_merge_gathered(dtype=torch.float32)
+    check_cp_merge_gathered(dtype=torch.bfloat16)
+    check_rms_norm()
     print("triton interpreter checks: ok")
 
 
