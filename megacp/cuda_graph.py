@@ -61,7 +61,7 @@ def graph_support(model: torch.nn.Module, device: torch.device) -> str | None:
 class PiecewiseGraph:
     """One step captured as a sequence of CUDA graphs cut at each host-staged (gloo) collective.
 
-    ``capture()`` is a context manager around the step's code: it records graph pieces into ``pool``; each staged
+    ``capture(stream)`` is a context manager around the step's code: it records graph pieces into ``pool``; each staged
     collective met inside ends the current piece, runs once (so every rank stays in step) and is kept. ``replay()``
     replays piece 0, runs collective 0 eagerly, replays piece 1, ... With NCCL (or one rank) there are no cuts and
     it is one plain graph. Pieces share ``pool`` and are replayed in the order they were captured, which is what
@@ -84,11 +84,13 @@ class PiecewiseGraph:
         self._begin()
 
     @contextlib.contextmanager
-    def capture(self):
+    def capture(self, stream: torch.cuda.Stream):
+        """Record on ``stream`` (not the default stream, which cannot capture). Callers pass one stream to all their
+        captures: PyTorch keeps a cuBLAS workspace per (handle, stream) for good, so a fresh stream per capture
+        costs a workspace each."""
         from megacp import parallel_state as ps
 
         torch.cuda.synchronize()
-        stream = torch.cuda.Stream()  # capture cannot run on the default stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), ps.cut_graphs_at_host_collectives(self._cut):
             self._begin()
@@ -158,16 +160,16 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()  # every warm-up and capture: one cuBLAS workspace, not two per bucket
         for B in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
             meta = self.session.step([], pad_decodes_to=B)  # all padding rows
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: Triton compilation, cuBLAS handles, lazy tables
                 for _ in range(2):
                     self._forward(meta)
             torch.cuda.current_stream().wait_stream(side)
             graph = PiecewiseGraph(pool)
-            with graph.capture():
+            with graph.capture(side):
                 logits, greedy = self._forward(meta)
             self.graphs[B] = _Graph(graph, logits, greedy)
         torch.cuda.synchronize()
