@@ -18,7 +18,7 @@ tp = pcp = 1 runs a full replica on every GPU at once):
   attention layer alone (random K/V in the cache): the part DCP shrinks (each rank reads 1/dcp of the KV) next to
   what it adds (Q all-gather, LSE all-gather, reduce-scatter).
 - ``decode``: per-token latency of one request at each ``--contexts`` length (prefill, then ``--new-tokens``
-  greedy steps; the median step time), with ``--decode-kv-heads`` KV heads (1: the GQA rule lets tp = 2 use
+  greedy steps; the median step time of the slowest rank, median over ``--reps`` runs), with ``--decode-kv-heads`` KV heads (1: the GQA rule lets tp = 2 use
   dcp = 2). KV: every layout gets the same per-rank cache of ``--kv-gib`` GiB, so slots per rank are equal and the
   longest context the CP group can hold (``kv_capacity_tokens``) must grow exactly ×dcp; ``peak_tokens_stored`` is
   what each rank really held for the request; ``max_context_in_free_memory`` is how long a context the memory left
@@ -280,21 +280,28 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
         f"{engine.stats.graph_capture_s:.1f} s) took {time.perf_counter() - began:.1f} s")
     rows = []
     for n in args.contexts:
-        marks.clear()
-        dist.barrier()
-        engine.generate([_prompt(n, args.vocab, n)], SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
-        _sync(device)
-        marks.append(time.perf_counter())
-        steps = [b - a for a, b in zip(marks, marks[1:])]  # step 0: the prefill; then one decode token per step
+        medians, means = [], []  # per rep, this rank's
+        for _ in range(args.reps):  # a single run's median moved by up to 50% on a shared host (docs/benchmarks.md)
+            marks.clear()
+            dist.barrier()
+            engine.generate([_prompt(n, args.vocab, n)],
+                            SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
+            _sync(device)
+            marks.append(time.perf_counter())
+            steps = [b - a for a, b in zip(marks, marks[1:])]  # step 0: the prefill; then one decode token per step
+            medians.append(statistics.median(steps[1:]))
+            means.append(statistics.mean(steps[1:]))
         stats = engine.stats
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, {"median": statistics.median(steps[1:]), "mean": statistics.mean(steps[1:]),
-                                          "peak": stats.peak_tokens_stored, "ttft": stats.ttft_s[0]})
+        dist.all_gather_object(gathered, {"medians": medians, "means": means, "peak": stats.peak_tokens_stored,
+                                          "ttft": stats.ttft_s[0]})
+        per_rep = [max(g["medians"][i] for g in gathered) * 1e3 for i in range(args.reps)]  # slowest rank per rep
         reserve = int(args.reserve_gib * 2**30)
         row = {
             "tp": tp, "pcp": pcp, "dcp": dcp, "context": n, "new_tokens": args.new_tokens,
-            "decode_ms_per_token": max(g["median"] for g in gathered) * 1e3,
-            "decode_ms_per_token_mean": max(g["mean"] for g in gathered) * 1e3,
+            "decode_ms_per_token": statistics.median(per_rep),
+            "decode_ms_per_token_reps": per_rep,
+            "decode_ms_per_token_mean": max(statistics.mean(g["means"]) for g in gathered) * 1e3,
             "ttft_s": max(g["ttft"] for g in gathered),
             "kv_bytes_per_token_per_rank": per_token_bytes,
             "kv_gib_per_rank": args.kv_gib,
@@ -308,7 +315,7 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
         }
         rows.append(row)
         log(f"decode tp={tp} pcp={pcp} dcp={dcp} context={n}: {row['decode_ms_per_token']:.2f} ms/token "
-            f"(mean {row['decode_ms_per_token_mean']:.2f}), KV capacity {row['kv_capacity_tokens']} tokens, "
+            f"(reps {', '.join(f'{t:.2f}' for t in per_rep)}; mean {row['decode_ms_per_token_mean']:.2f}), KV capacity {row['kv_capacity_tokens']} tokens, "
             f"stored per rank {row['peak_tokens_stored_per_rank']}, graph replays {row['graph_replays']}, "
             f"{row['seconds_since_layout_start']:.1f} s since the layout started")
     del engine, model
