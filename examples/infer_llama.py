@@ -47,34 +47,30 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see --help)")
 
 
-def _int_flag(minimum: int = 1, maximum: int | None = None):
-    """argparse ``type``: an integer in range, parsed at parse time ("1e12" or "2.5" is not an integer)."""
-    def parse(text: str) -> int:
+def _checked_flag(convert, check, kind: str):
+    """argparse ``type``: ``convert`` the text (kept as text when it cannot be), then ``check`` it at parse time; a
+    failed check becomes argparse's error naming the flag."""
+    def parse(text: str):
         try:
-            value: Any = int(text)
+            value: Any = convert(text)
         except ValueError:
             value = text
         try:
-            return check_int("", value, minimum, maximum)
+            return check(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "integer"
+    parse.__name__ = kind
     return parse
+
+
+def _int_flag(minimum: int = 1, maximum: int | None = None):
+    """An integer in range ("1e12" or "2.5" is not an integer)."""
+    return _checked_flag(int, lambda value: check_int("", value, minimum, maximum), "integer")
 
 
 def _real_flag(minimum: float, maximum: float | None = None, min_inclusive: bool = True):
-    """argparse ``type``: a finite number in range (NaN and inf are rejected here, not when they break something)."""
-    def parse(text: str) -> float:
-        try:
-            value: Any = float(text)
-        except ValueError:
-            value = text
-        try:
-            return check_real("", value, minimum, maximum, min_inclusive)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "number"
-    return parse
+    """A finite number in range (NaN and inf are rejected here, not when they break something)."""
+    return _checked_flag(float, lambda value: check_real("", value, minimum, maximum, min_inclusive), "number")
 
 
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0  # a week; larger values only overflow torch's timedelta handling

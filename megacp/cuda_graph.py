@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 import torch
 from torch import Tensor
 
+from megacp import parallel_state as ps
 from megacp.layers.cp_metadata import AttentionMetadata
 from megacp.sampling import sample
 
@@ -88,8 +89,6 @@ class PiecewiseGraph:
         """Record on ``stream`` (not the default stream, which cannot capture). Callers pass one stream to all their
         captures: PyTorch keeps a cuBLAS workspace per (handle, stream) for good, so a fresh stream per capture
         costs a workspace each."""
-        from megacp import parallel_state as ps
-
         torch.cuda.synchronize()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), ps.cut_graphs_at_host_collectives(self._cut):
@@ -129,8 +128,6 @@ class DecodeGraphRunner:
         self.capture_s = 0.0
         self.capture_bytes = 0
         self.num_replays = 0
-        from megacp import parallel_state as ps
-
         if ps.model_parallel_is_initialized():
             ps.release_before_destroy(self.release)
 

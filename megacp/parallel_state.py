@@ -215,18 +215,24 @@ class ParallelGroup:
         stage = stages_through_host(self.backend, tensors[0].device)
 
         def run() -> None:
-            try:
+            with self._peer_failures(getattr(collective, "__name__", "collective")):
                 run_collective(collective, tensors, stage, group=self.device_group, **kwargs)
-            except RuntimeError as e:
-                if not _is_peer_failure(e):
-                    raise
-                op = getattr(collective, "__name__", "collective")
-                raise collective_error(self.name, self.ranks, self.rank, op, self.timeout, e) from e
 
         if stage and _host_collective_cut is not None:
             _host_collective_cut(run)  # a CUDA graph is being captured: it runs ``run`` between graph pieces
         else:
             run()
+
+    @contextmanager
+    def _peer_failures(self, op: str) -> Iterator[None]:
+        """Turns a transport failure inside the block (a dead or stuck peer) into this group's ``CollectiveError``;
+        other errors (a usage error of the collective) pass unchanged."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not _is_peer_failure(e):
+                raise
+            raise collective_error(self.name, self.ranks, self.rank, op, self.timeout, e) from e
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return x.requires_grad and torch.is_grad_enabled()
@@ -287,24 +293,16 @@ class ParallelGroup:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            try:
+            with self._peer_failures("barrier"):
                 dist.barrier(group=self.device_group)
-            except RuntimeError as e:
-                if not _is_peer_failure(e):
-                    raise
-                raise collective_error(self.name, self.ranks, self.rank, "barrier", self.timeout, e) from e
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's picklable ``obj``, in group order (host-side; for reports and verdicts, not tensors)."""
         if self.world_size == 1:
             return [obj]
         gathered: list[object] = [None] * self.world_size
-        try:
+        with self._peer_failures("all_gather_object"):
             dist.all_gather_object(gathered, obj, group=self.device_group)
-        except RuntimeError as e:
-            if not _is_peer_failure(e):
-                raise
-            raise collective_error(self.name, self.ranks, self.rank, "all_gather_object", self.timeout, e) from e
         return gathered
 
     def first_error(self, error: str | None) -> str | None:
