@@ -25,7 +25,8 @@ tp = pcp = 1 runs a full replica on every GPU at once):
   after the weights (less ``--reserve-gib`` for activations) would hold.
 
 ``--profile`` prints torch.profiler tables (by GPU time) of one TTFT and one attention call at the first
-``--tokens``, and of one decode-attention call at the first context and batch. Prints a table last; rank 0 writes the JSON.
+``--tokens``, of one decode-attention call at the first context and batch, and of 8 engine decode steps at the first
+context (with the GPU's busy time per step next to the wall time). Prints a table last; rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -265,12 +266,15 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
     log(f"decode tp={tp} pcp={pcp} dcp={dcp}: engine with {num_blocks} KV blocks per rank made, "
         f"{time.perf_counter() - began:.1f} s")
     marks: list[float] = []
+    profiler = None  # --profile: started at the first decode step of one run, stopped after it
 
     run_step = engine._run_step
 
     def marked_step(*args, **kwargs):
         _sync(device)  # the step before has finished its GPU work (it read its sampled ids back already)
         marks.append(time.perf_counter())
+        if profiler is not None and len(marks) == 2:
+            profiler.start()
         return run_step(*args, **kwargs)
 
     engine._run_step = marked_step
@@ -291,6 +295,20 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
             steps = [b - a for a, b in zip(marks, marks[1:])]  # step 0: the prefill; then one decode token per step
             medians.append(statistics.median(steps[1:]))
             means.append(statistics.mean(steps[1:]))
+        if args.profile and n == args.contexts[0] and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            marks.clear()
+            engine.generate([_prompt(n, args.vocab, n)], SamplingParams(max_new_tokens=9, ignore_eos=True))
+            _sync(device)
+            profiler.stop()
+            kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 8
+            log(f"--- profile: 8 decode steps tp={tp} pcp={pcp} dcp={dcp} context={n}: GPU busy {busy_ms:.3f} ms per "
+                f"step, {len(kernels) / 8:.0f} kernels per step (wall median {statistics.median(medians) * 1e3:.3f} ms)\n"
+                + profiler.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=70))
+            profiler = None
         stats = engine.stats
         gathered: list = [None] * world
         dist.all_gather_object(gathered, {"medians": medians, "means": means, "peak": stats.peak_tokens_stored,
