@@ -26,7 +26,7 @@ tp = pcp = 1 runs a full replica on every GPU at once):
 
 ``--profile`` prints torch.profiler tables (by GPU time) of one TTFT and one attention call at the first
 ``--tokens``, of one decode-attention call at the first context and batch, and of 8 engine decode steps at the first
-context (with the GPU's busy time per step next to the wall time). Prints a table last; rank 0 writes the JSON.
+context (with the GPU's busy time per step next to the wall time; rank 0's timeline goes next to ``--json-out``). Prints a table last; rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -308,6 +308,9 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
             log(f"--- profile: 8 decode steps tp={tp} pcp={pcp} dcp={dcp} context={n}: GPU busy {busy_ms:.3f} ms per "
                 f"step, {len(kernels) / 8:.0f} kernels per step (wall median {statistics.median(medians) * 1e3:.3f} ms)\n"
                 + profiler.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=70))
+            if args.json_out and dist.get_rank() == 0:  # the timeline (chrome://tracing, Perfetto): gaps between kernels
+                stem = os.path.splitext(args.json_out)[0]
+                profiler.export_chrome_trace(f"{stem}.trace_tp{tp}_pcp{pcp}_dcp{dcp}.json.gz")
             profiler = None
         stats = engine.stats
         gathered: list = [None] * world

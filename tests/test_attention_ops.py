@@ -397,6 +397,50 @@ def test_paged_attention_matches_contiguous(backend):
     _assert_close(out, lse, ref_out, ref_lse)
 
 
+def test_paged_attention_writes_into_given_out_and_lse():
+    """``out=``/``lse=`` (two views of one packed buffer, as DCP decode passes them) receive exactly the result; a
+    lone or misshapen one is refused with both names; a paged hook that writes in place is given them."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.randn(6, 3, 2, D, generator=g), torch.randn(6, 3, 2, D, generator=g)
+    table, lens = torch.tensor([[2, 0], [1, 3], [4, 5]]), torch.tensor([5, 2, 0])
+    q = torch.randn(3, 4, D, generator=g)
+    want_out, want_lse = paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="torch")
+    for host in (None, lens.tolist()):  # the masked (graph) and the gather path
+        packed = torch.full((3, 4, D + 1), 9.0)
+        out, lse = paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="torch",
+                                            seq_lens_host=host, out=packed[..., :D], lse=packed[..., D])
+        assert out.data_ptr() == packed.data_ptr() and lse.data_ptr() == packed[..., D].data_ptr()
+        torch.testing.assert_close(packed[..., :D], want_out, **TOL)
+        torch.testing.assert_close(packed[..., D], want_lse, **TOL)
+    with pytest.raises(ValueError, match="out and lse go together"):
+        paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, out=torch.empty(3, 4, D))
+    with pytest.raises(ValueError, match="out and lse go together"):
+        paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, out=torch.empty(3, 4, 2 * D)[..., ::2],
+                                 lse=torch.empty(3, 4))
+
+    seen = []
+
+    def paged(q, k, v, bt, n, scale, out=None, lse=None):
+        seen.append(out is not None)
+        res = paged_attention_with_lse(q, k, v, bt, n, scale, backend="torch")
+        if out is None:
+            return res
+        out.copy_(res[0])
+        lse.copy_(res[1])
+        return out, lse
+
+    register_backend(dataclasses.replace(select_backend("cpu", "torch"), name="paged_out_test", paged=paged,
+                                         paged_writes_out=True))
+    packed = torch.zeros(3, 4, D + 1)
+    paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="paged_out_test", out=packed[..., :D],
+                             lse=packed[..., D])
+    paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="paged_out_test")
+    assert seen == [True, False]
+    torch.testing.assert_close(packed[..., :D], want_out, **TOL)
+
+
 # ------------------------------------------------------------------------------------------------ merges
 def test_merge_two_halves_of_keys_equals_whole():
     q, k, v, cu_q, cu_k = _packed([(3, 10)], 4, 2)

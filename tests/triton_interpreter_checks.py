@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from megacp.ops import cp_merge_gathered, merge_attn_states_n, paged_attention_with_lse
+from megacp.ops import cp_merge_gathered, cp_merge_packed, merge_attn_states_n, paged_attention_with_lse
 from megacp.ops import merge as merge_mod
 from megacp.ops import paged_decode, rms_norm
 from megacp.ops.merge_kernel import merge_partials
@@ -55,6 +55,13 @@ def check_paged_decode() -> None:
         _close(out, want_out, 1e-5, f"paged decode {plan}")
         _lse_close(lse, want_lse, 1e-5, f"paged decode {plan}")
         assert bool((out[2] == 0).all()), f"paged decode {plan}: an empty sequence must give out 0"
+        # written into the two views of a packed [out | lse] buffer (what DCP decode sends): same numbers, and
+        # nothing else in the buffer touched
+        packed = torch.full((B, Hq, D + 1), 7.0)
+        got_out, got_lse = paged_decode.paged_decode_with_lse(q, k, v, bt, lens, 0.25, plan=plan,
+                                                              out=packed[..., :D], lse=packed[..., D])
+        assert got_out.data_ptr() == packed.data_ptr(), f"paged decode {plan}: out= was not written in place"
+        assert torch.equal(packed[..., :D], out) and torch.equal(packed[..., D], lse), f"packed paged decode {plan}"
     counters = paged_decode._COUNTERS[torch.device("cpu")]
     assert all(int(c.abs().sum()) == 0 for c in counters), "fused merge left its arrival counters non-zero"
     out, lse = paged_decode.paged_decode_with_lse(q, k, v, bt, lens, 0.25)  # choose_plan's own plan
@@ -116,10 +123,13 @@ def check_cp_merge_gathered(device: str = "cpu", dtype: torch.dtype = torch.floa
             _close(out, want_out, 1e-5 if dtype == torch.float32 else 3e-2, f"cp_merge_gathered rank {rank} {dtype}")
             _lse_close(lse, want_lse, 1e-5, f"cp_merge_gathered rank {rank}")
             assert bool((out[torch.isinf(want_lse)] == 0).all()), "rows without keys must give out 0"
-        assert len(calls) == W, f"cp_merge_gathered used the kernel {len(calls)} times, not {W}"
+            with torch.inference_mode():  # the packed form decode uses: the same numbers
+                p_out, p_lse = cp_merge_packed(packed[rank], dcp, GatheredGroup(packed, rank), dtype)
+            assert p_out.dtype == dtype and torch.equal(p_out, out) and torch.equal(p_lse, lse), "cp_merge_packed"
+        assert len(calls) == 2 * W, f"the CP merges used the kernel {len(calls)} times, not {2 * W}"
         leaf = outs[0].detach().float().requires_grad_()
         out, _ = cp_merge_gathered(leaf, lses[0], dcp, GatheredGroup([packed[0]] + packed[1:], 0))
-        assert out.grad_fn is not None and len(calls) == W, "a merge needing gradients must use PyTorch"
+        assert out.grad_fn is not None and len(calls) == 2 * W, "a merge needing gradients must use PyTorch"
     finally:
         merge_mod.merge_partials = kernel
 

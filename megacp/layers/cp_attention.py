@@ -5,9 +5,9 @@ each prefill request's share of new tokens. ``ContextParallelAttention.forward``
 with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
-  every rank attends to its local paged shard (returning LSE), and ``cp_merge_gathered`` all-gathers the packed
-  partials (out and LSE) over the CP group once and merges this rank's heads locally: two collectives per layer at
-  most, none at pcp = dcp = 1 (it equals a DCP merge then a PCP merge, which cost four).
+  every rank attends to its local paged shard, writing out and LSE into one packed buffer, and ``cp_merge_packed``
+  all-gathers it over the CP group once and merges this rank's heads locally: two collectives per layer at most,
+  none at pcp = dcp = 1 (it equals a DCP merge then a PCP merge, which cost four).
 - ``_prefill_pcp``: prefill rows. K/V are all-gathered over PCP and restored to sequence order; each rank writes the
   tokens it owns into its cache; each local chunk (head and tail of the DualChunkSwap split) attends causally,
   bottom-right aligned, to the request's new tokens up to the chunk's end.
@@ -40,7 +40,7 @@ from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
-from megacp.ops.merge import cp_merge_gathered, dcp_merge, merge_attn_states
+from megacp.ops.merge import cp_merge_packed, dcp_merge, merge_attn_states
 
 if TYPE_CHECKING:
     from megacp.parallel_state import ParallelGroup
@@ -170,16 +170,22 @@ class ContextParallelAttention(nn.Module):
         q_all = q
         if dcp > 1:
             q_all = self.dcp_group.all_gather(q.unsqueeze(0), dim=0).transpose(0, 1).reshape(B, dcp * H, D)
-        out, lse = paged_attention_with_lse(
-            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale,
-            backend=self.backend, seq_lens_host=meta.seq_lens_host,
-        )
         # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
         # heads, LSE-corrected: the same as a DCP then a PCP merge, in one latency-bound small collective
-        # instead of up to four (see cp_merge_gathered).
-        out, _ = cp_merge_gathered(out, lse, dcp, self.cp_group)  # [B, Hq_local, D]
-        return out
+        # instead of up to four (see cp_merge_gathered). The kernel writes its partial straight into the
+        # collective's packed [out | lse] buffer (float32): no cast or concatenation before the send.
+        packed = None
+        if self.cp_group.world_size > 1:
+            packed = q.new_empty(B, dcp * H, D + 1, dtype=torch.promote_types(q.dtype, torch.float32))
+        out, _ = paged_attention_with_lse(
+            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale, backend=self.backend,
+            seq_lens_host=meta.seq_lens_host, out=None if packed is None else packed[..., :D],
+            lse=None if packed is None else packed[..., D],
+        )
+        if packed is None:
+            return out
+        return cp_merge_packed(packed, dcp, self.cp_group, q.dtype)[0]  # [B, Hq_local, D]
 
     # ------------------------------------------------------------------------------------------------ prefill
     def _prefill_pcp(

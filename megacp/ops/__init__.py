@@ -16,6 +16,7 @@ from megacp.ops.attention import (
 from megacp.ops import backends_cuda as _backends_cuda  # noqa: E402,F401  (registers "te", "cudnn", "flash")
 from megacp.ops.merge import (
     cp_merge_gathered,
+    cp_merge_packed,
     dcp_merge,
     lse_merge_weights,
     merge_attn_states,
@@ -30,6 +31,7 @@ __all__ = [
     "bottom_right_causal_from_top_left",
     "bottom_right_causal_mask",
     "cp_merge_gathered",
+    "cp_merge_packed",
     "dcp_merge",
     "lse_merge_weights",
     "merge_attn_states",

@@ -39,7 +39,8 @@ ENV_BACKEND = "MEGACP_ATTN_BACKEND"
 # a backend with ``takes_host_cu_seqlens`` also accepts ``host_cu_seqlens=(cu_q list, cu_k list) | None``.
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 # (q [B,Hq,D], k_cache, v_cache, block_table, seq_lens, scale) -> (out, lse) normalised, or None to use the gather
-# path; it must not read ``seq_lens`` back to the host (CUDA graphs)
+# path; it must not read ``seq_lens`` back to the host (CUDA graphs). With ``AttentionBackend.paged_writes_out`` it
+# also takes the keywords ``out`` and ``lse`` (preallocated, see ``paged_attention_with_lse``) and writes there
 PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Optional[tuple[Tensor, Tensor]]]
 HostCuSeqlens = tuple[Sequence[int], Sequence[int]]  # (cu_seqlens_q, cu_seqlens_k) as host ints
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
@@ -56,6 +57,8 @@ class AttentionBackend:
     accepts the keyword ``host_cu_seqlens`` (the offsets as host ints, so it need not read ``cu_seqlens`` back).
     ``differentiable``: ``varlen`` returns an output and an LSE that autograd differentiates w.r.t. q, k and v (see
     megacp/ops/attention_grad.py); ``attention_with_lse`` refuses a backend without it when gradients are needed.
+    ``paged_writes_out``: ``paged`` accepts the keywords ``out`` and ``lse`` and writes its result into them (else
+    ``paged_attention_with_lse`` copies it there).
     """
 
     name: str
@@ -66,6 +69,7 @@ class AttentionBackend:
     unavailable_reason: Optional[Callable[[torch.device], str]] = None
     takes_host_cu_seqlens: bool = False
     differentiable: bool = False
+    paged_writes_out: bool = False
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -159,6 +163,8 @@ def paged_attention_with_lse(
     scale: float,
     backend: str | None = None,
     seq_lens_host: Sequence[int] | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention (one query per sequence, non-causal) over this rank's paged KV shard.
 
@@ -169,6 +175,9 @@ def paged_attention_with_lse(
     ``seq_lens_host``: the same lengths as host ints (optional; given, nothing is read back from the device). The
     paged kernel plans its splits by the block table's capacity either way, as inside a CUDA graph, so a decode step
     gives the same numbers eagerly and replayed (each split finds its share of the real length on the device).
+    ``out`` [B, Hq, D] (any float dtype, last dim contiguous) and ``lse`` [B, Hq] float32 or float64 (any strides), given
+    together, receive the result and are returned: a caller lays out the partial for its collective this way (DCP
+    decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -182,11 +191,42 @@ def paged_attention_with_lse(
         )
     if seq_lens_host is not None and len(seq_lens_host) != q.shape[0]:
         raise ValueError(f"paged_attention_with_lse: seq_lens_host has {len(seq_lens_host)} entries for B={q.shape[0]}")
+    _check_out(q, out, lse)
     impl = select_backend(q.device, backend)
     if impl.paged is not None and not needs_grad(q):
-        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale))
+        into = {"out": out, "lse": lse} if impl.paged_writes_out and out is not None else {}
+        res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale), **into)
         if res is not None:
-            return res[0].to(q.dtype), res[1].float()
+            return _written(res[0], res[1], out, lse) if into else (res[0].to(q.dtype), res[1].float())
+    res = _paged_gather(q, k_cache, v_cache, block_table, seq_lens, scale, backend, seq_lens_host)
+    return res if out is None else _written(res[0], res[1], out, lse)
+
+
+def _check_out(q: Tensor, out: Tensor | None, lse: Tensor | None) -> None:
+    if out is None and lse is None:
+        return
+    B, Hq, D = q.shape
+    if (out is None or lse is None or out.shape != (B, Hq, D) or lse.shape != (B, Hq)
+            or lse.dtype not in (torch.float32, torch.float64) or not out.is_floating_point() or out.stride(-1) != 1):
+        raise ValueError(
+            f"paged_attention_with_lse: out and lse go together, out [B, Hq, D] = {[B, Hq, D]} floating with a "
+            f"contiguous last dim and lse [B, Hq] float32 (or float64); got out {None if out is None else (tuple(out.shape), out.dtype)}"
+            f" and lse {None if lse is None else (tuple(lse.shape), lse.dtype)}"
+        )
+
+
+def _written(res_out: Tensor, res_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The result in the caller's ``out``/``lse``: copied there unless the kernel wrote there already."""
+    if res_out.data_ptr() != out.data_ptr():
+        out.copy_(res_out)
+    if res_lse.data_ptr() != lse.data_ptr():
+        lse.copy_(res_lse)
+    return out, lse
+
+
+def _paged_gather(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float,
+                  backend: str | None, seq_lens_host: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """The gather path of ``paged_attention_with_lse`` (no paged kernel, or gradients needed)."""
     block_size = k_cache.shape[1]
     lens = seq_lens.to(device=q.device, dtype=torch.long)
     if seq_lens_host is None:  # lengths unknown on the host (a CUDA graph): masked attention over whole rows

@@ -159,12 +159,12 @@ def _max_len(cu: list[int]) -> int:
     return max(b - a for a, b in zip(cu[:-1], cu[1:]))
 
 
-def _paged(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, out=None, lse=None):
     """Paged decode for the CUDA backends: the Triton kernel when it can run (half or float32 caches), else the
     gather path (None)."""
     if not paged_decode.available(q.device) or not paged_decode.supports(q, k_cache):
         return None
-    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, out=out, lse=lse)
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -404,13 +404,13 @@ def _any_fused(device: torch.device) -> bool:
 PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 
 register_backend(
-    AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged,
+    AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged, paged_writes_out=True,
                      unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "",
                      takes_host_cu_seqlens=True, differentiable=True)
 )
 for _name, _kernel, _available in (("cudnn", _cudnn_kernel, _cudnn_available), ("flash", _flash_kernel, _flash_available),
                                    ("cuda", _auto_kernel, _any_fused)):
     register_backend(AttentionBackend(_name, _packed(_kernel), _available, PRIORITY[_name], paged=_paged,
-                                      takes_host_cu_seqlens=True, differentiable=True))
+                                      paged_writes_out=True, takes_host_cu_seqlens=True, differentiable=True))
 
 __all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]

@@ -9,8 +9,9 @@ Attention over the union of disjoint subsets is
 The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
 ``dcp_merge`` is a thin layer that applies the same weights across the ranks of a ``ParallelGroup`` (the prefill
 over cached context uses it), and
-``cp_merge_gathered`` does both at once with one all-gather over the CP group (what decode uses; on CUDA its local
-merge is one Triton kernel, ``merge_kernel.merge_partials``, when no gradient is needed).
+``cp_merge_gathered`` does both at once with one all-gather over the CP group (decode uses its packed form
+``cp_merge_packed``; on CUDA the local merge is one Triton kernel, ``merge_kernel.merge_partials``, when no gradient
+is needed).
 Every function is exact when some (or all) partials are empty: all-empty rows give ``o = 0`` and ``L = -inf``,
 never NaN.
 """
@@ -125,40 +126,66 @@ def cp_merge_gathered(
     batch 1, ~1 MiB at batch 64 with 32 heads of 128), so each collective costs its fixed launch/host latency, not
     bandwidth (docs/benchmarks.md measured ~0.2–0.3 ms of host time per NCCL call). Moving ``W×`` the bytes in one
     call is cheaper than up to four calls, and the partials travel in float32, so the merge rounds to ``out.dtype``
-    once instead of after each stage.
+    once instead of after each stage. A caller that can write its partial straight into the packed layout
+    (``paged_attention_with_lse(..., out=, lse=)``, as decode does) calls ``cp_merge_packed`` and skips the packing.
     """
     if group is None:
         from megacp.parallel_state import group_or_single_rank
 
         group = group_or_single_rank("cp")
     _check_merge_shapes("cp_merge_gathered", out, lse)
-    if dcp_size < 1 or group.world_size % dcp_size != 0 or out.shape[1] % dcp_size != 0:
-        raise ValueError(
-            f"cp_merge_gathered: dcp_size={dcp_size} must divide the CP group size {group.world_size} and the head "
-            f"dim {out.shape[1]} (= Hq_local * dcp); pass the DCP group's world size"
-        )
+    _check_dcp_size("cp_merge_gathered", dcp_size, group, out.shape[1])
     if group.world_size == 1:
         return out, lse.float()
-    local_heads = out.shape[1] // dcp_size
-    start = (group.rank_in_group % dcp_size) * local_heads
     work = torch.promote_types(out.dtype, torch.float32)
-    packed = torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], dim=-1)  # [B, dcp·H, D+1]
+    return cp_merge_packed(torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], dim=-1), dcp_size, group, out.dtype)
+
+
+def cp_merge_packed(
+    packed: Tensor, dcp_size: int, group: "ParallelGroup | None" = None, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """``cp_merge_gathered`` of a partial already packed as the collective sends it.
+
+    # packed: [B, Hq_local*dcp, D+1] float32 or float64: [..., :D] the partial output, [..., D] its lse
+    # -> (out [B, Hq_local, D] in out_dtype (default packed.dtype), lse [B, Hq_local] float32)
+    """
+    if group is None:
+        from megacp.parallel_state import group_or_single_rank
+
+        group = group_or_single_rank("cp")
+    if packed.dim() != 3 or packed.shape[-1] < 2 or packed.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"cp_merge_packed: expected packed [B, H, D+1] float32 or float64 (out | lse), got "
+                         f"{tuple(packed.shape)} {packed.dtype}")
+    _check_dcp_size("cp_merge_packed", dcp_size, group, packed.shape[1])
+    out_dtype = out_dtype or packed.dtype
+    if group.world_size == 1:
+        return packed[..., :-1].to(out_dtype), packed[..., -1].float()
+    local_heads = packed.shape[1] // dcp_size
+    start = (group.rank_in_group % dcp_size) * local_heads
     gathered = group.all_gather(packed.unsqueeze(0), dim=0)  # [W, B, dcp·H, D+1], CP rank major
     mine = gathered[:, :, start : start + local_heads]  # [W, B, H, D+1]: every partial of this rank's heads
-    if _fused_merge_applies(mine, out):  # one kernel instead of ~15 small ones per layer (merge_kernel)
-        merged = out.new_empty(out.shape[0], local_heads, out.shape[2])
-        merged_lse = lse.new_empty(out.shape[0], local_heads, dtype=torch.float32)
+    if _fused_merge_applies(mine):  # one kernel instead of ~15 small ones per layer (merge_kernel)
+        merged = packed.new_empty(packed.shape[0], local_heads, packed.shape[2] - 1, dtype=out_dtype)
+        merged_lse = packed.new_empty(packed.shape[0], local_heads, dtype=torch.float32)
         merge_partials(mine[..., :-1], mine[..., -1], merged, merged_lse)
         return merged, merged_lse
     merged, merged_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
-    return merged.to(out.dtype), merged_lse
+    return merged.to(out_dtype), merged_lse
 
 
-def _fused_merge_applies(partials: Tensor, out: Tensor) -> bool:
+def _check_dcp_size(fn: str, dcp_size: int, group: "ParallelGroup", num_heads: int) -> None:
+    if dcp_size < 1 or group.world_size % dcp_size != 0 or num_heads % dcp_size != 0:
+        raise ValueError(
+            f"{fn}: dcp_size={dcp_size} must divide the CP group size {group.world_size} and the head "
+            f"dim {num_heads} (= Hq_local * dcp); pass the DCP group's world size"
+        )
+
+
+def _fused_merge_applies(partials: Tensor) -> bool:
     """Whether ``merge_partials`` takes this merge: Triton can run here, float32 partials (not float64), and no
     gradient is needed (the kernel has no backward; training goes through the PyTorch merge)."""
     return (partials.dtype == torch.float32 and paged_decode.available(partials.device)
-            and not (torch.is_grad_enabled() and (partials.requires_grad or out.requires_grad)))
+            and not (torch.is_grad_enabled() and partials.requires_grad))
 
 
 def _check_merge_shapes(fn: str, out: Tensor, lse: Tensor) -> None:

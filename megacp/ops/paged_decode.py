@@ -108,6 +108,8 @@ def paged_decode_with_lse(
     scale: float,
     max_seq_len: int | None = None,
     plan: DecodePlan | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention (one query per sequence, non-causal) over a paged K/V cache, with LSE.
 
@@ -115,7 +117,9 @@ def paged_decode_with_lse(
     # seq_lens: int [B] (may be 0) -> (out [B, Hq, D] q.dtype, lse [B, Hq] float32 natural log)
     ``max_seq_len`` (optional, a host int bounding ``seq_lens``) sizes the split plan; without it the block table's
     capacity is used, which needs no device sync; ``plan`` overrides ``choose_plan`` (benchmarks). A sequence of
-    length 0 gives out 0 and lse -inf.
+    length 0 gives out 0 and lse -inf. ``out`` [B, Hq, D] (float16/bfloat16/float32, last dim contiguous) and ``lse``
+    [B, Hq] float32, both optional and of any strides otherwise, receive the result in place (e.g. the two views of a
+    packed ``[out | lse]`` buffer).
     """
     if triton is None:
         raise ValueError("paged_decode_with_lse needs the 'triton' package; use paged_attention_with_lse(backend='torch')")
@@ -128,8 +132,13 @@ def paged_decode_with_lse(
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_decode_with_lse: the caches' head_dim must be contiguous")
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device) if lse is None else lse
+    if (out.shape != (B, Hq, D) or lse.shape != (B, Hq) or out.stride(-1) != 1 or lse.dtype != torch.float32
+            or out.dtype not in (torch.float16, torch.bfloat16, torch.float32) or out.device != q.device):
+        raise ValueError(f"paged_decode_with_lse: out {tuple(out.shape)} {out.dtype} and lse {tuple(lse.shape)} "
+                         f"{lse.dtype} must be [B, Hq, D] half or float32 with a contiguous last dim and [B, Hq] "
+                         f"float32 on q's device (B, Hq, D = {B}, {Hq}, {D})")
     if B == 0:
         return out, lse
     q = q.contiguous() if q.stride(-1) != 1 else q
@@ -160,7 +169,7 @@ def paged_decode_with_lse(
         block_table.stride(0),
         out_part.stride(0), out_part.stride(1), stride_os,
         lse_part.stride(0), lse_part.stride(1),
-        out, lse, counters, out.stride(0), out.stride(1), lse.stride(0),
+        out, lse, counters, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         float(scale) * _LOG2E, splits,
         FUSED_MERGE=fused, BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=plan.block_n,
@@ -211,7 +220,7 @@ if triton is not None:
         stride_btb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
-        fin_out_ptr, fin_lse_ptr, counter_ptr, stride_fb, stride_fh, stride_flb,
+        fin_out_ptr, fin_lse_ptr, counter_ptr, stride_fb, stride_fh, stride_flb, stride_flh,
         scale_log2, num_splits,
         FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -291,7 +300,7 @@ if triton is not None:
                 fin = merged / tot_safe[:, None]
                 tl.store(fin_out_ptr + b * stride_fb + heads[:, None] * stride_fh + d[None, :],
                          fin.to(fin_out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-                tl.store(fin_lse_ptr + b * stride_flb + heads,
+                tl.store(fin_lse_ptr + b * stride_flb + heads * stride_flh,
                          tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=g_ok)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
 
