@@ -30,7 +30,9 @@ from typing import Callable, Iterator, Iterable
 import torch
 import torch.distributed as dist
 
+from megacp import symm_gather
 from megacp.config import ParallelConfig
+from megacp.symm_gather import SymmetricGather
 
 GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
 
@@ -202,6 +204,7 @@ class ParallelGroup:
         self.device_group = device_group
         self.backend = dist.get_backend(device_group) if device_group is not None else None
         self.timeout = timeout  # only for error messages: the process group enforces it
+        self.symmetric: SymmetricGather | None = None  # small CUDA all-gathers over NVLink, made on first use
 
     def __repr__(self) -> str:
         return f"ParallelGroup({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
@@ -315,9 +318,27 @@ class ParallelGroup:
     def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         dim = dim % x.dim()
         front = x.movedim(dim, 0).contiguous()
-        out = torch.empty((self.world_size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
-        self._collective(_all_gather_flat, out, front)
+        out = None
+        if symm_gather.applies(self.backend, front, self.world_size):  # decode-sized, NCCL on CUDA
+            if self.symmetric is None:
+                self.symmetric = SymmetricGather(self.device_group.group_name, self.world_size, self.rank_in_group,
+                                                 self._all_agree)
+            out = self.symmetric.gather(front)
+        if out is None:
+            out = torch.empty((self.world_size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
+            self._collective(_all_gather_flat, out, front)
         return out.movedim(0, dim).contiguous() if dim else out
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True on every rank if ``ok`` is on every rank (a MIN all-reduce of a flag)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device="cuda" if self.backend == "nccl" else "cpu")
+        self._collective(dist.all_reduce, flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def release_symmetric_buffers(self) -> None:
+        """Drop this group's symmetric-memory buffers (``destroy_model_parallel`` does, before destroying groups)."""
+        if self.symmetric is not None:
+            self.symmetric.release()
 
     def _reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         dim = dim % x.dim()
@@ -473,6 +494,8 @@ def destroy_model_parallel() -> None:
         release = ref()
         if release is not None:
             release()
+    for group in [*state.groups.values(), state.world]:
+        group.release_symmetric_buffers()
     if not dist.is_initialized():
         return
     for pg in state.owned_groups:

@@ -18,6 +18,11 @@ layouts of ``E2E_RUNS`` with tp·pcp = world (2 ranks: (tp, pcp, dcp) = (1,2,1),
 on tiny float32 checkpoints (Llama with 1 KV head, Qwen2 with 2 KV heads where dcp = 1, Mixtral MoE with 1 KV head,
 also with expert parallelism); greedy ids must equal ``transformers``' greedy ``generate`` (float32, CPU).
 
+**gather**: ``ParallelGroup.all_gather`` of decode-sized tensors (float32 and bfloat16, ``-inf`` and NaN included,
+along dims 0 and 1, eagerly and replayed in a CUDA graph with new data) is bit for bit NCCL's
+``all_gather_into_tensor``, and on NCCL + CUDA it went through symmetric memory (``megacp/symm_gather.py``; the
+check reports it when the path is off). The e2e and attention parts run it inside the model too.
+
 **teardown**: ``destroy_model_parallel`` returns while an ``LLMEngine`` whose decode graphs recorded the groups'
 collectives is still referenced (pytorch#115388: ``ncclCommDestroy`` blocks for ever on a live captured graph, so
 megacp releases the graphs first); a hang ends the process after 120 s with its stack printed.
@@ -134,6 +139,50 @@ def check_e2e(world: int, device: torch.device, log) -> list[dict]:
     return results
 
 
+def check_gather(world: int, device: torch.device, log) -> list[dict]:
+    ps.initialize_model_parallel(world, 1, 1, 1)
+    group = ps.get_tp_group()
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, dim in (((1, 2, 16, 128), 0), ((3, 8, 129), 1), ((5,), 0)):
+            g = torch.Generator().manual_seed(7 + group.rank_in_group)
+            x = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+            x.view(-1)[0], x.view(-1)[-1] = float("-inf"), float("nan")
+            front = x.movedim(dim, 0).contiguous()
+            want = torch.empty(world * front.shape[0], *front.shape[1:], dtype=dtype, device=device)
+            dist.all_gather_into_tensor(want, front, group=group.device_group)
+            want = want.movedim(0, dim)
+            before = group.symmetric.num_gathers if group.symmetric is not None else 0
+            eager = group.all_gather(x, dim)
+            replayed = eager
+            if device.type == "cuda":
+                src = x.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    group.all_gather(src, dim)  # warm-up, as the engine does before capturing
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    out = group.all_gather(src, dim)
+                src.copy_(x)
+                graph.replay()
+                torch.cuda.synchronize()
+                replayed = out
+            used = (group.symmetric.num_gathers if group.symmetric is not None else 0) - before
+            same = all(torch.equal(torch.nan_to_num(t.float(), nan=7.0), torch.nan_to_num(want.float(), nan=7.0))
+                       for t in (eager, replayed))
+            passed = same and (used > 0 or device.type != "cuda" or group.symmetric is None
+                               or not group.symmetric.enabled)
+            path = "symmetric memory" if used else "NCCL/gloo"
+            log(f"gather {dtype} {shape} dim {dim}: {path} ({used} calls), equal to all_gather_into_tensor: "
+                f"{same}: {'PASS' if passed else 'FAIL'}")
+            results.append({"dtype": str(dtype), "shape": list(shape), "dim": dim, "symmetric_calls": used,
+                            "symmetric_enabled": bool(group.symmetric and group.symmetric.enabled), "passed": passed})
+    ps.destroy_model_parallel()
+    return results
+
+
 def check_teardown(world: int, device: torch.device, log) -> list[dict]:
     from megacp.engine import LLMEngine
     from megacp.sampling import SamplingParams
@@ -171,8 +220,8 @@ def environment(device: torch.device) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--parts", nargs="+", choices=["attention", "e2e", "teardown"],
-                   default=["attention", "e2e", "teardown"])
+    p.add_argument("--parts", nargs="+", choices=["gather", "attention", "e2e", "teardown"],
+                   default=["gather", "attention", "e2e", "teardown"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -189,13 +238,15 @@ def main() -> int:
             print(msg, flush=True)
 
     summary = {"env": environment(device)}
+    if "gather" in args.parts:
+        summary["gather"] = check_gather(world, device, log)
     if "attention" in args.parts:
         summary["attention"] = check_attention(world, device, args.dtypes, log)
     if "e2e" in args.parts:
         summary["e2e"] = check_e2e(world, device, log)
     if "teardown" in args.parts:
         summary["teardown"] = check_teardown(world, device, log)
-    parts = ("attention", "e2e", "teardown")
+    parts = ("gather", "attention", "e2e", "teardown")
     failed = sum(not r["passed"] for part in parts for r in summary.get(part, []))
     summary["failed"] = failed
     if rank == 0:

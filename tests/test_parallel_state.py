@@ -317,3 +317,42 @@ def test_destroy_releases_registered_graph_owners_before_the_groups(dist_pool_2)
     for events in dist_pool_2.run(_release_before_destroy_task):
         assert events[0] == "release" and events.count("release") == 1, events
         assert events.count("destroy group") >= 1 and "release" not in events[1:], events
+
+
+def test_symmetric_gather_applies_only_to_small_cuda_nccl_gathers(monkeypatch):
+    """The symmetric-memory path (megacp/symm_gather.py) is chosen from the group and the shape alone, so every rank
+    of a group makes the same choice; elsewhere (gloo, CPU, large or odd-typed tensors, the env switch) NCCL/gloo."""
+    from megacp import symm_gather
+
+    class FakeCuda:  # only the attributes ``applies`` reads
+        is_cuda, dtype = True, torch.bfloat16
+
+        def __init__(self, numel):
+            self._numel = numel
+
+        def numel(self):
+            return self._numel
+
+        def element_size(self):
+            return 2
+
+    assert symm_gather.applies("nccl", FakeCuda(4096), 2)
+    assert not symm_gather.applies("gloo", FakeCuda(4096), 2)
+    assert not symm_gather.applies("nccl", FakeCuda(symm_gather.MAX_BYTES), 2)  # 2 bytes each: over the limit
+    assert not symm_gather.applies("nccl", FakeCuda(4096), 1)
+    assert not symm_gather.applies("nccl", FakeCuda(4096), 16)
+    assert not symm_gather.applies("nccl", torch.zeros(8), 2)  # a CPU tensor
+    monkeypatch.setenv(symm_gather.ENV, "0")
+    assert not symm_gather.applies("nccl", FakeCuda(4096), 2)
+
+
+def test_symmetric_gather_turns_off_for_the_group_when_a_rank_cannot_make_buffers():
+    """A rank that cannot make a symmetric buffer votes no; the agreed verdict turns the path off on every rank and
+    the caller falls back (gather returns None), never a rank on each path."""
+    from megacp.symm_gather import SymmetricGather
+
+    votes = []
+    sg = SymmetricGather("g", 2, 0, lambda ok: votes.append(ok) or False)
+    assert sg.gather(torch.ones(4)) is None  # CPU: symmetric memory refuses it here
+    assert votes == [False] and not sg.enabled and sg.num_gathers == 0
+    assert sg.gather(torch.ones(4)) is None and votes == [False]  # decided once
