@@ -305,10 +305,11 @@ def bench_decode(args, layout, device, dtype, log) -> list[dict]:
             profiler.stop()
             kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 8
+            wall_ms = statistics.median(medians) * 1e3
             log(f"--- profile: 8 decode steps tp={tp} pcp={pcp} dcp={dcp} context={n}: GPU busy {busy_ms:.3f} ms per "
-                f"step, {len(kernels) / 8:.0f} kernels per step (wall median {statistics.median(medians) * 1e3:.3f} ms)\n"
+                f"step, {len(kernels) / 8:.0f} kernels per step (wall median {wall_ms:.3f} ms)\n"
                 + profiler.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=70))
-            if args.json_out and dist.get_rank() == 0:  # the timeline (chrome://tracing, Perfetto): gaps between kernels
+            if args.json_out and dist.get_rank() == 0:  # the timeline (chrome://tracing, Perfetto): kernel gaps
                 stem = os.path.splitext(args.json_out)[0]
                 profiler.export_chrome_trace(f"{stem}.trace_tp{tp}_pcp{pcp}_dcp{dcp}.json.gz")
             profiler = None

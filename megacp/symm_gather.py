@@ -67,7 +67,7 @@ class SymmetricGather:
         buf = self._buffers.get(key)
         if buf is not None or not self.enabled:
             return buf
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # rendezvous is a host collective: never inside a capture
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # rendezvous is a host collective: not in a capture
             return None
         per = _ALIGN // x.element_size()
         width = -(-x.numel() // per) * per

@@ -175,9 +175,9 @@ def paged_attention_with_lse(
     ``seq_lens_host``: the same lengths as host ints (optional; given, nothing is read back from the device). The
     paged kernel plans its splits by the block table's capacity either way, as inside a CUDA graph, so a decode step
     gives the same numbers eagerly and replayed (each split finds its share of the real length on the device).
-    ``out`` [B, Hq, D] (any float dtype, last dim contiguous) and ``lse`` [B, Hq] float32 or float64 (any strides), given
-    together, receive the result and are returned: a caller lays out the partial for its collective this way (DCP
-    decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy.
+    ``out`` [B, Hq, D] (any float dtype, last dim contiguous) and ``lse`` [B, Hq] float32 or float64 (any strides),
+    given together, receive the result and are returned: a caller lays out the partial for its collective this way
+    (DCP decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -208,10 +208,11 @@ def _check_out(q: Tensor, out: Tensor | None, lse: Tensor | None) -> None:
     B, Hq, D = q.shape
     if (out is None or lse is None or out.shape != (B, Hq, D) or lse.shape != (B, Hq)
             or lse.dtype not in (torch.float32, torch.float64) or not out.is_floating_point() or out.stride(-1) != 1):
+        got_out = None if out is None else (tuple(out.shape), out.dtype)
+        got_lse = None if lse is None else (tuple(lse.shape), lse.dtype)
         raise ValueError(
             f"paged_attention_with_lse: out and lse go together, out [B, Hq, D] = {[B, Hq, D]} floating with a "
-            f"contiguous last dim and lse [B, Hq] float32 (or float64); got out {None if out is None else (tuple(out.shape), out.dtype)}"
-            f" and lse {None if lse is None else (tuple(lse.shape), lse.dtype)}"
+            f"contiguous last dim and lse [B, Hq] float32 (or float64); got out {got_out} and lse {got_lse}"
         )
 
 
