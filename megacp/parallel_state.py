@@ -507,11 +507,14 @@ def single_rank_group(name: str) -> ParallelGroup:
     return ParallelGroup(name, [0], None, 0)
 
 
-def group_or_single_rank(name: str) -> ParallelGroup:
-    """Group ``name`` (one of ``GROUP_NAMES``) of ``parallel_state``, or a size-1 group when model parallelism is
-    not initialised: the one default every megacp layer uses when it is given no group (a single-device run)."""
+def group_or_single_rank(name: str, given: ParallelGroup | None = None) -> ParallelGroup:
+    """``given`` when not None, else group ``name`` (one of ``GROUP_NAMES``) of ``parallel_state``, or a size-1 group
+    when model parallelism is not initialised: the one default every megacp layer uses when it is given no group (a
+    single-device run)."""
     if name not in GROUP_NAMES:
         raise ValueError(f"unknown group name {name!r}; use one of {GROUP_NAMES}")
+    if given is not None:
+        return given
     return _state().groups[name] if _STATE is not None else single_rank_group(name)
 
 

@@ -106,6 +106,17 @@ def test_size_one_group_returns_inputs_without_distributed():
     g.barrier()
 
 
+def test_group_or_single_rank_prefers_the_given_group():
+    """The one default every layer and merge uses: a given group wins; none gives a size-1 group before
+    initialisation; an unknown name is refused either way."""
+    given = ps.ParallelGroup("dcp", [0, 1], None, 1)
+    assert ps.group_or_single_rank("dcp", given) is given
+    alone = ps.group_or_single_rank("dcp")
+    assert alone.world_size == 1 and alone.name == "dcp"
+    with pytest.raises(ValueError, match="unknown group name 'dpc'"):
+        ps.group_or_single_rank("dpc", given)
+
+
 def test_getters_raise_before_initialization():
     assert not ps.model_parallel_is_initialized()
     with pytest.raises(RuntimeError, match="initialize_model_parallel"):

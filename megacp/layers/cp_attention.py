@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import LongTensor, Tensor, nn
 
+from megacp import parallel_state as ps
 from megacp.config import validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
@@ -65,15 +66,6 @@ def _index(index: LongTensor | None, as_range: tuple[int, int] | None, device: t
     return index if as_range is None else torch.arange(as_range[0], as_range[1], device=device)
 
 
-def _group(given: "ParallelGroup | None", name: str) -> "ParallelGroup":
-    """``given``, else parallel_state's group ``name`` (a size-1 group before ``initialize_model_parallel``)."""
-    if given is not None:
-        return given
-    from megacp import parallel_state as ps
-
-    return ps.group_or_single_rank(name)
-
-
 class ContextParallelAttention(nn.Module):
     """Attention core of one layer (after QKV projection and RoPE, before the output projection).
 
@@ -96,10 +88,10 @@ class ContextParallelAttention(nn.Module):
         tp_size: int | None = None,
     ) -> None:
         super().__init__()
-        tp = tp_size if tp_size is not None else _group(None, "tp").world_size
-        self.pcp_group = _group(pcp_group, "pcp")
-        self.dcp_group = _group(dcp_group, "dcp")
-        self.cp_group = _group(cp_group, "cp")
+        tp = tp_size if tp_size is not None else ps.group_or_single_rank("tp").world_size
+        self.pcp_group = ps.group_or_single_rank("pcp", pcp_group)
+        self.dcp_group = ps.group_or_single_rank("dcp", dcp_group)
+        self.cp_group = ps.group_or_single_rank("cp", cp_group)
         validate_model_parallel(num_heads, num_kv_heads, tp, self.dcp_group.world_size)
         if self.cp_group.world_size != self.pcp_group.world_size * self.dcp_group.world_size:
             raise ValueError(

@@ -33,7 +33,7 @@ from megacp.config import validate_model_parallel
 # --------------------------------------------------------------------------- helpers
 def resolve_tp_group(group: Any | None) -> Any:
     """``group`` or, when None, parallel_state's TP group (a single rank before ``initialize_model_parallel``)."""
-    return group if group is not None else parallel_state.group_or_single_rank("tp")
+    return parallel_state.group_or_single_rank("tp", group)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

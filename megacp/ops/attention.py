@@ -17,8 +17,8 @@ tensor back; without them the lengths are read once per call.
 
 Backends live in a small registry (``register_backend``). The automatic choice is the highest-priority backend that is
 ``available`` for the query's device; ``MEGACP_ATTN_BACKEND`` or ``backend=`` forces one. A backend supplies a packed
-varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence``; a kernel with only top-left causal masking gets bottom-right alignment from
-``bottom_right_causal_from_top_left``.
+varlen function; CPU-style backends write a per-sequence kernel and lift it with ``per_sequence``; a kernel with only
+top-left causal masking gets bottom-right alignment from ``bottom_right_causal_from_top_left``.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 class AttentionBackend:
     """One implementation of attention-with-LSE.
 
-    ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them). Higher ``priority`` wins the automatic choice. ``paged`` (optional) is a
-    decode kernel reading the paged cache directly (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional)
-    explains, in the error of a forced but unavailable backend, why it cannot run. ``takes_host_cu_seqlens``: ``varlen``
-    accepts the keyword ``host_cu_seqlens`` (the offsets as host ints, so it need not read ``cu_seqlens`` back).
+    ``varlen`` may leave rows that see no key unnormalised (``attention_with_lse`` fixes them). Higher ``priority``
+    wins the automatic choice. ``paged`` (optional) is a decode kernel reading the paged cache directly
+    (megacp/ops/paged_decode.py); ``unavailable_reason`` (optional) explains, in the error of a forced but unavailable
+    backend, why it cannot run. ``takes_host_cu_seqlens``: ``varlen`` accepts the keyword ``host_cu_seqlens`` (the
+    offsets as host ints, so it need not read ``cu_seqlens`` back).
     ``differentiable``: ``varlen`` returns an output and an LSE that autograd differentiates w.r.t. q, k and v (see
     megacp/ops/attention_grad.py); ``attention_with_lse`` refuses a backend without it when gradients are needed.
     ``paged_writes_out``: ``paged`` accepts the keywords ``out`` and ``lse`` and writes its result into them (else

@@ -91,10 +91,7 @@ def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
     Heads are ordered by DCP rank (the order of the Q all-gather); this rank keeps slice ``rank_in_group``.
     All-gathers lse, rescales, and reduce-scatters the rescaled output over the head dim (in float32).
     """
-    if group is None:
-        from megacp.parallel_state import group_or_single_rank
-
-        group = group_or_single_rank("dcp")
+    group = _default_group(group, "dcp")
     _check_merge_shapes("dcp_merge", out, lse)
     if out.shape[1] % group.world_size != 0:
         raise ValueError(
@@ -113,13 +110,15 @@ def dcp_merge(out: Tensor, lse: Tensor, group: "ParallelGroup | None" = None) ->
 def cp_merge_gathered(
     out: Tensor, lse: Tensor, dcp_size: int, group: "ParallelGroup | None" = None
 ) -> tuple[Tensor, Tensor]:
-    """Decode merge over the whole CP group in one collective: equals a DCP merge over heads followed by a PCP merge over ranks (all-gather lse, rescale, all-reduce).
+    """Decode merge over the whole CP group in one collective: equals a DCP merge over heads followed by a PCP merge
+    over ranks (all-gather lse, rescale, all-reduce).
 
     # out: [B, Hq_local*dcp, D], lse: [B, Hq_local*dcp] (this rank's partial over all the DCP group's heads)
     # -> (out [B, Hq_local, D] in out.dtype, lse [B, Hq_local] float32) for this rank's own heads
-    ``group`` is the CP group (default parallel_state's, one rank before it is initialised), ordered ``cp_rank = pcp_rank·dcp + dcp_rank``; every
-    rank's partial covers the same ``dcp·Hq_local`` heads (the PCP ranks computed the same gathered queries), so this
-    rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each of the ``W = pcp·dcp`` partials and merges them.
+    ``group`` is the CP group (default parallel_state's, one rank before it is initialised), ordered
+    ``cp_rank = pcp_rank·dcp + dcp_rank``; every rank's partial covers the same ``dcp·Hq_local`` heads (the PCP
+    ranks computed the same gathered queries), so this rank keeps heads ``dcp_rank·Hq_local ... +Hq_local`` of each
+    of the ``W = pcp·dcp`` partials and merges them.
 
     Why one all-gather of the packed ``[out | lse]`` instead of dcp_merge's all-gather + reduce-scatter and
     a PCP merge's all-gather + all-reduce: decode tensors are small (``B·dcp·Hq_local·(D+1)`` floats: a few KiB at
@@ -129,10 +128,7 @@ def cp_merge_gathered(
     once instead of after each stage. A caller that can write its partial straight into the packed layout
     (``paged_attention_with_lse(..., out=, lse=)``, as decode does) calls ``cp_merge_packed`` and skips the packing.
     """
-    if group is None:
-        from megacp.parallel_state import group_or_single_rank
-
-        group = group_or_single_rank("cp")
+    group = _default_group(group, "cp")
     _check_merge_shapes("cp_merge_gathered", out, lse)
     _check_dcp_size("cp_merge_gathered", dcp_size, group, out.shape[1])
     if group.world_size == 1:
@@ -149,10 +145,7 @@ def cp_merge_packed(
     # packed: [B, Hq_local*dcp, D+1] float32 or float64: [..., :D] the partial output, [..., D] its lse
     # -> (out [B, Hq_local, D] in out_dtype (default packed.dtype), lse [B, Hq_local] float32)
     """
-    if group is None:
-        from megacp.parallel_state import group_or_single_rank
-
-        group = group_or_single_rank("cp")
+    group = _default_group(group, "cp")
     if packed.dim() != 3 or packed.shape[-1] < 2 or packed.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"cp_merge_packed: expected packed [B, H, D+1] float32 or float64 (out | lse), got "
                          f"{tuple(packed.shape)} {packed.dtype}")
@@ -171,6 +164,12 @@ def cp_merge_packed(
         return merged, merged_lse
     merged, merged_lse = merge_attn_states_n(mine[..., :-1], mine[..., -1])
     return merged.to(out_dtype), merged_lse
+
+
+def _default_group(group: "ParallelGroup | None", name: str) -> "ParallelGroup":
+    from megacp.parallel_state import group_or_single_rank  # late: this module stays free of torch.distributed
+
+    return group_or_single_rank(name, group)
 
 
 def _check_dcp_size(fn: str, dcp_size: int, group: "ParallelGroup", num_heads: int) -> None:
