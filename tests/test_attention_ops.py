@@ -407,6 +407,10 @@ def test_paged_attention_writes_into_given_out_and_lse():
     table, lens = torch.tensor([[2, 0], [1, 3], [4, 5]]), torch.tensor([5, 2, 0])
     q = torch.randn(3, 4, D, generator=g)
     want_out, want_lse = paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="torch")
+    keys = [k_cache[table[b]].flatten(0, 1)[: int(n)] for b, n in enumerate(lens)]
+    vals = [v_cache[table[b]].flatten(0, 1)[: int(n)] for b, n in enumerate(lens)]
+    ref_out, ref_lse = _ref_varlen(q, torch.cat(keys), torch.cat(vals), [(1, int(n)) for n in lens], False, 0.5)
+    _assert_close(want_out, want_lse, ref_out, ref_lse)  # the result the views must receive is right to begin with
     for host in (None, lens.tolist()):  # the masked (graph) and the gather path
         packed = torch.full((3, 4, D + 1), 9.0)
         out, lse = paged_attention_with_lse(q, k_cache, v_cache, table, lens, 0.5, backend="torch",
