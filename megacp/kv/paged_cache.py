@@ -8,13 +8,15 @@ Two ways to write, one store: ``write_rows`` takes the rows to store and their s
 host (``write_plan``, called by the metadata builders), and never synchronises: that is what the attention layers
 use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
 (one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
-``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` also range-checks every ``write_rows``, CUDA included (a sync each); without
-it an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a device assert on CUDA.
+``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` (read when the cache is made) also range-checks every ``write_rows``, CUDA
+included (a sync each; host-only, no collective, so ranks need not agree on it); without it an out-of-range slot
+still fails: ``index_copy_`` raises on CPU and trips a device assert on CUDA.
 """
 
 from __future__ import annotations
 
 import os
+
 import torch
 from torch import LongTensor, Tensor
 
@@ -55,6 +57,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.debug_checks = _debug_checks()
         # One block more than asked for, at the end: the "null block". Decode rows this rank does not store (and
         # the padding rows of a CUDA-graph batch) write their K/V to its first slot, ``null_slot``, so a decode
         # write is one fixed-shape copy of every row. ``k``/``v`` are views without it.
@@ -109,7 +112,7 @@ class PagedKVCache:
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         if k.shape[0] != slots.shape[0]:
             raise ValueError(f"write_rows: {k.shape[0]} rows for {slots.shape[0]} slots; pass one slot per row")
-        if _debug_checks():
+        if self.debug_checks:
             self._check_slots(slots)
         self._store(k, v, slots)
 

@@ -1,8 +1,8 @@
 """Context-parallel attention: PCP prefill, prefill over cached context, DCP/PCP decode (DESIGN §3).
 
-One step's local tokens (``AttentionMetadata`` of ``cp_metadata.py``, built once per step by ``metadata_builder.py``) are decode rows first, then
-each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path,
-with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
+One step's local tokens (``AttentionMetadata`` of ``cp_metadata.py``, built once per step by ``metadata_builder.py``)
+are decode rows first, then each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends
+each kind down its own path, with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
   every rank attends to its local paged shard, writing out and LSE into one packed buffer, and ``cp_merge_packed``
@@ -37,7 +37,7 @@ from megacp.config import kv_head_layout, validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
-from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
+from megacp.ops.attention import AttentionBackend, attention_with_lse, paged_attention_with_lse, select_backend
 from megacp.ops.merge import cp_merge_packed, dcp_merge, merge_attn_states
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
@@ -89,7 +89,19 @@ class ContextParallelAttention(nn.Module):
         self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
         self.head_dim = head_dim
         self.scale = float(scale)
-        self.backend = backend
+        self.backend = backend  # as given (None: automatic); what runs is attention_backend(device)
+        self._backends: dict[str, AttentionBackend] = {}
+
+    def attention_backend(self, device: torch.device) -> AttentionBackend:
+        """The attention backend this layer runs on ``device``'s type: chosen on the first call for that device
+        (``select_backend``: ``backend=``, else ``$MEGACP_ATTN_BACKEND``, else the best available) and kept, so the
+        environment is read once and every step runs the same kernels. Its ``varlen`` serves prefill; its ``paged``
+        hook decode (the CUDA backends': ``megacp.ops.backends_cuda._paged`` → the Triton kernel of
+        ``megacp.ops.paged_decode``), else ``paged_attention_with_lse`` gathers the shard."""
+        impl = self._backends.get(device.type)
+        if impl is None:
+            impl = self._backends[device.type] = select_backend(device, self.backend)
+        return impl
 
     # ------------------------------------------------------------------------------------------------ entry point
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache | None
@@ -157,7 +169,8 @@ class ContextParallelAttention(nn.Module):
         if self.cp_group.world_size > 1:
             packed = q.new_empty(B, dcp * H, D + 1, dtype=torch.promote_types(q.dtype, torch.float32))
         out, _ = paged_attention_with_lse(
-            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale, backend=self.backend,
+            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale,
+            backend=self.attention_backend(q.device),
             seq_lens_host=meta.seq_lens_host, out=None if packed is None else packed[..., :D],
             lse=None if packed is None else packed[..., D],
         )
@@ -186,7 +199,8 @@ class ContextParallelAttention(nn.Module):
         return attention_with_lse(
             _rows(q, meta.q_rows, meta.q_range),
             _rows(k_seq, meta.k_index, meta.k_range), _rows(v_seq, meta.k_index, meta.k_range),
-            meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
+            meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale,
+            backend=self.attention_backend(q.device),
             host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
 
@@ -205,7 +219,7 @@ class ContextParallelAttention(nn.Module):
         v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]
         out_seq, lse_seq = attention_with_lse(
             q_all[meta.q_perm], k_ctx, v_ctx, meta.cu_seqlens_q, meta.cu_seqlens_k,
-            causal=False, scale=self.scale, backend=self.backend,
+            causal=False, scale=self.scale, backend=self.attention_backend(q.device),
             host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
         out = torch.empty_like(out_seq).index_copy_(0, meta.q_perm, out_seq)  # back to CP-rank-major rows

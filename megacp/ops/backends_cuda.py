@@ -46,9 +46,9 @@ from megacp.ops import paged_decode
 from megacp.ops.attention import (
     AttentionBackend,
     bottom_right_causal_from_top_left,
+    get_backend,
     host_cu_seqlens_or_read,
     register_backend,
-    select_backend,
 )
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
 
@@ -67,7 +67,7 @@ def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
-    impl = select_backend(q.device, "torch")
+    impl = get_backend("torch")  # the pure PyTorch reference of megacp.ops.attention
     return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens)
 
 
