@@ -25,6 +25,7 @@ from megacp.layers.cp_metadata import (
     DecodeMetadata,
     PrefillMetadata,
     Range,
+    is_decode,
 )
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
@@ -178,8 +179,8 @@ class AttentionMetadataBuilder:
         offsets = [0] * n_req
         for i in range(1, n_req):
             offsets[i] = offsets[i - 1] + new[i - 1]
-        decodes = [i for i in range(n_req) if computed[i] > 0 and new[i] == 1]
-        prefills = [i for i in range(n_req) if not (computed[i] > 0 and new[i] == 1)]
+        decodes = [i for i in range(n_req) if is_decode(computed[i], new[i])]
+        prefills = [i for i in range(n_req) if not is_decode(computed[i], new[i])]
         return _Schedule(rows, computed, new, offsets, decodes, prefills)
 
     # ------------------------------------------------------------------ decode
