@@ -31,6 +31,7 @@ CUDA graph (``megacp.cuda_graph``).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import LongTensor, Tensor, nn
 
 from megacp.config import kv_head_layout, validate_model_parallel
@@ -159,7 +160,7 @@ class ContextParallelAttention(nn.Module):
         dcp = self.dcp_group.world_size
         q_all = q
         if dcp > 1:
-            q_all = self.dcp_group.all_gather(q.unsqueeze(0), dim=0).transpose(0, 1).reshape(B, dcp * H, D)
+            q_all = rearrange(self.dcp_group.all_gather(q.unsqueeze(0), dim=0), "r b h d -> b (r h) d")
         # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
         # heads, LSE-corrected: the same as a DCP then a PCP merge, in one latency-bound small collective
@@ -213,8 +214,8 @@ class ContextParallelAttention(nn.Module):
         Every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context precedes
         the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
         """
-        W, Tc, H = self.cp_group.world_size, q.shape[0], self.num_local_heads
-        q_all = self.cp_group.all_gather(q.unsqueeze(0), dim=0).flatten(0, 1)  # [W·Tc, Hq_local, D], CP rank major
+        W = self.cp_group.world_size
+        q_all = rearrange(self.cp_group.all_gather(q.unsqueeze(0), dim=0), "w t h d -> (w t) h d")  # CP rank major
         k_ctx = kv_cache.k.flatten(0, 1)[meta.kv_slots]  # [sum local context lens, Hkv_local, D], local order
         v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]
         out_seq, lse_seq = attention_with_lse(
@@ -225,8 +226,8 @@ class ContextParallelAttention(nn.Module):
         out = torch.empty_like(out_seq).index_copy_(0, meta.q_perm, out_seq)  # back to CP-rank-major rows
         lse = torch.empty_like(lse_seq).index_copy_(0, meta.q_perm, lse_seq)
         # [W·Tc] rows -> [Tc, W·H]: the gathered ranks become "heads", ordered by CP rank, as dcp_merge expects.
-        out = out.view(W, Tc, H, -1).permute(1, 0, 2, 3).reshape(Tc, W * H, -1)
-        lse = lse.view(W, Tc, H).permute(1, 0, 2).reshape(Tc, W * H)
+        out = rearrange(out, "(w t) h d -> t (w h) d", w=W)
+        lse = rearrange(lse, "(w t) h -> t (w h)", w=W)
         return dcp_merge(out, lse, self.cp_group)
 
     # ------------------------------------------------------------------------------------------------ checks
