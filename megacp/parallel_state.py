@@ -163,13 +163,16 @@ def rank_layout(
 
     Raises ``ValueError`` when ``world_size != dp·pcp·tp``, ``tp % dcp != 0`` or a size is < 1.
     """
-    tp, pcp, dcp, dp = (
-        tensor_model_parallel_size,
-        prefill_context_parallel_size,
-        decode_context_parallel_size,
-        data_parallel_size,
-    )
-    ParallelConfig(tp, pcp, dcp, dp).check_world_size(world_size)
+    config = ParallelConfig(tensor_model_parallel_size, prefill_context_parallel_size, decode_context_parallel_size,
+                            data_parallel_size)
+    config.check_world_size(world_size)
+    return _layout_of(config)
+
+
+def _layout_of(config: ParallelConfig) -> dict[str, list[list[int]]]:
+    """``rank_layout`` of a validated config (its world is ``dp·pcp·tp``)."""
+    tp, pcp = config.tensor_model_parallel_size, config.prefill_context_parallel_size
+    dcp, dp = config.decode_context_parallel_size, config.data_parallel_size
 
     def rank(d: int, p: int, t: int) -> int:
         return (d * pcp + p) * tp + t
@@ -185,7 +188,7 @@ def rank_layout(
             [rank(d, p, h * dcp + i) for p in range(pcp) for i in range(dcp)] for d in range(dp) for h in range(heads)
         ],
         "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pcp) for t in range(tp)],
-        "ep": [list(range(world_size))],
+        "ep": [list(range(config.world_size))],
     }
 
 
@@ -441,8 +444,7 @@ class ParallelContext:
         world_size = config.world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside the layout's {world_size} ranks (dp·pcp·tp)")
-        layout = rank_layout(world_size, config.tensor_model_parallel_size, config.prefill_context_parallel_size,
-                             config.decode_context_parallel_size, config.data_parallel_size)
+        layout = _layout_of(config)
         groups: dict[str, ParallelGroup] = {}
         for name in GROUP_NAMES:
             for ranks in layout[name]:
