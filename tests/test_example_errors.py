@@ -33,7 +33,7 @@ FAULT_INJECTION = os.path.join(REPO, "tests", "fault_injection")  # sitecustomiz
 
 def _env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **(env_extra or {}))
-    if any(k.startswith("MEGACP_TEST_KILL") for k in (env_extra or {})):
+    if any(k.startswith("MEGACP_TEST_") for k in (env_extra or {})):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (FAULT_INJECTION, env.get("PYTHONPATH")) if p)
     return env
 

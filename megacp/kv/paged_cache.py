@@ -8,19 +8,16 @@ Two ways to write, one store: ``write_rows`` takes the rows to store and their s
 host (``write_plan``, called by the metadata builders), and never synchronises: that is what the attention layers
 use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
 (one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
-``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` also range-checks every ``write_rows``, CUDA included (a sync each); without
-it an out-of-range slot still fails: ``index_copy_`` raises on CPU and trips a device assert on CUDA.
+``write_rows``. ``write_rows`` range-checks its slots on CPU (free: there is no device to wait for) and, with
+``MEGACP_DEBUG_CHECKS=1``, on CUDA too (a sync each); without it an out-of-range slot on CUDA trips a device assert.
 """
 
 from __future__ import annotations
 
-import os
 import torch
 from torch import LongTensor, Tensor
 
-
-def _debug_checks() -> bool:
-    return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
+from megacp.config import debug_checks
 
 
 def write_plan(slot_mapping: Tensor) -> tuple[LongTensor | None, LongTensor]:
@@ -93,7 +90,7 @@ class PagedKVCache:
         if slots.numel() != k.shape[0]:
             raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
         rows, slots = write_plan(slots)
-        self._check_slots(slots)  # on the host: free
+        self.check_slots(slots)  # on the host: free
         self.write_rows(k, v, None if rows is None else rows.to(self.device), slots.to(self.device))
 
     def write_rows(self, k: Tensor, v: Tensor, rows: Tensor | None, slots: Tensor) -> None:
@@ -109,8 +106,8 @@ class PagedKVCache:
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         if k.shape[0] != slots.shape[0]:
             raise ValueError(f"write_rows: {k.shape[0]} rows for {slots.shape[0]} slots; pass one slot per row")
-        if _debug_checks():
-            self._check_slots(slots)
+        if slots.device.type == "cpu" or debug_checks():
+            self.check_slots(slots)
         self._store(k, v, slots)
 
     def _store(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
@@ -119,7 +116,8 @@ class PagedKVCache:
         flat_k.index_copy_(0, slots, k.to(self.dtype))
         flat_v.index_copy_(0, slots, v.to(self.dtype))
 
-    def _check_slots(self, slots: Tensor) -> None:
+    def check_slots(self, slots: Tensor) -> None:
+        """ValueError unless every slot is one of this cache's (or the null slot); reads ``slots`` on the host."""
         limit = self.num_tokens_capacity + 1  # the null slot is valid
         if slots.numel() and not bool(((slots >= 0) & (slots < limit)).all()):
             bad = int(slots[(slots < 0) | (slots >= limit)][0])
