@@ -181,7 +181,8 @@ def paged_attention_with_lse(
     given together, receive the result and are returned: a caller lays out the partial for its collective this way
     (DCP decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy. They take results only
     without autograd (views of one buffer cannot be written differentiably): with gradients, leave them out.
-    Every block id a sequence's length reaches must be a block of the cache and no length may exceed its row's
+    Every entry of ``block_table`` must be a block of the cache (entries past a sequence's length too: the masked
+    path reads whole rows; ``BlockTable`` pads rows with 0) and no length may exceed its row's
     ``max_blocks·block_size``: checked on CPU (ValueError; free there), on CUDA only with ``MEGACP_DEBUG_CHECKS=1``
     (a sync), else the caller's contract (``KVSession`` and the engine build them from their own allocator).
     """
@@ -211,7 +212,7 @@ def paged_attention_with_lse(
 
 
 def _check_paged_read(block_table: Tensor, seq_lens: Tensor, num_blocks: int, block_size: int) -> None:
-    """ValueError unless every length fits its block-table row and every block id it reaches is in the cache."""
+    """ValueError unless every length fits its block-table row and every block id is one of the cache's."""
     lens = seq_lens.long().cpu()
     capacity = block_table.shape[1] * block_size
     if lens.numel() and not bool(((lens >= 0) & (lens <= capacity)).all()):
@@ -220,9 +221,8 @@ def _check_paged_read(block_table: Tensor, seq_lens: Tensor, num_blocks: int, bl
             f"paged_attention_with_lse: seq_lens[{b}] = {int(lens[b])} does not fit block_table's row of "
             f"{block_table.shape[1]} blocks of {block_size} (0 to {capacity} tokens); widen the block table"
         )
-    used = torch.arange(block_table.shape[1]) < ((lens + block_size - 1) // block_size).unsqueeze(1)  # [B, M]
     rows = block_table.long().cpu()
-    bad = used & ((rows < 0) | (rows >= num_blocks))
+    bad = (rows < 0) | (rows >= num_blocks)
     if bool(bad.any()):
         b, j = (int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(
