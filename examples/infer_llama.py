@@ -30,6 +30,10 @@ from typing import Any, Iterator, NoReturn
 
 # torch without numpy (the minimal install) works but warns at import; megacp needs no numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+if __name__ == "__main__":  # Ctrl-C while torch imports, before main() handles signals: one line, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: (
+        os.write(2, f"[rank {os.environ.get('RANK', '0')}] interrupted (SIGINT) while starting\n".encode()),
+        os._exit(128 + signum)))
 
 import torch
 import torch.distributed as dist
@@ -568,6 +572,7 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def _fail(e: BaseException, owns_process_group: bool, code: int) -> NoReturn:
     _, rank = _world()
+    _ignore_interrupts()  # this rank's line is its error; a signal now (torchrun stopping it) adds no second one
     _report(f"[rank {rank}] error: {e}")
     _teardown(owns_process_group)
     sys.exit(code)
@@ -596,6 +601,15 @@ class _Interrupted(BaseException):
         self.signum = signum
 
 
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in _INTERRUPTS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def _interrupts_raise() -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise ``_Interrupted`` once (later ones are ignored while the rank
@@ -603,14 +617,11 @@ def _interrupts_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signums = (signal.SIGINT, signal.SIGTERM)
-
     def handler(signum: int, frame: Any) -> None:
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
+        _ignore_interrupts()
         raise _Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in signums}
+    previous = {s: signal.signal(s, handler) for s in _INTERRUPTS}
     try:
         yield
     finally:

@@ -140,8 +140,9 @@ def test_minimal_install_runs_two_ranks(tmp_path):
     hf_models.save_word_tokenizer(str(model))
     out = tmp_path / "out.json"
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ids_flags = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
     proc = _torchrun(2, ["--model", str(model), "-pcp", "2", "--max-new-tokens", "4", "--ignore-eos",
-                         "--json-out", str(out), *[a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]],
+                         "--json-out", str(out), *ids_flags],
                      env_extra={"MEGACP_TEST_BLOCK_IMPORTS": "numpy,tokenizers,transformers,jinja2"})
     assert proc.returncode == 0, proc.stderr
     assert "Failed to initialize NumPy" in proc.stderr  # the launcher's torch import: numpy really was blocked
@@ -406,10 +407,12 @@ def test_words_in_messages_stay_words(capfd, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--prompt", "hi", "--chat"])
     assert "[rank 0] error: --chat needs a --model directory with tokenizer.json and a chat template " \
-           "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise" in capfd.readouterr().err
+           "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise" \
+           in capfd.readouterr().err
     assert cli_message("--device cuda but no CUDA device is visible; use --device cpu") == \
         "--device cuda but no CUDA device is visible; use --device cpu"
-    assert cli_message("seed=3 and the seed, dtype='float32' not dtype") == "--seed 3 and the seed, --dtype 'float32' not dtype"
+    assert cli_message("seed=3 and the seed, dtype='float32' not dtype") == \
+        "--seed 3 and the seed, --dtype 'float32' not dtype"
     if not torch_cuda_available():
         with pytest.raises(SystemExit):
             main(["--prompt", "hi", "--device", "cuda"])
