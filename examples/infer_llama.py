@@ -377,7 +377,8 @@ def _first_error(check) -> str | None:
     return ps.first_error_across_ranks(error)
 
 
-def run(args: argparse.Namespace, progress: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+def run(args: argparse.Namespace, progress: dict[str, Any] | None = None
+        ) -> tuple[dict[str, Any] | None, list[str]]:
     """Validate, initialise model parallel, load, generate: (the JSON dict on world rank 0, else None; the errors of
     requests stopped for NaN/inf logits, the same on every rank). ``progress`` receives what an interrupt reports
     (``prompts``, ``tokenizer``, this replica's prompt indices ``mine``, the ``engine``).
@@ -385,6 +386,7 @@ def run(args: argparse.Namespace, progress: dict[str, Any]) -> tuple[dict[str, A
     Raises ``ValueError`` for configuration errors (before any collective) and, on every rank after agreeing on the
     failure, for an unwritable ``--json-out``, a cache too big for the device and a failed model load.
     """
+    progress = {} if progress is None else progress
     world_size, rank = _world()
     cfg, prompts, tokenizer, num_blocks = validate(args, world_size)
     progress.update(prompts=prompts, tokenizer=tokenizer)
