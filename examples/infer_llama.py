@@ -19,17 +19,28 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
+
+# torch without numpy (the minimal install) works but warns at import; megacp needs no numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+if __name__ == "__main__":  # Ctrl-C while torch imports, before main() handles signals: one line, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: (
+        os.write(2, f"[rank {os.environ.get('RANK', '0')}] interrupted (SIGINT) while starting\n".encode()),
+        os._exit(128 + signum)))
 
 import torch
 import torch.distributed as dist
 
 from megacp import parallel_state as ps
 from megacp.checks import check_int, check_memory, check_real
-from megacp.config import ParallelConfig
+from megacp.config import ParallelConfig, launched_by_torchrun
 from megacp.engine import LLMEngine
 from megacp.kv import blocks_needed
 from megacp.models import load_model
@@ -77,15 +88,23 @@ def _real_flag(minimum: float, maximum: float | None = None, min_inclusive: bool
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0  # a week; larger values only overflow torch's timedelta handling
 
 
+LAUNCH = "torchrun --nproc-per-node N examples/infer_llama.py [flags]   (N = dp·pcp·tp processes, one per rank)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=f"{__doc__.split(chr(10) * 2)[0]}\n\nlaunch: {LAUNCH}",
+                formatter_class=argparse.RawTextHelpFormatter)
     size = _int_flag(1)
     p.add_argument("--model", default=None,
                    help="Hugging Face checkpoint directory, or 'tiny' (the default): the built-in seeded tiny Llama")
-    p.add_argument("--tensor-parallel-size", "-tp", type=size, default=1)
-    p.add_argument("--prefill-context-parallel-size", "-pcp", type=size, default=1)
-    p.add_argument("--decode-context-parallel-size", "-dcp", type=size, default=1)
-    p.add_argument("--data-parallel-size", "-dp", type=size, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=size, default=1,
+                   help="ranks that split every layer's heads and MLP (Megatron tensor parallelism)")
+    p.add_argument("--prefill-context-parallel-size", "-pcp", type=size, default=1,
+                   help="ranks that split each prompt's tokens during prefill (and shard its KV cache)")
+    p.add_argument("--decode-context-parallel-size", "-dcp", type=size, default=1,
+                   help="TP ranks that also shard the KV cache for decode (divides -tp; adds no processes)")
+    p.add_argument("--data-parallel-size", "-dp", type=size, default=1,
+                   help="independent replicas; the prompts are dealt round-robin to them")
     p.add_argument("--cp-kv-cache-interleave-size", type=size, default=1, help="tokens per CP rank in a row")
     p.add_argument("--block-size", type=size, default=16, help="KV tokens per block on each rank")
     p.add_argument("--num-kv-blocks", type=size, default=None,
@@ -123,7 +142,8 @@ def cli_message(message: str) -> str:
     """A library message in this command line's words: every Python argument it names (``tensor_model_parallel_size``,
     ``block_size``, ``world_size``, ...) becomes the flag that sets it, ``name=value`` becomes ``flag value``.
 
-    The first mention of a flag reads ``--long/-short``, later ones the short form. The flags come from
+    One-word names (``device``, ``chat``, ``seed``) are rewritten only as ``name=value``: bare, they are words of
+    the message. The first mention of a flag reads ``--long/-short``, later ones the short form. The flags come from
     ``build_parser`` (plus torchrun's ``--nproc-per-node`` for the world size), so the mapping lives here once.
     """
     flags = {"world_size": ["--nproc-per-node"]}
@@ -135,6 +155,8 @@ def cli_message(message: str) -> str:
     seen: set[str] = set()
 
     def flag(m: re.Match) -> str:
+        if "_" not in m.group(1) and m.group(2) is None:  # a plain word ("device", "chat"), not an argument
+            return m.group(0)
         names = flags[m.group(1)]
         text = "/".join(names) if m.group(1) not in seen else names[-1]
         seen.add(m.group(1))
@@ -144,28 +166,40 @@ def cli_message(message: str) -> str:
 
 
 class Tokenizer:
-    """Text <-> ids: the checkpoint's ``tokenizer.json`` if there is one, UTF-8 bytes for the built-in model."""
+    """Text <-> ids: the checkpoint's ``tokenizer.json`` if there is one, UTF-8 bytes for the built-in model.
 
-    def __init__(self, model_dir: str | None) -> None:
+    ``required=False`` (only ``--prompt-ids`` given): a tokenizer that cannot be loaded (``tokenizers`` not
+    installed, a corrupt file) is no error; the outputs then have no text.
+    """
+
+    def __init__(self, model_dir: str | None, required: bool = True) -> None:
         self.hf = None
         self.byte_level = model_dir is None
+        self.model_dir = model_dir
         path = os.path.join(model_dir, "tokenizer.json") if model_dir else ""
         if model_dir and os.path.isfile(path):
             try:
-                from tokenizers import Tokenizer as HFTokenizer
-            except Exception as e:  # not installed, or a broken install
-                raise ValueError(
-                    f"--model {model_dir} has a tokenizer.json but the tokenizers package does not import ({e}); "
-                    f"pip install tokenizers, or pass token ids with --prompt-ids"
-                ) from None
-            try:
-                self.hf = HFTokenizer.from_file(path)
-            except Exception as e:  # tokenizers raises a bare Exception for a corrupt or unsupported file
-                raise ValueError(
-                    f"{path} is not a readable tokenizer ({str(e).strip() or type(e).__name__}); re-download it, or "
-                    f"pass token ids with --prompt-ids"
-                ) from None
-        self.model_dir = model_dir
+                self.hf = self._load(model_dir, path)
+            except ValueError:
+                if required:
+                    raise
+
+    @staticmethod
+    def _load(model_dir: str, path: str):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except Exception as e:  # not installed, or a broken install
+            raise ValueError(
+                f"--prompt needs the tokenizers package for {model_dir}/tokenizer.json, which does not import ({e}); "
+                f"pip install tokenizers, or pass token ids with --prompt-ids instead of --prompt"
+            ) from None
+        try:
+            return HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a corrupt or unsupported file
+            raise ValueError(
+                f"{path} is not a readable tokenizer ({str(e).strip() or type(e).__name__}); re-download it, or "
+                f"pass token ids with --prompt-ids"
+            ) from None
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
@@ -244,10 +278,12 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     except ValueError as e:
         raise ValueError(str(e) if "model_dir" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
+    if not dist.is_initialized() and not launched_by_torchrun():  # plain python: the message says torchrun
+        parallel.check_world_size(world_size, launched=False)
     parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size,
                       cfg.is_moe)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
-    tokenizer = Tokenizer(args.model)
+    tokenizer = Tokenizer(args.model, required=bool(args.prompt))
     encode = tokenizer.encode_chat if args.chat else tokenizer.encode
     prompts = [encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
     if not prompts:
@@ -266,27 +302,36 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
 
 
 def _check_json_out(path: str) -> None:
-    """ValueError unless ``--json-out`` can be written (checked before the model loads, not after generating)."""
+    """ValueError unless ``--json-out`` can be written (checked before the model loads, not after generating).
+
+    It really creates the missing directories and opens the file for appending, then removes what it created:
+    permission bits (``os.access``) say yes to root, also under ``/proc`` where nothing can be created.
+    """
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ValueError(f"--json-out {path} is a directory; pass a file name, e.g. --json-out {path}/out.json")
-    parent = os.path.dirname(path)
-    ancestor = parent
+    missing = []  # the directories to create, innermost first
+    ancestor = os.path.dirname(path)
     while not os.path.exists(ancestor):
+        missing.append(ancestor)
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         raise ValueError(f"--json-out {path}: {ancestor} is not a directory; choose another path")
+    existed = os.path.exists(path)
+    created: list[str] = []
     try:
-        if ancestor == parent:
-            existed = os.path.exists(path)
-            with open(path, "a"):
-                pass
-            if not existed:
-                os.remove(path)
-        elif not os.access(ancestor, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot create directories in {ancestor}")
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+        with open(path, "a"):
+            pass
     except OSError as e:
         raise ValueError(f"--json-out {path} is not writable ({e.strerror or e}); choose another path") from None
+    finally:
+        if not existed and os.path.exists(path):
+            os.remove(path)
+        for d in reversed(created):
+            os.rmdir(d)
 
 
 def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: int, device: torch.device,
@@ -330,15 +375,19 @@ def _first_error(check) -> str | None:
     return ps.first_error_across_ranks(error)
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+def run(args: argparse.Namespace, progress: dict[str, Any] | None = None
+        ) -> tuple[dict[str, Any] | None, list[str]]:
     """Validate, initialise model parallel, load, generate: (the JSON dict on world rank 0, else None; the errors of
-    requests stopped for NaN/inf logits, the same on every rank).
+    requests stopped for NaN/inf logits, the same on every rank). ``progress`` receives what an interrupt reports
+    (``prompts``, ``tokenizer``, this replica's prompt indices ``mine``, the ``engine``).
 
     Raises ``ValueError`` for configuration errors (before any collective) and, on every rank after agreeing on the
     failure, for an unwritable ``--json-out``, a cache too big for the device and a failed model load.
     """
+    progress = {} if progress is None else progress
     world_size, rank = _world()
     cfg, prompts, tokenizer, num_blocks = validate(args, world_size)
+    progress.update(prompts=prompts, tokenizer=tokenizer)
     device = _device(args.device)
     dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
     parallel = _parallel_config(args)
@@ -370,6 +419,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, len(prompts), dp_size))  # this replica's share of the prompts
+    progress.update(engine=engine, mine=mine)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.ignore_eos, args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped request is reported below, once per rank
@@ -387,21 +437,25 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
     return _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device), errors
 
 
-def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device) -> dict[str, Any]:
-    by_index = {i: o for r in reports for i, o in r["outputs"].items()}
+def _outputs(args, prompts, tokenizer, by_index: dict[int, Any]) -> list[dict[str, Any]]:
+    """The JSON rows of the requests in ``by_index`` (prompt index -> RequestOutput), in prompt order."""
     prompt_texts = [*args.prompt, *[None] * len(args.prompt_ids)]  # the order validate() encoded them in
-    outputs = [
+    return [
         {
             "prompt": prompt_texts[i],
             "prompt_ids": prompts[i],
-            "output_ids": by_index[i].output_ids,
-            "text": tokenizer.decode(by_index[i].output_ids),
-            "finish_reason": by_index[i].finish_reason,
-            "error": by_index[i].error,
-            "ttft_s": by_index[i].ttft_s,
+            "output_ids": o.output_ids,
+            "text": tokenizer.decode(o.output_ids),
+            "finish_reason": o.finish_reason,
+            "error": o.error,
+            "ttft_s": o.ttft_s,
         }
-        for i in range(len(prompts))
+        for i, o in sorted(by_index.items())
     ]
+
+
+def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, device) -> dict[str, Any]:
+    outputs = _outputs(args, prompts, tokenizer, {i: o for r in reports for i, o in r["outputs"].items()})
     stats = [r["stats"] for r in reports]
     ttft = [o["ttft_s"] for o in outputs]
     return {
@@ -468,15 +522,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     (``--dist-timeout``) or a request was stopped because the model produced NaN/inf logits (the outputs are still
     printed and written). Every rank prints its own one-line ``[rank r] error: ...``.
 
+    SIGINT (Ctrl-C) or SIGTERM ends every rank with one ``[rank r] interrupted ... at step N`` line and exit code
+    130 / 143; with ``--json-out``, rank 0 first writes its replica's outputs so far there (``"interrupted"`` in it).
+
     Callable in-process (tests): it initialises torch.distributed only if nobody has, and tears down only what it
     set up.
     """
+    progress: dict[str, Any] = {}
+    with _interrupts_raise():
+        try:
+            return _main(argv, progress)
+        except _Interrupted as e:
+            _report_interrupt(e.signum, progress)
+
+
+def _main(argv: list[str] | None, progress: dict[str, Any]) -> dict[str, Any] | None:
     owns_process_group = not dist.is_initialized()
     try:
         args = build_parser().parse_args(argv)
         if args.model == "tiny":
             args.model = None
-        result, errors = run(args)
+        progress["args"] = args
+        result, errors = run(args, progress)
     except ValueError as e:
         _fail(ValueError(cli_message(str(e))), owns_process_group, 2)
     except ps.CollectiveError as e:
@@ -489,9 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(result, f, indent=1)
+            _write_json(args.json_out, result)
         _print_summary(result)
     if errors:
         more = f" (and {len(errors) - 1} more stopped requests, see the outputs)" if len(errors) > 1 else ""
@@ -499,14 +564,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     return result
 
 
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def _fail(e: BaseException, owns_process_group: bool, code: int) -> NoReturn:
     _, rank = _world()
+    _ignore_interrupts()  # this rank's line is its error; a signal now (torchrun stopping it) adds no second one
+    _report(f"[rank {rank}] error: {e}")
+    _teardown(owns_process_group)
+    sys.exit(code)
+
+
+def _report(line: str) -> None:
+    """Print this rank's one line, and hand it to torchrun so that its failure summary shows it."""
     # One write() per message, so the ranks' lines never interleave on a shared stderr pipe.
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(2, f"[rank {rank}] error: {e}\n".encode())
-    _teardown(owns_process_group)
-    sys.exit(code)
+    os.write(2, f"{line}\n".encode())
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # torchrun's per-rank file (what @record writes)
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the summary then says less; the line above is printed anyway
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException like KeyboardInterrupt, so no ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in _INTERRUPTS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+@contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise ``_Interrupted`` once (later ones are ignored while the rank
+    reports); the previous handlers come back afterwards. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def handler(signum: int, frame: Any) -> None:
+        _ignore_interrupts()
+        raise _Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in _INTERRUPTS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _report_interrupt(signum: int, progress: dict[str, Any]) -> NoReturn:
+    """One line on this rank and, on rank 0 with ``--json-out``, the outputs so far; exit 128 + signal number.
+
+    No teardown: a peer may already be gone, and destroying groups would wait for it.
+    """
+    _, rank = _world()
+    engine, args = progress.get("engine"), progress.get("args")
+    line = f"[rank {rank}] interrupted ({signal.Signals(signum).name}) "
+    line += f"at step {engine.stats.num_steps}" if engine is not None else "before generating"
+    if engine is not None and rank == 0 and args is not None and args.json_out:
+        mine = progress["mine"]
+        partial = {
+            "outputs": _outputs(args, progress["prompts"], progress["tokenizer"],
+                                dict(zip(mine, engine.outputs_so_far()))),
+            "interrupted": {"signal": signal.Signals(signum).name, "step": engine.stats.num_steps},
+        }
+        try:
+            _write_json(args.json_out, partial)
+            line += f"; partial results written to {args.json_out}"
+        except OSError as e:
+            line += f"; could not write --json-out {args.json_out} ({e.strerror or e})"
+    _report(line)
+    os._exit(128 + signum)
 
 
 def _teardown(owns_process_group: bool) -> None:

@@ -9,7 +9,8 @@ The model is built from ``megacp.layers`` (tensor-parallel linears, vocabulary-p
 checks the logits of three steps against an unsharded plain-PyTorch reference with the same weights: a prefill of
 two prompts (every position), a decode of both, and a mixed step (a follow-up chunk of the first request over its
 cached context, a decode of the second, a new prompt). docs/own_model.md walks through it. Exit code 1 if a logit
-differs by more than ``--atol``.
+differs by more than ``--atol``. ``--autograd`` runs the steps with gradients on (as a training loop would; the
+default is ``torch.no_grad()``, what inference wants) and backpropagates each step's logits to the weights.
 """
 
 from __future__ import annotations
@@ -145,8 +146,12 @@ def load_from_reference(model: GPT, ref: RefGPT, cfg: GPTConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the check
-def run(tp: int, pcp: int, dcp: int, interleave: int, atol: float) -> float:
-    """Initialise model parallelism, build both models, run three steps; return the worst logit error."""
+def run(tp: int, pcp: int, dcp: int, interleave: int, atol: float, autograd: bool = False) -> float:
+    """Initialise model parallelism, build both models, run three steps; return the worst logit error.
+
+    ``autograd``: the steps run with gradients enabled and each step's logits are backpropagated (``.sum()``), so
+    every layer's forward and backward run under autograd at this layout; else under ``torch.no_grad()``.
+    """
     megacp.initialize_model_parallel(tensor_model_parallel_size=tp, prefill_context_parallel_size=pcp,
                                      decode_context_parallel_size=dcp, cp_kv_cache_interleave_size=interleave,
                                      backend="gloo")
@@ -164,12 +169,14 @@ def run(tp: int, pcp: int, dcp: int, interleave: int, atol: float) -> float:
 
     def check(step: str, got: torch.Tensor, want: torch.Tensor) -> None:
         nonlocal worst
-        err = (got - want).abs().max().item()
+        if autograd:
+            got.sum().backward()  # raises if any layer's forward left the graph unusable
+        err = (got.detach() - want.detach()).abs().max().item()
         worst = max(worst, err)
         if megacp.parallel_state.get_world_group().rank_in_group == 0:
             print(f"{step}: max |logits - reference| = {err:.2e}")
 
-    with torch.no_grad():
+    with torch.enable_grad() if autograd else torch.no_grad():
         # 1. prefill two prompts: every position's logits (PCP-split rows gathered back in order)
         meta = session.step([("a", seqs["a"]), ("b", seqs["b"])])
         logits = model.head.compute_logits(meta.gather_hidden(model(meta, session.kv_caches)))
@@ -201,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-context-parallel-size", "-dcp", type=int, default=1)
     p.add_argument("--cp-kv-cache-interleave-size", type=int, default=1)
     p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--autograd", action="store_true", help="run the steps with gradients on and backpropagate")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     worst = run(args.tensor_parallel_size, args.prefill_context_parallel_size, args.decode_context_parallel_size,
-                args.cp_kv_cache_interleave_size, args.atol)
+                args.cp_kv_cache_interleave_size, args.atol, args.autograd)
     if worst > args.atol:
         print(f"FAIL: logits differ from the reference by {worst:.2e} > --atol {args.atol:g}", file=sys.stderr)
         return 1

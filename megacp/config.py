@@ -13,6 +13,9 @@ elsewhere: ``megacp.checks`` (scalars, token ids, memory) and ``megacp.session``
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 
 TP = "tensor_model_parallel_size"
@@ -22,6 +25,20 @@ DP = "data_parallel_size"
 INTERLEAVE = "cp_kv_cache_interleave_size"
 BLOCK_SIZE = "block_size"
 WORLD_SIZE = "world_size"
+
+
+def launched_by_torchrun() -> bool:
+    """Whether a launcher (torchrun, or anything that sets its environment) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+@functools.cache
+def debug_checks() -> bool:
+    """``MEGACP_DEBUG_CHECKS=1``: also run the index checks that cost a device sync on CUDA (on CPU they always run).
+
+    Read once per process, at the first check that asks (steps ask it on CUDA: the environment is not read per step).
+    The checks are host-side and run no collective, so ranks need not agree on it."""
+    return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
 
 
 def _divisors(n: int) -> list[int]:
@@ -39,22 +56,30 @@ def validate_sizes(tp: int = 1, pcp: int = 1, dcp: int = 1, dp: int = 1) -> None
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}; use {name}=1 to disable it")
 
 
-def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1) -> None:
-    """``world_size == dp·pcp·tp`` (pipeline parallel is 1; DCP reuses TP ranks and adds none)."""
+def validate_world_size(world_size: int, tp: int = 1, pcp: int = 1, dp: int = 1, launched: bool = True) -> None:
+    """``world_size == dp·pcp·tp`` (pipeline parallel is 1; DCP reuses TP ranks and adds none).
+
+    ``launched=False``: this is a plain ``python`` process that no launcher started (world size 1); the message
+    then says to start the processes with torchrun.
+    """
     expected = dp * pcp * tp
     if world_size == expected:
         return
     if world_size < 1:
         raise ValueError(f"{WORLD_SIZE} must be >= 1, got {world_size} (the number of ranks started)")
-    fixes = [f"launch with {WORLD_SIZE}={expected}"]
+    sizes = f"dp·pcp·tp = {dp}·{pcp}·{tp} = {expected} ({DP}={dp}, {PCP}={pcp}, {TP}={tp})"
+    plain = world_size == 1 and not launched
+    if plain:  # not started by a launcher: say which one, and how
+        script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "your_script.py"
+        fixes = [f"start {expected} processes with torchrun --nproc-per-node {expected} {script} ..."]
+    else:
+        fixes = [f"launch with {WORLD_SIZE}={expected}"]
     if world_size % (dp * pcp) == 0:
         fixes.append(f"use {TP}={world_size // (dp * pcp)}")
     if world_size % (dp * tp) == 0:
         fixes.append(f"use {PCP}={world_size // (dp * tp)}")
-    raise ValueError(
-        f"{WORLD_SIZE}={world_size} but dp·pcp·tp = {dp}·{pcp}·{tp} = {expected} ({DP}={dp}, {PCP}={pcp}, {TP}={tp}); "
-        f"{', or '.join(fixes)} (the product of the three sizes must be the world size)"
-    )
+    head = f"this is one plain python process but {sizes}" if plain else f"{WORLD_SIZE}={world_size} but {sizes}"
+    raise ValueError(f"{head}; {', or '.join(fixes)} (the product of the three sizes must be the world size)")
 
 
 def validate_dcp(tp: int, dcp: int) -> None:
@@ -223,10 +248,10 @@ class ParallelConfig:
         """Ranks sharing one sequence's KV cache: ``pcp·dcp``."""
         return self.prefill_context_parallel_size * self.decode_context_parallel_size
 
-    def check_world_size(self, world_size: int) -> None:
-        """``world_size == dp·pcp·tp``."""
+    def check_world_size(self, world_size: int, launched: bool = True) -> None:
+        """``world_size == dp·pcp·tp`` (``launched``: see ``validate_world_size``)."""
         validate_world_size(world_size, self.tensor_model_parallel_size, self.prefill_context_parallel_size,
-                            self.data_parallel_size)
+                            self.data_parallel_size, launched)
 
     def check_model(self, num_heads: int, num_kv_heads: int, intermediate_size: int | None = None,
                     is_moe: bool = False) -> None:

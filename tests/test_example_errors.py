@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,7 @@ FAULT_INJECTION = os.path.join(REPO, "tests", "fault_injection")  # sitecustomiz
 
 def _env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **(env_extra or {}))
-    if any(k.startswith("MEGACP_TEST_KILL") for k in (env_extra or {})):
+    if any(k.startswith("MEGACP_TEST_") for k in (env_extra or {})):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (FAULT_INJECTION, env.get("PYTHONPATH")) if p)
     return env
 
@@ -99,10 +100,123 @@ def test_world_size_mismatch():
 
 
 def test_bad_config_under_torchrun_exits_non_zero():
-    """The launcher users run: the job ends non-zero with the message (torchrun may stop the slower rank first)."""
+    """The launcher users run: the job ends non-zero with the message (torchrun may stop the slower rank first),
+    and torchrun's failure summary shows it (the ranks hand it over in torchrun's error file), not "To enable
+    traceback see"."""
     proc = _torchrun(2, ["-tp", "2", "-dcp", "3", "--prompt-ids", "1,2,3"])
     assert proc.returncode != 0
     assert "] error: " in proc.stderr and "--decode-context-parallel-size" in proc.stderr
+    root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert re.search(r"traceback : \[rank \d\] error: --decode-context-parallel-size/-dcp 3 must divide", root_cause), \
+        proc.stderr
+    assert "To enable traceback see" not in proc.stderr, proc.stderr
+
+
+def test_plain_python_says_how_to_launch():
+    """Without torchrun, the example and the README's Python API snippet say to start N processes with torchrun
+    (before: "--nproc-per-node 1 ... launch with --nproc-per-node 2", and a bare world_size message)."""
+    proc = subprocess.run([sys.executable, EXAMPLE, "-pcp", "2", "--prompt", "hi"], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=_env(), cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("[rank 0] error: this is one plain python process but dp·pcp·tp = 1·2·1 = 2 ")
+    assert "start 2 processes with torchrun --nproc-per-node 2 " in proc.stderr and "infer_llama.py ..." in proc.stderr
+    with open(os.path.join(REPO, "README.md")) as f:
+        snippet = f.read().split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=env, cwd=REPO)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("ValueError: this is one plain python process"), proc.stderr
+    assert "start 4 processes with torchrun --nproc-per-node 4 your_script.py" in last
+
+
+def test_minimal_install_runs_two_ranks(tmp_path):
+    """What ``pip install torch && pip install .`` gives (no numpy, tokenizers, transformers or jinja2: their
+    imports fail here, through tests/fault_injection) runs a checkpoint with a tokenizer.json on 2 ranks with
+    --prompt-ids and gives transformers' greedy ids. Before: dist.all_gather_object needed numpy ("Numpy is not
+    available") and the tokenizer.json was loaded even for --prompt-ids."""
+    model = tmp_path / "llama_with_tokenizer"
+    shutil.copytree(hf_models.model_dir("llama"), model)
+    hf_models.save_word_tokenizer(str(model))
+    out = tmp_path / "out.json"
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ids_flags = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    proc = _torchrun(2, ["--model", str(model), "-pcp", "2", "--max-new-tokens", "4", "--ignore-eos",
+                         "--json-out", str(out), *ids_flags],
+                     env_extra={"MEGACP_TEST_BLOCK_IMPORTS": "numpy,tokenizers,transformers,jinja2"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Failed to initialize NumPy" in proc.stderr  # the launcher's torch import: numpy really was blocked
+    result = json.loads(out.read_text())
+    assert [o["output_ids"] for o in result["outputs"]] == hf_models.greedy_reference(str(model), prompts, 4)
+    assert all(o["text"] is None for o in result["outputs"])  # no tokenizers package: ids only
+
+
+def _wait_for(stream, needle: str) -> list[str]:
+    """Lines of ``stream`` up to and including the first one containing ``needle``."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
+
+
+LONG_RUN = ["-pcp", "2", "--prompt", "a prompt", "--max-new-tokens", "2000", "--ignore-eos"]
+
+
+def test_ctrl_c_under_torchrun_ends_every_rank_with_one_line(tmp_path):
+    """SIGINT to torchrun mid-generation (it forwards it to the ranks): each rank prints one line, rank 0 writes
+    the outputs so far to --json-out, no rank prints a traceback (the only one left is torchrun's own
+    SignalException). Before: a KeyboardInterrupt traceback on every rank, no output."""
+    out = tmp_path / "partial" / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", EXAMPLE, *LONG_RUN,
+           "--json-out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=_env({"MEGACP_TEST_ANNOUNCE_STEP": "3"}))
+    try:
+        seen = _wait_for(proc.stderr, "[rank 0] at step 3")
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(seen) + rest
+    for rank in (0, 1):
+        lines = [line for line in err.splitlines() if line.startswith(f"[rank {rank}] interrupted")]
+        assert len(lines) == 1 and re.match(rf"\[rank {rank}\] interrupted \(SIGINT\) at step \d+", lines[0]), err
+    assert f"; partial results written to {out}" in err
+    assert "KeyboardInterrupt" not in err and err.count("Traceback") <= 1 and "[rank0]:" not in err, err
+    partial = json.loads(out.read_text())
+    assert partial["interrupted"]["signal"] == "SIGINT" and partial["interrupted"]["step"] >= 3
+    assert 3 <= len(partial["outputs"][0]["output_ids"]) < 2000 and partial["outputs"][0]["finish_reason"] == ""
+
+
+def test_sigterm_ends_every_rank_with_exit_143():
+    """SIGTERM to both ranks mid-generation (what a scheduler sends): one line each, exit 143, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MEGACP_TEST_ANNOUNCE_STEP": "3"})
+        procs.append(subprocess.Popen([sys.executable, EXAMPLE, *LONG_RUN], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        seen = _wait_for(procs[0].stderr, "[rank 0] at step 3")
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        results = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, (_, err)) in enumerate(zip(procs, results)):
+        err = ("".join(seen) if rank == 0 else "") + err
+        lines = [line for line in err.splitlines() if "interrupted" in line]
+        assert proc.returncode == 143 and len(lines) == 1, f"rank {rank}: exit {proc.returncode}\n{err}"
+        assert re.fullmatch(rf"\[rank {rank}\] interrupted \(SIGTERM\) at step \d+", lines[0]) and \
+            "Traceback" not in err, err
 
 
 def test_illegal_dcp_for_kv_heads():
@@ -236,6 +350,11 @@ def test_cache_memory_and_json_out_checked_before_loading(dist_pool_2, tmp_path)
     blocked.write_text("")
     msg = _errors_of(dist_pool_2.run(_main_exit_task, [*base, "--json-out", str(blocked / "out.json")]), 2)
     assert msg == f"--json-out {blocked}/out.json: {blocked} is not a directory; choose another path"
+    # /proc: permission bits say "writable" (to root too), yet nothing can be created there. Before: the check
+    # passed and the write failed after generating, with a raw FileNotFoundError.
+    msg = _errors_of(dist_pool_2.run(_main_exit_task, [*base, "--json-out", "/proc/nope/x.json"]), 2)
+    assert msg.startswith("--json-out /proc/nope/x.json is not writable (") and "choose another path" in msg
+    assert not os.path.exists("/proc/nope")
 
 
 def test_worker_killed_mid_generation():
@@ -277,6 +396,33 @@ def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("[rank 0] error: ")]
     assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_words_in_messages_stay_words(capfd, monkeypatch):
+    """The CLI turns argument names into flags, not the words of a message: ``--device cuda`` without CUDA and
+    ``--chat`` with the tiny model (before: "no CUDA --device is visible", "a --chat template")."""
+    from examples.infer_llama import cli_message, main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--prompt", "hi", "--chat"])
+    assert "[rank 0] error: --chat needs a --model directory with tokenizer.json and a chat template " \
+           "(chat_template.jinja or tokenizer_config.json's chat_template); drop --chat otherwise" \
+           in capfd.readouterr().err
+    assert cli_message("--device cuda but no CUDA device is visible; use --device cpu") == \
+        "--device cuda but no CUDA device is visible; use --device cpu"
+    assert cli_message("seed=3 and the seed, dtype='float32' not dtype") == \
+        "--seed 3 and the seed, --dtype 'float32' not dtype"
+    if not torch_cuda_available():
+        with pytest.raises(SystemExit):
+            main(["--prompt", "hi", "--device", "cuda"])
+        assert "error: --device cuda but no CUDA device is visible; use --device cpu" in capfd.readouterr().err
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def test_cli_names_its_flags_for_library_arguments():

@@ -34,6 +34,9 @@ _SYNC_OPS = {
     aten.unique_consecutive, aten._unique2, aten.unique_dim, aten.bincount, aten.histc,
 }
 _PATCHED = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+# Index checks that run only when the tensors are on the CPU (free there; on CUDA only with MEGACP_DEBUG_CHECKS=1):
+# their reads would never happen on a GPU, so they are not counted.
+CPU_ONLY_CHECKS = {"_check_paged_read", "check_slots"}
 
 
 class HostReads(TorchDispatchMode):
@@ -46,6 +49,8 @@ class HostReads(TorchDispatchMode):
 
     def _record(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack()[:-2] if "megacp" in f.filename]
+        if any(f.name in CPU_ONLY_CHECKS for f in frames):
+            return
         where = f"{frames[-1].filename.split('megacp/')[-1]}:{frames[-1].lineno}" if frames else "?"
         self.reads.append(f"{what} at {where}")
 

@@ -8,21 +8,17 @@ Two ways to write, one store: ``write_rows`` takes the rows to store and their s
 host (``write_plan``, called by the metadata builders), and never synchronises: that is what the attention layers
 use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
 (one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
-``write_rows``. ``MEGACP_DEBUG_CHECKS=1`` (read when the cache is made) also range-checks every ``write_rows``, CUDA
-included (a sync each; host-only, no collective, so ranks need not agree on it); without it an out-of-range slot
-still fails: ``index_copy_`` raises on CPU and trips a device assert on CUDA.
+``write_rows``. ``write_rows`` range-checks its slots on CPU (free: there is no device to wait for) and, with
+``MEGACP_DEBUG_CHECKS=1`` (``config.debug_checks``, read once), on CUDA too (a sync each; host-side, no collective, so
+ranks need not agree on it); without it an out-of-range slot on CUDA trips a device assert.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import LongTensor, Tensor
 
-
-def _debug_checks() -> bool:
-    return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
+from megacp.config import debug_checks
 
 
 def write_plan(slot_mapping: Tensor) -> tuple[LongTensor | None, LongTensor]:
@@ -57,7 +53,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.debug_checks = _debug_checks()
+        self.debug_checks = debug_checks()
         # One block more than asked for, at the end: the "null block". Decode rows this rank does not store (and
         # the padding rows of a CUDA-graph batch) write their K/V to its first slot, ``null_slot``, so a decode
         # write is one fixed-shape copy of every row. ``k``/``v`` are views without it.
@@ -96,7 +92,7 @@ class PagedKVCache:
         if slots.numel() != k.shape[0]:
             raise ValueError(f"slot_mapping has {slots.numel()} entries for {k.shape[0]} tokens")
         rows, slots = write_plan(slots)
-        self._check_slots(slots)  # on the host: free
+        self.check_slots(slots)  # on the host: free
         self.write_rows(k, v, None if rows is None else rows.to(self.device), slots.to(self.device))
 
     def write_rows(self, k: Tensor, v: Tensor, rows: Tensor | None, slots: Tensor) -> None:
@@ -112,8 +108,8 @@ class PagedKVCache:
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         if k.shape[0] != slots.shape[0]:
             raise ValueError(f"write_rows: {k.shape[0]} rows for {slots.shape[0]} slots; pass one slot per row")
-        if self.debug_checks:
-            self._check_slots(slots)
+        if slots.device.type == "cpu" or self.debug_checks:
+            self.check_slots(slots)
         self._store(k, v, slots)
 
     def _store(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
@@ -122,7 +118,8 @@ class PagedKVCache:
         flat_k.index_copy_(0, slots, k.to(self.dtype))
         flat_v.index_copy_(0, slots, v.to(self.dtype))
 
-    def _check_slots(self, slots: Tensor) -> None:
+    def check_slots(self, slots: Tensor) -> None:
+        """ValueError unless every slot is one of this cache's (or the null slot); reads ``slots`` on the host."""
         limit = self.num_tokens_capacity + 1  # the null slot is valid
         if slots.numel() and not bool(((slots >= 0) & (slots < limit)).all()):
             bad = int(slots[(slots < 0) | (slots >= limit)][0])

@@ -34,12 +34,13 @@ import torch
 from einops import rearrange
 from torch import LongTensor, Tensor, nn
 
-from megacp.config import kv_head_layout, validate_model_parallel
+from megacp.config import debug_checks, kv_head_layout, validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.ops.attention import AttentionBackend, attention_with_lse, paged_attention_with_lse, select_backend
-from megacp.ops.merge import cp_merge_packed, dcp_merge, merge_attn_states
+from megacp.ops.attention_grad import needs_grad
+from megacp.ops.merge import cp_merge_gathered, cp_merge_packed, dcp_merge, merge_attn_states
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 __all__ = [
@@ -165,19 +166,23 @@ class ContextParallelAttention(nn.Module):
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
         # heads, LSE-corrected: the same as a DCP then a PCP merge, in one latency-bound small collective
         # instead of up to four (see cp_merge_gathered). The kernel writes its partial straight into the
-        # collective's packed [out | lse] buffer (float32): no cast or concatenation before the send.
+        # collective's packed [out | lse] buffer (float32): no cast or concatenation before the send. Under autograd
+        # the partial is a new tensor instead (writing into views of one buffer is not differentiable) and
+        # cp_merge_gathered packs it.
         packed = None
-        if self.cp_group.world_size > 1:
+        if self.cp_group.world_size > 1 and not needs_grad(q_all):
             packed = q.new_empty(B, dcp * H, D + 1, dtype=torch.promote_types(q.dtype, torch.float32))
-        out, _ = paged_attention_with_lse(
+        out, lse = paged_attention_with_lse(
             q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale,
             backend=self.attention_backend(q.device),
             seq_lens_host=meta.seq_lens_host, out=None if packed is None else packed[..., :D],
             lse=None if packed is None else packed[..., D],
         )
-        if packed is None:
-            return out
-        return cp_merge_packed(packed, dcp, self.cp_group, q.dtype)[0]  # [B, Hq_local, D]
+        if packed is not None:
+            return cp_merge_packed(packed, dcp, self.cp_group, q.dtype)[0]  # [B, Hq_local, D]
+        if self.cp_group.world_size > 1:
+            return cp_merge_gathered(out, lse, dcp, self.cp_group)[0]
+        return out
 
     # ------------------------------------------------------------------------------------------------ prefill
     def _prefill_pcp(
@@ -215,6 +220,8 @@ class ContextParallelAttention(nn.Module):
         the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
         """
         W = self.cp_group.world_size
+        if meta.kv_slots.device.type == "cpu" or debug_checks():  # free on CPU; a sync on CUDA
+            kv_cache.check_slots(meta.kv_slots)
         q_all = rearrange(self.cp_group.all_gather(q.unsqueeze(0), dim=0), "w t h d -> (w t) h d")  # CP rank major
         k_ctx = kv_cache.k.flatten(0, 1)[meta.kv_slots]  # [sum local context lens, Hkv_local, D], local order
         v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from megacp.config import debug_checks
 from megacp.ops.attention_grad import differentiable, needs_grad
 from megacp.ops.merge import merge_attn_states
 
@@ -191,7 +192,12 @@ def paged_attention_with_lse(
     gives the same numbers eagerly and replayed (each split finds its share of the real length on the device).
     ``out`` [B, Hq, D] (any float dtype, last dim contiguous) and ``lse`` [B, Hq] float32 or float64 (any strides),
     given together, receive the result and are returned: a caller lays out the partial for its collective this way
-    (DCP decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy.
+    (DCP decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy. They take results only
+    without autograd (views of one buffer cannot be written differentiably): with gradients, leave them out.
+    Every entry of ``block_table`` must be a block of the cache (entries past a sequence's length too: the masked
+    path reads whole rows; ``BlockTable`` pads rows with 0) and no length may exceed its row's
+    ``max_blocks·block_size``: checked on CPU (ValueError; free there), on CUDA only with ``MEGACP_DEBUG_CHECKS=1``
+    (a sync), else the caller's contract (``KVSession`` and the engine build them from their own allocator).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -206,6 +212,8 @@ def paged_attention_with_lse(
     if seq_lens_host is not None and len(seq_lens_host) != q.shape[0]:
         raise ValueError(f"paged_attention_with_lse: seq_lens_host has {len(seq_lens_host)} entries for B={q.shape[0]}")
     _check_out(q, out, lse)
+    if q.device.type == "cpu" or debug_checks():
+        _check_paged_read(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
     impl = select_backend(q.device, backend)
     if impl.paged is not None and not needs_grad(q):
         into = {"out": out, "lse": lse} if impl.paged_writes_out and out is not None else {}
@@ -216,9 +224,32 @@ def paged_attention_with_lse(
     return res if out is None else _written(res[0], res[1], out, lse)
 
 
+def _check_paged_read(block_table: Tensor, seq_lens: Tensor, num_blocks: int, block_size: int) -> None:
+    """ValueError unless every length fits its block-table row and every block id is one of the cache's."""
+    lens = seq_lens.long().cpu()
+    capacity = block_table.shape[1] * block_size
+    if lens.numel() and not bool(((lens >= 0) & (lens <= capacity)).all()):
+        b = int(torch.nonzero((lens < 0) | (lens > capacity))[0])
+        raise ValueError(
+            f"paged_attention_with_lse: seq_lens[{b}] = {int(lens[b])} does not fit block_table's row of "
+            f"{block_table.shape[1]} blocks of {block_size} (0 to {capacity} tokens); widen the block table"
+        )
+    rows = block_table.long().cpu()
+    bad = (rows < 0) | (rows >= num_blocks)
+    if bool(bad.any()):
+        b, j = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"paged_attention_with_lse: block_table[{b}, {j}] = {int(rows[b, j])} is not a block of the cache "
+            f"(0 to {num_blocks - 1}); the block table and the cache disagree on num_blocks"
+        )
+
+
 def _check_out(q: Tensor, out: Tensor | None, lse: Tensor | None) -> None:
     if out is None and lse is None:
         return
+    if needs_grad(q):
+        raise ValueError("paged_attention_with_lse: out= and lse= take results only without autograd (q requires "
+                         "grad); leave them out for a differentiable (out, lse), or run under torch.no_grad()")
     B, Hq, D = q.shape
     if (out is None or lse is None or out.shape != (B, Hq, D) or lse.shape != (B, Hq)
             or lse.dtype not in (torch.float32, torch.float64) or not out.is_floating_point() or out.stride(-1) != 1):
