@@ -42,9 +42,9 @@ from megacp.buffers import CpuGpuBuffer
 from megacp.checks import check_bool, check_int
 from megacp.config import validate_moe_data_parallel
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
+from megacp.layers.cp_metadata import is_decode
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
-from megacp.layers.cp_metadata import is_decode
 from megacp.session import KVSession, step_logits, validate_requests
 
 
