@@ -11,7 +11,7 @@ setup(
     description="Context parallelism (PCP prefill, DCP decode) for LLM inference, Megatron style",
     packages=find_packages(include=["megacp", "megacp.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "safetensors"],
+    install_requires=["torch", "safetensors", "einops"],
     extras_require={
         "models": MODELS,
         "test": ["pytest", "hypothesis", *MODELS],

@@ -39,14 +39,14 @@ import torch
 import torch.distributed as dist
 
 from megacp import parallel_state as ps
-from megacp.checks import check_int, check_memory, check_real, kv_cache_bytes
+from megacp.checks import check_int, check_memory, check_real
 from megacp.config import ParallelConfig, launched_by_torchrun
 from megacp.engine import LLMEngine
 from megacp.kv import blocks_needed
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
 from megacp.sampling import SEED_RANGE, SamplingParams
-from megacp.session import check_request_fits
+from megacp.session import check_request_fits, kv_session_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -337,12 +337,9 @@ def _check_json_out(path: str) -> None:
 def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: int, device: torch.device,
                         dtype: torch.dtype) -> None:
     """ValueError if this rank's KV cache cannot fit its device's memory, before the model loads."""
-    tp = args.tensor_parallel_size
-    local_kv_heads = max(cfg.num_key_value_heads // tp, 1)  # tp > KV heads: each rank keeps one replicated head
-    max_blocks = min(num_blocks, blocks_needed(cfg.max_position_embeddings, args.block_size,
-                                               args.prefill_context_parallel_size * args.decode_context_parallel_size))
-    need = kv_cache_bytes(num_blocks, args.block_size, local_kv_heads, cfg.head_dim, cfg.num_hidden_layers,
-                          dtype.itemsize, args.max_num_seqs, max_blocks)
+    need = kv_session_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, num_blocks, args.block_size,
+                            args.max_num_seqs, cfg.max_position_embeddings, dtype.itemsize, args.tensor_parallel_size,
+                            args.prefill_context_parallel_size * args.decode_context_parallel_size)
     check_memory(need, device, f"the KV cache ({num_blocks} blocks x {args.block_size} tokens, "
                                f"{cfg.num_hidden_layers} layers, {str(dtype).removeprefix('torch.')})",
                  "lower --num-kv-blocks, --block-size or --max-num-seqs, or spread the cache over more ranks "

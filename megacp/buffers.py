@@ -84,7 +84,7 @@ class StagingArena:
     ``add(name, values)`` appends an int32 or int64 host tensor (int64 segments are 8-byte aligned and viewed back
     as int64); ``publish()`` copies the used prefix once and returns ``{name: device view in its shape}``. Used for
     the metadata of prefill steps, whose size varies with the schedule; decode metadata lives in a fixed buffer
-    (``megacp.layers.cp_metadata``) so that CUDA graphs see fixed addresses.
+    (``AttentionMetadataBuilder``'s, ``megacp.layers.metadata_builder``) so that CUDA graphs see fixed addresses.
     """
 
     def __init__(self, device: torch.device | str, capacity: int = 1 << 14) -> None:

@@ -1,4 +1,4 @@
-"""Parallel configuration and every configuration check, in one place.
+"""Parallel configuration and every check of the parallel layout against itself, the world and the model.
 
 Each ``validate_*`` function checks one concern and raises ``ValueError`` with one actionable message that names the
 Python arguments involved (``initialize_model_parallel``'s and ``ParallelConfig``'s names, e.g.
@@ -6,11 +6,14 @@ Python arguments involved (``initialize_model_parallel``'s and ``ParallelConfig`
 every rank runs them before any collective and a bad configuration fails fast everywhere. ``ParallelConfig`` is the
 validated layout: constructing one runs the checks that need nothing else, ``check_world_size`` / ``check_model`` the
 ones that need the world or the model. A command line maps the argument names to its flags (``name=value`` ->
-``--flag value``; examples/infer_llama.py's ``cli_message``).
+``--flag value``; examples/infer_llama.py's ``cli_message``). Checks of single user values and of requests are
+elsewhere: ``megacp.checks`` (scalars, token ids, memory) and ``megacp.session`` (requests against a KV cache).
+``kv_head_layout`` is the one statement of which KV heads a TP rank holds (DESIGN §3 GQA).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -29,8 +32,12 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+@functools.cache
 def debug_checks() -> bool:
-    """``MEGACP_DEBUG_CHECKS=1``: also run the index checks that cost a device sync on CUDA (on CPU they always run)."""
+    """``MEGACP_DEBUG_CHECKS=1``: also run the index checks that cost a device sync on CUDA (on CPU they always run).
+
+    Read once per process, at the first check that asks (steps ask it on CUDA: the environment is not read per step).
+    The checks are host-side and run no collective, so ranks need not agree on it."""
     return os.environ.get("MEGACP_DEBUG_CHECKS") == "1"
 
 

@@ -36,7 +36,7 @@ from megacp import parallel_state as ps
 from megacp.layers.cp_metadata import AttentionMetadata
 from megacp.parallel_state import ParallelContext
 from megacp.sampling import sample
-from megacp.session import KVSession
+from megacp.session import KVSession, step_logits
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -151,9 +151,9 @@ class DecodeGraphRunner:
         return self.buckets[-1]
 
     def _forward(self, meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        """What is captured: the block-table gather, the engine's step (``step_logits``) and greedy sampling."""
         meta.decode.gather_block_table()
-        hidden = self.model(meta.input_ids, meta, self.session.kv_caches)
-        logits = self.model.compute_logits(meta.select_logits_hidden(hidden)).float()
+        logits = step_logits(self.model, meta, self.session.kv_caches)  # [B, vocab] float32
         return logits, sample(logits, 0.0, 1.0, None)  # greedy, NaN/inf rows flagged (no generator: capturable)
 
     @torch.inference_mode()
@@ -189,7 +189,9 @@ class DecodeGraphRunner:
             raise RuntimeError("DecodeGraphRunner.run: the graphs were released (destroy_model_parallel); build a new "
                                "LLMEngine after initialize_model_parallel(...)")
         B = next(b for b in self.buckets if b >= n)
-        self.session.step(requests, pad_decodes_to=B)
+        meta = self.session.step(requests, pad_decodes_to=B)
+        if not meta.is_pure_decode:  # the builder refuses padding for other steps; this states the contract
+            raise ValueError("DecodeGraphRunner.run: the step must be pure decode (meta.is_pure_decode)")
         g = self.graphs[B]
         g.graph.replay()
         self.num_replays += 1

@@ -42,9 +42,10 @@ from megacp.buffers import CpuGpuBuffer
 from megacp.checks import check_bool, check_int
 from megacp.config import validate_moe_data_parallel
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
+from megacp.layers.cp_metadata import is_decode
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
-from megacp.session import KVSession, validate_requests
+from megacp.session import KVSession, step_logits, validate_requests
 
 
 @dataclass
@@ -195,10 +196,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
-    def _run_step(self, sched: list[tuple[_Request, int]], need: list[int], sampling: SamplingParams,
-                  generator: torch.Generator) -> tuple[list[int], Tensor | None]:
+    def _run_step(self, sched: list[tuple[_Request, int]], need: list[int], pure_decode: bool,
+                  sampling: SamplingParams, generator: torch.Generator) -> tuple[list[int], Tensor | None]:
         """Forward the scheduled tokens; return sampled ids of the entries ``need`` (indices into ``sched`` that end
-        a prompt or decode, in ``sched`` order) and their logits [n, vocab] (None when ``need`` is empty)."""
+        a prompt or decode, in ``sched`` order) and their logits [n, vocab] (None when ``need`` is empty).
+        ``pure_decode``: every entry is a decode (``_is_pure_decode``): the step may replay a CUDA graph."""
         # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
         # session's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
         # is the step's one read-back (docs/benchmarks.md: host-bound decode).
@@ -206,7 +208,7 @@ class LLMEngine:
         for r, n in sched:
             c = self._computed(r)
             requests.append((r.index, r.tokens[c : c + n]))
-        runner = self._graph_runner_for(sched, need)
+        runner = self._graph_runner_for(sched, need, pure_decode)
         if runner is not None:
             logits, greedy = runner.run(requests)
             self.stats.graph_replays += 1
@@ -214,11 +216,9 @@ class LLMEngine:
                                                                      generator)
             return self._agree(tokens), logits
         meta = self.session.step(requests, logits_requests=need)
-        hidden = self.model(meta.input_ids, meta, self.session.kv_caches)
-        if not need:
+        logits = step_logits(self.model, meta, self.session.kv_caches, logits=bool(need))  # [n, vocab] float32
+        if logits is None:
             return [], None
-        last_hidden = meta.select_logits_hidden(hidden)  # [len(need), hidden], same on every PCP rank
-        logits = self.model.compute_logits(last_hidden).float()  # [n, vocab], same on every TP rank
         tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
         return self._agree(tokens), logits
 
@@ -228,11 +228,16 @@ class LLMEngine:
         tokens = self.parallel_context.pcp.broadcast(tokens, src=0)
         return self._sampled.to_host(tokens).tolist()
 
-    def _graph_runner_for(self, sched: list[tuple[_Request, int]], need: list[int]) -> DecodeGraphRunner | None:
-        """The graph runner when this step is a pure decode it can replay (capturing on first use), else None."""
-        if self.graphs_off_reason is not None or len(need) != len(sched):
-            return None
-        if not all(self._computed(r) > 0 and n == 1 for r, n in sched):
+    def _is_pure_decode(self, sched: list[tuple[_Request, int]]) -> bool:
+        """Every scheduled request is a decode, by the metadata's own rule (``cp_metadata.is_decode``, which makes
+        the step's ``meta.is_pure_decode``): known before the step is built, for the graph and the decode stats."""
+        return all(is_decode(self._computed(r), n) for r, n in sched)
+
+    def _graph_runner_for(self, sched: list[tuple[_Request, int]], need: list[int], pure_decode: bool
+                          ) -> DecodeGraphRunner | None:
+        """The graph runner when this step is a pure decode whose every row samples (a graph returns them all), and
+        it can replay it (capturing on first use), else None."""
+        if self.graphs_off_reason is not None or not pure_decode or len(need) != len(sched):
             return None
         if self.graph_runner is None:
             self.graph_runner = DecodeGraphRunner(self.model, self.session, self.session.max_num_seqs,
@@ -268,14 +273,14 @@ class LLMEngine:
                 sched = self._schedule(waiting, running, sampling.max_new_tokens)
                 if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
                     raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
-                decode_only = not any(self._in_prefill(r) for r, _ in sched)
+                pure_decode = self._is_pure_decode(sched)
                 need = [i for i, (r, n) in enumerate(sched) if self._computed(r) + n >= len(r.prompt)]
                 t0 = time.perf_counter()
-                tokens, logits = self._run_step(sched, need, sampling, generator)  # advances the cached lengths
+                tokens, logits = self._run_step(sched, need, pure_decode, sampling, generator)  # advances the cache
                 now = time.perf_counter()
                 stats.num_steps += 1
                 stats.peak_tokens_stored = max(stats.peak_tokens_stored, self.session.tokens_stored())
-                if decode_only:
+                if pure_decode:
                     stats.decode_time_s += now - t0
                     stats.decode_tokens += len(sched)
                 for k, (j, tok) in enumerate(zip(need, tokens)):

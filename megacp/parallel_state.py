@@ -164,13 +164,16 @@ def rank_layout(
 
     Raises ``ValueError`` when ``world_size != dp·pcp·tp``, ``tp % dcp != 0`` or a size is < 1.
     """
-    tp, pcp, dcp, dp = (
-        tensor_model_parallel_size,
-        prefill_context_parallel_size,
-        decode_context_parallel_size,
-        data_parallel_size,
-    )
-    ParallelConfig(tp, pcp, dcp, dp).check_world_size(world_size)
+    config = ParallelConfig(tensor_model_parallel_size, prefill_context_parallel_size, decode_context_parallel_size,
+                            data_parallel_size)
+    config.check_world_size(world_size)
+    return _layout_of(config)
+
+
+def _layout_of(config: ParallelConfig) -> dict[str, list[list[int]]]:
+    """``rank_layout`` of a validated config (its world is ``dp·pcp·tp``)."""
+    tp, pcp = config.tensor_model_parallel_size, config.prefill_context_parallel_size
+    dcp, dp = config.decode_context_parallel_size, config.data_parallel_size
 
     def rank(d: int, p: int, t: int) -> int:
         return (d * pcp + p) * tp + t
@@ -186,7 +189,7 @@ def rank_layout(
             [rank(d, p, h * dcp + i) for p in range(pcp) for i in range(dcp)] for d in range(dp) for h in range(heads)
         ],
         "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pcp) for t in range(tp)],
-        "ep": [list(range(world_size))],
+        "ep": [list(range(config.world_size))],
     }
 
 
@@ -199,7 +202,7 @@ class ParallelGroup:
     """
 
     def __init__(self, name: str, ranks: list[int], device_group: dist.ProcessGroup | None, rank: int,
-                 timeout: timedelta | None = None):
+                 timeout: timedelta | None = None, symmetric_memory: bool = False):
         self.name = name
         self.ranks = list(ranks)
         self.rank = rank
@@ -208,7 +211,10 @@ class ParallelGroup:
         self.device_group = device_group
         self.backend = dist.get_backend(device_group) if device_group is not None else None
         self.timeout = timeout  # only for error messages: the process group enforces it
-        self.symmetric: SymmetricGather | None = None  # small CUDA all-gathers over NVLink, made on first use
+        # small CUDA all-gathers over NVLink (megacp/symm_gather.py), made on first use when ``symmetric_memory``
+        # (the world's agreed MEGACP_SYMM_MEM) allows it
+        self.symmetric_memory = symmetric_memory
+        self.symmetric: SymmetricGather | None = None
 
     def __repr__(self) -> str:
         return f"ParallelGroup({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
@@ -338,7 +344,7 @@ class ParallelGroup:
         dim = dim % x.dim()
         front = x.movedim(dim, 0).contiguous()
         out = None
-        if symm_gather.applies(self.backend, front, self.world_size):  # decode-sized, NCCL on CUDA
+        if symm_gather.applies(self.backend, front, self.world_size, self.symmetric_memory):  # decode-sized, NCCL
             if self.symmetric is None:
                 self.symmetric = SymmetricGather(self.device_group.group_name, self.world_size, self.rank_in_group,
                                                  self._all_agree)
@@ -435,6 +441,7 @@ class ParallelContext:
         new_group: Callable[[list[int]], dist.ProcessGroup | None] | None = None,
         world_group: dist.ProcessGroup | None = None,
         timeout: timedelta | None = None,
+        symmetric_memory: bool = False,
     ) -> ParallelContext:
         """The context of global ``rank`` in ``config``'s layout of ``dp·pcp·tp`` ranks (DESIGN §1).
 
@@ -442,20 +449,20 @@ class ParallelContext:
         same order on every rank (``torch.distributed.new_group`` is collective over the world, so every rank makes
         every group, its own or not). ``new_group=None`` gives the layout without communicators: sizes and ranks for
         host-side planning (a metadata builder of rank ``rank``); a collective of a group of more than one rank then
-        raises.
+        raises. ``symmetric_memory``: NCCL groups may gather small CUDA tensors through symmetric memory
+        (``megacp.symm_gather``; every rank must pass the same value).
         """
         world_size = config.world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside the layout's {world_size} ranks (dp·pcp·tp)")
-        layout = rank_layout(world_size, config.tensor_model_parallel_size, config.prefill_context_parallel_size,
-                             config.decode_context_parallel_size, config.data_parallel_size)
+        layout = _layout_of(config)
         groups: dict[str, ParallelGroup] = {}
         for name in GROUP_NAMES:
             for ranks in layout[name]:
                 pg = new_group(ranks) if new_group is not None and len(ranks) > 1 else None
                 if rank in ranks:
-                    groups[name] = ParallelGroup(name, ranks, pg, rank, timeout)
-        world = ParallelGroup("world", list(range(world_size)), world_group, rank, timeout)
+                    groups[name] = ParallelGroup(name, ranks, pg, rank, timeout, symmetric_memory)
+        world = ParallelGroup("world", list(range(world_size)), world_group, rank, timeout, symmetric_memory)
         return cls(**groups, world=world, config=config)
 
     @classmethod
@@ -601,10 +608,22 @@ def initialize_model_parallel(
     config.check_world_size(dist.get_world_size())
     context = ParallelContext.from_layout(
         config, dist.get_rank(), new_group=lambda ranks: dist.new_group(ranks, timeout=timeout, backend=backend),
-        world_group=dist.group.WORLD, timeout=timeout,
+        world_group=dist.group.WORLD, timeout=timeout, symmetric_memory=_agreed_symmetric_memory(),
     )
     _STATE = ParallelState(context)
     return context
+
+
+def _agreed_symmetric_memory() -> bool:
+    """``MEGACP_SYMM_MEM`` read once, here, and agreed over the world (a MIN all-reduce) when the world is NCCL: a rank
+    whose environment differs must not take another path than its peers (the gathers are collectives). Other worlds
+    never take the path (``symm_gather.applies`` needs NCCL), so they read it without a collective."""
+    wanted = symm_gather.enabled_by_env()
+    if dist.get_backend() != "nccl":
+        return wanted
+    flag = torch.tensor([int(wanted)], dtype=torch.int32, device="cuda")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def model_parallel_is_initialized() -> bool:

@@ -46,6 +46,25 @@ from megacp.layers.metadata_builder import AttentionMetadataBuilder
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 
+# ------------------------------------------------------------------------------------------------ sizes
+def _max_blocks_per_seq(num_kv_blocks: int, block_size: int, max_seq_len: int | None, cp_world_size: int) -> int:
+    """A block-table row's length: the blocks of the longest request, at most the whole cache."""
+    if max_seq_len is None:
+        return num_kv_blocks
+    return min(num_kv_blocks, blocks_needed(max_seq_len, block_size, cp_world_size))
+
+
+def kv_session_bytes(num_layers: int, num_kv_heads: int, head_dim: int, num_kv_blocks: int, block_size: int,
+                     max_num_seqs: int, max_seq_len: int | None, itemsize: int, tp_size: int = 1,
+                     cp_world_size: int = 1) -> int:
+    """Bytes one rank's ``KVSession`` of these arguments allocates: its paged K/V caches (this TP rank's KV heads,
+    ``config.kv_head_layout``) and its block table. What the session checks against the device's memory, and what
+    a command line checks before it loads the model (examples/infer_llama.py)."""
+    local_kv_heads = kv_head_layout(num_kv_heads, tp_size, 0)[0]  # the count is the same on every TP rank
+    return kv_cache_bytes(num_kv_blocks, block_size, local_kv_heads, head_dim, num_layers, itemsize, max_num_seqs,
+                          _max_blocks_per_seq(num_kv_blocks, block_size, max_seq_len, cp_world_size))
+
+
 # ------------------------------------------------------------------------------------------------ requests
 def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
                        block_size: int, cp_world_size: int) -> None:
@@ -137,16 +156,15 @@ class KVSession:
         self.block_size, self.num_kv_blocks = block_size, num_blocks
         self.device, self.dtype = torch.device(device), dtype
         self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
-        max_blocks = num_blocks
         if max_seq_len is not None:
             max_seq_len = check_int("KVSession(max_seq_len)", max_seq_len, 1)
-            max_blocks = min(num_blocks, blocks_needed(max_seq_len, block_size, W))
         self.max_seq_len = max_seq_len
+        max_blocks = _max_blocks_per_seq(num_blocks, block_size, max_seq_len, W)
         # Checked against this rank's device memory before allocating: a huge num_blocks or block_size is a clear
         # "needs N GiB" here rather than a MemoryError or an allocator failure.
         check_memory(
-            kv_cache_bytes(num_blocks, block_size, self.num_local_kv_heads, head_dim, num_layers, dtype.itemsize,
-                           max_num_seqs, max_blocks),
+            kv_session_bytes(num_layers, num_kv_heads, head_dim, num_blocks, block_size, max_num_seqs, max_seq_len,
+                             dtype.itemsize, ctx.tp_size, W),
             self.device, "the KV cache (num_kv_blocks x block_size tokens, all layers)",
             "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
         )
@@ -302,3 +320,19 @@ class KVSession:
         for seq, n in zip(seqs, counts):
             seq.num_cached += n
         return meta
+
+
+# ------------------------------------------------------------------------------------------------ the step forward
+def step_logits(model: Any, meta: AttentionMetadata, kv_caches: Sequence[Any] | None, logits: bool = True
+                ) -> Tensor | None:
+    """One step's forward: ``model`` over this rank's rows, then the logits of the rows ``meta`` selects.
+
+    # -> [n, vocab] float32 (``model.compute_logits``' contract, full vocabulary on every TP rank), the last new token
+    # of each request ``meta.select_logits_hidden`` picks; None with ``logits=False`` (a prompt chunk that samples
+    # nothing still runs the forward: it writes the KV cache)
+    The one step function of the eager engine and of the CUDA-graph capture (``megacp.cuda_graph``).
+    """
+    hidden = model(meta.input_ids, meta, kv_caches)  # [T_local, hidden]
+    if not logits:
+        return None
+    return model.compute_logits(meta.select_logits_hidden(hidden))

@@ -14,7 +14,7 @@ overwrite the row.
 Every decision here is the same on all ranks of the group: buffers are made on the first gather of a size (all
 ranks make the same calls in the same order), only outside CUDA-graph capture, and whether each rank could make
 one is agreed by a MIN all-reduce; on any failure the path turns off for the group, everywhere, and NCCL is used.
-``MEGACP_SYMM_MEM=0`` turns it off.
+``MEGACP_SYMM_MEM=0`` turns it off (read once, by ``initialize_model_parallel``, and agreed over the ranks).
 """
 
 from __future__ import annotations
@@ -30,11 +30,20 @@ _DTYPES = (torch.float32, torch.bfloat16)  # what one_shot_all_reduce sums
 _ALIGN = 16  # bytes: rows start on a 16-byte boundary (the op's vector loads)
 
 
-def applies(backend: str | None, x: torch.Tensor, world_size: int) -> bool:
+def enabled_by_env() -> bool:
+    """``MEGACP_SYMM_MEM`` is not ``0``. Read when model parallelism is initialised (``initialize_model_parallel``
+    agrees on it over the world, so every rank takes the same path), not per gather."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def applies(backend: str | None, x: torch.Tensor, world_size: int, enabled: bool | None = None) -> bool:
     """Whether a gather of ``x`` over an NCCL group of ``world_size`` ranks may take this path (the same answer on
-    every rank: it depends on the group and the shape only)."""
-    return (backend == "nccl" and x.is_cuda and x.dtype in _DTYPES and 1 < world_size <= 8
-            and 0 < x.numel() * x.element_size() <= MAX_BYTES and os.environ.get(ENV, "1") != "0")
+    every rank: it depends on the group, the shape and ``enabled``, the group's agreed switch; None reads
+    ``enabled_by_env()``)."""
+    if enabled is None:
+        enabled = enabled_by_env()
+    return (enabled and backend == "nccl" and x.is_cuda and x.dtype in _DTYPES and 1 < world_size <= 8
+            and 0 < x.numel() * x.element_size() <= MAX_BYTES)
 
 
 class SymmetricGather:

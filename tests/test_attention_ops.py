@@ -290,6 +290,28 @@ def test_backend_selection(monkeypatch):
     assert select_backend("cpu").name == "mid"  # the highest available priority wins
 
 
+def test_layer_keeps_the_backend_it_chose(monkeypatch):
+    """ContextParallelAttention resolves its backend once (backend=, else $MEGACP_ATTN_BACKEND, else the best) and
+    keeps it: a later change of the environment does not reach its steps; a new layer does read it."""
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.layers.metadata_builder import build_attention_metadata
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, h, 8, generator=gen) for h in (4, 2, 2))
+    meta = build_attention_metadata([0], [0], [6], None)
+    monkeypatch.setenv(attn_mod.ENV_BACKEND, "torch")
+    layer = ContextParallelAttention(4, 2, 8, 0.5)
+    first = layer(q, k, v, meta, None)
+    assert layer.attention_backend(q.device).name == "torch"
+    monkeypatch.setenv(attn_mod.ENV_BACKEND, "nope")  # a lookup per call would now fail
+    assert torch.equal(layer(q, k, v, meta, None), first) and layer.attention_backend(q.device).name == "torch"
+    with pytest.raises(ValueError, match="'nope'"):  # negative control: a new layer reads the environment
+        ContextParallelAttention(4, 2, 8, 0.5)(q, k, v, meta, None)
+    explicit = ContextParallelAttention(4, 2, 8, 0.5, backend="sdpa_cpu")  # backend= wins over the environment
+    torch.testing.assert_close(explicit(q, k, v, meta, None), first, rtol=1e-5, atol=1e-5)
+    assert explicit.attention_backend(q.device).name == "sdpa_cpu"
+
+
 def test_bad_shapes_raise():
     q, k, v, cu_q, cu_k = _packed([(2, 3)], 3, 2)
     with pytest.raises(ValueError, match="multiple of key/value heads"):

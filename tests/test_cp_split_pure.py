@@ -283,3 +283,33 @@ def test_metadata_context_queries_and_slots(pcp, dcp, interleave):
             pos = pos[(pos // interleave) % W == R]
             expect = tables[R].compute_slot_mapping(torch.full_like(pos, req), pos)
             assert torch.equal(m.context.kv_slots[cuk[s]:cuk[s + 1]], expect)
+
+
+@pytest.mark.parametrize("pcp", [1, 2, 3])
+def test_prefill_plan_is_host_only_and_covers_every_token(pcp):
+    """The pure host plan of a mixed step (a decode, a fresh prompt, a chunk over cached context), rank by rank:
+    host tensors and Python ints only; every new prefill token is a query on exactly one rank, gathered once in
+    sequence order and stored by exactly one rank; the decode row is on every rank; only the chunk has context."""
+    from megacp.layers.step_plan import make_schedule, plan_prefill
+
+    computed, new = [4, 0, 6], [1, 9, 5]
+    tables = _tables(pcp, 1, 1, [c + n for c, n in zip(computed, new)])
+    s = make_schedule([0, 1, 2], computed, new)
+    assert (s.decodes, s.prefills, s.offsets) == ([0], [1, 2], [0, 1, 10])
+    plans = [plan_prefill(s, pcp, r, tables[r]) for r in range(pcp)]
+    queried, stored = [], torch.zeros(14, dtype=torch.long)
+    for r, p in enumerate(plans):
+        tensors = [p.token_index, p.positions, p.caller_rows, p.logits_rows, p.gather, p.slots, p.q_rows, p.k_index]
+        assert all(t.device.type == "cpu" for t in tensors)
+        assert all(type(x) is int for x in p.cu_q + p.cu_k) and p.num_local == 1 + p.num_prefill_rows
+        assert p.token_index[0] == 0 and p.positions[0] == 4  # the decode row, replicated on every PCP rank
+        queried += p.token_index[p.q_rows].tolist()
+        assert p.cu_q[-1] == len(p.q_rows) and p.cu_k[-1] == len(p.k_index)
+        stored += (p.slots >= 0).long()
+        # gather: rank-major rows of the PCP all-gather of every rank's prefill rows, back in sequence order
+        assert sorted(p.gather.tolist()) == p.gather.unique().tolist() and len(p.gather) == 14
+        ctx = p.context
+        assert ctx is not None and ctx.cu_q[-1] == pcp * len(ctx.rows)  # only request 2 has cached context
+        assert ctx.cu_k == [0, int(cp_local_seq_lens(torch.tensor([6]), pcp, r, 1)[0])]
+    assert sorted(queried) == list(range(1, 15))  # tokens 1..14 are the prefill tokens, each queried once
+    assert stored.tolist() == [1] * 14

@@ -110,8 +110,8 @@ def cp_local_positions(
     """Absolute positions of the tokens of a length-``seq_len`` sequence that ``cp_rank`` stores, in local order.
 
     -> [cp_local_seq_len] long, increasing. Entry ``j`` is the position of local index ``j``, so a local K/V shard
-    read in local order (at ``local_slots(row, arange(n), B)``, as the context attention does) lines up with them (e.g. to build a causal mask of new queries
-    against the cached local context). The inverse of ``cp_local_index`` on this rank's tokens; the block size
+    read in local order (at ``local_slots(row, arange(n), B)``, as the context attention does) lines up with them
+    (e.g. to build a causal mask of new queries against the cached local context). The inverse of ``cp_local_index`` on this rank's tokens; the block size
     cancels out, since local indices run densely through each block.
     """
     if seq_len < 0:

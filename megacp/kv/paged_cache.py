@@ -9,7 +9,8 @@ host (``write_plan``, called by the metadata builders), and never synchronises: 
 use every step. ``write`` takes a full slot mapping (``-1`` = skip) for convenience: it copies the mapping to the host
 (one read-back when it lives on a device), plans and range-checks it there with ``write_plan``, then calls
 ``write_rows``. ``write_rows`` range-checks its slots on CPU (free: there is no device to wait for) and, with
-``MEGACP_DEBUG_CHECKS=1``, on CUDA too (a sync each); without it an out-of-range slot on CUDA trips a device assert.
+``MEGACP_DEBUG_CHECKS=1`` (``config.debug_checks``, read once), on CUDA too (a sync each; host-side, no collective, so
+ranks need not agree on it); without it an out-of-range slot on CUDA trips a device assert.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.debug_checks = debug_checks()
         # One block more than asked for, at the end: the "null block". Decode rows this rank does not store (and
         # the padding rows of a CUDA-graph batch) write their K/V to its first slot, ``null_slot``, so a decode
         # write is one fixed-shape copy of every row. ``k``/``v`` are views without it.
@@ -106,7 +108,7 @@ class PagedKVCache:
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         if k.shape[0] != slots.shape[0]:
             raise ValueError(f"write_rows: {k.shape[0]} rows for {slots.shape[0]} slots; pass one slot per row")
-        if slots.device.type == "cpu" or debug_checks():
+        if slots.device.type == "cpu" or self.debug_checks:
             self.check_slots(slots)
         self._store(k, v, slots)
 

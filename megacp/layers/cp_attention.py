@@ -1,8 +1,8 @@
 """Context-parallel attention: PCP prefill, prefill over cached context, DCP/PCP decode (DESIGN §3).
 
-One step's local tokens (``AttentionMetadata`` of ``cp_metadata.py``, built once per step by ``metadata_builder.py``) are decode rows first, then
-each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path,
-with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
+One step's local tokens (``AttentionMetadata`` of ``cp_metadata.py``, built once per step by ``metadata_builder.py``)
+are decode rows first, then each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends
+each kind down its own path, with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 
 - ``_decode``: decode rows. Their new K/V is written on the owning CP rank, then DCP all-gathers the query heads,
   every rank attends to its local paged shard, writing out and LSE into one packed buffer, and ``cp_merge_packed``
@@ -31,13 +31,14 @@ CUDA graph (``megacp.cuda_graph``).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import LongTensor, Tensor, nn
 
 from megacp.config import debug_checks, kv_head_layout, validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
-from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
+from megacp.ops.attention import AttentionBackend, attention_with_lse, paged_attention_with_lse, select_backend
 from megacp.ops.attention_grad import needs_grad
 from megacp.ops.merge import cp_merge_gathered, cp_merge_packed, dcp_merge, merge_attn_states
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
@@ -90,7 +91,19 @@ class ContextParallelAttention(nn.Module):
         self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
         self.head_dim = head_dim
         self.scale = float(scale)
-        self.backend = backend
+        self.backend = backend  # as given (None: automatic); what runs is attention_backend(device)
+        self._backends: dict[str, AttentionBackend] = {}
+
+    def attention_backend(self, device: torch.device) -> AttentionBackend:
+        """The attention backend this layer runs on ``device``'s type: chosen on the first call for that device
+        (``select_backend``: ``backend=``, else ``$MEGACP_ATTN_BACKEND``, else the best available) and kept, so the
+        environment is read once and every step runs the same kernels. Its ``varlen`` serves prefill; its ``paged``
+        hook decode (the CUDA backends': ``megacp.ops.backends_cuda._paged`` → the Triton kernel of
+        ``megacp.ops.paged_decode``), else ``paged_attention_with_lse`` gathers the shard."""
+        impl = self._backends.get(device.type)
+        if impl is None:
+            impl = self._backends[device.type] = select_backend(device, self.backend)
+        return impl
 
     # ------------------------------------------------------------------------------------------------ entry point
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache | None
@@ -148,7 +161,7 @@ class ContextParallelAttention(nn.Module):
         dcp = self.dcp_group.world_size
         q_all = q
         if dcp > 1:
-            q_all = self.dcp_group.all_gather(q.unsqueeze(0), dim=0).transpose(0, 1).reshape(B, dcp * H, D)
+            q_all = rearrange(self.dcp_group.all_gather(q.unsqueeze(0), dim=0), "r b h d -> b (r h) d")
         # Every CP rank (the PCP ranks too: they hold the other shards and computed the same queries) has a partial
         # over all dcp·H heads. One packed all-gather over the CP group and a local merge give this rank its own
         # heads, LSE-corrected: the same as a DCP then a PCP merge, in one latency-bound small collective
@@ -160,7 +173,8 @@ class ContextParallelAttention(nn.Module):
         if self.cp_group.world_size > 1 and not needs_grad(q_all):
             packed = q.new_empty(B, dcp * H, D + 1, dtype=torch.promote_types(q.dtype, torch.float32))
         out, lse = paged_attention_with_lse(
-            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale, backend=self.backend,
+            q_all, kv_cache.k, kv_cache.v, meta.block_table, meta.seq_lens, self.scale,
+            backend=self.attention_backend(q.device),
             seq_lens_host=meta.seq_lens_host, out=None if packed is None else packed[..., :D],
             lse=None if packed is None else packed[..., D],
         )
@@ -191,7 +205,8 @@ class ContextParallelAttention(nn.Module):
         return attention_with_lse(
             _rows(q, meta.q_rows, meta.q_range),
             _rows(k_seq, meta.k_index, meta.k_range), _rows(v_seq, meta.k_index, meta.k_range),
-            meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
+            meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale,
+            backend=self.attention_backend(q.device),
             host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
 
@@ -204,22 +219,22 @@ class ContextParallelAttention(nn.Module):
         Every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context precedes
         the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
         """
-        W, Tc, H = self.cp_group.world_size, q.shape[0], self.num_local_heads
+        W = self.cp_group.world_size
         if meta.kv_slots.device.type == "cpu" or debug_checks():  # free on CPU; a sync on CUDA
             kv_cache.check_slots(meta.kv_slots)
-        q_all = self.cp_group.all_gather(q.unsqueeze(0), dim=0).flatten(0, 1)  # [W·Tc, Hq_local, D], CP rank major
+        q_all = rearrange(self.cp_group.all_gather(q.unsqueeze(0), dim=0), "w t h d -> (w t) h d")  # CP rank major
         k_ctx = kv_cache.k.flatten(0, 1)[meta.kv_slots]  # [sum local context lens, Hkv_local, D], local order
         v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]
         out_seq, lse_seq = attention_with_lse(
             q_all[meta.q_perm], k_ctx, v_ctx, meta.cu_seqlens_q, meta.cu_seqlens_k,
-            causal=False, scale=self.scale, backend=self.backend,
+            causal=False, scale=self.scale, backend=self.attention_backend(q.device),
             host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
         )
         out = torch.empty_like(out_seq).index_copy_(0, meta.q_perm, out_seq)  # back to CP-rank-major rows
         lse = torch.empty_like(lse_seq).index_copy_(0, meta.q_perm, lse_seq)
         # [W·Tc] rows -> [Tc, W·H]: the gathered ranks become "heads", ordered by CP rank, as dcp_merge expects.
-        out = out.view(W, Tc, H, -1).permute(1, 0, 2, 3).reshape(Tc, W * H, -1)
-        lse = lse.view(W, Tc, H).permute(1, 0, 2).reshape(Tc, W * H)
+        out = rearrange(out, "(w t) h d -> t (w h) d", w=W)
+        lse = rearrange(lse, "(w t) h -> t (w h)", w=W)
         return dcp_merge(out, lse, self.cp_group)
 
     # ------------------------------------------------------------------------------------------------ checks

@@ -36,6 +36,13 @@ from megacp.parallel_state import ParallelGroup
 Range = Optional[tuple[int, int]]  # (start, stop) when an index tensor is exactly arange(start, stop), else None
 
 
+def is_decode(num_computed: int, num_new: int) -> bool:
+    """Whether a scheduled request is a decode (cached tokens and one new token); every other request is a prefill.
+    The one rule: the builder splits a step's requests by it, and the engine asks it whether a step is pure decode
+    (a CUDA-graph step) before building the step, whose ``AttentionMetadata.is_pure_decode`` then agrees."""
+    return num_computed > 0 and num_new == 1
+
+
 # --------------------------------------------------------------------------------------------- per-path metadata
 @dataclass
 class DecodeMetadata:
@@ -141,6 +148,11 @@ class AttentionMetadata:
     pcp_group: ParallelGroup | None = None  # the builder's parallel context's PCP group
     caller_rows: LongTensor | None = None
     caller_range: Range = None  # caller_rows is a plain range (one prefill, pcp = 1): a slice
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """Every request of the step is a decode (``is_decode``): no prefill rows, fixed shapes (CUDA-graph steps)."""
+        return self.prefill is None
 
     def select_logits_hidden(self, hidden: Tensor) -> Tensor:
         """Hidden state of each request's last new token, in caller order, identical on every PCP rank.

@@ -14,8 +14,8 @@ The collectives are wrapped in Megatron's conjugate autograd pairs (copy ↔ all
 ``kv_cache=None`` prefill stays differentiable.
 
 The TP group is ``parallel_context.tp`` (``parallel_state.resolve_parallel_context``: the given context, else the
-global one, else a single rank). Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the model for inference), in
-``params_dtype`` (default: torch's default dtype), and carry ``grad_reduce_groups`` for
+global one, else a single rank). Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the
+model for inference), in ``params_dtype`` (default: torch's default dtype), and carry ``grad_reduce_groups`` for
 ``parallel_state.allreduce_grads``: their gradients are partial over the PCP and DP ranks, which hold other tokens.
 """
 

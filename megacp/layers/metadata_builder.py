@@ -1,15 +1,15 @@
 """Builds each step's ``AttentionMetadata`` (``megacp.layers.cp_metadata``) on this rank, over persistent buffers.
 
 ``AttentionMetadataBuilder.build`` turns a step's schedule (per request: block-table row, cached tokens, new tokens)
-into the common part and one metadata object per attention path, each made by its own method: ``_build_decode``
-(a fixed ``CpuGpuBuffer``: fixed device addresses, what a CUDA graph replays), ``_build_with_prefill`` and
-``_context_host`` (a ``StagingArena``: one copy). Everything is computed on the host from Python ints and the block
-table's host copy; ``build_attention_metadata`` is the one-off form (training-style steps, tests).
+into the common part and one metadata object per attention path: ``_build_decode`` (a fixed ``CpuGpuBuffer``: fixed
+device addresses, what a CUDA graph replays) and ``_build_with_prefill``, which stages the pure host plan of
+``step_plan.plan_prefill`` (prefill and context rows) in a ``StagingArena`` (one copy). Everything is computed on the
+host from Python ints and the block table's host copy; ``build_attention_metadata`` is the one-off form
+(training-style steps, tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -17,7 +17,7 @@ from torch import LongTensor, Tensor
 
 from megacp.buffers import CpuGpuBuffer, StagingArena
 from megacp.kv.block_table import BlockTable
-from megacp.kv.layout import cp_local_seq_lens, local_slots
+from megacp.kv.layout import cp_local_seq_lens
 from megacp.kv.paged_cache import write_plan
 from megacp.layers.cp_metadata import (
     AttentionMetadata,
@@ -26,7 +26,7 @@ from megacp.layers.cp_metadata import (
     PrefillMetadata,
     Range,
 )
-from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
+from megacp.layers.step_plan import Schedule, make_schedule, plan_prefill
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 
@@ -37,10 +37,6 @@ def _as_range(index: Tensor) -> Range:
         return (0, 0)
     start = int(index[0])
     return (start, start + n) if torch.equal(index, torch.arange(start, start + n)) else None
-
-
-def _cat(parts: list[Tensor], dtype: torch.dtype = torch.long) -> Tensor:
-    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
 
 class _NoCacheTable:
@@ -59,18 +55,6 @@ class _NoCacheTable:
 
     def commit(self) -> None:
         pass
-
-
-@dataclass
-class _Schedule:
-    """A step's schedule on the host: each request's table row, cached and new token counts, new tokens' offset."""
-
-    rows: list[int]
-    computed: list[int]
-    new: list[int]
-    offsets: list[int]
-    decodes: list[int]  # indices (caller order) of decode requests
-    prefills: list[int]
 
 
 class AttentionMetadataBuilder:
@@ -158,32 +142,17 @@ class AttentionMetadataBuilder:
             )
         return self._build_with_prefill(s, ids, decode, logits_requests)
 
-    def _schedule(self, req_rows, num_computed_tokens, num_new_tokens) -> _Schedule:
-        n_req = len(req_rows)
-        if not (len(num_computed_tokens) == len(num_new_tokens) == n_req):
-            raise ValueError(
-                f"AttentionMetadataBuilder.build: req_rows ({n_req}), num_computed_tokens ({len(num_computed_tokens)})"
-                f" and num_new_tokens ({len(num_new_tokens)}) need one entry per scheduled request"
-            )
-        rows, computed, new = [int(i) for i in req_rows], [int(c) for c in num_computed_tokens], \
-            [int(n) for n in num_new_tokens]
-        if any(n < 1 for n in new) or any(c < 0 for c in computed):
-            raise ValueError("AttentionMetadataBuilder.build: every request needs num_new_tokens >= 1 and "
-                             "num_computed_tokens >= 0")
-        if not self.has_cache and any(c > 0 for c in computed):
+    def _schedule(self, req_rows, num_computed_tokens, num_new_tokens) -> Schedule:
+        s = make_schedule(req_rows, num_computed_tokens, num_new_tokens)
+        if not self.has_cache and any(c > 0 for c in s.computed):
             raise ValueError(
                 "requests with num_computed_tokens > 0 read the KV cache; build the metadata with the rank's "
                 "BlockTable (block_table=None is only for prefill-only steps without a cache)"
             )
-        offsets = [0] * n_req
-        for i in range(1, n_req):
-            offsets[i] = offsets[i - 1] + new[i - 1]
-        decodes = [i for i in range(n_req) if computed[i] > 0 and new[i] == 1]
-        prefills = [i for i in range(n_req) if not (computed[i] > 0 and new[i] == 1)]
-        return _Schedule(rows, computed, new, offsets, decodes, prefills)
+        return s
 
     # ------------------------------------------------------------------ decode
-    def _build_decode(self, s: _Schedule, ids: Tensor | None, pad_to: int | None) -> DecodeMetadata:
+    def _build_decode(self, s: Schedule, ids: Tensor | None, pad_to: int | None) -> DecodeMetadata:
         n = len(s.decodes)
         B = n if pad_to is None else pad_to
         if B > self.max_num_reqs:
@@ -219,138 +188,61 @@ class AttentionMetadataBuilder:
         return meta
 
     # ------------------------------------------------------------------ prefill (+ context)
-    def _build_with_prefill(self, s: _Schedule, ids: Tensor | None, decode: DecodeMetadata | None,
+    def _build_with_prefill(self, s: Schedule, ids: Tensor | None, decode: DecodeMetadata | None,
                             logits_requests: Sequence[int] | None) -> AttentionMetadata:
-        P, r, t = self.pcp_size, self.pcp_rank, self.block_table
-        n_dec = len(s.decodes)
-        rows_per = {i: 2 * pcp_chunk_size(s.new[i], P) if P > 1 else s.new[i] for i in s.prefills}
-        num_prefill_rows = sum(rows_per.values())
-        T = n_dec + num_prefill_rows  # local rows, the same on every PCP rank
-        caller_rows = torch.empty(sum(s.new), dtype=torch.long)  # for gather_hidden: see AttentionMetadata
-        caller_rows[[s.offsets[i] for i in s.decodes]] = torch.arange(n_dec)  # PCP rank 0's copy
-        logits_rows = torch.full((len(s.rows),), -1, dtype=torch.long)
-        if r == 0:  # decodes are replicated over PCP: one rank provides their logits rows
-            logits_rows[s.decodes] = torch.arange(n_dec)
-        token_index = [torch.tensor([s.offsets[i] for i in s.decodes], dtype=torch.long)]
-        positions = [torch.tensor([s.computed[i] for i in s.decodes], dtype=torch.long)]
-        gather, slots, q_rows, k_index, cu_q, cu_k = [], [], [], [], [0], [0]
-        ctx_rows, ctx_real, ctx_req, ctx_len = [], [], [], []
-        row, seq_offset = n_dec, 0  # where the current request starts: local rows / sequence-ordered new K/V
-        for i in s.prefills:
-            n, c0, L = s.new[i], s.computed[i], rows_per[i]
-            rel = pcp_split_positions(n, P, r)  # [L]
-            real = rel < n
-            token_index.append(torch.where(real, s.offsets[i] + rel, -1))
-            positions.append(torch.where(real, c0 + rel, 0))
-            restore = pcp_restore_index(n, P)  # position -> row of the PCP all-gather of L rows per rank
-            owner, j = restore // L, restore % L
-            gather.append(owner * num_prefill_rows + (row - n_dec) + j)
-            caller_rows[s.offsets[i] : s.offsets[i] + n] = owner * T + row + j
-            slots.append(t.slot_mapping_host(torch.full((n,), s.rows[i], dtype=torch.long), c0 + torch.arange(n)))
-            chunk = L // 2 if P > 1 else n
-            for k, start in enumerate([r * chunk, (2 * P - 1 - r) * chunk] if P > 1 else [0]):
-                end = min(start + chunk, n)
-                if end <= start:
-                    continue  # the chunk is all padding
-                q_rows.append(row + k * chunk + torch.arange(end - start))
-                k_index.append(seq_offset + torch.arange(end))
-                cu_q.append(cu_q[-1] + end - start)
-                cu_k.append(cu_k[-1] + end)
-            if c0 > 0:
-                ctx_rows.append(row + torch.arange(L))
-                ctx_real.append(real)
-                ctx_req.append(s.rows[i])
-                ctx_len.append(c0)
-            if int(owner[-1]) == r:
-                logits_rows[i] = row + int(j[-1])
-            row, seq_offset = row + L, seq_offset + n
-
+        """Stage the step's host plan (``step_plan.plan_prefill``) in the arena, one copy, and wrap the results."""
+        plan = plan_prefill(s, self.pcp_size, self.pcp_rank, self.block_table)
         arena = self._arena
-        token_index_t, positions_t = _cat(token_index), _cat(positions)
-        arena.add("token_index", token_index_t)
-        arena.add("positions", positions_t)
+        arena.add("token_index", plan.token_index)
+        arena.add("positions", plan.positions)
         if ids is not None:
-            arena.add("input_ids", ids[token_index_t.clamp(min=0)])  # padding rows read any real token
+            arena.add("input_ids", ids[plan.token_index.clamp(min=0)])  # padding rows read any real token
+        logits_rows = plan.logits_rows
         if logits_requests is not None:
             logits_rows = logits_rows[torch.as_tensor(list(logits_requests), dtype=torch.long)]
-        logits_range = _as_range(logits_rows) if P == 1 else None
+        logits_range = _as_range(logits_rows) if self.pcp_size == 1 else None
         if logits_range is None:
             arena.add("logits_rows", logits_rows)
-        caller_range = _as_range(caller_rows)
-        if caller_range is None:
-            arena.add("caller_rows", caller_rows)
-        gather_t, q_rows_t, k_index_t = _cat(gather), _cat(q_rows), _cat(k_index)
-        write_rows, write_slots = write_plan(_cat(slots))
-        ranges = {"gather": _as_range(gather_t), "q": _as_range(q_rows_t), "k": _as_range(k_index_t)}
-        for name, index in (("gather", gather_t), ("q", q_rows_t), ("k", k_index_t)):
-            if ranges[name] is None:
+        ranges = {name: _as_range(index) for name, index in
+                  (("caller_rows", plan.caller_rows), ("gather", plan.gather), ("q", plan.q_rows), ("k", plan.k_index))}
+        for name, index in (("caller_rows", plan.caller_rows), ("gather", plan.gather), ("q", plan.q_rows),
+                            ("k", plan.k_index)):
+            if ranges[name] is None:  # a plain range travels as (start, stop): the layer slices
                 arena.add(name, index)
+        write_rows, write_slots = write_plan(plan.slots)
         if write_rows is not None:
             arena.add("write_rows", write_rows)
         arena.add("write_slots", write_slots)
-        arena.add("cu_q", torch.tensor(cu_q, dtype=torch.int32))
-        arena.add("cu_k", torch.tensor(cu_k, dtype=torch.int32))
-        ctx_host = self._context_host(ctx_rows, ctx_real, ctx_req, ctx_len) if ctx_rows else None
-        if ctx_host is not None:
-            for name, value in ctx_host.items():
-                if isinstance(value, Tensor):
-                    arena.add("ctx_" + name, value)
+        arena.add("cu_q", torch.tensor(plan.cu_q, dtype=torch.int32))
+        arena.add("cu_k", torch.tensor(plan.cu_k, dtype=torch.int32))
+        ctx = plan.context
+        if ctx is not None:
+            for name in ("rows", "real_index", "real_rows", "q_perm", "kv_slots"):
+                arena.add("ctx_" + name, getattr(ctx, name))
+            arena.add("ctx_cu_q", torch.tensor(ctx.cu_q, dtype=torch.int32))
+            arena.add("ctx_cu_k", torch.tensor(ctx.cu_k, dtype=torch.int32))
         dev = arena.publish()
-
-        def index(name: str) -> Tensor | None:
-            return dev.get(name)
-
         prefill = PrefillMetadata(
-            num_rows=num_prefill_rows,
-            gather_index=index("gather"), gather_range=ranges["gather"],
-            write_rows=index("write_rows"), write_slots=dev["write_slots"],
-            q_rows=index("q"), q_range=ranges["q"], k_index=index("k"), k_range=ranges["k"],
-            cu_seqlens_q=dev["cu_q"], cu_seqlens_k=dev["cu_k"], cu_seqlens_q_host=cu_q, cu_seqlens_k_host=cu_k,
+            num_rows=plan.num_prefill_rows,
+            gather_index=dev.get("gather"), gather_range=ranges["gather"],
+            write_rows=dev.get("write_rows"), write_slots=dev["write_slots"],
+            q_rows=dev.get("q"), q_range=ranges["q"], k_index=dev.get("k"), k_range=ranges["k"],
+            cu_seqlens_q=dev["cu_q"], cu_seqlens_k=dev["cu_k"],
+            cu_seqlens_q_host=plan.cu_q, cu_seqlens_k_host=plan.cu_k,
         )
-        context = None
-        if ctx_host is not None:
-            context = ContextMetadata(
-                num_rows=int(ctx_host["rows"].numel()), rows=dev["ctx_rows"], real_index=dev["ctx_real_index"],
-                real_rows=dev["ctx_real_rows"], q_perm=dev["ctx_q_perm"], kv_slots=dev["ctx_kv_slots"],
-                cu_seqlens_q=dev["ctx_cu_q"], cu_seqlens_k=dev["ctx_cu_k"],
-                cu_seqlens_q_host=ctx_host["cu_q"].tolist(), cu_seqlens_k_host=ctx_host["cu_k"].tolist(),
-            )
+        context = None if ctx is None else ContextMetadata(
+            num_rows=int(ctx.rows.numel()), rows=dev["ctx_rows"], real_index=dev["ctx_real_index"],
+            real_rows=dev["ctx_real_rows"], q_perm=dev["ctx_q_perm"], kv_slots=dev["ctx_kv_slots"],
+            cu_seqlens_q=dev["ctx_cu_q"], cu_seqlens_k=dev["ctx_cu_k"],
+            cu_seqlens_q_host=ctx.cu_q, cu_seqlens_k_host=ctx.cu_k,
+        )
         return AttentionMetadata(
-            num_local_tokens=int(token_index_t.numel()), num_tokens=int(caller_rows.numel()), num_decodes=n_dec,
-            pcp_size=P, dcp_size=self.dcp_size, caller_rows=dev.get("caller_rows"), caller_range=caller_range,
-            token_index=dev["token_index"], token_index_host=token_index_t, positions=dev["positions"],
-            input_ids=dev.get("input_ids"), logits_rows=dev.get("logits_rows"), logits_range=logits_range,
-            decode=decode, prefill=prefill, context=context, pcp_group=self.pcp_group,
+            num_local_tokens=plan.num_local, num_tokens=int(plan.caller_rows.numel()), num_decodes=len(s.decodes),
+            pcp_size=self.pcp_size, dcp_size=self.dcp_size, caller_rows=dev.get("caller_rows"),
+            caller_range=ranges["caller_rows"], token_index=dev["token_index"], token_index_host=plan.token_index,
+            positions=dev["positions"], input_ids=dev.get("input_ids"), logits_rows=dev.get("logits_rows"),
+            logits_range=logits_range, decode=decode, prefill=prefill, context=context, pcp_group=self.pcp_group,
         )
-
-    def _context_host(self, ctx_rows: list[Tensor], ctx_real: list[Tensor], req_rows: list[int],
-                      context_lens: list[int]) -> dict[str, Tensor]:
-        """Host index tensors of the pass-Q context attention for the S prefill requests with cached context.
-
-        Returns ``rows`` [Tc], ``real_index``/``real_rows``, ``q_perm`` [W·Tc] (the CP-gathered ``[W, Tc]`` query rows,
-        flattened, regrouped request by request), ``kv_slots`` (this rank's cache slots of each request's context,
-        in local = position order) and the int32 ``cu_q`` / ``cu_k`` [S+1] offsets of the varlen call.
-        """
-        t = self.block_table
-        W = t.cp_world_size
-        rows_t, real_t = torch.cat(ctx_rows), torch.cat(ctx_real)
-        tc = int(rows_t.numel())
-        local_lens = cp_local_seq_lens(torch.tensor(context_lens, dtype=torch.long), W, t.cp_rank, t.interleave_size)
-        q_perm, kv_slots, cu_q, cu_k, start = [], [], [0], [0], 0
-        for s, part in enumerate(ctx_rows):
-            n_rows = part.numel()
-            rows = start + torch.arange(n_rows)  # this request's entries among the Tc context rows
-            q_perm.append((torch.arange(W).unsqueeze(1) * tc + rows.unsqueeze(0)).reshape(-1))  # same rows, every rank
-            start += n_rows
-            kv_slots.append(local_slots(t.row_host(req_rows[s]), torch.arange(int(local_lens[s])), t.block_size))
-            cu_q.append(cu_q[-1] + W * n_rows)
-            cu_k.append(cu_k[-1] + int(local_lens[s]))
-        real_index = torch.nonzero(real_t).flatten()
-        return {
-            "rows": rows_t, "real_index": real_index, "real_rows": rows_t[real_index],
-            "q_perm": torch.cat(q_perm), "kv_slots": _cat(kv_slots),
-            "cu_q": torch.tensor(cu_q, dtype=torch.int32), "cu_k": torch.tensor(cu_k, dtype=torch.int32),
-        }
 
 
 def build_attention_metadata(

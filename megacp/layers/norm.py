@@ -2,8 +2,8 @@
 
 Hugging Face Llama normalises in float32, casts back to the input dtype, then scales by the weight; that is the CPU
 path (what the parity tests against ``transformers`` run). On CUDA the eager form is five kernels; torch's fused op is
-one and measured fastest on an H200 ([32768, 4096] bf16: 3.4 TB/s, apex's ``FusedRMSNorm`` 2.4 TB/s, the five-op
-form 0.38 TB/s; docs/benchmarks.md), so apex is not used. It scales in float32 before the cast: at most one rounding
+one and measured fastest on an H200, faster than apex's ``FusedRMSNorm`` (docs/benchmarks.md, "RMSNorm on CUDA"), so
+apex is not used. It scales in float32 before the cast: at most one rounding
 step of the activations' dtype away from the HF order. At inference on CUDA the residual add and the norm run as one
 Triton kernel in the HF order (``megacp.ops.rms_norm``): decode normalises single rows, where launches dominate.
 """

@@ -82,6 +82,11 @@ def register_backend(backend: AttentionBackend) -> None:
     _BACKENDS[backend.name] = backend
 
 
+def get_backend(name: str) -> AttentionBackend:
+    """The registered backend called ``name`` (KeyError if none is)."""
+    return _BACKENDS[name]
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends usable on ``device``, best first."""
     device = torch.device(device)
@@ -89,8 +94,15 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b.name for b in ranked if b.available(device)]
 
 
-def select_backend(device: torch.device | str, backend: str | None = None) -> AttentionBackend:
-    """``backend`` (or ``$MEGACP_ATTN_BACKEND``) if given, else the best available one for ``device``."""
+def select_backend(device: torch.device | str, backend: str | AttentionBackend | None = None) -> AttentionBackend:
+    """``backend`` (or ``$MEGACP_ATTN_BACKEND``) if given, else the best available one for ``device``.
+
+    The one place the environment variable is read and the registry ranked: a layer calls it once and keeps the
+    result (``ContextParallelAttention.attention_backend``), then passes the ``AttentionBackend`` itself to
+    ``attention_with_lse`` / ``paged_attention_with_lse``, which use a given backend object as it is.
+    """
+    if isinstance(backend, AttentionBackend):
+        return backend
     device = torch.device(device)
     name = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
     usable = available_backends(device)
@@ -118,14 +130,15 @@ def attention_with_lse(
     cu_seqlens_k: Tensor,
     causal: bool,
     scale: float,
-    backend: str | None = None,
+    backend: str | AttentionBackend | None = None,
     host_cu_seqlens: HostCuSeqlens | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Packed varlen attention returning the softmax log-sum-exp.
 
     # q: [Tq, Hq, D], k/v: [Tk, Hk, D], cu_seqlens_q/k: int [B+1] -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
     ``causal`` is bottom-right aligned; rows that see no key give out 0 and lse -inf. ``host_cu_seqlens``: the same
-    offsets as host ints (optional; given, nothing is read back from the device).
+    offsets as host ints (optional; given, nothing is read back from the device). ``backend``: a name, an
+    ``AttentionBackend`` (used as given: what the layers pass), or None (``select_backend``'s choice).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     impl = select_backend(q.device, backend)
@@ -163,7 +176,7 @@ def paged_attention_with_lse(
     block_table: Tensor,
     seq_lens: Tensor,
     scale: float,
-    backend: str | None = None,
+    backend: str | AttentionBackend | None = None,
     seq_lens_host: Sequence[int] | None = None,
     out: Tensor | None = None,
     lse: Tensor | None = None,
@@ -207,7 +220,7 @@ def paged_attention_with_lse(
         res = impl.paged(q, k_cache, v_cache, block_table, seq_lens, float(scale), **into)
         if res is not None:
             return _written(res[0], res[1], out, lse) if into else (res[0].to(q.dtype), res[1].float())
-    res = _paged_gather(q, k_cache, v_cache, block_table, seq_lens, scale, backend, seq_lens_host)
+    res = _paged_gather(q, k_cache, v_cache, block_table, seq_lens, scale, impl, seq_lens_host)
     return res if out is None else _written(res[0], res[1], out, lse)
 
 
@@ -258,7 +271,8 @@ def _written(res_out: Tensor, res_lse: Tensor, out: Tensor, lse: Tensor) -> tupl
 
 
 def _paged_gather(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float,
-                  backend: str | None, seq_lens_host: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+                  backend: str | AttentionBackend | None, seq_lens_host: Sequence[int] | None
+                  ) -> tuple[Tensor, Tensor]:
     """The gather path of ``paged_attention_with_lse`` (no paged kernel, or gradients needed)."""
     block_size = k_cache.shape[1]
     lens = seq_lens.to(device=q.device, dtype=torch.long)

@@ -6,9 +6,10 @@ LSE ``[Tq, Hq]``. Decode over the paged cache goes to the Triton kernel of ``meg
 there (``paged`` hook), else to the gather path.
 
 - "te": ``transformer_engine.pytorch``'s low-level ``fused_attn_fwd`` on the packed THD layout, one call per step for
-  all sequences (``padding_causal_bottom_right`` or ``padding`` masks). The call is the one recorded in
-  ``shared/te-wheels/README.md``: ``o_format="thd"`` always (leaving it out corrupts the heap), both padded
-  cu_seqlens, stats ``[T, H, 1]`` = natural-log LSE.
+  all sequences (``padding_causal_bottom_right`` or ``padding`` masks). The call is the one verified on H100 and
+  H200 with TE 2.20.2 (the notes that came with the TE wheels the GPU sessions install; not in this repository):
+  ``o_format="thd"`` always (leaving it out corrupts the heap), both padded cu_seqlens, stats ``[T, H, 1]`` =
+  natural-log LSE.
 - "cudnn": ``aten::_scaled_dot_product_cudnn_attention``, one call per sequence. Its causal mask is top-left, so a chunk with
   fewer queries than keys runs as an unmasked prefix plus a square causal part, merged by LSE
   (``bottom_right_causal_from_top_left``).
@@ -46,9 +47,9 @@ from megacp.ops import paged_decode
 from megacp.ops.attention import (
     AttentionBackend,
     bottom_right_causal_from_top_left,
+    get_backend,
     host_cu_seqlens_or_read,
     register_backend,
-    select_backend,
 )
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
 
@@ -67,7 +68,7 @@ def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
-    impl = select_backend(q.device, "torch")
+    impl = get_backend("torch")  # the pure PyTorch reference of megacp.ops.attention
     return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens)
 
 
@@ -234,8 +235,7 @@ def te_unavailable_reason() -> str:
 class _TECall:
     """TE's fused attention over one packed THD batch, forward and backward (an ``attention_grad.AttentionKernel``).
 
-    The call is the one recorded in shared/te-wheels/README.md (``o_format="thd"`` always, both padded
-    cu_seqlens); the backward passes the forward's output, its aux tensors (softmax stats, RNG state) and the same
+    The call is the one of the module docstring (``o_format="thd"`` always, both padded cu_seqlens); the backward passes the forward's output, its aux tensors (softmax stats, RNG state) and the same
     layout and mask arguments, with dO in the THD layout too.
     """
 

@@ -37,6 +37,8 @@ except Exception:  # noqa: BLE001
     tl = None
 
 _LOG2E = 1.4426950408889634
+# Triton reads TRITON_INTERPRET when it is imported; read it once here too (``available`` runs in every decode step).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _BLOCK_N = 64  # tokens per tile
 _MAX_SPLITS = 64  # cap on splits per sequence (the merge kernel walks them in chunks)
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
@@ -56,7 +58,7 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu"
+    return _INTERPRETED and device.type == "cpu"
 
 
 @dataclass(frozen=True)
