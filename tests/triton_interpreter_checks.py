@@ -113,7 +113,7 @@ def check_paged_mla_decode(device: str = "cpu", dtype: torch.dtype = torch.float
             lses.append(lse)
         err = (merge_ranks(outs, lses)[0] - want_out).abs().max().item()
         bound = 1e-5 if dtype == torch.float32 else 2 * ref_err + 1e-6
-        assert err <= bound, f"mla decode {plan}: error vs float64 {err:.3g} > {bound:.3g} (bf16 reference {ref_err:.3g})"
+        assert err <= bound, f"mla decode {plan}: error vs float64 {err:.3g} > {bound:.3g} (bf16 ref {ref_err:.3g})"
     if device == "cpu" and paged_decode._COUNTERS.get(torch.device(device)):
         counters = paged_decode._COUNTERS[torch.device(device)]
         assert all(int(c.abs().sum()) == 0 for c in counters), "mla fused merge left its arrival counters non-zero"

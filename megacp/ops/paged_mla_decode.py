@@ -101,7 +101,8 @@ def paged_mla_decode_with_lse(
     """
     _check_args(q, latent_cache, block_table, local_seq_lens, v_head_dim, out, lse)
     if q.is_cuda and kernel_supports(q, latent_cache, v_head_dim):
-        return paged_mla_decode_kernel(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim, out=out, lse=lse)
+        return paged_mla_decode_kernel(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim,
+                                       out=out, lse=lse)
     res_out, res_lse = paged_mla_decode_reference(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim)
     if out is None:
         return res_out, res_lse
