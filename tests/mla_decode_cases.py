@@ -77,3 +77,20 @@ def merge_ranks(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]
 
     return merge_attn_states_n(torch.stack([o.double().cpu() for o in outs]),
                                torch.stack([lse.double().cpu() for lse in lses]))
+
+
+def bf16_reference(q: Tensor, rows: list[Tensor], scale: float, v_head_dim: int) -> Tensor:
+    """Attention computed the way a bf16 kernel rounds (flash-attention's "bf16 reference" for its 2× error rule):
+    scores from a bf16 matrix product, softmax in float32, probabilities and the output rounded to bf16.
+
+    # q [B, H, D] bf16 on any device, rows: B × [L_b, D] -> out [B, H, v_head_dim] bf16 (0 where L_b = 0)
+    """
+    B, H, _ = q.shape
+    out = torch.zeros(B, H, v_head_dim, dtype=q.dtype, device=q.device)
+    for b, lat in enumerate(rows):
+        if lat.shape[0] == 0:
+            continue
+        lat = lat.to(device=q.device, dtype=q.dtype)
+        p = torch.softmax((q[b] @ lat.T).float() * scale, -1).to(q.dtype)  # [H, L]
+        out[b] = p @ lat[:, :v_head_dim]
+    return out
