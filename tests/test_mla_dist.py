@@ -161,3 +161,86 @@ def test_mla_layer_matches_transformers_every_layout(dist_pool_4):
         shares = [per_rank[rank][i]["share"] for rank in range(4)]
         replicas = 4 // (pcp * dcp)  # DP replicas and TP ranks outside the DCP group hold copies
         assert sum(shares) == replicas * sum(n for n in (13, 7)), f"{r['layout']}: shares {shares}"
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+GRAD_LENS = [9, 6]  # two prompts; pcp 2 pads both
+GRAD_LAYOUTS = [(2, 2, 1), (4, 1, 1), (1, 2, 2), (2, 1, 2)]  # (tp, pcp, dp)
+GRAD_TOL = 1e-6  # relative; float64, but the RMSNorms run in float32 (transformers and megacp alike)
+
+
+def _grad_reference() -> dict:
+    """float64 transformers attention: grads of sum(out · G) over both prompts w.r.t. every weight and the input."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    cfg, attn = _hf_attention(3)
+    attn = attn.double()
+    rot = DeepseekV3RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, HIDDEN, generator=g, dtype=torch.float64, requires_grad=True) for n in GRAD_LENS]
+    gs = [torch.randn(n, HIDDEN, generator=g, dtype=torch.float64) for n in GRAD_LENS]
+    for x, w in zip(xs, gs):
+        n = x.shape[0]
+        mask = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+        cos, sin = rot(x[None], torch.arange(n)[None])
+        out, _ = attn(x[None], position_embeddings=(cos.double(), sin.double()), attention_mask=mask)
+        (out[0] * w).sum().backward()
+    return {"state": {k: v.detach().clone() for k, v in attn.state_dict().items()}, "scale": attn.scaling,
+            "q_lora_rank": cfg.q_lora_rank, "theta": cfg.rope_parameters["rope_theta"],
+            "grads": {k: p.grad.clone() for k, p in attn.named_parameters()},
+            "x": [x.detach() for x in xs], "x_grad": [x.grad.clone() for x in xs], "g": gs}
+
+
+def _grad_task(ref: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.layers.mla_attention import MLAAttention
+    from megacp.layers.rotary import RotaryEmbedding
+
+    results = []
+    for tp, pcp, dp in GRAD_LAYOUTS:
+        assert tp * pcp * dp == dist.get_world_size()
+        with model_parallel(tensor_model_parallel_size=tp, prefill_context_parallel_size=pcp,
+                            data_parallel_size=dp) as ps:
+            layer = MLAAttention(HIDDEN, HEADS, R, NOPE, ROPE, V, q_lora_rank=ref["q_lora_rank"], scale=ref["scale"],
+                                 rope_interleave=True, params_dtype=torch.float64)
+            with torch.no_grad():
+                for name, p in layer.named_parameters():
+                    p.weight_loader(p, ref["state"][name])
+            expected = MLAAttention(HIDDEN, HEADS, R, NOPE, ROPE, V, q_lora_rank=ref["q_lora_rank"],
+                                    scale=ref["scale"], rope_interleave=True, params_dtype=torch.float64)
+            with torch.no_grad():
+                for name, p in expected.named_parameters():
+                    p.weight_loader(p, ref["grads"][name])
+            mine = [i for i in range(len(GRAD_LENS)) if i % dp == ps.get_data_parallel_rank()]
+            meta = build_attention_metadata(list(range(len(mine))), [0] * len(mine), [GRAD_LENS[i] for i in mine],
+                                            None)
+            x = meta.local_tokens(torch.cat([ref["x"][i] for i in mine])).requires_grad_(True)
+            w = meta.local_tokens(torch.cat([ref["g"][i] for i in mine]))
+            rope = RotaryEmbedding(ROPE, ref["theta"]).tables(meta.positions, x.dtype)
+            (layer(x, meta, None, rope) * w).sum().backward()
+            x_expect = meta.local_tokens(torch.cat([ref["x_grad"][i] for i in mine]))
+            x_err = (x.grad - x_expect).abs().max().item() / x_expect.abs().max().item()
+            local = {n: p.grad.clone() for n, p in layer.named_parameters()}
+            ps.allreduce_grads(layer)
+            errs = {n: (p.grad - e).abs().max().item() / e.abs().max().item()
+                    for (n, p), (_, e) in zip(layer.named_parameters(), expected.named_parameters())}
+            # Negative control: the replicated kv_a_proj without its PCP/DP sum (or, at pcp = dp = 1, with it twice).
+            for n, p in layer.named_parameters():
+                p.grad = local[n].clone()
+            layer.kv_a_proj_with_mqa.weight.grad_reduce_groups = () if pcp * dp > 1 else ("tp",)
+            ps.allreduce_grads(layer)
+            control = (layer.kv_a_proj_with_mqa.weight.grad - expected.kv_a_proj_with_mqa.weight).abs().max().item()
+            results.append({"layout": (tp, pcp, dp), "errs": errs, "x_err": x_err, "control": control})
+    return results
+
+
+def test_mla_layer_gradients_match_transformers(dist_pool_4):
+    for rank, results in enumerate(dist_pool_4.run(_grad_task, _grad_reference(), timeout=300)):
+        for r in results:
+            worst = max(r["errs"], key=r["errs"].get)
+            label = f"rank {rank} (tp, pcp, dp)={r['layout']}"
+            assert r["errs"][worst] <= GRAD_TOL, f"{label}: gradient of {worst} off by {r['errs'][worst]:.3g} (relative)"
+            assert r["x_err"] <= GRAD_TOL, f"{label}: input gradient off by {r['x_err']:.3g} (relative)"
+            assert r["control"] > 100 * GRAD_TOL, f"{label}: kv_a_proj without its PCP/DP sum still matched"

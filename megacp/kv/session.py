@@ -139,6 +139,23 @@ class KVSession:
         self._seqs: dict[Hashable, _Sequence] = {}
         self._free_rows = list(range(max_num_seqs))
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_kv_blocks: int, block_size: int = 16, max_num_seqs: int = 64,
+                  max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None, vocab_size: int | None = None) -> "KVSession":
+        """A session whose caches fit ``model`` (megacp's ``LlamaForCausalLM`` / ``DeepseekForCausalLM``, or any
+        module with their ``config.num_hidden_layers``, ``config.num_key_value_heads`` and ``head_dim``): K/V of
+        the model's KV heads, or, when it has a ``latent_dim`` (MLA), one latent row per token. ``dtype`` and
+        ``device`` default to the model's parameters'."""
+        cfg = model.config
+        latent_dim = getattr(model, "latent_dim", None)
+        param = next(model.parameters())
+        return cls(
+            cfg.num_hidden_layers, 1 if latent_dim else cfg.num_key_value_heads, latent_dim or model.head_dim,
+            num_kv_blocks, block_size, max_num_seqs, max_seq_len=max_seq_len, dtype=dtype or param.dtype,
+            device=param.device if device is None else device, vocab_size=vocab_size, latent=bool(latent_dim),
+        )
+
     # ------------------------------------------------------------------ sizes
     @property
     def max_num_seqs(self) -> int:
