@@ -7,7 +7,8 @@ attends to its cached context (pass-Q) and to itself, step 3 decodes both. Every
 transformers' attention over the whole sequence, and at the end each rank's latent cache must hold exactly its §2
 share: the rows at its local slots equal transformers' own cached latents (``DynamicCache`` keeps ``c_kv`` after
 ``kv_a_layernorm`` and ``k_pe`` after RoPE), and no other slot was written. Negative control: the same layer with
-the softmax scale off by a YaRN-sized factor must miss the reference.
+the softmax scale off by a YaRN-sized factor must miss the reference. The prefill over cached context goes by
+pass-KV for V3 (what the byte rule picks at these sizes when pcp·dcp > 1) and by pass-Q for V2 (forced).
 
 Both attention variants are checked: V3 with q-LoRA and interleaved rope pairs, V2 with a plain q_proj (its
 complex-number RoPE is interleaved too); ``v_head_dim`` differs from ``qk_nope_head_dim``.
@@ -59,7 +60,7 @@ def _reference(version: int) -> dict:
     g = torch.Generator().manual_seed(10 + version)
     ref = {"state": {k: v.clone() for k, v in attn.state_dict().items()}, "scale": attn.scaling,
            "q_lora_rank": cfg.q_lora_rank, "theta": cfg.rope_parameters["rope_theta"], "x": {}, "out": {},
-           "latent": {}}
+           "latent": {}, "context_transfer": "auto" if version == 3 else "pass_q"}
     for rid, n in (("A", 13), ("B", 7)):
         x = torch.randn(1, n, HIDDEN, generator=g)
         mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
@@ -78,7 +79,7 @@ def _layer(ref: dict, scale: float):
     from megacp.layers.mla_attention import MLAAttention
 
     layer = MLAAttention(HIDDEN, HEADS, R, NOPE, ROPE, V, q_lora_rank=ref["q_lora_rank"], scale=scale,
-                         rope_interleave=True)
+                         rope_interleave=True, context_transfer=ref["context_transfer"])
     for name, p in layer.named_parameters():  # megacp's names are transformers'
         p.weight_loader(p, ref["state"][name])
     return layer.requires_grad_(False)
@@ -161,6 +162,18 @@ def test_mla_layer_matches_transformers_every_layout(dist_pool_4):
         shares = [per_rank[rank][i]["share"] for rank in range(4)]
         replicas = 4 // (pcp * dcp)  # DP replicas and TP ranks outside the DCP group hold copies
         assert sum(shares) == replicas * sum(n for n in (13, 7)), f"{r['layout']}: shares {shares}"
+
+
+def test_context_transfer_rule_counts_what_each_way_receives():
+    from megacp.layers.latent_attention import context_transfer_bytes
+
+    # DeepSeek-V3 at tp = dcp = 8: 16 local heads, D = 576, r = 512; a 512-token chunk.
+    moved = context_transfer_bytes(8, 512, 16, 512, 576, gather_pad=4096)
+    assert moved == {"pass_q": 7 * 512 * 16 * (576 + 512 + 8), "pass_kv": 7 * 4096 * 576}
+    assert moved["pass_kv"] < moved["pass_q"]  # a short context: gather it
+    long_ctx = context_transfer_bytes(8, 512, 16, 512, 576, gather_pad=64 * 1024)
+    assert long_ctx["pass_kv"] > long_ctx["pass_q"]  # a long one: move the queries
+    assert context_transfer_bytes(1, 512, 16, 512, 576, 4096) == {"pass_q": 0, "pass_kv": 0}
 
 
 # ------------------------------------------------------------------------------------------------ gradients

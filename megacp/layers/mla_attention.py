@@ -53,6 +53,8 @@ class MLAAttention(nn.Module):
     Sizes are global; ``num_heads`` must be divisible by ``tp`` and ``dcp`` must divide ``tp``. ``scale``: the
     softmax scale (default ``qk_head_dim^-0.5``). ``bias``: on the down-projections and ``o_proj``
     (DeepSeek's ``attention_bias``). Groups come from ``parallel_context`` or ``parallel_state``.
+    ``context_transfer``: pass-Q or pass-KV for the prefill over cached context (``LatentAttention``; default: the
+    one that moves fewer bytes).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class MLAAttention(nn.Module):
         params_dtype: torch.dtype | None = None,
         backend: str | None = None,
         parallel_context: Any | None = None,
+        context_transfer: str = "auto",
     ) -> None:
         super().__init__()
         g = _groups(parallel_context)
@@ -101,7 +104,7 @@ class MLAAttention(nn.Module):
         self.attn = LatentAttention(
             num_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
             self.qk_head_dim**-0.5 if scale is None else scale, up, backend=backend,
-            pcp_group=g["pcp"], dcp_group=g["dcp"], cp_group=g["cp"], tp_size=tp,
+            pcp_group=g["pcp"], dcp_group=g["dcp"], cp_group=g["cp"], tp_size=tp, context_transfer=context_transfer,
         )
 
     @classmethod
