@@ -33,7 +33,7 @@ RUNS = {
     2: [(2, 1, 2, 2, False), (1, 2, 1, 1, False)],
     4: [(4, 1, 4, 1, False), (2, 2, 2, 2, False), (2, 2, 1, 1, True)],
 }
-CHECKPOINTS = {"v3": dict(version=3, first_k_dense_replace=3), "v2": dict(version=2, q_lora_rank=None, first_k_dense_replace=3)}
+CHECKPOINTS = {"v3": dict(version=3), "v2": dict(version=2, q_lora_rank=None)}
 
 
 def _prompts() -> list[list[int]]:
