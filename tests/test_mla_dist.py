@@ -87,7 +87,7 @@ def _layer(ref: dict, scale: float):
 
 def _run_steps(layer, ref: dict, ps) -> tuple[float, "object"]:
     """The three steps over a fresh latent session; worst |out - transformers| over every new token."""
-    from megacp.kv import KVSession
+    from megacp.session import KVSession
     from megacp.layers.rotary import RotaryEmbedding
 
     session = KVSession(1, 1, R + ROPE, num_kv_blocks=6, block_size=4, max_num_seqs=2, latent=True)

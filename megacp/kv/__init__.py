@@ -1,5 +1,5 @@
 """Paged, context-parallel KV cache: slot math, block table, allocator, caches (GQA K/V and MLA latent rows,
-DESIGN §2), and ``KVSession``, which owns them for a set of requests and builds each step's metadata."""
+DESIGN §2). ``megacp.session.KVSession`` owns them for a set of requests and builds each step's metadata."""
 
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable
@@ -19,7 +19,6 @@ __all__ = [
     "BlockAllocator",
     "BlockTable",
     "KVCacheFullError",
-    "KVSession",
     "LatentPagedCache",
     "PagedKVCache",
     "blocks_needed",
@@ -32,12 +31,3 @@ __all__ = [
     "validate_kv_layout",
 ]
 
-
-def __getattr__(name: str):
-    # KVSession builds step metadata (megacp.layers), which itself imports megacp.kv: imported on first use, so the
-    # two packages do not import each other while initialising.
-    if name == "KVSession":
-        from megacp.kv.session import KVSession
-
-        return KVSession
-    raise AttributeError(f"module 'megacp.kv' has no attribute {name!r}")

@@ -26,8 +26,6 @@ No host syncs and fixed decode shapes, as in ``ContextParallelAttention``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,9 +36,7 @@ from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, Decode
 from megacp.ops.attention import attention_with_lse
 from megacp.ops.merge import cp_merge_packed, dcp_merge
 from megacp.ops.paged_mla_decode import paged_mla_decode_with_lse
-
-if TYPE_CHECKING:
-    from megacp.parallel_state import ParallelGroup
+from megacp.parallel_state import ParallelContext
 
 
 class LatentUpProjection:
@@ -106,10 +102,12 @@ class LatentAttention(ContextParallelAttention):
     """Attention core of one MLA layer (after the projections and RoPE, before ``o_proj``).
 
     ``num_heads``: global query heads (``num_heads / tp`` on this rank); there is one latent "KV head", so DCP needs
-    only ``tp % dcp == 0``. ``up``: the layer's ``LatentUpProjection``. Groups default to ``parallel_state``'s.
+    only ``tp % dcp == 0``. ``up``: the layer's ``LatentUpProjection``. ``parallel_context``: the layout.
     ``context_transfer``: how the prefill over cached context reaches the other CP ranks' shards: ``"auto"``
     (pass-KV when it moves fewer bytes, ``context_transfer_bytes``), ``"pass_q"`` or ``"pass_kv"``.
     """
+
+    latent = True
 
     def __init__(
         self,
@@ -121,16 +119,12 @@ class LatentAttention(ContextParallelAttention):
         scale: float,
         up: LatentUpProjection,
         backend: str | None = None,
-        pcp_group: "ParallelGroup | None" = None,
-        dcp_group: "ParallelGroup | None" = None,
-        cp_group: "ParallelGroup | None" = None,
-        tp_size: int | None = None,
+        parallel_context: ParallelContext | None = None,
         context_transfer: str = "auto",
     ) -> None:
         if context_transfer not in CONTEXT_TRANSFERS:
             raise ValueError(f"context_transfer={context_transfer!r}: choose one of {CONTEXT_TRANSFERS}")
-        super().__init__(num_heads, 1, qk_nope_head_dim + qk_rope_head_dim, scale, backend, pcp_group, dcp_group,
-                         cp_group, tp_size)
+        super().__init__(num_heads, 1, qk_nope_head_dim + qk_rope_head_dim, scale, backend, parallel_context)
         self.context_transfer = context_transfer
         self.kv_lora_rank, self.nope, self.rope = kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim
         self.latent_dim = kv_lora_rank + qk_rope_head_dim

@@ -18,27 +18,21 @@ with YaRN).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from megacp import parallel_state as ps
 from megacp.kv.latent_cache import LatentPagedCache
 from megacp.layers.latent_attention import LatentAttention, LatentUpProjection
 from megacp.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp_region
 from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryTables, apply_rotary_tables
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 if TYPE_CHECKING:
     from megacp.layers.cp_metadata import AttentionMetadata
     from megacp.models.config import ModelConfig
-
-
-def _groups(parallel_context: Any | None) -> dict[str, "ps.ParallelGroup"]:
-    """The tp/pcp/dcp/cp groups of ``parallel_context`` when given, else parallel_state's (or single-rank)."""
-    return {name: (getattr(parallel_context, name) if parallel_context is not None
-                   else ps.group_or_single_rank(name)) for name in ("tp", "pcp", "dcp", "cp")}
 
 
 class MLAAttention(nn.Module):
@@ -46,7 +40,7 @@ class MLAAttention(nn.Module):
 
     Sizes are global; ``num_heads`` must be divisible by ``tp`` and ``dcp`` must divide ``tp``. ``scale``: the
     softmax scale (default ``qk_head_dim^-0.5``). ``bias``: on the down-projections and ``o_proj``
-    (DeepSeek's ``attention_bias``). Groups come from ``parallel_context`` or ``parallel_state``.
+    (DeepSeek's ``attention_bias``). ``parallel_context``: the layout (``resolve_parallel_context``).
     ``context_transfer``: pass-Q or pass-KV for the prefill over cached context (``LatentAttention``; default: the
     one that moves fewer bytes).
     """
@@ -66,13 +60,13 @@ class MLAAttention(nn.Module):
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
         backend: str | None = None,
-        parallel_context: Any | None = None,
+        parallel_context: ParallelContext | None = None,
         context_transfer: str = "auto",
     ) -> None:
         super().__init__()
-        g = _groups(parallel_context)
-        self.tp_group = g["tp"]
-        tp = self.tp_group.world_size
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
+        self.tp_group = ctx.tp
+        tp = ctx.tp_size
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.kv_lora_rank, self.nope, self.rope, self.v_head_dim = (kv_lora_rank, qk_nope_head_dim,
                                                                     qk_rope_head_dim, v_head_dim)
@@ -81,29 +75,29 @@ class MLAAttention(nn.Module):
             raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even (RoPE rotates pairs)")
         q_out = num_heads * self.qk_head_dim
         if q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden_size, q_out, group=self.tp_group, params_dtype=params_dtype)
+            self.q_proj = ColumnParallelLinear(hidden_size, q_out, params_dtype=params_dtype, parallel_context=ctx)
         else:
             self.q_a_proj = ReplicatedLinear(hidden_size, q_lora_rank, bias=bias, params_dtype=params_dtype)
             self.q_a_layernorm = RMSNorm(q_lora_rank, rms_norm_eps, params_dtype)
-            self.q_b_proj = ColumnParallelLinear(q_lora_rank, q_out, group=self.tp_group, params_dtype=params_dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, q_out, params_dtype=params_dtype, parallel_context=ctx)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias,
                                                    params_dtype=params_dtype)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, rms_norm_eps, params_dtype)
         self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim),
-                                              group=self.tp_group, params_dtype=params_dtype)
-        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, group=self.tp_group,
-                                        params_dtype=params_dtype)
+                                              params_dtype=params_dtype, parallel_context=ctx)
+        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, params_dtype=params_dtype,
+                                        parallel_context=ctx)
         self.num_local_heads = num_heads // tp
         up = LatentUpProjection(self.kv_b_proj.weight, self.num_local_heads, qk_nope_head_dim, v_head_dim)
         self.attn = LatentAttention(
             num_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-            self.qk_head_dim**-0.5 if scale is None else scale, up, backend=backend,
-            pcp_group=g["pcp"], dcp_group=g["dcp"], cp_group=g["cp"], tp_size=tp, context_transfer=context_transfer,
+            self.qk_head_dim**-0.5 if scale is None else scale, up, backend=backend, parallel_context=ctx,
+            context_transfer=context_transfer,
         )
 
     @classmethod
     def from_config(cls, config: "ModelConfig", params_dtype: torch.dtype | None = None,
-                    parallel_context: Any | None = None) -> "MLAAttention":
+                    parallel_context: ParallelContext | None = None) -> "MLAAttention":
         """The layer of a DeepSeek ``ModelConfig`` (``config.is_mla``)."""
         return cls(
             config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,

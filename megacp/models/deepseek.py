@@ -12,8 +12,6 @@ MoE layers run eagerly (data-dependent routing), like the Llama family's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -34,6 +32,7 @@ from megacp.models.llama import (
 from megacp.moe import MoEParallelConfig
 from megacp.moe.deepseek import DeepseekMoE
 from megacp.moe.routing import RouterSpec
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 
 def mla_weight_loaders(attn: MLAAttention, prefix: str) -> dict[str, HFWeight]:
@@ -59,15 +58,17 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         params_dtype: torch.dtype | None = None,
         moe: bool = False,
         moe_parallel_config: MoEParallelConfig | None = None,
-        parallel_context: Any | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         nn.Module.__init__(self)
+        parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.self_attn = MLAAttention.from_config(config, params_dtype, parallel_context)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.mlp: nn.Module = (
-            _deepseek_moe(config, params_dtype, moe_parallel_config) if moe else LlamaMLP(config, params_dtype)
+            _deepseek_moe(config, params_dtype, moe_parallel_config, parallel_context) if moe
+            else LlamaMLP(config, params_dtype, parallel_context)
         )
 
     def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, HFWeight]:
@@ -83,11 +84,11 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         return loaders
 
 
-def _deepseek_moe(config: ModelConfig, params_dtype: torch.dtype | None,
-                  parallel_config: MoEParallelConfig | None) -> DeepseekMoE:
+def _deepseek_moe(config: ModelConfig, params_dtype: torch.dtype | None, parallel_config: MoEParallelConfig | None,
+                  parallel_context: ParallelContext) -> DeepseekMoE:
     return DeepseekMoE(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
                        config.shared_expert_intermediate_size or None, parallel_config=parallel_config,
-                       params_dtype=params_dtype)
+                       params_dtype=params_dtype, parallel_context=parallel_context)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):
@@ -99,17 +100,18 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         config: ModelConfig,
         params_dtype: torch.dtype | None = None,
         moe_parallel_config: MoEParallelConfig | None = None,
-        parallel_context: Any | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         if not config.is_mla:
             raise ValueError(f"DeepseekForCausalLM needs an MLA config (kv_lora_rank > 0), got model_type "
                              f"{config.model_type!r} with kv_lora_rank={config.kv_lora_rank}")
         nn.Module.__init__(self)
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
-        self._build_common(config, params_dtype)
+        self._build_common(config, params_dtype, ctx)
         moe_layers = set(config.moe_layers)
         self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config, parallel_context)
+            DeepseekDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config, ctx)
             for i in range(config.num_hidden_layers)
         )
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
