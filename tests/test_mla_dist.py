@@ -254,6 +254,6 @@ def test_mla_layer_gradients_match_transformers(dist_pool_4):
         for r in results:
             worst = max(r["errs"], key=r["errs"].get)
             label = f"rank {rank} (tp, pcp, dp)={r['layout']}"
-            assert r["errs"][worst] <= GRAD_TOL, f"{label}: gradient of {worst} off by {r['errs'][worst]:.3g} (relative)"
+            assert r["errs"][worst] <= GRAD_TOL, f"{label}: gradient of {worst} off by {r['errs'][worst]:.3g} (rel.)"
             assert r["x_err"] <= GRAD_TOL, f"{label}: input gradient off by {r['x_err']:.3g} (relative)"
             assert r["control"] > 100 * GRAD_TOL, f"{label}: kv_a_proj without its PCP/DP sum still matched"

@@ -4,8 +4,8 @@ latent row per token instead of per-head K/V.
 A token's latent row is ``c_kv`` (``kv_lora_rank`` = r numbers) then ``k_pe`` (``qk_rope_head_dim``, RoPE applied),
 ``D = r + rope`` in all; ``kv_b_proj`` up-projects ``c_kv`` to each head's ``k_nope`` and ``v``. Its two halves
 (``W_UK``, ``W_UV``: ``LatentUpProjection``) let decode skip the up-projection ("absorbed" weights):
-``q·k = (q_nope·W_UK)·c_kv + q_pe·k_pe`` and ``softmax·V = W_UV·(softmax·c_kv)``, so every head attends to the latent
-rows themselves, one shared "KV head" of width D whose values are the first r columns.
+``q·k = (q_nope·W_UK)·c_kv + q_pe·k_pe`` and ``softmax·V = W_UV·(softmax·c_kv)``, so every head attends to the
+latent rows themselves, one shared "KV head" of width D whose values are the first r columns.
 
 - ``_decode`` (absorbed): the new row is written on its owning CP rank (the others write the null slot); the latent
   queries are all-gathered over the DCP group's heads, each rank attends to its local latent shard

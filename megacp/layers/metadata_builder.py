@@ -360,8 +360,8 @@ class AttentionMetadataBuilder:
         """Host index tensors of the pass-KV alternative: all-gather every CP rank's local context rows (each
         rank's ``kv_slots`` rows, zero-padded to ``gather_pad``, the most any rank holds) and put them back in
         sequence order. Returns ``gather_rows`` [sum context lens] (row of each context token, request after
-        request, in the flat ``[W·gather_pad]`` gather), ``gather_pad`` (an int), and the int32 offsets ``cu_rows`` (each
-        request's entries among ``rows``) and ``cu_ctx`` (its context tokens), both [S+1]."""
+        request, in the flat ``[W·gather_pad]`` gather), ``gather_pad`` (an int), and the int32 offsets ``cu_rows``
+        (each request's entries among ``rows``) and ``cu_ctx`` (its context tokens), both [S+1]."""
         t = self.block_table
         W, I = t.cp_world_size, t.interleave_size
         lens = torch.tensor(context_lens, dtype=torch.long)
@@ -373,9 +373,9 @@ class AttentionMetadataBuilder:
             p = torch.arange(c)
             owner = (p // I) % W
             rows.append(owner * pad + start[owner, s] + (p // (W * I)) * I + p % I)
-        cu_rows = torch.tensor([0] + [int(r.numel()) for r in ctx_rows]).cumsum(0)
-        return {"gather_rows": torch.cat(rows), "gather_pad": pad,
-                "cu_rows": cu_rows.to(torch.int32), "cu_ctx": torch.tensor([0, *context_lens]).cumsum(0).to(torch.int32)}
+        cu_rows = torch.tensor([0] + [int(r.numel()) for r in ctx_rows]).cumsum(0).to(torch.int32)
+        cu_ctx = torch.tensor([0, *context_lens]).cumsum(0).to(torch.int32)
+        return {"gather_rows": torch.cat(rows), "gather_pad": pad, "cu_rows": cu_rows, "cu_ctx": cu_ctx}
 
 
 def build_attention_metadata(

@@ -12,8 +12,8 @@ whole once (``copy_to_tp_region``), so the replicated weights get whole gradient
 
 RoPE pairs follow the checkpoint: with ``rope_interleave`` (DeepSeek's layout, pairs ``(x0, x1), (x2, x3), ...``)
 ``apply_rotary_tables(..., interleave=True)`` de-interleaves first, bit for bit transformers' V3 rotation; the latent
-cache then stores ``k_pe`` in halves order (q and k alike, so the scores are unchanged). The softmax scale is ``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²``
-with YaRN).
+cache then stores ``k_pe`` in halves order (q and k alike, so the scores are unchanged). The softmax scale is
+``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²`` with YaRN).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 class MLAAttention(nn.Module):
-    """forward: hidden ``[T_local, hidden]``, the step's RoPE tables (of ``qk_rope_head_dim``) → ``[T_local, hidden]``.
+    """forward: hidden ``[T_local, hidden]``, the step's RoPE tables (``qk_rope_head_dim``) → ``[T_local, hidden]``.
 
     Sizes are global; ``num_heads`` must be divisible by ``tp`` and ``dcp`` must divide ``tp``. ``scale``: the
     softmax scale (default ``qk_head_dim^-0.5``). ``bias``: on the down-projections and ``o_proj``
