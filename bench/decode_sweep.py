@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kind", default="gqa", choices=["gqa", "mla"], help="which paged decode kernel to sweep")
     p.add_argument("--cases", nargs="+", default=None, help="BATCHxSHARD_TOKENS (default: per kind)")
     p.add_argument("--splits", type=int, nargs="+", default=None,
-                   help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 (mla)")
+                   help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 64 128 (mla)")
     p.add_argument("--block-n", type=int, nargs="+", default=None, help="default: 32 64 128 (gqa), 16 32 64 (mla)")
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     mla = args.kind == "mla"
-    args.splits = args.splits or ([1, 2, 4, 8, 16, 32] if mla else [1, 2, 4, 8, 16, 32, 64])
+    args.splits = args.splits or ([1, 2, 4, 8, 16, 32, 64, 128] if mla else [1, 2, 4, 8, 16, 32, 64])
     args.block_n = args.block_n or ([16, 32, 64] if mla else [32, 64, 128])
     args.stages = args.stages or ([2] if mla else [2, 3, 4])
     require_cuda()
