@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block-n", type=int, nargs="+", default=None, help="default: 32 64 128 (gqa), 16 32 64 (mla)")
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 (mla)")
+    p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
     p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     mla = args.kind == "mla"
     args.splits = args.splits or ([1, 2, 4, 8, 16, 32, 64, 128] if mla else [1, 2, 4, 8, 16, 32, 64])
     args.block_n = args.block_n or ([16, 32, 64] if mla else [32, 64, 128])
-    args.stages = args.stages or ([2] if mla else [2, 3, 4])
+    args.stages = args.stages or ([2, 3] if mla else [2, 3, 4])
     require_cuda()
     if mla:
         result = _main_mla(args)
