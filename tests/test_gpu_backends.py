@@ -209,6 +209,68 @@ def test_fused_shapes_ok_routes_float32_and_odd_head_dims_to_the_reference():
     assert not backends_cuda.fused_shapes_ok(odd, odd, odd)
 
 
+def _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    assert used_k is None
+    return attention_with_lse(q, k, v, dev_cu[0], dev_cu[1], causal, scale, backend="torch")
+
+
+@pytest.mark.parametrize("dq,dv", [(24, 16), (16, 24)])
+def test_padding_to_one_head_dim_is_exact(dq, dv):
+    """MLA prefill shapes (V narrower than Q/K, and the other way): padding the narrower side with zeros and slicing
+    the output gives the unpadded attention (float64, causal chunk with lq < lk, GQA)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(7, 4, dq, generator=g), torch.randn(9, 2, dq, generator=g), torch.randn(9, 2, dv, generator=g)
+    q, k, v = q.double(), k.double(), v.double()
+    cu_q, cu_k = [0, 3, 7], [0, 3, 9]
+    dev_cu = (_cu([3, 4], "cpu"), _cu([3, 6], "cpu"))
+    want = _ref_packed(q, k, v, cu_q, cu_k, True, 0.3, dev_cu)
+    seen = []
+
+    def equal_dims_only(q_, k_, v_, *rest):
+        assert q_.shape[-1] == k_.shape[-1] == v_.shape[-1], "the padded call must have one head dim"
+        seen.append(v_.shape[-1])
+        return _ref_packed(q_, k_, v_, *rest)
+
+    out, lse = backends_cuda.padded_v_dim(equal_dims_only, q, k, v, cu_q, cu_k, True, 0.3, dev_cu)
+    assert seen == [max(dq, dv)] and out.shape == (7, 4, dv) and out.is_contiguous()
+    assert torch.allclose(out, want[0], atol=1e-12) and torch.allclose(lse, want[1], atol=1e-6)
+
+
+def test_v_head_dim_routing_native_then_padded(monkeypatch):
+    """TE / cuDNN get a narrower V as it is until a call refuses it (then padding, remembered); FlashAttention is
+    always padded; with gradients everything is padded; equal dims pass straight through."""
+    monkeypatch.setattr(backends_cuda, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
+    calls = []
+
+    def fake(refuses: bool):
+        def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+            calls.append((q.shape[-1], v.shape[-1]))
+            if refuses and v.shape[-1] != q.shape[-1]:
+                raise RuntimeError("cuDNN Frontend error: head dims")
+            return _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu)
+        return kernel
+
+    q, k, v = torch.randn(5, 2, 24), torch.randn(5, 2, 24), torch.randn(5, 2, 16)
+    args = ([0, 5], [0, 5], True, 0.2, (_cu([5], "cpu"), _cu([5], "cpu")))
+    want = _ref_packed(q, k, v, *args)[0]
+    te = backends_cuda._any_v_dim("te", fake(refuses=False))
+    cudnn = backends_cuda._any_v_dim("cudnn", fake(refuses=True))
+    flash = backends_cuda._any_v_dim("flash", fake(refuses=True))
+    for kernel, expect in ((te, [(24, 16)]), (cudnn, [(24, 16), (24, 24)]), (cudnn, [(24, 24)]),
+                           (flash, [(24, 24)]), (te, [(24, 16)])):
+        calls.clear()
+        assert torch.allclose(kernel(q, k, v, *args)[0], want, atol=1e-5) and calls == expect, (calls, expect)
+    assert backends_cuda._NATIVE_V_DIM == {"te": True, "cudnn": False}
+    calls.clear()
+    te(q.requires_grad_(), k, v, *args)
+    assert calls == [(24, 24)], "with gradients the padded call runs (autograd through pad and slice)"
+    calls.clear()
+    cudnn(q, k, k, *args)
+    assert calls == [(24, 24)]
+    assert backends_cuda.fused_shapes_ok(*(t.bfloat16() for t in (q, k, v)))
+    assert not backends_cuda.fused_shapes_ok(q.bfloat16(), k.bfloat16(), v[..., :12].bfloat16())
+
+
 def test_cudnn_clash_is_detected_before_importing_te(monkeypatch, tmp_path):
     pip_dir = tmp_path / "nvidia" / "cudnn"
     pip_dir.mkdir(parents=True)
@@ -293,6 +355,28 @@ def test_backend_matches_fp32_reference(name, causal):
     for i, (lq, lk) in enumerate(CASES):
         _check_backend(name, lq, lk, causal, 32, 8, 128, seed=10 + i)
     _check_backend(name, [33, 70], [90, 70], causal, 4, 4, 64, seed=99)  # no GQA, head dim 64
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_takes_mla_prefill_head_dims(name, causal):
+    """qk_head_dim 192, v_head_dim 128 (DeepSeek MLA prefill), a chunk with lq < lk and a whole prompt: each backend
+    (natively or by padding V, ``_NATIVE_V_DIM`` says which) matches the float32 reference like equal dims do."""
+    _require(name)
+    lq, lk = [300, 1000], [700, 1000]
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(sum(lq), 16, 192, generator=g), torch.randn(sum(lk), 16, 192, generator=g)
+    v = torch.randn(sum(lk), 16, 128, generator=g)
+    out, lse = attention_with_lse(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), _cu(lq, "cuda"),
+                                  _cu(lk, "cuda"), causal, 192 ** -0.5, backend=name)
+    ref_out, ref_lse = attention_with_lse(*(t.bfloat16().float() for t in (q, k, v)), _cu(lq, "cpu"), _cu(lk, "cpu"),
+                                          causal, 192 ** -0.5, backend="torch")
+    assert out.shape == (sum(lq), 16, 128)
+    print(f"{name} causal={causal}: native V head dim {backends_cuda._NATIVE_V_DIM}, rel err "
+          f"{_rel(out.cpu(), ref_out):.2e}")
+    assert _rel(out.cpu(), ref_out) < 1e-2 and _lse_err(lse, ref_lse) < 1e-2
 
 
 @gpu

@@ -20,7 +20,11 @@ there (``paged`` hook), else to the gather path.
   sequences and FlashAttention for many.
 
 Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
-reference backend on the same device, so a CUDA run of the small float32 tests still works.
+reference backend on the same device, so a CUDA run of the small float32 tests still works. A V head dim other than
+Q/K's (MLA prefill: 192 / 128) goes to the same kernels (``_any_v_dim``): TE and cuDNN are tried with it as it is
+(each learns on its first such call whether this TE / cuDNN takes it), FlashAttention and the ones that refuse get
+the narrower side zero-padded, which is exact (zero V columns give zero outputs, sliced off; zero Q/K columns add
+nothing to the scores). ``bench/prefill_mla.py`` measures the candidates.
 
 Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs ``fused_attn_fwd`` in training mode
 and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
@@ -60,12 +64,51 @@ _FUSED_MAX_HEAD_DIM = 256
 
 # ----------------------------------------------------------------------------------------------- shared helpers
 def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether q/k/v suit the fused kernels: one half dtype, head dim a multiple of 8 and at most 256."""
-    D = q.shape[-1]
+    """Whether q/k/v suit the fused kernels: one half dtype, head dims (Q/K's and V's, which may differ) multiples
+    of 8 and at most 256."""
     return (
         q.dtype in _HALF and k.dtype == q.dtype and v.dtype == q.dtype
-        and D % 8 == 0 and D <= _FUSED_MAX_HEAD_DIM and v.shape[-1] == D
+        and all(d % 8 == 0 and d <= _FUSED_MAX_HEAD_DIM for d in (q.shape[-1], v.shape[-1]))
     )
+
+
+# Whether TE's / cuDNN's kernel takes a V head dim other than Q/K's, learnt on the first such call (None: not yet).
+_NATIVE_V_DIM: dict[str, bool | None] = {"te": None, "cudnn": None}
+
+
+def _any_v_dim(name: str, kernel):
+    """``kernel`` (a packed kernel of ``_packed``) made to take V of another head dim than Q/K.
+
+    # q/k: [T, H, D], v: [Tk, Hk, Dv] -> (out [Tq, Hq, Dv], lse [Tq, Hq])
+    TE and cuDNN get the shapes as they are until one refuses them (a RuntimeError on the first such call); with
+    gradients, or for the others, the narrower side is zero-padded to the wider and the output sliced: exact.
+    """
+
+    def call(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+        d, dv = q.shape[-1], v.shape[-1]
+        if dv == d:
+            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+        if name in _NATIVE_V_DIM and _NATIVE_V_DIM[name] is not False and not needs_grad(q, k, v):
+            try:
+                res = kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+                _NATIVE_V_DIM[name] = True
+                return res
+            except RuntimeError:
+                _NATIVE_V_DIM[name] = False
+        return padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+
+    return call
+
+
+def padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    """Run ``kernel`` with Q/K and V zero-padded to one head dim; the output sliced back to V's (exact)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        out, lse = kernel(q, k, torch.nn.functional.pad(v, (0, d - dv)), cu_q, cu_k, causal, scale, dev_cu, used_k)
+        return out[..., :dv].contiguous(), lse
+    pad = (0, dv - d)
+    return kernel(torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), v, cu_q, cu_k, causal, scale,
+                  dev_cu, used_k)
 
 
 def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
@@ -406,7 +449,8 @@ def _flash_available(device: torch.device) -> bool:
 # prefix + square decomposition (TE runs them as one packed bottom-right launch, no LSE merges).
 LONG_KEYS = 65536
 FEW_SEQUENCES = 4
-_KERNELS = {"te": _te_kernel, "cudnn": _cudnn_kernel, "flash": _flash_kernel}
+_KERNELS = {name: _any_v_dim(name, kernel)
+            for name, kernel in (("te", _te_kernel), ("cudnn", _cudnn_kernel), ("flash", _flash_kernel))}
 
 
 def choose_kernel(num_seqs: int, max_keys: int, device: torch.device, one_call_each: bool = False) -> str:
@@ -440,14 +484,15 @@ def _any_fused(device: torch.device) -> bool:
 PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 
 register_backend(
-    AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged, paged_writes_out=True,
+    AttentionBackend("te", _packed(_KERNELS["te"]), _te_available, PRIORITY["te"], paged=_paged, paged_writes_out=True,
                      unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "",
                      takes_host_cu_seqlens=True, differentiable=True, takes_seqused_k=True)
 )
-for _name, _kernel, _available in (("cudnn", _cudnn_kernel, _cudnn_available), ("flash", _flash_kernel, _flash_available),
-                                   ("cuda", _auto_kernel, _any_fused)):
+for _name, _kernel, _available in (("cudnn", _KERNELS["cudnn"], _cudnn_available),
+                                   ("flash", _KERNELS["flash"], _flash_available), ("cuda", _auto_kernel, _any_fused)):
     register_backend(AttentionBackend(_name, _packed(_kernel), _available, PRIORITY[_name], paged=_paged,
                                       paged_writes_out=True, takes_host_cu_seqlens=True, differentiable=True,
                                       takes_seqused_k=True))
 
-__all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]
+__all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "padded_v_dim",
+           "te_unavailable_reason"]
