@@ -11,6 +11,8 @@ default 4) and random weights, in bfloat16; ``--override KEY=VALUE`` changes any
 - decode tokens/s at each ``--batch`` (prompts of ``--decode-prompt-len`` tokens, ``--new-tokens`` generated, greedy;
   tokens/s counts only the steps after the first token),
 - ``ttft_ratio = megacp / transformers`` (target ≤ 0.98) and ``decode_speedup = megacp / transformers`` (≥ 2.0),
+  and the same for every peer in ``vs``: ``transformers`` (eager, dynamic cache) and ``transformers-static`` (static
+  cache, decode forward compiled by ``generate``: CUDA graphs; its compile time is ``compile_s``, not in tokens/s),
 - ``weight_read_fraction``: per megacp decode step, the bytes that must be read (all weights + the batch's KV) over
   the step time, as a fraction of the device-to-device copy bandwidth measured in the same run (the physical limit
   of a memory-bound step; for MoE shapes only the experts a batch is expected to touch under uniform routing,
@@ -138,6 +140,43 @@ class HF:
         return len(prompts) * (n - 1) / max(total - first, 1e-9)
 
 
+class HFStatic(HF):
+    """``transformers`` at its fastest on one GPU: ``cache_implementation="static"``, with which ``generate``
+    compiles the decode forward (transformers 5.x: ``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs) on
+    CUDA devices. transformers compiles only there (``_valid_auto_compile_criteria``), so on the CPU this is the static
+    cache uncompiled (``compile_skipped`` says so).
+
+    The static cache is sized per call: ``decode_cache_len`` for every decode call (so the compiled step and its
+    graphs are reused across the warm-up and the timed runs; a new batch size compiles once more, in its warm-up),
+    the prompt + 1 for a TTFT call. transformers keeps the largest size it has seen (``_previous_max_cache_length``),
+    which after a 32k TTFT would give batch 64 a 32k cache; we reset it before each call.
+    """
+
+    def __init__(self, path: str, device: str, decode_cache_len: int):
+        super().__init__(path, device)
+        from transformers import GenerationConfig
+
+        self.decode_cache_len = decode_cache_len
+        self.static_config = lambda n, cache_len: GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0,
+            cache_implementation="static", max_cache_len=cache_len)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], n: int, cache_len: int | None = None) -> list[list[int]]:
+        x = torch.tensor(prompts, device=self.device)
+        self.model._previous_max_cache_length = -1
+        config = self.static_config(n, cache_len or max(self.decode_cache_len, x.shape[1] + n))
+        y = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+        return y[:, x.shape[1]:].tolist()
+
+    def ttft(self, prompt: list[int]) -> float:
+        return _sync_time(lambda: self.generate([prompt], 1, cache_len=len(prompt) + 1))
+
+    def compiled(self) -> bool:
+        """Whether ``generate`` compiled the decode forward (it keeps the compiled call on the model)."""
+        return hasattr(self.model, "_compiled_call")
+
+
 class Megacp:
     def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False,
                  device: str = "cuda"):
@@ -231,6 +270,39 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
+ENGINES = ("megacp", "transformers", "transformers-static")
+
+
+def static_compile_report(eng: HFStatic, short: list[list[int]], batches: list[int], warmup_s: dict) -> dict:
+    """How transformers-static compiled: whether it did, and the compile time per batch size (its warm-up minus the
+    same call once compiled), reported apart from tokens/s."""
+    if not eng.compiled():
+        return {"compiled": False, "compile_skipped": f"transformers' generate compiles the decode forward only on "
+                                                      f"CUDA/XPU devices, not on {eng.device}"}
+    again = {b: _sync_time(lambda: eng.decode_tps(short[:b], 4)) for b in batches}
+    return {"compiled": True, "compile_s": {b: max(warmup_s[b] - again[b], 0.0) for b in batches}}
+
+
+def peer_ratios(results: dict, tokens: dict) -> dict:
+    """megacp / each peer: ``vs[peer] = {ttft_ratio, decode_speedup, greedy_agreement_first_8}``; the top-level
+    ``ttft_ratio`` / ``decode_speedup`` / ``greedy_agreement_first_8`` stay megacp / eager transformers."""
+    if "megacp" not in results:
+        return {}
+    m, out = results["megacp"], {"vs": {}}
+    for peer in (name for name in ENGINES if name != "megacp" and name in results):
+        t = results[peer]
+        ours, theirs = tokens["megacp"][0], tokens[peer][0]
+        out["vs"][peer] = {
+            "ttft_ratio": {n: m["ttft_s"][n] / t["ttft_s"][n] for n in m["ttft_s"]},
+            "decode_speedup": {b: m["decode_tokens_per_s"][b] / t["decode_tokens_per_s"][b]
+                               for b in m["decode_tokens_per_s"]},
+            "greedy_agreement_first_8": next((i for i in range(8) if ours[i] != theirs[i]), 8),
+        }
+    if "transformers" in out["vs"]:
+        out.update(out["vs"]["transformers"])
+    return out
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -248,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json-out", default=None)
-    p.add_argument("--engines", nargs="+", default=["megacp", "transformers"])
+    p.add_argument("--engines", nargs="+", default=["megacp", "transformers"], choices=list(ENGINES),
+                   help="transformers-static: static cache + the decode forward compiled by generate (CUDA)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
     p.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
@@ -277,9 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
                              -(-max_len // 16)) + 16
                 eng = Megacp(path, max_batched=max(args.prompt_lens + [args.decode_prompt_len * max(args.batch)]),
                              num_blocks=blocks, enforce_eager=args.enforce_eager, device=args.device)
+            elif name == "transformers-static":
+                eng = HFStatic(path, args.device, decode_cache_len=args.decode_prompt_len + args.new_tokens)
             else:
                 eng = HF(path, args.device)
-            res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}}
+            res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}, "warmup_s": {}}
             tokens[name] = eng.generate([short[0]], 8)
             for n, prompt in long_prompts.items():
                 eng.ttft(prompt)  # warm-up (kernel selection, allocator)
@@ -294,9 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
                     res["chunked_vs_whole"][n] = res["chunked_ttft_s"][n] / res["ttft_s"][n]
                 eng.engine.max_num_batched_tokens = whole
             for b in args.batch:
-                eng.decode_tps(short[:b], 4)  # warm-up
+                # warm-up (transformers-static: compiling the decode step for this batch size), kept out of tokens/s
+                res["warmup_s"][b] = _sync_time(lambda: eng.decode_tps(short[:b], 4))
                 res["decode_tokens_per_s"][b] = _median(
                     [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
+            if name == "transformers-static":
+                res.update(static_compile_report(eng, short, args.batch, res["warmup_s"]))
             if name == "megacp":
                 st = eng.engine.stats
                 res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
@@ -322,13 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
                 profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens, args.chunk_tokens)
             del eng
             _empty_cache()
-    if {"megacp", "transformers"} <= set(result["results"]):
-        m, t = result["results"]["megacp"], result["results"]["transformers"]
-        result["ttft_ratio"] = {n: m["ttft_s"][n] / t["ttft_s"][n] for n in m["ttft_s"]}
-        result["decode_speedup"] = {b: m["decode_tokens_per_s"][b] / t["decode_tokens_per_s"][b]
-                                    for b in m["decode_tokens_per_s"]}
-        a, b = tokens["megacp"][0], tokens["transformers"][0]
-        result["greedy_agreement_first_8"] = next((i for i in range(8) if a[i] != b[i]), 8)
+    result.update(peer_ratios(result["results"], tokens))
     emit(result, args.json_out)
     return result
 

@@ -92,7 +92,8 @@ def test_packed_wrapper_drops_keyless_and_queryless_sequences():
     """The wrapper shared by "te" and "flash" must hand the kernel only non-empty sequences and refill the rest."""
     seen = []
 
-    def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+    def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k):
+        assert used_k is None
         lens = [(b - a, d - c) for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
         seen.append(lens)
         assert dev_cu[0].tolist() == cu_q and dev_cu[1].tolist() == cu_k  # device offsets match the host lists
@@ -182,6 +183,24 @@ def test_te_backward_plumbing_with_te_signatures(monkeypatch, causal):
     assert fake.calls == {"fwd": 3, "bwd": 2}
 
 
+def test_te_takes_overlapping_key_ranges_in_one_launch(monkeypatch):
+    """A PCP rank's two chunks over one K/V (seqused_k): TE gets them laid out per chunk, in ONE forward call."""
+    fake = _FakeTE()
+    monkeypatch.setattr(backends_cuda, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
+    monkeypatch.setattr(backends_cuda, "fused_shapes_ok", lambda q, k, v: True)
+    q, k, v = _packed_inputs([8], [16], 4, 2, 8, torch.float32, "cpu", seed=4)
+    host = ([0, 4, 8], [0, 0, 16], [8, 16])
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with torch.no_grad():
+        out, lse = backends_cuda._packed(backends_cuda._te_kernel)(q, k, v, t(host[0]), t(host[1]), True, 0.3,
+                                                                   host_cu_seqlens=host, seqused_k=t(host[2]))
+    ref = attention_with_lse(q, torch.cat([k[:8], k]), torch.cat([v[:8], v]), t([0, 4, 8]), t([0, 8, 24]), True,
+                             0.3, backend="torch")
+    torch.testing.assert_close(out, ref[0])
+    torch.testing.assert_close(lse, ref[1])
+    assert fake.calls == {"fwd": 1, "bwd": 0}
+
+
 def test_fused_shapes_ok_routes_float32_and_odd_head_dims_to_the_reference():
     x16 = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
     assert backends_cuda.fused_shapes_ok(x16, x16, x16)
@@ -190,7 +209,8 @@ def test_fused_shapes_ok_routes_float32_and_odd_head_dims_to_the_reference():
     assert not backends_cuda.fused_shapes_ok(odd, odd, odd)
 
 
-def _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+def _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    assert used_k is None
     return attention_with_lse(q, k, v, dev_cu[0], dev_cu[1], causal, scale, backend="torch")
 
 
@@ -223,7 +243,7 @@ def test_v_head_dim_routing_native_then_padded(monkeypatch):
     calls = []
 
     def fake(refuses: bool):
-        def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+        def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
             calls.append((q.shape[-1], v.shape[-1]))
             if refuses and v.shape[-1] != q.shape[-1]:
                 raise RuntimeError("cuDNN Frontend error: head dims")
@@ -377,6 +397,14 @@ def test_backend_pcp_chunk_equals_full_causal_rows(name):
     exp_out, exp_lse = torch.cat([full[head], full[tail]]), torch.cat([full_lse[head], full_lse[tail]])
     assert _rel(out, exp_out) < 1e-2
     assert (lse - exp_lse).abs().max().item() < 1e-2
+    # the same two chunks in one call over the one K/V: keys by start and length (seqused_k), no copy
+    i32 = dict(dtype=torch.int32, device="cuda")
+    host = ([0, c, 2 * c], [0, 0, T], [c, T - c])
+    one, one_lse = attention_with_lse(qs, k, v, torch.tensor(host[0], **i32), torch.tensor(host[1], **i32), True,
+                                      0.088, backend=name, host_cu_seqlens=host, seqused_k=torch.tensor(host[2], **i32))
+    assert _rel(one, exp_out) < 1e-2 and (one_lse - exp_lse).abs().max().item() < 1e-2
+    # the same kernel on the same sums: equal to the copied layout's result up to bf16 rounding of the output
+    assert _rel(one, out) < 4e-3 and (one_lse - lse).abs().max().item() < 1e-3
 
 
 @gpu
