@@ -30,7 +30,7 @@ CUDA graph (``megacp.cuda_graph``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import LongTensor, Tensor, nn
@@ -101,7 +101,7 @@ class ContextParallelAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_local_heads = num_heads // tp
         self.num_local_kv_heads = max(1, num_kv_heads // tp)
-        self.head_dim = head_dim
+        self.head_dim = self.out_dim = head_dim
         self.scale = float(scale)
         self.backend = backend
 
@@ -116,24 +116,32 @@ class ContextParallelAttention(nn.Module):
         """
         self._check_layout(meta)
         self._check_shapes(q, k, v, meta, kv_cache)
+        return self._attend(q, (k, v), meta, kv_cache)
+
+    def _attend(self, q: Tensor, kv: tuple[Tensor, ...], meta: AttentionMetadata, kv_cache: Any) -> Tensor:
+        """Each path on its rows, the prefill outputs scattered to their local rows, the context part LSE-merged in.
+
+        # q: [T_local, Hq_local, Dq], kv: per-token tensors [T_local, ...] handed to the paths (GQA: k and v; MLA:
+        # the latent rows) -> [T_local, Hq_local, out_dim]
+        """
         if kv_cache is None and (meta.decode is not None or meta.context is not None):
             raise ValueError(
-                "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
-                "pass the layer's PagedKVCache (kv_cache=None is only for prefill-only steps without context)"
+                f"{type(self).__name__}: decode requests and prefills over cached context need a kv_cache; "
+                "pass the layer's cache (kv_cache=None is only for prefill-only steps without context)"
             )
         T, B = meta.num_local_tokens, meta.num_decodes
-        o_dec = self._decode(q[:B], k[:B], v[:B], meta.decode, kv_cache) if B else None
+        o_dec = self._decode(q[:B], *(t[:B] for t in kv), meta.decode, kv_cache) if B else None
         pre = meta.prefill
         if pre is None:
-            return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
-        o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], pre, kv_cache)
+            return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.out_dim)
+        o_new, lse_new = self._prefill_pcp(q, *(t[B:] for t in kv), pre, kv_cache)
         in_order = pre.q_range == (B, T)  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
         ctx = meta.context
         q_rows = None if in_order and ctx is None else _index(pre.q_rows, pre.q_range, q.device)
         if in_order:
             out = o_new if o_dec is None else torch.cat([o_dec, o_new])
         else:
-            out = q.new_zeros(T, self.num_local_heads, self.head_dim)
+            out = q.new_zeros(T, self.num_local_heads, self.out_dim)
             if o_dec is not None:
                 out = torch.cat([o_dec, out[B:]])
             out = out.index_copy(0, q_rows, o_new)
@@ -238,7 +246,7 @@ class ContextParallelAttention(nn.Module):
         built = (self.pcp_group.world_size, self.dcp_group.world_size)
         if (meta.pcp_size, meta.dcp_size) != built:
             raise ValueError(
-                f"ContextParallelAttention was built for prefill_context_parallel_size={built[0]}, "
+                f"{type(self).__name__} was built for prefill_context_parallel_size={built[0]}, "
                 f"decode_context_parallel_size={built[1]} but the step metadata is for "
                 f"prefill_context_parallel_size={meta.pcp_size}, decode_context_parallel_size={meta.dcp_size}; build "
                 f"the model and the metadata under the same initialize_model_parallel(...) (a layer built before it "

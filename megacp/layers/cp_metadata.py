@@ -99,6 +99,11 @@ class ContextMetadata:
     are all-gathered over the CP group into ``W·Tc`` rows; ``q_perm`` regroups them request by request for one varlen
     non-causal call against each request's local context shard, read from the cache at ``kv_slots``.
     ``real_index``/``real_rows``: the entries of ``rows`` that are real tokens, and those rows.
+
+    The pass-KV alternative (MLA, when it moves fewer bytes): every rank's local context rows (``kv_slots``,
+    zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them in sequence
+    order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to its whole
+    context (offsets ``cu_seqlens_ctx``) locally, with no merge.
     """
 
     num_rows: int
@@ -111,6 +116,12 @@ class ContextMetadata:
     cu_seqlens_k: Tensor  # [S+1] int32, over kv_slots
     cu_seqlens_q_host: list[int]
     cu_seqlens_k_host: list[int]
+    gather_rows: LongTensor
+    gather_pad: int
+    cu_seqlens_rows: Tensor  # [S+1] int32, over rows
+    cu_seqlens_ctx: Tensor  # [S+1] int32, over gather_rows
+    cu_seqlens_rows_host: list[int]
+    cu_seqlens_ctx_host: list[int]
 
 
 @dataclass

@@ -340,6 +340,9 @@ class AttentionMetadataBuilder:
                 real_rows=dev["ctx_real_rows"], q_perm=dev["ctx_q_perm"], kv_slots=dev["ctx_kv_slots"],
                 cu_seqlens_q=dev["ctx_cu_q"], cu_seqlens_k=dev["ctx_cu_k"],
                 cu_seqlens_q_host=ctx_host["cu_q"].tolist(), cu_seqlens_k_host=ctx_host["cu_k"].tolist(),
+                gather_rows=dev["ctx_gather_rows"], gather_pad=ctx_host["gather_pad"],
+                cu_seqlens_rows=dev["ctx_cu_rows"], cu_seqlens_ctx=dev["ctx_cu_ctx"],
+                cu_seqlens_rows_host=ctx_host["cu_rows"].tolist(), cu_seqlens_ctx_host=ctx_host["cu_ctx"].tolist(),
             )
         return AttentionMetadata(
             num_local_tokens=int(token_index_t.numel()), num_tokens=int(caller_rows.numel()), num_decodes=n_dec,
@@ -350,7 +353,7 @@ class AttentionMetadataBuilder:
         )
 
     def _context_host(self, ctx_rows: list[Tensor], ctx_real: list[Tensor], req_rows: list[int],
-                      context_lens: list[int]) -> dict[str, Tensor]:
+                      context_lens: list[int]) -> dict[str, Tensor | int]:
         """Host index tensors of the pass-Q context attention for the S prefill requests with cached context.
 
         Returns ``rows`` [Tc], ``real_index``/``real_rows``, ``q_perm`` [W·Tc] (the CP-gathered ``[W, Tc]`` query rows,
@@ -376,7 +379,29 @@ class AttentionMetadataBuilder:
             "rows": rows_t, "real_index": real_index, "real_rows": rows_t[real_index],
             "q_perm": torch.cat(q_perm), "kv_slots": _cat(kv_slots),
             "cu_q": torch.tensor(cu_q, dtype=torch.int32), "cu_k": torch.tensor(cu_k, dtype=torch.int32),
+            **self._context_gather_host(ctx_rows, context_lens),
         }
+
+    def _context_gather_host(self, ctx_rows: list[Tensor], context_lens: list[int]) -> dict[str, Tensor | int]:
+        """Host index tensors of the pass-KV alternative: all-gather every CP rank's local context rows (each
+        rank's ``kv_slots`` rows, zero-padded to ``gather_pad``, the most any rank holds) and put them back in
+        sequence order. Returns ``gather_rows`` [sum context lens] (row of each context token, request after
+        request, in the flat ``[W·gather_pad]`` gather), ``gather_pad`` (an int), and the int32 offsets ``cu_rows`` (each
+        request's entries among ``rows``) and ``cu_ctx`` (its context tokens), both [S+1]."""
+        t = self.block_table
+        W, I = t.cp_world_size, t.interleave_size
+        lens = torch.tensor(context_lens, dtype=torch.long)
+        per_rank = torch.stack([cp_local_seq_lens(lens, W, rank, I) for rank in range(W)])  # [W, S]
+        start = torch.cumsum(per_rank, dim=1) - per_rank  # [W, S]: each request's first local row on each rank
+        pad = int(per_rank.sum(dim=1).max())
+        rows = []
+        for s, c in enumerate(context_lens):
+            p = torch.arange(c)
+            owner = (p // I) % W
+            rows.append(owner * pad + start[owner, s] + (p // (W * I)) * I + p % I)
+        cu_rows = torch.tensor([0] + [int(r.numel()) for r in ctx_rows]).cumsum(0)
+        return {"gather_rows": torch.cat(rows), "gather_pad": pad,
+                "cu_rows": cu_rows.to(torch.int32), "cu_ctx": torch.tensor([0, *context_lens]).cumsum(0).to(torch.int32)}
 
 
 def build_attention_metadata(

@@ -192,17 +192,23 @@ class LlamaDecoderLayer(nn.Module):
             names = _moe_weight_names(self.config, fused_experts)
             loaders.update({f"{prefix}mlp.{n}": _bind_moe(mlp, n) for n in names})
             return loaders
-        gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        loaders.update({
-            f"{prefix}mlp.gate_proj.weight": _bind(gate_up, gate_up.weight, 0),
-            f"{prefix}mlp.up_proj.weight": _bind(gate_up, gate_up.weight, 1),
-            f"{prefix}mlp.down_proj.weight": _bind(down, down.weight),
-        })
-        if gate_up.bias is not None:
-            loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(gate_up, gate_up.bias, 0)
-            loaders[f"{prefix}mlp.up_proj.bias"] = _bind(gate_up, gate_up.bias, 1)
-            loaders[f"{prefix}mlp.down_proj.bias"] = _bind(down, down.bias)
+        loaders.update(dense_mlp_loaders(mlp, f"{prefix}mlp."))
         return loaders
+
+
+def dense_mlp_loaders(mlp: LlamaMLP, prefix: str) -> dict[str, HFWeight]:
+    """``{HF name: loader}`` of a SwiGLU MLP (prefix ``"model.layers.N.mlp."``): gate/up/down (+ biases)."""
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    loaders = {
+        f"{prefix}gate_proj.weight": _bind(gate_up, gate_up.weight, 0),
+        f"{prefix}up_proj.weight": _bind(gate_up, gate_up.weight, 1),
+        f"{prefix}down_proj.weight": _bind(down, down.weight),
+    }
+    if gate_up.bias is not None:
+        loaders[f"{prefix}gate_proj.bias"] = _bind(gate_up, gate_up.bias, 0)
+        loaders[f"{prefix}up_proj.bias"] = _bind(gate_up, gate_up.bias, 1)
+        loaders[f"{prefix}down_proj.bias"] = _bind(down, down.bias)
+    return loaders
 
 
 def _bind(layer: nn.Module, param: nn.Parameter, *shard: Any) -> HFWeight:
@@ -250,21 +256,25 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        self._build_common(config, params_dtype)
         moe_layers = set(config.moe_layers)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # one for all layers
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.tie_weights(self.embed_tokens)
         qkv = self.layers[0].self_attn.qkv_proj if config.num_hidden_layers else None
         self.head_dim = config.head_dim
         self.num_local_heads = qkv.num_heads if qkv else 0
         self.num_local_kv_heads = qkv.num_kv_heads if qkv else 0  # per TP rank: what the engine allocates
+
+    def _build_common(self, config: ModelConfig, params_dtype: torch.dtype | None) -> None:
+        """The embedding, final norm and LM head (tied to the embedding when the config says so)."""
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_weights(self.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, meta: Any, kv_caches: list[PagedKVCache] | None = None

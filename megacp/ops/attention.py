@@ -505,8 +505,16 @@ def _sdpa_cpu_call(
 ) -> tuple[Tensor, Tensor]:
     """One sequence through aten's CPU flash kernel (handles GQA natively; crashes on empty q or k, never pass them).
 
-    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32); mask: additive, q.dtype, [lq, lk]
+    # q/k: [lq|lk, H, D], v: [lk, Hk, Dv] -> (out [lq, Hq, Dv], lse [lq, Hq] float32); mask: additive, [lq, lk]
+    The kernel wants one head size: a narrower V (MLA's v_head_dim < qk_head_dim) is zero-padded and the output
+    sliced, narrower Q/K are zero-padded (zeros add nothing to the scores): exact either way.
     """
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        out, lse = _sdpa_cpu_call(q, k, torch.nn.functional.pad(v, (0, d - dv)), top_left_causal, scale, mask)
+        return out[..., :dv], lse
+    if dv > d:
+        q, k = (torch.nn.functional.pad(t, (0, dv - d)) for t in (q, k))
     out, lse = _CPU_FLASH_OP(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
