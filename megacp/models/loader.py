@@ -197,7 +197,8 @@ def _validate_parallel(config: ModelConfig) -> None:
     if not parallel_state.model_parallel_is_initialized():
         raise ValueError("load_model needs megacp.parallel_state.initialize_model_parallel(...) to be called first")
     parallel_state.get_parallel_config().check_model(
-        config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe
+        config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe,
+        config.is_mla,
     )
 
 
