@@ -69,7 +69,7 @@ def sweep_case(B: int, L: int, args: argparse.Namespace) -> dict:
             "chosen_vs_sdpa": next((r["vs_sdpa"] for r in ok if r["plan"] == chosen.__dict__), None), "plans": rows}
 
 
-MLA_CASES = ["1x8192", "1x32768", "1x131072", "16x2048", "16x8192", "16x32768", "64x2048", "64x8192", "64x32768"]
+MLA_CASES = ["1x32768", "1x131072", "16x8192", "16x32768", "64x2048", "64x8192"]
 
 
 def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) -> dict:
