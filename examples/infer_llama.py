@@ -244,7 +244,7 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
         raise ValueError(str(e) if "model_dir" in str(e) else f"--model {args.model}: {e}") from None
     parallel = _parallel_config(args)
     parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size,
-                      cfg.is_moe)
+                      cfg.is_moe, cfg.is_mla)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model)
     encode = tokenizer.encode_chat if args.chat else tokenizer.encode
@@ -295,8 +295,12 @@ def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: 
     local_kv_heads = max(cfg.num_key_value_heads // tp, 1)  # tp > KV heads: each rank keeps one replicated head
     max_blocks = min(num_blocks, blocks_needed(cfg.max_position_embeddings, args.block_size,
                                                args.prefill_context_parallel_size * args.decode_context_parallel_size))
-    need = kv_cache_bytes(num_blocks, args.block_size, local_kv_heads, cfg.head_dim, cfg.num_hidden_layers,
-                          dtype.itemsize, args.max_num_seqs, max_blocks)
+    if cfg.is_mla:  # one latent row per token and layer, shared by every head (KVSession(latent=True))
+        need = kv_cache_bytes(num_blocks, args.block_size, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                              cfg.num_hidden_layers, dtype.itemsize, args.max_num_seqs, max_blocks, num_tensors=1)
+    else:
+        need = kv_cache_bytes(num_blocks, args.block_size, local_kv_heads, cfg.head_dim, cfg.num_hidden_layers,
+                              dtype.itemsize, args.max_num_seqs, max_blocks)
     check_memory(need, device, f"the KV cache ({num_blocks} blocks x {args.block_size} tokens, "
                                f"{cfg.num_hidden_layers} layers, {str(dtype).removeprefix('torch.')})",
                  "lower --num-kv-blocks, --block-size or --max-num-seqs, or spread the cache over more ranks "

@@ -182,6 +182,7 @@ class LatentAttention(ContextParallelAttention):
         out, _ = paged_mla_decode_with_lse(
             q_lat, kv_cache.latent, meta.block_table, meta.seq_lens, self.scale, r,
             out=None if packed is None else packed[..., :r], lse=None if packed is None else packed[..., r],
+            max_seq_len=None if meta.seq_lens_host is None else max(meta.seq_lens_host, default=0),
         )
         if packed is not None:
             out = cp_merge_packed(packed, dcp, self.cp_group, q.dtype)[0]  # [B, H, r], this rank's heads

@@ -11,9 +11,8 @@ are replicated over TP. The heads are column-parallel over TP (``q_b_proj``/``q_
 whole once (``copy_to_tp_region``), so the replicated weights get whole gradients.
 
 RoPE pairs follow the checkpoint: with ``rope_interleave`` (DeepSeek's layout, pairs ``(x0, x1), (x2, x3), ...``)
-the rope dims are de-interleaved first, which turns transformers' interleaved rotation into the neox one of
-``apply_rotary_tables``, bit for bit; the latent cache then stores ``k_pe`` de-interleaved (q and k alike, so the
-scores are unchanged). The softmax scale is ``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²``
+``apply_rotary_tables(..., interleave=True)`` de-interleaves first, bit for bit transformers' V3 rotation; the latent
+cache then stores ``k_pe`` in halves order (q and k alike, so the scores are unchanged). The softmax scale is ``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²``
 with YaRN).
 """
 
@@ -34,11 +33,6 @@ from megacp.layers.rotary import RotaryTables, apply_rotary_tables
 if TYPE_CHECKING:
     from megacp.layers.cp_metadata import AttentionMetadata
     from megacp.models.config import ModelConfig
-
-
-def deinterleave(x: Tensor) -> Tensor:
-    """Interleaved rope pairs to halves: ``[x0, x1, x2, x3, ...] → [x0, x2, ..., x1, x3, ...]``.  # [..., D] -> same"""
-    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
 def _groups(parallel_context: Any | None) -> dict[str, "ps.ParallelGroup"]:
@@ -124,7 +118,7 @@ class MLAAttention(nn.Module):
         return self.kv_lora_rank + self.rope
 
     def _rotate(self, x: Tensor, rope: RotaryTables) -> Tensor:
-        return apply_rotary_tables(deinterleave(x) if self.rope_interleave else x, rope)
+        return apply_rotary_tables(x, rope, interleave=self.rope_interleave)
 
     def forward(self, hidden: Tensor, meta: "AttentionMetadata", kv_cache: LatentPagedCache | None,
                 rope: RotaryTables) -> Tensor:

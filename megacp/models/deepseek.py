@@ -29,8 +29,11 @@ from megacp.models.llama import (
     _bind,
     _bind_replicated,
     dense_mlp_loaders,
+    moe_weight_loaders,
 )
 from megacp.moe import MoEParallelConfig
+from megacp.moe.deepseek import DeepseekMoE
+from megacp.moe.routing import RouterSpec
 
 
 def mla_weight_loaders(attn: MLAAttention, prefix: str) -> dict[str, HFWeight]:
@@ -76,22 +79,15 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         if isinstance(self.mlp, LlamaMLP):
             loaders.update(dense_mlp_loaders(self.mlp, f"{prefix}mlp."))
         else:
-            loaders.update(_deepseek_moe_loaders(self.mlp, self.config, f"{prefix}mlp.", fused_experts))
+            loaders.update(moe_weight_loaders(self.mlp, f"{prefix}mlp.", self.config, fused_experts))
         return loaders
 
 
 def _deepseek_moe(config: ModelConfig, params_dtype: torch.dtype | None,
-                  parallel_config: MoEParallelConfig | None) -> nn.Module:
-    from megacp.models.llama import _moe_layer
-
-    return _moe_layer(config, params_dtype, parallel_config)
-
-
-def _deepseek_moe_loaders(moe: nn.Module, config: ModelConfig, prefix: str, fused_experts: bool
-                          ) -> dict[str, HFWeight]:
-    from megacp.models.llama import _bind_moe, _moe_weight_names
-
-    return {f"{prefix}{n}": _bind_moe(moe, n) for n in _moe_weight_names(config, fused_experts)}
+                  parallel_config: MoEParallelConfig | None) -> DeepseekMoE:
+    return DeepseekMoE(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
+                       config.shared_expert_intermediate_size or None, parallel_config=parallel_config,
+                       params_dtype=params_dtype)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):

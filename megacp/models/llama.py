@@ -189,8 +189,7 @@ class LlamaDecoderLayer(nn.Module):
         if attn.o_proj.bias is not None:
             loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj, attn.o_proj.bias)
         if isinstance(mlp, MoELayer):
-            names = _moe_weight_names(self.config, fused_experts)
-            loaders.update({f"{prefix}mlp.{n}": _bind_moe(mlp, n) for n in names})
+            loaders.update(moe_weight_loaders(mlp, f"{prefix}mlp.", self.config, fused_experts))
             return loaders
         loaders.update(dense_mlp_loaders(mlp, f"{prefix}mlp."))
         return loaders
@@ -227,17 +226,16 @@ def _bind_moe(moe: MoELayer, name: str) -> HFWeight:
     return HFWeight(moe.checkpoint_shape(name), lambda loaded: moe.load_weight(name, loaded))
 
 
-def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
-    """Names of one MoE block's tensors, relative to ``model.layers.N.mlp.``."""
-    names = ["gate.weight"]
-    if fused_experts:
-        names += ["experts.gate_up_proj", "experts.down_proj"]
-    else:
-        names += [f"experts.{e}.{p}.weight" for e in range(config.num_experts) for p in config.expert_proj_names]
-    if config.shared_expert_intermediate_size:
-        names += [f"shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names.append("shared_expert_gate.weight")
-    return names
+def moe_weight_loaders(moe: MoELayer, prefix: str, config: ModelConfig, fused_experts: bool) -> dict[str, HFWeight]:
+    """``{HF name: loader}`` of one MoE block (any ``MoELayer``: Mixtral, Qwen2-MoE, DeepSeek's ``DeepseekMoE``).
+
+    ``prefix`` is the block's checkpoint prefix (``"model.layers.N.mlp."``); the names are the layer's
+    ``checkpoint_names`` (router, its DeepSeek-V3 bias, shared expert(s), experts per expert with the config's
+    ``expert_proj_names`` or, with ``fused_experts``, transformers v5's fused pair). Each loader reads only this
+    rank's share (nothing for another rank's expert).
+    """
+    names = moe.checkpoint_names(fused_experts, config.expert_proj_names)
+    return {f"{prefix}{n}": _bind_moe(moe, n) for n in names}
 
 
 class LlamaForCausalLM(nn.Module):

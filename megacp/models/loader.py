@@ -21,6 +21,7 @@ import torch
 
 from megacp import parallel_state
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
+from megacp.models.deepseek import DeepseekForCausalLM
 from megacp.models.llama import LlamaForCausalLM
 from megacp.moe import MoEParallelConfig
 
@@ -227,8 +228,9 @@ def load_model(
         config, files = load_model_config(model_dir), checkpoint_files(model_dir)
     _validate_parallel(config)
     moe_config = MoEParallelConfig.make(use_ep=enable_expert_parallel) if config.is_moe else None
+    model_cls = DeepseekForCausalLM if config.is_mla else LlamaForCausalLM
     with torch.device(device):
-        model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config)
+        model = model_cls(config, params_dtype=dtype, moe_parallel_config=moe_config)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():

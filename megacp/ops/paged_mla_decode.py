@@ -89,6 +89,7 @@ def paged_mla_decode_with_lse(
     v_head_dim: int,
     out: Tensor | None = None,
     lse: Tensor | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Absorbed MLA decode (one query per sequence, non-causal) over this rank's paged latent shard, with LSE.
 
@@ -100,12 +101,15 @@ def paged_mla_decode_with_lse(
     contiguous) and ``lse`` [B, H] float32, given together and of any strides otherwise, receive the result in place
     (the two views of DCP's packed ``[out | lse]`` buffer) and are returned. On CUDA (``kernel_supports``) the
     Triton kernel runs (``paged_mla_decode_kernel``), elsewhere ``paged_mla_decode_reference``.
+    ``max_seq_len``: the longest of ``local_seq_lens`` as a host int when the caller knows it (the step metadata's
+    ``seq_lens_host``): the reference walks only that far without reading the lengths back (the kernel ignores it).
     """
     _check_args(q, latent_cache, block_table, local_seq_lens, v_head_dim, out, lse)
     if q.is_cuda and kernel_supports(q, latent_cache, v_head_dim):
         return paged_mla_decode_kernel(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim,
                                        out=out, lse=lse)
-    res_out, res_lse = paged_mla_decode_reference(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim)
+    res_out, res_lse = paged_mla_decode_reference(q, latent_cache, block_table, local_seq_lens, scale, v_head_dim,
+                                                  max_seq_len)
     if out is None:
         return res_out, res_lse
     out.copy_(res_out)
@@ -114,11 +118,13 @@ def paged_mla_decode_with_lse(
 
 
 def paged_mla_decode_reference(
-    q: Tensor, latent_cache: Tensor, block_table: Tensor, local_seq_lens: Tensor, scale: float, v_head_dim: int
+    q: Tensor, latent_cache: Tensor, block_table: Tensor, local_seq_lens: Tensor, scale: float, v_head_dim: int,
+    max_seq_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The PyTorch path of ``paged_mla_decode_with_lse`` (same contract, no ``out=``): float32 math (float64 for
     float64 inputs), an online softmax over chunks of the block table's columns, fixed shapes and no read-back of
-    the lengths except on CPU (where it trims the walk to the longest sequence).
+    the lengths except on CPU (where it trims the walk to the longest sequence: ``max_seq_len`` when given, else
+    read from ``local_seq_lens``).
 
     # q [B, H, D], latent_cache [N, bs, D], block_table [B, M], local_seq_lens [B] -> (out [B, H, Dv], lse [B, H])
     """
@@ -127,7 +133,9 @@ def paged_mla_decode_reference(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lens = local_seq_lens.to(device=q.device, dtype=torch.long)
     rows = block_table.to(device=q.device, dtype=torch.long)
-    if q.device.type == "cpu" and B > 0:
+    if max_seq_len is not None:
+        rows = rows[:, : -(-max_seq_len // bs)]
+    elif q.device.type == "cpu" and B > 0:
         rows = rows[:, : -(-int(lens.max()) // bs)]
     qf = q.to(acc_dtype)
     m = torch.full((B, H), float("-inf"), dtype=acc_dtype, device=q.device)
