@@ -58,3 +58,22 @@ def test_static_peer_sizes_every_decode_call_alike(tmp_path):
     eng.generate([list(range(3, 15))] * 2, 4)
     eng.generate([list(range(3, 15))] * 2, 1)
     assert sizes == [41, 20, 20]
+
+
+TINY_DEEPSEEK = ["hidden_size=64", "intermediate_size=96", "num_attention_heads=4", "num_key_value_heads=4",
+                 "kv_lora_rank=32", "qk_rope_head_dim=16", "qk_nope_head_dim=16", "v_head_dim=16",
+                 "n_routed_experts=8", "num_experts_per_tok=2", "moe_intermediate_size=32", "vocab_size=512"]
+
+
+def test_e2e_cpu_deepseek_shape(tmp_path):
+    """--model-shape deepseek-v2-lite shrunk: megacp (MLA, latent cache, DeepSeek MoE after the dense first layer)
+    and transformers run the same checkpoint, greedy ids agree, and the JSON names the shape and the latent cache's
+    bytes per token (one row of kv_lora_rank + rope per layer, bf16)."""
+    result = e2e.main(["--device", "cpu", "--model-shape", "deepseek-v2-lite", "--layers", "2",
+                       "--override", *TINY_DEEPSEEK, "--prompt-lens", "24", "--batch", "2",
+                       "--decode-prompt-len", "12", "--new-tokens", "5", "--reps", "1",
+                       "--json-out", str(tmp_path / "e2e.json")])
+    model = json.loads((tmp_path / "e2e.json").read_text())["model"]
+    assert model["shape"] == "deepseek-v2-lite" and model["kv_cache_bytes_per_token"] == 2 * (32 + 16) * 2
+    assert result["vs"]["transformers"]["greedy_agreement_first_8"] == 8
+    assert result["results"]["megacp"]["decode_tokens_per_s"][2] > 0
