@@ -69,7 +69,7 @@ def sweep_case(B: int, L: int, args: argparse.Namespace) -> dict:
             "chosen_vs_sdpa": next((r["vs_sdpa"] for r in ok if r["plan"] == chosen.__dict__), None), "plans": rows}
 
 
-MLA_CASES = ["1x8192", "1x32768", "1x131072", "16x2048", "16x8192", "16x32768", "64x2048", "64x8192", "64x32768"]
+MLA_CASES = ["1x32768", "1x131072", "16x8192", "16x32768", "64x2048", "64x8192"]
 
 
 def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) -> dict:
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kind", default="gqa", choices=["gqa", "mla"], help="which paged decode kernel to sweep")
     p.add_argument("--cases", nargs="+", default=None, help="BATCHxSHARD_TOKENS (default: per kind)")
     p.add_argument("--splits", type=int, nargs="+", default=None,
-                   help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 (mla)")
+                   help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 64 128 (mla)")
     p.add_argument("--block-n", type=int, nargs="+", default=None, help="default: 32 64 128 (gqa), 16 32 64 (mla)")
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 (mla)")
+    p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
     p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     mla = args.kind == "mla"
-    args.splits = args.splits or ([1, 2, 4, 8, 16, 32] if mla else [1, 2, 4, 8, 16, 32, 64])
+    args.splits = args.splits or ([1, 2, 4, 8, 16, 32, 64, 128] if mla else [1, 2, 4, 8, 16, 32, 64])
     args.block_n = args.block_n or ([16, 32, 64] if mla else [32, 64, 128])
-    args.stages = args.stages or ([2] if mla else [2, 3, 4])
+    args.stages = args.stages or ([2, 3] if mla else [2, 3, 4])
     require_cuda()
     if mla:
         result = _main_mla(args)

@@ -209,13 +209,20 @@ def test_metadata_chunks_are_causal_prefixes(pcp):
         seq_pos = torch.cat([torch.arange(computed[i], computed[i] + new[i]) for i in range(len(new))])
         seq_req = torch.cat([torch.full((n,), i) for i, n in enumerate(new)])
         p = m.prefill
-        q_rows, k_index = _idx(p.q_rows, p.q_range), _idx(p.k_index, p.k_range)
+        q_rows = _idx(p.q_rows, p.q_range)
         cu_q, cu_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
         assert cu_q == p.cu_seqlens_q_host and cu_k == p.cu_seqlens_k_host
-        assert cu_q[-1] == q_rows.numel() and cu_k[-1] == k_index.numel()
+        assert cu_q[-1] == q_rows.numel() and cu_k[-1] == sum(new)
+        # with pcp > 1 the head and tail chunk of a request start at the same key row (overlapping prefixes)
+        assert (p.seqused_k is None) == (pcp == 1)
+        if p.seqused_k is None:
+            used = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+        else:
+            used = p.seqused_k.tolist()
+            assert used == p.seqused_k_host
         for c in range(len(cu_q) - 1):
             q_pos = m.positions[q_rows[cu_q[c]:cu_q[c + 1]]]
-            k = k_index[cu_k[c]:cu_k[c + 1]]
+            k = torch.arange(cu_k[c], cu_k[c] + used[c])
             # keys are the request's new tokens from its first one up to the chunk's last query
             assert seq_req[k].unique().numel() == 1
             req = int(seq_req[k[0]])

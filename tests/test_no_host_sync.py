@@ -321,18 +321,35 @@ def test_packed_cuda_wrapper_uses_host_offsets():
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     seen = []
 
-    def kernel(q, k, v, hq, hk, causal, scale, dev_cu):
-        seen.append((hq, hk, dev_cu[0].tolist(), dev_cu[1].tolist()))
+    def kernel(q, k, v, hq, hk, causal, scale, dev_cu, used_k):
+        seen.append((hq, hk, dev_cu[0].tolist(), dev_cu[1].tolist(), used_k))
         return backends_cuda._reference(q, k, v, dev_cu[0], dev_cu[1], causal, scale, (hq, hk))
 
     fake_q = torch.full((len(cu_q),), -7, dtype=torch.int32)  # never read: the host offsets are used
     out, lse = backends_cuda._packed(kernel)(q, k, v, fake_q, fake_q, True, 0.3, host_cu_seqlens=(cu_q, cu_k))
-    hq, hk, dq, dk = seen[0]
-    assert hq == dq == [0, 3, 7, 12] and hk == dk == [0, 5, 9, 11]  # the kept sequences only
+    hq, hk, dq, dk, used = seen[0]
+    assert hq == dq == [0, 3, 7, 12] and hk == dk == [0, 5, 9, 11] and used is None  # the kept sequences only
     ref_out, ref_lse = attention_with_lse(q.float(), k.float(), v.float(), torch.tensor(cu_q), torch.tensor(cu_k),
                                           True, 0.3, backend="torch")
     assert float((out.float() - ref_out).abs().max()) < 2e-2
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_packed_cuda_wrapper_passes_overlapping_key_ranges_from_the_host():
+    """seqused_k (a PCP rank's two chunks over one K/V) reaches the kernel as host lengths: nothing read back."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, 2, 8, generator=g).bfloat16() for n in (8, 16, 16))
+    seen = []
+
+    def kernel(q, k, v, hq, hk, causal, scale, dev_cu, used_k):
+        seen.append((hq, hk, used_k[0]))
+        return q.new_zeros(q.shape), torch.zeros(q.shape[:2])
+
+    fake = torch.full((3,), -7, dtype=torch.int32)
+    with HostReads() as r:
+        backends_cuda._packed(kernel)(q, k, v, fake, fake, True, 0.3, host_cu_seqlens=([0, 4, 8], [0, 0, 16], [8, 16]),
+                                      seqused_k=torch.tensor([8, 16], dtype=torch.int32))
+    assert r.reads == [] and seen == [([0, 4, 8], [0, 0, 16], [8, 16])]
 
 
 def test_paged_attention_with_host_lengths_matches_and_reads_nothing():

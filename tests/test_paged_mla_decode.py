@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megacp.ops.paged_mla_decode import paged_mla_decode_with_lse
+from megacp.ops.paged_mla_decode import MLADecodePlan, choose_mla_plan, paged_mla_decode_with_lse
 from tests.mla_decode_cases import dense_reference, merge_ranks, sharded_case
 
 SCALE = 0.11
@@ -77,3 +77,19 @@ def test_errors_name_the_argument():
         paged_mla_decode_with_lse(q, cache, bt[:1], lens, 1.0, 16)
     with pytest.raises(ValueError, match="out and lse go together"):
         paged_mla_decode_with_lse(q, cache, bt, lens, 1.0, 16, out=torch.empty(2, 2, 16))
+
+
+def test_plans_are_validated_and_chosen_within_bounds():
+    for bad in (dict(num_splits=0), dict(num_splits=2, block_h=24), dict(num_splits=2, block_h=8),
+                dict(num_splits=2, block_n=48), dict(num_splits=2, num_warps=3)):
+        with pytest.raises(ValueError, match="is not valid: use"):
+            MLADecodePlan(**bad)
+    for batch, heads, tokens in ((1, 16, 131072), (1, 16, 100), (16, 16, 8192), (64, 16, 2048), (4, 128, 65536)):
+        plan = choose_mla_plan(batch, heads, tokens, num_sms=132)
+        assert 1 <= plan.num_splits <= max(1, -(-tokens // 256)) and plan.num_splits <= 128
+        assert plan.block_h == (16 if heads <= 16 else 32)
+        assert plan.fused_merge == (1 < plan.num_splits <= 8)
+        programs = batch * -(-heads // plan.block_h) * plan.num_splits
+        assert programs <= 2 * 132 * 1.5 or plan.num_splits == 1, (batch, heads, tokens, plan)
+    assert choose_mla_plan(1, 16, 131072).num_splits == 128  # batch 1, long shard: many splits fill the GPU
+    assert choose_mla_plan(64, 16, 2048).num_splits == 4

@@ -193,13 +193,15 @@ class ContextParallelAttention(nn.Module):
         v_seq = _rows(self.pcp_group.all_gather(v, dim=0), meta.gather_index, meta.gather_range)
         if kv_cache is not None:  # only the tokens this CP rank owns
             kv_cache.write_rows(k_seq, v_seq, meta.write_rows, meta.write_slots)
-        # One varlen sequence per chunk: its real queries against the request's keys up to the chunk's end. With
+        # ONE varlen call, one sequence per chunk: its real queries against the request's keys up to the chunk's
+        # end, a prefix of k_seq read in place (seqused_k: the head and tail chunk's ranges overlap). With
         # bottom-right alignment the chunk's last query sees every key, its first sees the prefix up to itself.
+        host = (meta.cu_seqlens_q_host, meta.cu_seqlens_k_host)
         return attention_with_lse(
-            _rows(q, meta.q_rows, meta.q_range),
-            _rows(k_seq, meta.k_index, meta.k_range), _rows(v_seq, meta.k_index, meta.k_range),
+            _rows(q, meta.q_rows, meta.q_range), k_seq, v_seq,
             meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale, backend=self.backend,
-            host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
+            host_cu_seqlens=host if meta.seqused_k is None else host + (meta.seqused_k_host,),
+            seqused_k=meta.seqused_k,
         )
 
     def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache

@@ -197,10 +197,13 @@ class LatentAttention(ContextParallelAttention):
         if kv_cache is not None:  # only the tokens this CP rank owns
             kv_cache.write_rows(lat_seq, meta.write_rows, meta.write_slots)
         k, v = self._expanded_kv(lat_seq)  # [N_new, H, qk], [N_new, H, v]
+        # one varlen call; each chunk's keys are a prefix of k/v read in place (seqused_k: ranges may overlap)
+        host = (meta.cu_seqlens_q_host, meta.cu_seqlens_k_host)
         return attention_with_lse(
-            _rows(q, meta.q_rows, meta.q_range), _rows(k, meta.k_index, meta.k_range),
-            _rows(v, meta.k_index, meta.k_range), meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True,
-            scale=self.scale, backend=self.backend, host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
+            _rows(q, meta.q_rows, meta.q_range), k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True,
+            scale=self.scale, backend=self.backend,
+            host_cu_seqlens=host if meta.seqused_k is None else host + (meta.seqused_k_host,),
+            seqused_k=meta.seqused_k,
         )
 
     def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: LatentPagedCache

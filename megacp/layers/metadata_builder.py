@@ -233,7 +233,7 @@ class AttentionMetadataBuilder:
             logits_rows[s.decodes] = torch.arange(n_dec)
         token_index = [torch.tensor([s.offsets[i] for i in s.decodes], dtype=torch.long)]
         positions = [torch.tensor([s.computed[i] for i in s.decodes], dtype=torch.long)]
-        gather, slots, q_rows, k_index, cu_q, cu_k = [], [], [], [], [0], [0]
+        gather, slots, q_rows, cu_q, k_starts, k_used = [], [], [], [0], [], []
         ctx_rows, ctx_real, ctx_req, ctx_len = [], [], [], []
         row, seq_offset = n_dec, 0  # where the current request starts: local rows / sequence-ordered new K/V
         for i in s.prefills:
@@ -253,9 +253,9 @@ class AttentionMetadataBuilder:
                 if end <= start:
                     continue  # the chunk is all padding
                 q_rows.append(row + k * chunk + torch.arange(end - start))
-                k_index.append(seq_offset + torch.arange(end))
                 cu_q.append(cu_q[-1] + end - start)
-                cu_k.append(cu_k[-1] + end)
+                k_starts.append(seq_offset)  # both chunks read a prefix of the request's sequence-ordered K/V
+                k_used.append(end)
             if c0 > 0:
                 ctx_rows.append(row + torch.arange(L))
                 ctx_real.append(real)
@@ -279,17 +279,23 @@ class AttentionMetadataBuilder:
         caller_range = _as_range(caller_rows)
         if caller_range is None:
             arena.add("caller_rows", caller_rows)
-        gather_t, q_rows_t, k_index_t = _cat(gather), _cat(q_rows), _cat(k_index)
+        gather_t, q_rows_t = _cat(gather), _cat(q_rows)
         write_rows, write_slots = write_plan(_cat(slots))
-        ranges = {"gather": _as_range(gather_t), "q": _as_range(q_rows_t), "k": _as_range(k_index_t)}
-        for name, index in (("gather", gather_t), ("q", q_rows_t), ("k", k_index_t)):
+        ranges = {"gather": _as_range(gather_t), "q": _as_range(q_rows_t)}
+        for name, index in (("gather", gather_t), ("q", q_rows_t)):
             if ranges[name] is None:
                 arena.add(name, index)
         if write_rows is not None:
             arena.add("write_rows", write_rows)
         arena.add("write_slots", write_slots)
         arena.add("cu_q", torch.tensor(cu_q, dtype=torch.int32))
+        # Keys by start and length (seqused_k): one call reads each chunk's prefix of the shared K/V, no copy. When
+        # the ranges lie one after another (pcp = 1) plain cumulative offsets say the same.
+        cu_k = k_starts + [seq_offset]
+        contiguous = all(a + n == b for a, n, b in zip(k_starts, k_used, cu_k[1:]))
         arena.add("cu_k", torch.tensor(cu_k, dtype=torch.int32))
+        if not contiguous:
+            arena.add("seqused_k", torch.tensor(k_used, dtype=torch.int32))
         ctx_host = self._context_host(ctx_rows, ctx_real, ctx_req, ctx_len) if ctx_rows else None
         if ctx_host is not None:
             for name, value in ctx_host.items():
@@ -304,8 +310,9 @@ class AttentionMetadataBuilder:
             num_rows=num_prefill_rows,
             gather_index=index("gather"), gather_range=ranges["gather"],
             write_rows=index("write_rows"), write_slots=dev["write_slots"],
-            q_rows=index("q"), q_range=ranges["q"], k_index=index("k"), k_range=ranges["k"],
+            q_rows=index("q"), q_range=ranges["q"],
             cu_seqlens_q=dev["cu_q"], cu_seqlens_k=dev["cu_k"], cu_seqlens_q_host=cu_q, cu_seqlens_k_host=cu_k,
+            seqused_k=dev.get("seqused_k"), seqused_k_host=None if contiguous else k_used,
         )
         context = None
         if ctx_host is not None:

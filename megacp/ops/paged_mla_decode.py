@@ -28,7 +28,9 @@ if triton is not None:
 
 _REF_CHUNK_TOKENS = 4096  # reference: latent rows gathered at once (bounds its float32 copy)
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 32  # float32 partials cost B·H·splits·v_head_dim·4 bytes of writes and reads: keep them few
+_MAX_SPLITS = 128  # the merge kernel walks any number; the fused merge up to _MAX_FUSED_SPLITS
+_MIN_SPLIT_TOKENS = 256  # a split's float32 partial (H·v_head_dim·4 bytes, written and read) stays small next to
+# the latent rows it reads (tokens·576·2 bytes): at 256 tokens and 16 heads about a tenth
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 
 
@@ -56,14 +58,14 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
 
     Heads in blocks of 16 (4 warps) up to 16 heads, else of 32 (8 warps): ptxas fits those tiles (a [block_h, 512]
     float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Splits aim
-    at two programs per multiprocessor, never more than tiles nor ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
-    splits merged in the kernel. ``bench/decode_sweep.py --mla`` times this rule against every plan.
+    at two programs per multiprocessor (what the registers of a 4-warp program allow), each of at least
+    ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the
+    kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a grid.
     """
     block_h = 16 if num_heads <= 16 else 32
     head_blocks = -(-num_heads // block_h)
-    tiles = max(1, -(-max_tokens // 32))
     want = max(1, round(2 * num_sms / max(1, batch * head_blocks)))
-    splits = min(want, tiles, _MAX_SPLITS)
+    splits = min(want, max(1, -(-max_tokens // _MIN_SPLIT_TOKENS)), _MAX_SPLITS)
     return MLADecodePlan(num_splits=splits, block_h=block_h, num_warps=4 if block_h <= 16 else 8,
                          fused_merge=1 < splits <= _MAX_FUSED_SPLITS)
 
