@@ -73,6 +73,23 @@ class DeepseekMoE(MoELayer):
         else:
             self.e_score_correction_bias = None
 
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        parallel_config: MoEParallelConfig | None = None,
+        params_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        placement: str = "linear",
+    ) -> "DeepseekMoE":
+        """The MoE block of a DeepSeek ``megacp.models.config.ModelConfig`` (one of its ``moe_layers``);
+        ``parallel_config=None``: ``MoEParallelConfig.make()``, parallel_state's layout."""
+        if not config.model_type.startswith("deepseek"):
+            raise ValueError(f"DeepseekMoE.from_config: model_type {config.model_type!r} is not a DeepSeek model; "
+                             f"its MoE layers are MoELayer's")
+        return cls(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
+                   config.shared_expert_intermediate_size, parallel_config, placement, params_dtype, device)
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] (any dtype) -> float32 logits [N, E] (transformers: ``F.linear(x.float(), weight.float())``)."""
         return F.linear(x.float(), self.router_weight.float())
