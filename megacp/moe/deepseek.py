@@ -28,10 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megacp.layers.linear import load_shard
 from megacp.moe.config import MoEParallelConfig
 from megacp.moe.layer import MoELayer
 from megacp.moe.routing import RouterSpec, deepseek_route
+from megacp.parallel_state import ParallelContext
+from megacp.weights import load_shard
 
 
 class DeepseekMoE(MoELayer):
@@ -56,12 +57,11 @@ class DeepseekMoE(MoELayer):
         placement: str = "linear",
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        ep_group: Any = None,
-        tp_group: Any = None,
+        parallel_context: ParallelContext | None = None,
     ):
         super().__init__(hidden_size, intermediate_size, router.num_experts, router.top_k, router.norm_topk_prob,
                          shared_intermediate_size or None, parallel_config, placement, params_dtype, device,
-                         ep_group, tp_group, shared_expert_gate=False)
+                         parallel_context, shared_expert_gate=False)
         self.router = router
         groups = self.router_weight.grad_reduce_groups
         self.router_weight = torch.nn.Parameter(
@@ -81,14 +81,16 @@ class DeepseekMoE(MoELayer):
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         placement: str = "linear",
+        parallel_context: ParallelContext | None = None,
     ) -> "DeepseekMoE":
         """The MoE block of a DeepSeek ``megacp.models.config.ModelConfig`` (one of its ``moe_layers``);
-        ``parallel_config=None``: ``MoEParallelConfig.make()``, parallel_state's layout."""
+        ``parallel_config=None``: ``MoEParallelConfig.make`` of the resolved ``parallel_context``."""
         if not config.model_type.startswith("deepseek"):
             raise ValueError(f"DeepseekMoE.from_config: model_type {config.model_type!r} is not a DeepSeek model; "
                              f"its MoE layers are MoELayer's")
         return cls(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
-                   config.shared_expert_intermediate_size, parallel_config, placement, params_dtype, device)
+                   config.shared_expert_intermediate_size, parallel_config, placement, params_dtype, device,
+                   parallel_context)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] (any dtype) -> float32 logits [N, E] (transformers: ``F.linear(x.float(), weight.float())``)."""
