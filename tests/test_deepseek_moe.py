@@ -177,6 +177,14 @@ def test_router_stays_float32_in_a_bf16_block():
     assert layer.router_weight.dtype == torch.float32 and layer.e_score_correction_bias.dtype == torch.float32
     assert layer.w13.dtype == torch.bfloat16 and layer.shared_w13.dtype == torch.bfloat16
     assert torch.equal(layer.router_weight, block.gate.weight)  # not rounded through bf16
+    cast = make_layer(config)
+    for name, t in block.state_dict().items():
+        cast.load_weight(name, t)
+    cast.to(torch.bfloat16)  # a model cast after loading keeps its router too
+    assert cast.w13.dtype == torch.bfloat16 and cast.router_weight.dtype == torch.float32
+    assert torch.equal(cast.router_weight, block.gate.weight) and cast.router_weight.requires_grad
+    assert torch.equal(cast.e_score_correction_bias, block.gate.e_score_correction_bias)
+    assert dict(cast.named_parameters())["router_weight"] is cast.router_weight
     x = torch.randn(N, H).bfloat16()
     # The choice on bf16 tokens is transformers' float32 router's on the same (exactly representable) values.
     _, w_ref, ids_ref = block.gate(x.float())
