@@ -251,3 +251,37 @@ def test_checkpoint_schema_and_errors():
         layer.load_weight("gate.e_score_correction_bias", torch.zeros(8))
     _, v2 = hf_moe_block(2, seed=0)
     assert "gate.e_score_correction_bias" not in make_layer(v2).checkpoint_names()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_block_on_cuda_routes_like_transformers_float32_router():
+    """On the GPU: a bf16 DeepseekMoE (float32 router) picks the experts transformers' float32 router picks on the
+    same tokens, and its output is transformers' bf16 block's within bf16 rounding."""
+    block, config = hf_moe_block(3, seed=21)
+    layer = make_layer(config, params_dtype=torch.bfloat16)
+    for name, t in block.state_dict().items():
+        layer.load_weight(name, t)
+    layer.cuda()
+    assert layer.router_weight.dtype == torch.float32 and layer.w13.dtype == torch.bfloat16
+    x = torch.randn(4 * N, H).bfloat16()
+    _, w_ref, ids_ref = block.gate(x.float())
+    with torch.no_grad():
+        w, ids = layer.select_experts(layer.router_logits(x.cuda()))
+        out = layer(x.cuda())
+    # GPU and CPU float32 matmuls round differently: compare the rows whose choice is not within 1e-5 of a tie.
+    logits = F.linear(x.float(), block.gate.weight)
+    choice = logits.sigmoid() + block.gate.e_score_correction_bias
+    masked = choice.masked_fill(~group_limited_mask(choice, 4, 2, top2_sum=True), float("-inf"))
+    top = masked.topk(5, dim=-1).values
+    groups = choice.view(-1, 4, 4).topk(2, dim=-1)[0].sum(-1).topk(3, dim=-1).values
+    clear = ((top[:, 3] - top[:, 4]) > 1e-5) & ((groups[:, 1] - groups[:, 2]) > 1e-5)
+    assert clear.float().mean() > 0.9
+    (a, wa), (b, wb) = _pairs(w.cpu(), ids.cpu()), _pairs(w_ref, ids_ref)
+    assert torch.equal(a[clear], b[clear])
+    torch.testing.assert_close(wa[clear], wb[clear], rtol=1e-5, atol=0)
+    block_bf16 = copy.deepcopy(block).bfloat16()
+    block_bf16.gate.float().load_state_dict(block.gate.state_dict())
+    with torch.no_grad():
+        ref = block_bf16.cuda()(x.cuda()[None])[0]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02 * float(ref.float().abs().max()))
