@@ -14,6 +14,11 @@ tensors ``save_pretrained`` converts them to; ``max_shard_size="40KB"`` saves a 
 a DeepSeek-V3 multi-token-prediction layer's tensors (``model.layers.{num_hidden_layers}.*``) as published V3
 checkpoints carry it (transformers' model has none: the loader must ignore them). ``seed`` seeds the weights.
 ``tiny_deepseek_config(version, **overrides)`` returns the transformers config alone.
+
+MoE blocks alone (``tests/test_deepseek_moe*.py``): ``hf_moe_block(version, seed)`` is a random transformers
+``DeepseekV3MoE`` (16 experts in 4 groups, top-4 of 2 groups, nonzero bias) or ``DeepseekV2Moe``
+(group_limited_greedy) with its config; ``router_spec(config)`` the ``RouterSpec`` megacp's config parser makes of
+it; ``per_expert_state(block)`` its weights in the per-expert layout of published checkpoints.
 """
 
 from __future__ import annotations
@@ -158,3 +163,60 @@ def copy_with_config(path: str, dest: str, **fields: Any) -> str:
     with open(os.path.join(dest, "config.json"), "w") as f:
         json.dump(cfg, f)
     return dest
+
+
+# ------------------------------------------------------------------------------------------- MoE blocks alone
+MOE_HIDDEN, MOE_INTERMEDIATE = 32, 12
+
+
+def moe_block_config(version: int, **overrides: Any) -> Any:
+    """A transformers DeepSeek config for a lone MoE block (hidden 32, experts of 12, 2 shared experts)."""
+    kw = dict(hidden_size=MOE_HIDDEN, moe_intermediate_size=MOE_INTERMEDIATE, n_shared_experts=2,
+              n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    if version == 3:
+        kw.update(norm_topk_prob=True, routed_scaling_factor=2.5)
+    else:
+        kw.update(topk_method="group_limited_greedy", routed_scaling_factor=3.0)
+    return tiny_deepseek_config(version, **dict(kw, **overrides))
+
+
+def router_spec(config: Any) -> Any:
+    """The ``RouterSpec`` megacp's own config parser makes of a transformers DeepSeek config."""
+    from megacp.models.config import model_config_from_dict
+    from megacp.moe import RouterSpec
+
+    return RouterSpec.from_config(model_config_from_dict(dict(config.to_dict(), num_hidden_layers=2,
+                                                              first_k_dense_replace=0)))
+
+
+def hf_moe_block(version: int, seed: int) -> tuple[torch.nn.Module, Any]:
+    """(random float32 transformers DeepseekV3MoE / DeepseekV2Moe, its config); V3's bias nonzero."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = moe_block_config(version)
+    torch.manual_seed(seed)
+    block = (DeepseekV3MoE if version == 3 else DeepseekV2Moe)(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+        if version == 3:
+            block.gate.e_score_correction_bias.normal_(0, 0.3)
+    return block.float().eval(), config
+
+
+def per_expert_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The block's weights as published checkpoints store them (one tensor per expert and projection)."""
+    state = {}
+    for name, t in block.state_dict().items():
+        if name == "experts.gate_up_proj":
+            i = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                state[f"experts.{e}.gate_proj.weight"] = t[e, :i].clone()
+                state[f"experts.{e}.up_proj.weight"] = t[e, i:].clone()
+        elif name == "experts.down_proj":
+            for e in range(t.shape[0]):
+                state[f"experts.{e}.down_proj.weight"] = t[e].clone()
+        else:
+            state[name] = t.clone()
+    return state

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megacp.models.config import model_config_from_dict
 from megacp.moe import DeepseekMoE, MoEParallelConfig, RouterSpec, deepseek_route, group_limited_mask
+from tests.deepseek_tiny import MOE_HIDDEN as H
+from tests.deepseek_tiny import MOE_INTERMEDIATE as I
+from tests.deepseek_tiny import hf_moe_block, moe_block_config, per_expert_state, router_spec
 
-H, I, N = 32, 12, 96
+N = 96
 V3_CASES = [  # (num_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
     (16, 4, 4, 2, True, 2.5),
     (16, 3, 8, 3, False, 1.0),
@@ -35,27 +37,18 @@ V2_CASES = [
 ]
 
 
-def _v3_config(e, k, g, tg, norm, scale, **kw):
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(hidden_size=H, n_routed_experts=e, num_experts_per_tok=k, n_group=g, topk_group=tg,
-                            norm_topk_prob=norm, routed_scaling_factor=scale, moe_intermediate_size=I,
-                            n_shared_experts=2, **kw)
+def _v3_config(e, k, g, tg, norm, scale):
+    return moe_block_config(3, n_routed_experts=e, num_experts_per_tok=k, n_group=g, topk_group=tg,
+                            norm_topk_prob=norm, routed_scaling_factor=scale)
 
 
-def _v2_config(e, k, method, g, tg, scale, **kw):
-    from transformers import DeepseekV2Config
-
-    return DeepseekV2Config(hidden_size=H, n_routed_experts=e, num_experts_per_tok=k, topk_method=method, n_group=g,
-                            topk_group=tg, routed_scaling_factor=scale, moe_intermediate_size=I, n_shared_experts=2,
-                            **kw)
+def _v2_config(e, k, method, g, tg, scale):
+    return moe_block_config(2, n_routed_experts=e, num_experts_per_tok=k, topk_method=method, n_group=g,
+                            topk_group=tg, routed_scaling_factor=scale)
 
 
 def _spec(config) -> RouterSpec:
-    """Through megacp's own config parser: what a loaded checkpoint would route with."""
-    return RouterSpec.from_config(model_config_from_dict(dict(config.to_dict(), kv_lora_rank=8, qk_rope_head_dim=4,
-                                                              qk_nope_head_dim=4, v_head_dim=4, num_hidden_layers=2,
-                                                              first_k_dense_replace=0)))
+    return router_spec(config)
 
 
 def _pairs(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,52 +144,14 @@ def test_route_rejects_bias_mismatch_and_bad_specs():
 
 
 # ------------------------------------------------------------------------------------------- the block
-def _hf_block(version: int, seed: int):
-    """A transformers DeepSeek MoE block (V3: 16 experts in 4 groups, nonzero bias; V2: group_limited_greedy),
-    random weights, float32."""
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    torch.manual_seed(seed)
-    if version == 3:
-        config = _v3_config(16, 4, 4, 2, True, 2.5)
-        block = DeepseekV3MoE(config)
-    else:
-        config = _v2_config(16, 4, "group_limited_greedy", 4, 2, 3.0)
-        block = DeepseekV2Moe(config)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
-        if version == 3:
-            block.gate.e_score_correction_bias.normal_(0, 0.3)
-    return block.float().eval(), config
-
-
-def per_expert_state(block) -> dict[str, torch.Tensor]:
-    """The block's weights as published checkpoints store them (one tensor per expert and projection)."""
-    state = {}
-    for name, t in block.state_dict().items():
-        if name == "experts.gate_up_proj":
-            for e in range(t.shape[0]):
-                state[f"experts.{e}.gate_proj.weight"] = t[e, :I].clone()
-                state[f"experts.{e}.up_proj.weight"] = t[e, I:].clone()
-        elif name == "experts.down_proj":
-            for e in range(t.shape[0]):
-                state[f"experts.{e}.down_proj.weight"] = t[e].clone()
-        else:
-            state[name] = t.clone()
-    return state
-
-
 def make_layer(config, cfg=None, placement="linear", params_dtype=None) -> DeepseekMoE:
-    spec = _spec(config)
-    return DeepseekMoE(H, I, spec, config.n_shared_experts * I, cfg, placement, params_dtype)
+    return DeepseekMoE(H, I, _spec(config), config.n_shared_experts * I, cfg, placement, params_dtype)
 
 
 @pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_single_rank_block_equals_transformers(version, layout):
-    block, config = _hf_block(version, seed=version)
+    block, config = hf_moe_block(version, seed=version)
     layer = make_layer(config)
     state = per_expert_state(block) if layout == "per_expert" else block.state_dict()
     assert sorted(state) == sorted(layer.checkpoint_names(layout == "fused"))
@@ -215,13 +170,21 @@ def test_single_rank_block_equals_transformers(version, layout):
 
 
 def test_router_stays_float32_in_a_bf16_block():
-    block, config = _hf_block(3, seed=5)
+    block, config = hf_moe_block(3, seed=5)
     layer = make_layer(config, params_dtype=torch.bfloat16)
     for name, t in block.state_dict().items():
         layer.load_weight(name, t)
     assert layer.router_weight.dtype == torch.float32 and layer.e_score_correction_bias.dtype == torch.float32
     assert layer.w13.dtype == torch.bfloat16 and layer.shared_w13.dtype == torch.bfloat16
     assert torch.equal(layer.router_weight, block.gate.weight)  # not rounded through bf16
+    cast = make_layer(config)
+    for name, t in block.state_dict().items():
+        cast.load_weight(name, t)
+    cast.to(torch.bfloat16)  # a model cast after loading keeps its router too
+    assert cast.w13.dtype == torch.bfloat16 and cast.router_weight.dtype == torch.float32
+    assert torch.equal(cast.router_weight, block.gate.weight) and cast.router_weight.requires_grad
+    assert torch.equal(cast.e_score_correction_bias, block.gate.e_score_correction_bias)
+    assert dict(cast.named_parameters())["router_weight"] is cast.router_weight
     x = torch.randn(N, H).bfloat16()
     # The choice on bf16 tokens is transformers' float32 router's on the same (exactly representable) values.
     _, w_ref, ids_ref = block.gate(x.float())
@@ -255,7 +218,7 @@ def _rank_configs():
 def test_rank_shares_sum_to_the_block(tmp_path, version):
     """Every rank's partial sum (lazy safetensors slices, TP-sharded or expert-parallel, shared experts split over
     the flattened group) adds up to transformers' block output."""
-    block, config = _hf_block(version, seed=10 + version)
+    block, config = hf_moe_block(version, seed=10 + version)
     path = tmp_path / "moe.safetensors"
     save_file({k: v.contiguous() for k, v in per_expert_state(block).items()}, str(path))
     x = torch.randn(N, H)
@@ -275,7 +238,7 @@ def test_rank_shares_sum_to_the_block(tmp_path, version):
 
 
 def test_checkpoint_schema_and_errors():
-    _, config = _hf_block(3, seed=0)
+    _, config = hf_moe_block(3, seed=0)
     layer = make_layer(config)
     names = layer.checkpoint_names()
     assert "gate.e_score_correction_bias" in names and "shared_experts.down_proj.weight" in names
@@ -286,5 +249,39 @@ def test_checkpoint_schema_and_errors():
         layer.load_weight("shared_expert_gate.weight", torch.zeros(1, H))
     with pytest.raises(ValueError, match=r"expects \[16\]"):
         layer.load_weight("gate.e_score_correction_bias", torch.zeros(8))
-    _, v2 = _hf_block(2, seed=0)
+    _, v2 = hf_moe_block(2, seed=0)
     assert "gate.e_score_correction_bias" not in make_layer(v2).checkpoint_names()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_block_on_cuda_routes_like_transformers_float32_router():
+    """On the GPU: a bf16 DeepseekMoE (float32 router) picks the experts transformers' float32 router picks on the
+    same tokens, and its output is transformers' bf16 block's within bf16 rounding."""
+    block, config = hf_moe_block(3, seed=21)
+    layer = make_layer(config, params_dtype=torch.bfloat16)
+    for name, t in block.state_dict().items():
+        layer.load_weight(name, t)
+    layer.cuda()
+    assert layer.router_weight.dtype == torch.float32 and layer.w13.dtype == torch.bfloat16
+    x = torch.randn(4 * N, H).bfloat16()
+    _, w_ref, ids_ref = block.gate(x.float())
+    with torch.no_grad():
+        w, ids = layer.select_experts(layer.router_logits(x.cuda()))
+        out = layer(x.cuda())
+    # GPU and CPU float32 matmuls round differently: compare the rows whose choice is not within 1e-5 of a tie.
+    logits = F.linear(x.float(), block.gate.weight)
+    choice = logits.sigmoid() + block.gate.e_score_correction_bias
+    masked = choice.masked_fill(~group_limited_mask(choice, 4, 2, top2_sum=True), float("-inf"))
+    top = masked.topk(5, dim=-1).values
+    groups = choice.view(-1, 4, 4).topk(2, dim=-1)[0].sum(-1).topk(3, dim=-1).values
+    clear = ((top[:, 3] - top[:, 4]) > 1e-5) & ((groups[:, 1] - groups[:, 2]) > 1e-5)
+    assert clear.float().mean() > 0.9
+    (a, wa), (b, wb) = _pairs(w.cpu(), ids.cpu()), _pairs(w_ref, ids_ref)
+    assert torch.equal(a[clear], b[clear])
+    torch.testing.assert_close(wa[clear], wb[clear], rtol=1e-5, atol=0)
+    block_bf16 = copy.deepcopy(block).bfloat16()
+    block_bf16.gate.float().load_state_dict(block.gate.state_dict())
+    with torch.no_grad():
+        ref = block_bf16.cuda()(x.cuda()[None])[0]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02 * float(ref.float().abs().max()))

@@ -31,7 +31,6 @@ from megacp.models.llama import (
 )
 from megacp.moe import MoEParallelConfig
 from megacp.moe.deepseek import DeepseekMoE
-from megacp.moe.routing import RouterSpec
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 
@@ -67,7 +66,7 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         self.self_attn = MLAAttention.from_config(config, params_dtype, parallel_context)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.mlp: nn.Module = (
-            _deepseek_moe(config, params_dtype, moe_parallel_config, parallel_context) if moe
+            DeepseekMoE.from_config(config, moe_parallel_config, params_dtype, parallel_context=parallel_context) if moe
             else LlamaMLP(config, params_dtype, parallel_context)
         )
 
@@ -82,13 +81,6 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         else:
             loaders.update(moe_weight_loaders(self.mlp, f"{prefix}mlp.", self.config, fused_experts))
         return loaders
-
-
-def _deepseek_moe(config: ModelConfig, params_dtype: torch.dtype | None, parallel_config: MoEParallelConfig | None,
-                  parallel_context: ParallelContext) -> DeepseekMoE:
-    return DeepseekMoE(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
-                       config.shared_expert_intermediate_size or None, parallel_config=parallel_config,
-                       params_dtype=params_dtype, parallel_context=parallel_context)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):

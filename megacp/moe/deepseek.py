@@ -6,8 +6,8 @@ What differs from Mixtral / Qwen2-MoE, all else (TP-sharded or expert-parallel e
 ``dp·pcp·tp`` group, tokens gathered over PCP/DP before the experts and reduce-scattered after) is ``MoELayer``'s:
 
 - The router runs in float32 whatever the model's dtype: ``router_weight`` [E, H] and V3's
-  ``e_score_correction_bias`` [E] are made float32 and stay so (build the model with ``params_dtype``; a later
-  ``.to(bfloat16)`` would cast them like any module's), and the logits are ``x.float() @ router_weight.T``. They are
+  ``e_score_correction_bias`` [E] are made float32 and stay so (also through ``.to(bfloat16)``: ``_apply``), and
+  the logits are ``x.float() @ router_weight.T``. They are
   computed on every rank from the gathered tokens (``LOGITS_TRAVEL_WITH_TOKENS = False``): sending float32 logits
   beside bf16 tokens would need a second gather or a float32 payload, while the router is ~E/(3·k·I) of the
   experts' work. Values are the same either way (each token's logits come from the same row and weights).
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megacp.weights import load_shard
 from megacp.moe.config import MoEParallelConfig
 from megacp.moe.layer import MoELayer
 from megacp.moe.routing import RouterSpec, deepseek_route
 from megacp.parallel_state import ParallelContext
+from megacp.weights import load_shard
 
 
 class DeepseekMoE(MoELayer):
@@ -72,6 +72,35 @@ class DeepseekMoE(MoELayer):
                                  torch.zeros(router.num_experts, dtype=torch.float32, device=device))
         else:
             self.e_score_correction_bias = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        parallel_config: MoEParallelConfig | None = None,
+        params_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        placement: str = "linear",
+        parallel_context: ParallelContext | None = None,
+    ) -> "DeepseekMoE":
+        """The MoE block of a DeepSeek ``megacp.models.config.ModelConfig`` (one of its ``moe_layers``);
+        ``parallel_config=None``: ``MoEParallelConfig.make`` of the resolved ``parallel_context``."""
+        if not config.model_type.startswith("deepseek"):
+            raise ValueError(f"DeepseekMoE.from_config: model_type {config.model_type!r} is not a DeepSeek model; "
+                             f"its MoE layers are MoELayer's")
+        return cls(config.hidden_size, config.moe_intermediate_size, RouterSpec.from_config(config),
+                   config.shared_expert_intermediate_size, parallel_config, placement, params_dtype, device,
+                   parallel_context)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DeepseekMoE":
+        """``.to(bfloat16)``, ``.half()``, ``.cuda()``...: the router weight and bias follow the device, never the
+        dtype (transformers' ``_keep_in_fp32_modules_strict``): their float32 values are kept, not rounded."""
+        router, bias = self.router_weight.data, self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        self.router_weight.data = router.to(self.router_weight.device, torch.float32)
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device, torch.float32)
+        return self
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] (any dtype) -> float32 logits [N, E] (transformers: ``F.linear(x.float(), weight.float())``)."""
