@@ -257,3 +257,21 @@ def test_mla_layer_gradients_match_transformers(dist_pool_4):
             assert r["errs"][worst] <= GRAD_TOL, f"{label}: gradient of {worst} off by {r['errs'][worst]:.3g} (rel.)"
             assert r["x_err"] <= GRAD_TOL, f"{label}: input gradient off by {r['x_err']:.3g} (relative)"
             assert r["control"] > 100 * GRAD_TOL, f"{label}: kv_a_proj without its PCP/DP sum still matched"
+
+
+def test_latent_cache_writes_skip_other_ranks_tokens_and_check_widths():
+    import pytest
+
+    from megacp.kv import LatentPagedCache
+
+    cache = LatentPagedCache(num_blocks=2, block_size=4, latent_dim=3)
+    rows = torch.arange(12, dtype=torch.float32).view(4, 3) + 1
+    cache.write(rows, torch.tensor([5, -1, 0, -1]))  # tokens 1 and 3 belong to another CP rank
+    assert torch.equal(cache.rows(torch.tensor([5, 0])), rows[[0, 2]])
+    assert int((cache.latent.reshape(-1, 3).abs().sum(-1) > 0).sum()) == 2  # nothing else written
+    cache.write_rows(rows[:1], None, torch.tensor([cache.null_slot]))  # the null slot takes a write, never read
+    assert int((cache.latent.reshape(-1, 3).abs().sum(-1) > 0).sum()) == 2
+    with pytest.raises(ValueError, match=r"\[T, 3\]"):
+        cache.write(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="outside this cache"):
+        cache.write(rows[:1], torch.tensor([8 + 1]))
