@@ -1,20 +1,30 @@
 """End to end on one GPU: megacp's engine vs ``transformers`` (sdpa attention), same weights, same dtype, same run.
 
-The model is Llama-3-8B-shaped (hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocab 128256) with few
-layers (``--layers``, default 4) and random weights, in bfloat16. Reported:
+The model (``--model-shape``) is Llama-3-8B-shaped (hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocab
+128256) or DeepSeek-V2-Lite-shaped (hidden 2048, 16 heads, MLA with kv_lora_rank 512, no q-LoRA, rope 64, nope 128,
+v 128; 64 routed + 2 shared experts, top-6, MoE intermediate 1408, the first layer dense (10944), vocab 102400, 27
+layers in the real model; plain RoPE instead of its YaRN, which changes no cost), with few layers (``--layers``,
+default 4) and random weights, in bfloat16; ``--override KEY=VALUE`` changes any config field (tiny CPU runs:
+``--device cpu``). Reported:
 
 - TTFT for one prompt of each ``--prompt-lens`` (prefill of the whole prompt and the first sampled token),
 - decode tokens/s at each ``--batch`` (prompts of ``--decode-prompt-len`` tokens, ``--new-tokens`` generated, greedy;
   tokens/s counts only the steps after the first token),
 - ``ttft_ratio = megacp / transformers`` (target ≤ 0.98) and ``decode_speedup = megacp / transformers`` (≥ 2.0),
+  and the same for every peer in ``vs``: ``transformers`` (eager, dynamic cache) and ``transformers-static`` (static
+  cache, decode forward compiled by ``generate``: CUDA graphs; its compile time is ``compile_s``, not in tokens/s),
 - ``weight_read_fraction``: per megacp decode step, the bytes that must be read (all weights + the batch's KV) over
   the step time, as a fraction of the device-to-device copy bandwidth measured in the same run (the physical limit
-  of a memory-bound step), and megacp's CUDA-graph numbers (replays, capture time and memory),
+  of a memory-bound step; for MoE shapes only the experts a batch is expected to touch under uniform routing,
+  ``E·(1 − (1 − k/E)^B)`` per layer, count), and megacp's CUDA-graph numbers (replays, capture time and memory),
+- ``model.kv_cache_bytes_per_token``: what one token's cache costs over all layers (K and V per KV head, or MLA's one
+  latent row of ``kv_lora_rank + rope``),
 - how many of the first greedy tokens agree (bf16: the two implementations round differently, so this is a sanity
   check, not a test).
 
     python bench/e2e.py --layers 4 --prompt-lens 8192 32768 --batch 1 16 64 --json-out e2e.json
     python bench/e2e.py --layers 32 --engines megacp --prompt-lens 8192 --batch 1 --json-out e2e32.json
+    python bench/e2e.py --model-shape deepseek-v2-lite --layers 4 --json-out e2e_dsv2lite.json
 """
 
 from __future__ import annotations
@@ -31,44 +41,93 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, environment, require_cuda  # noqa: E402
 
+SHAPES = {  # transformers config class and fields of each --model-shape
+    "llama-3-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0)),
+    "deepseek-v2-lite": ("DeepseekV2Config", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_attention_heads=16, num_key_value_heads=16,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408,
+        first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, rms_norm_eps=1e-6, rope_theta=10000.0)),
+}
 
-def build_checkpoint(path: str, layers: int, max_len: int) -> None:
-    """Save a random Llama-3-8B-shaped checkpoint with ``layers`` layers to ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=max_len,
-        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
+def model_config(shape: str, layers: int, max_len: int, overrides: dict):
+    """The transformers config of ``shape`` with ``layers`` layers and ``overrides`` applied."""
+    import transformers
+
+    cls_name, fields = SHAPES[shape]
+    fields = {**fields, **overrides}
+    return getattr(transformers, cls_name)(num_hidden_layers=layers, max_position_embeddings=max_len, bos_token_id=1,
+                                           eos_token_id=2, tie_word_embeddings=False, **fields)
+
+
+def build_checkpoint(path: str, config, device: str) -> None:
+    """Save a random checkpoint of ``config`` (bfloat16) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
     del model
-    torch.cuda.empty_cache()
+    _empty_cache()
+
+
+def kv_cache_bytes_per_token(config) -> int:
+    """Cache bytes of one token over all layers in bf16: MLA's latent row, or K and V of every KV head."""
+    if getattr(config, "kv_lora_rank", None):
+        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+
+
+def step_weight_bytes(config, all_weight_bytes: int, batch: int) -> float:
+    """Weight bytes one decode step of ``batch`` sequences reads: all of them for a dense model; for MoE the experts
+    expected to be touched under uniform routing, ``E·(1 − (1 − k/E)^B)`` of each MoE layer's ``E``."""
+    E = getattr(config, "n_routed_experts", None)
+    if not E:
+        return all_weight_bytes
+    k = config.num_experts_per_tok
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    expert_bytes = 3 * config.hidden_size * config.moe_intermediate_size * 2
+    touched = E * (1 - (1 - k / E) ** batch)
+    return all_weight_bytes - moe_layers * (E - touched) * expert_bytes
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sync_time(fn) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t0
 
 
 class HF:
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str = "cuda"):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
-        self.model = self.model.cuda().eval()
+        self.model = self.model.to(device).eval()
         self.config = lambda n: GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                                  eos_token_id=None, pad_token_id=0)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
-        x = torch.tensor(prompts, device="cuda")
+        x = torch.tensor(prompts, device=self.device)
         y = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=self.config(n))
         return y[:, x.shape[1]:].tolist()
 
@@ -81,8 +140,46 @@ class HF:
         return len(prompts) * (n - 1) / max(total - first, 1e-9)
 
 
+class HFStatic(HF):
+    """``transformers`` at its fastest on one GPU: ``cache_implementation="static"``, with which ``generate``
+    compiles the decode forward (transformers 5.x: ``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs) on
+    CUDA devices. transformers compiles only there (``_valid_auto_compile_criteria``), so on the CPU this is the static
+    cache uncompiled (``compile_skipped`` says so).
+
+    The static cache is sized per call: ``decode_cache_len`` for every decode call (so the compiled step and its
+    graphs are reused across the warm-up and the timed runs; a new batch size compiles once more, in its warm-up),
+    the prompt + 1 for a TTFT call. transformers keeps the largest size it has seen (``_previous_max_cache_length``),
+    which after a 32k TTFT would give batch 64 a 32k cache; we reset it before each call.
+    """
+
+    def __init__(self, path: str, device: str, decode_cache_len: int):
+        super().__init__(path, device)
+        from transformers import GenerationConfig
+
+        self.decode_cache_len = decode_cache_len
+        self.static_config = lambda n, cache_len: GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0,
+            cache_implementation="static", max_cache_len=cache_len)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], n: int, cache_len: int | None = None) -> list[list[int]]:
+        x = torch.tensor(prompts, device=self.device)
+        self.model._previous_max_cache_length = -1
+        config = self.static_config(n, cache_len or max(self.decode_cache_len, x.shape[1] + n))
+        y = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+        return y[:, x.shape[1]:].tolist()
+
+    def ttft(self, prompt: list[int]) -> float:
+        return _sync_time(lambda: self.generate([prompt], 1, cache_len=len(prompt) + 1))
+
+    def compiled(self) -> bool:
+        """Whether ``generate`` compiled the decode forward (it keeps the compiled call on the model)."""
+        return hasattr(self.model, "_compiled_call")
+
+
 class Megacp:
-    def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False):
+    def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False,
+                 device: str = "cuda"):
         import torch.distributed as dist
 
         from megacp import parallel_state as ps
@@ -92,7 +189,7 @@ class Megacp:
         if not dist.is_initialized():
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         ps.initialize_model_parallel(backend="gloo")
-        self.model = load_model(path, torch.bfloat16, torch.device("cuda"))
+        self.model = load_model(path, torch.bfloat16, torch.device(device))
         self.engine = LLMEngine(self.model, num_kv_blocks=num_blocks, block_size=16,
                                 max_num_batched_tokens=max_batched, max_num_seqs=64, enforce_eager=enforce_eager)
 
@@ -103,7 +200,7 @@ class Megacp:
         return [o.output_ids for o in outs]
 
     def ttft(self, prompt: list[int]) -> float:
-        torch.cuda.synchronize()
+        _sync()
         self.generate([prompt], 1)
         return self.engine.stats.ttft_s[0]
 
@@ -160,6 +257,52 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / best
 
 
+def _parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as an int, a float, true/false/none, or else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--override {text!r}: use KEY=VALUE, e.g. hidden_size=64")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+ENGINES = ("megacp", "transformers", "transformers-static")
+
+
+def static_compile_report(eng: HFStatic, short: list[list[int]], batches: list[int], warmup_s: dict) -> dict:
+    """How transformers-static compiled: whether it did, and the compile time per batch size (its warm-up minus the
+    same call once compiled), reported apart from tokens/s."""
+    if not eng.compiled():
+        return {"compiled": False, "compile_skipped": f"transformers' generate compiles the decode forward only on "
+                                                      f"CUDA/XPU devices, not on {eng.device}"}
+    again = {b: _sync_time(lambda: eng.decode_tps(short[:b], 4)) for b in batches}
+    return {"compiled": True, "compile_s": {b: max(warmup_s[b] - again[b], 0.0) for b in batches}}
+
+
+def peer_ratios(results: dict, tokens: dict) -> dict:
+    """megacp / each peer: ``vs[peer] = {ttft_ratio, decode_speedup, greedy_agreement_first_8}``; the top-level
+    ``ttft_ratio`` / ``decode_speedup`` / ``greedy_agreement_first_8`` stay megacp / eager transformers."""
+    if "megacp" not in results:
+        return {}
+    m, out = results["megacp"], {"vs": {}}
+    for peer in (name for name in ENGINES if name != "megacp" and name in results):
+        t = results[peer]
+        ours, theirs = tokens["megacp"][0], tokens[peer][0]
+        out["vs"][peer] = {
+            "ttft_ratio": {n: m["ttft_s"][n] / t["ttft_s"][n] for n in m["ttft_s"]},
+            "decode_speedup": {b: m["decode_tokens_per_s"][b] / t["decode_tokens_per_s"][b]
+                               for b in m["decode_tokens_per_s"]},
+            "greedy_agreement_first_8": next((i for i in range(8) if ours[i] != theirs[i]), 8),
+        }
+    if "transformers" in out["vs"]:
+        out.update(out["vs"]["transformers"])
+    return out
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -177,28 +320,41 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json-out", default=None)
-    p.add_argument("--engines", nargs="+", default=["megacp", "transformers"])
+    p.add_argument("--engines", nargs="+", default=["megacp", "transformers"], choices=list(ENGINES),
+                   help="transformers-static: static cache + the decode forward compiled by generate (CUDA)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
+    p.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config fields to change, e.g. hidden_size=64 n_routed_experts=4 (tiny runs)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a tiny smoke run (no bandwidth numbers)")
     args = p.parse_args(argv)
-    require_cuda()
-    g = torch.Generator().manual_seed(0)
-    long_prompts = {n: torch.randint(3, 128000, (n,), generator=g).tolist() for n in args.prompt_lens}
-    short = torch.randint(3, 128000, (max(args.batch), args.decode_prompt_len), generator=g).tolist()
+    if args.device == "cuda":
+        require_cuda()
     max_len = max(args.prompt_lens + [args.decode_prompt_len]) + args.new_tokens + 16
+    overrides = dict(_parse_override(o) for o in args.override)
+    config = model_config(args.model_shape, args.layers, max_len, overrides)
+    g = torch.Generator().manual_seed(0)
+    top = min(config.vocab_size, 128000)
+    long_prompts = {n: torch.randint(3, top, (n,), generator=g).tolist() for n in args.prompt_lens}
+    short = torch.randint(3, top, (max(args.batch), args.decode_prompt_len), generator=g).tolist()
     result: dict = {"benchmark": "e2e", "env": environment(),
-                    "model": {"shape": "llama-3-8b", "layers": args.layers, "dtype": "bfloat16"}, "results": {}}
+                    "model": {"shape": args.model_shape, "layers": args.layers, "dtype": "bfloat16",
+                              "overrides": overrides, "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config)},
+                    "results": {}}
     tokens = {}
     with tempfile.TemporaryDirectory() as path:
-        build_checkpoint(path, args.layers, max_len)
+        build_checkpoint(path, config, args.device)
         for name in args.engines:
             if name == "megacp":
                 blocks = max(max(args.batch) * -(-(args.decode_prompt_len + args.new_tokens) // 16),
                              -(-max_len // 16)) + 16
                 eng = Megacp(path, max_batched=max(args.prompt_lens + [args.decode_prompt_len * max(args.batch)]),
-                             num_blocks=blocks, enforce_eager=args.enforce_eager)
+                             num_blocks=blocks, enforce_eager=args.enforce_eager, device=args.device)
+            elif name == "transformers-static":
+                eng = HFStatic(path, args.device, decode_cache_len=args.decode_prompt_len + args.new_tokens)
             else:
-                eng = HF(path)
-            res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}}
+                eng = HF(path, args.device)
+            res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}, "warmup_s": {}}
             tokens[name] = eng.generate([short[0]], 8)
             for n, prompt in long_prompts.items():
                 eng.ttft(prompt)  # warm-up (kernel selection, allocator)
@@ -213,18 +369,22 @@ def main(argv: list[str] | None = None) -> dict:
                     res["chunked_vs_whole"][n] = res["chunked_ttft_s"][n] / res["ttft_s"][n]
                 eng.engine.max_num_batched_tokens = whole
             for b in args.batch:
-                eng.decode_tps(short[:b], 4)  # warm-up
+                # warm-up (transformers-static: compiling the decode step for this batch size), kept out of tokens/s
+                res["warmup_s"][b] = _sync_time(lambda: eng.decode_tps(short[:b], 4))
                 res["decode_tokens_per_s"][b] = _median(
                     [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
+            if name == "transformers-static":
+                res.update(static_compile_report(eng, short, args.batch, res["warmup_s"]))
             if name == "megacp":
                 st = eng.engine.stats
                 res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
                                       "capture_bytes": st.graph_capture_bytes}
+            if name == "megacp" and args.device == "cuda":
                 # every weight is read once per step, except the embedding table (only the batch's rows)
                 embed = eng.model.embed_tokens.weight
                 weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
                     - embed.numel() * embed.element_size()
-                kv_token_bytes = 2 * args.layers * 8 * 128 * 2  # K and V, 8 KV heads of 128, bf16, per token
+                kv_token_bytes = kv_cache_bytes_per_token(config)
                 ctx = args.decode_prompt_len + args.new_tokens // 2  # mean context over the decode steps
                 bw = copy_bandwidth()
                 res["copy_bandwidth_bytes_per_s"] = bw
@@ -232,20 +392,15 @@ def main(argv: list[str] | None = None) -> dict:
                 res["weight_read_fraction"] = {}
                 for b, tps in res["decode_tokens_per_s"].items():
                     step_s = b / tps
-                    res["weight_read_fraction"][b] = (weight_bytes + b * ctx * kv_token_bytes) / step_s / bw
+                    step_bytes = step_weight_bytes(config, weight_bytes, b) + b * ctx * kv_token_bytes
+                    res["weight_read_fraction"][b] = step_bytes / step_s / bw
             result["results"][name] = res
             print(name, res, flush=True)
             if args.profile:
                 profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens, args.chunk_tokens)
             del eng
-            torch.cuda.empty_cache()
-    if {"megacp", "transformers"} <= set(result["results"]):
-        m, t = result["results"]["megacp"], result["results"]["transformers"]
-        result["ttft_ratio"] = {n: m["ttft_s"][n] / t["ttft_s"][n] for n in m["ttft_s"]}
-        result["decode_speedup"] = {b: m["decode_tokens_per_s"][b] / t["decode_tokens_per_s"][b]
-                                    for b in m["decode_tokens_per_s"]}
-        a, b = tokens["megacp"][0], tokens["transformers"][0]
-        result["greedy_agreement_first_8"] = next((i for i in range(8) if a[i] != b[i]), 8)
+            _empty_cache()
+    result.update(peer_ratios(result["results"], tokens))
     emit(result, args.json_out)
     return result
 

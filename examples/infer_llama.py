@@ -281,7 +281,7 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     if not dist.is_initialized() and not launched_by_torchrun():  # plain python: the message says torchrun
         parallel.check_world_size(world_size, launched=False)
     parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size,
-                      cfg.is_moe)
+                      cfg.is_moe, cfg.is_mla)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
     tokenizer = Tokenizer(args.model, required=bool(args.prompt))
     encode = tokenizer.encode_chat if args.chat else tokenizer.encode
@@ -337,9 +337,13 @@ def _check_json_out(path: str) -> None:
 def _check_cache_memory(args: argparse.Namespace, cfg: ModelConfig, num_blocks: int, device: torch.device,
                         dtype: torch.dtype) -> None:
     """ValueError if this rank's KV cache cannot fit its device's memory, before the model loads."""
-    need = kv_session_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, num_blocks, args.block_size,
+    if cfg.is_mla:  # one latent row per token and layer, shared by every head (KVSession(latent=True))
+        kv_heads, head_dim = 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        kv_heads, head_dim = cfg.num_key_value_heads, cfg.head_dim
+    need = kv_session_bytes(cfg.num_hidden_layers, kv_heads, head_dim, num_blocks, args.block_size,
                             args.max_num_seqs, cfg.max_position_embeddings, dtype.itemsize, args.tensor_parallel_size,
-                            args.prefill_context_parallel_size * args.decode_context_parallel_size)
+                            args.prefill_context_parallel_size * args.decode_context_parallel_size, latent=cfg.is_mla)
     check_memory(need, device, f"the KV cache ({num_blocks} blocks x {args.block_size} tokens, "
                                f"{cfg.num_hidden_layers} layers, {str(dtype).removeprefix('torch.')})",
                  "lower --num-kv-blocks, --block-size or --max-num-seqs, or spread the cache over more ranks "

@@ -111,10 +111,10 @@ GiB = 1 << 30
 
 
 def kv_cache_bytes(num_kv_blocks: int, block_size: int, num_local_kv_heads: int, head_dim: int, num_layers: int,
-                   itemsize: int, max_num_seqs: int = 0, max_blocks_per_seq: int = 0) -> int:
-    """Bytes one rank allocates for its paged K and V caches (all layers) plus its block table (device and host
-    copies, int64)."""
-    cache = 2 * num_layers * num_kv_blocks * block_size * num_local_kv_heads * head_dim * itemsize
+                   itemsize: int, max_num_seqs: int = 0, max_blocks_per_seq: int = 0, num_tensors: int = 2) -> int:
+    """Bytes one rank allocates for its paged caches (all layers: K and V, or with ``num_tensors=1`` MLA's latent
+    rows of width ``head_dim``) plus its block table (device and host copies, int64)."""
+    cache = num_tensors * num_layers * num_kv_blocks * block_size * num_local_kv_heads * head_dim * itemsize
     return cache + 2 * 8 * max_num_seqs * max_blocks_per_seq
 
 

@@ -130,20 +130,51 @@ def _layout_ok(num_heads: int, num_kv_heads: int, intermediate_size: int | None,
     return _gqa_ok(num_heads, num_kv_heads, tp, dcp) and (intermediate_size is None or intermediate_size % tp == 0)
 
 
-def model_layouts(num_heads: int, num_kv_heads: int, intermediate_size: int | None = None) -> list[tuple[int, int]]:
+def model_layouts(num_heads: int, num_kv_heads: int, intermediate_size: int | None = None,
+                  mla: bool = False) -> list[tuple[int, int]]:
     """Every ``(tp, dcp)`` under which a model with these sizes loads, for any ``pcp`` and ``dp``; sorted.
 
     The rules, all at once: ``tp`` divides the attention heads; it divides the KV heads (then ``dcp = 1``) or is a
     multiple of them with ``dcp | tp / num_kv_heads`` (DESIGN §3 GQA); it divides the dense MLP's
     ``intermediate_size`` (None: the model has no dense MLP layer; MoE experts split unevenly, so they add no rule).
-    The vocabulary adds none either: it is padded to a multiple of ``tp``.
+    The vocabulary adds none either: it is padded to a multiple of ``tp``. ``mla`` (multi-head latent attention,
+    DESIGN §3b): one latent row per token that every TP rank needs, so ``num_kv_heads`` adds no rule and any
+    ``dcp | tp`` shards it.
     """
+    if mla:
+        return [(t, d) for t in _divisors(num_heads) for d in _divisors(t)
+                if intermediate_size is None or intermediate_size % t == 0]
     return [
         (t, d)
         for t in _divisors(num_heads)
         for d in _divisors(t)
         if _layout_ok(num_heads, num_kv_heads, intermediate_size, t, d)
     ]
+
+
+def _validate_mla_parallel(num_heads: int, tp: int, dcp: int, intermediate_size: int | None) -> None:
+    """MLA: ``tp`` divides the heads and the dense MLP size, ``dcp`` divides ``tp`` (the only DCP rule)."""
+    legal_tp = sorted({t for t, _ in model_layouts(num_heads, 1, intermediate_size, mla=True)})
+    problems = []
+    if num_heads % tp:
+        problems.append(f"the {num_heads} attention heads (num_attention_heads) are not divisible by {tp}")
+    if intermediate_size is not None and intermediate_size % tp:
+        problems.append(f"the dense MLP intermediate size {intermediate_size} (intermediate_size) is not divisible "
+                        f"by {tp}")
+    if tp % dcp:
+        problems.append(f"{DCP}={dcp} does not divide {TP}={tp} (DCP reuses the TP ranks)")
+    if not problems:
+        return
+    # The example: this tp when it is legal, else the largest legal tp below it (1 always is).
+    t = tp if tp in legal_tp else max(v for v in legal_tp if v <= tp)
+    mlp = f" and dense MLP intermediate size {intermediate_size}" if intermediate_size is not None else ""
+    raise ValueError(
+        f"{TP}={tp} with {DCP}={dcp} does not fit a multi-head latent attention model with {num_heads} attention "
+        f"heads{mlp} ({'; '.join(problems)}); MLA layouts (with any {PCP} and {DP}): legal {TP} values: "
+        f"{_fmt(legal_tp)}, each with any {DCP} that divides it (legal {DCP} values for {TP}={t}: "
+        f"{_fmt(_divisors(t))})" + (f"; e.g. {TP}={t} {DCP}={t} shards the latent cache over all {t} TP ranks"
+                                     if t > 1 else "")
+    )
 
 
 def _describe(num_heads: int, num_kv_heads: int, intermediate_size: int | None) -> str:
@@ -168,7 +199,7 @@ def _no_dcp_note(num_heads: int, num_kv_heads: int, intermediate_size: int | Non
 
 
 def validate_model_parallel(
-    num_heads: int, num_kv_heads: int, tp: int, dcp: int = 1, intermediate_size: int | None = None
+    num_heads: int, num_kv_heads: int, tp: int, dcp: int = 1, intermediate_size: int | None = None, mla: bool = False
 ) -> None:
     """Model sizes vs TP/DCP: every rule of ``model_layouts`` at once, so a suggestion never fails later.
 
@@ -177,7 +208,12 @@ def validate_model_parallel(
     with ``tp <= num_kv_heads`` the KV heads are split, so ``num_kv_heads % tp == 0`` and ``dcp == 1`` (DESIGN §3).
     ``intermediate_size`` (the dense MLP's, None when every layer is MoE) must be divisible by ``tp``. Every value
     the message proposes satisfies all of them. Pure: runs on every rank before any collective.
+    ``mla``: multi-head latent attention (DESIGN §3b): heads and dense MLP divisible by ``tp``, ``tp % dcp == 0``;
+    the message lists the MLA layouts.
     """
+    if mla:
+        _validate_mla_parallel(num_heads, tp, dcp, intermediate_size)
+        return
     if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(
             f"model has {num_heads} attention heads and {num_kv_heads} KV heads; num_attention_heads must be a "
@@ -254,20 +290,21 @@ class ParallelConfig:
                             self.data_parallel_size, launched)
 
     def check_model(self, num_heads: int, num_kv_heads: int, intermediate_size: int | None = None,
-                    is_moe: bool = False) -> None:
+                    is_moe: bool = False, mla: bool = False) -> None:
         """The model's sizes against this layout (``validate_model_parallel``: heads, KV heads / GQA and DCP, the
-        dense MLP's ``intermediate_size``) and, for MoE models, ``data_parallel_size == 1``."""
+        dense MLP's ``intermediate_size``, or the MLA rules with ``mla``) and, for MoE models,
+        ``data_parallel_size == 1``."""
         validate_model_parallel(num_heads, num_kv_heads, self.tensor_model_parallel_size,
-                                self.decode_context_parallel_size, intermediate_size)
+                                self.decode_context_parallel_size, intermediate_size, mla)
         validate_moe_data_parallel(is_moe, self.data_parallel_size)
 
     def validate(self, world_size: int | None = None, num_heads: int | None = None, num_kv_heads: int | None = None,
-                 intermediate_size: int | None = None, is_moe: bool = False) -> None:
+                 intermediate_size: int | None = None, is_moe: bool = False, mla: bool = False) -> None:
         """``check_world_size`` when ``world_size`` is given, ``check_model`` when the head counts are."""
         if world_size is not None:
             self.check_world_size(world_size)
         if num_heads is not None and num_kv_heads is not None:
-            self.check_model(num_heads, num_kv_heads, intermediate_size, is_moe)
+            self.check_model(num_heads, num_kv_heads, intermediate_size, is_moe, mla)
 
     def initialize_kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``parallel_state.initialize_model_parallel``."""

@@ -137,11 +137,8 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = int(model.config.max_position_embeddings)
-        config = model.config
-        self.session = KVSession(
-            config.num_hidden_layers, config.num_key_value_heads, model.head_dim, num_kv_blocks, block_size,
-            max_num_seqs, max_seq_len=self.max_model_len, dtype=self.dtype, device=self.device, parallel_context=ctx,
-        )
+        self.session = KVSession.for_model(model, num_kv_blocks, block_size, max_num_seqs,
+                                           max_seq_len=self.max_model_len, parallel_context=ctx)  # K/V or latent rows
         self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
         # CUDA-graph decode (megacp/cuda_graph.py), captured at the first pure-decode step.
         self.graphs_off_reason = "enforce_eager=True" if enforce_eager else graph_support(model, self.device)

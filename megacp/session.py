@@ -39,7 +39,8 @@ from megacp.checks import check_int, check_memory, kv_cache_bytes, validate_prom
 from megacp.config import kv_head_layout
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable
-from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens
+from megacp.kv.latent_cache import LatentPagedCache
+from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens, local_slots
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata
 from megacp.layers.metadata_builder import AttentionMetadataBuilder
@@ -56,13 +57,15 @@ def _max_blocks_per_seq(num_kv_blocks: int, block_size: int, max_seq_len: int | 
 
 def kv_session_bytes(num_layers: int, num_kv_heads: int, head_dim: int, num_kv_blocks: int, block_size: int,
                      max_num_seqs: int, max_seq_len: int | None, itemsize: int, tp_size: int = 1,
-                     cp_world_size: int = 1) -> int:
+                     cp_world_size: int = 1, latent: bool = False) -> int:
     """Bytes one rank's ``KVSession`` of these arguments allocates: its paged K/V caches (this TP rank's KV heads,
-    ``config.kv_head_layout``) and its block table. What the session checks against the device's memory, and what
-    a command line checks before it loads the model (examples/infer_llama.py)."""
+    ``config.kv_head_layout``; with ``latent=True`` one latent tensor per layer, ``num_kv_heads=1``) and its block
+    table. What the session checks against the device's memory, and what a command line checks before it loads the
+    model (examples/infer_llama.py)."""
     local_kv_heads = kv_head_layout(num_kv_heads, tp_size, 0)[0]  # the count is the same on every TP rank
     return kv_cache_bytes(num_kv_blocks, block_size, local_kv_heads, head_dim, num_layers, itemsize, max_num_seqs,
-                          _max_blocks_per_seq(num_kv_blocks, block_size, max_seq_len, cp_world_size))
+                          _max_blocks_per_seq(num_kv_blocks, block_size, max_seq_len, cp_world_size),
+                          num_tensors=1 if latent else 2)
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -126,6 +129,8 @@ class KVSession:
     the whole cache). The cache memory is checked against the device before it is allocated. ``vocab_size``:
     given, every step's token ids are checked against it on the host, before anything changes (a tensor-parallel
     embedding would otherwise turn an out-of-vocabulary id into a zero row; ``LLMEngine`` checks its requests itself).
+    ``latent=True``: an MLA model's cache (``LatentPagedCache``, one row of ``head_dim = kv_lora_rank +
+    qk_rope_head_dim`` per token and layer, shared by every head and TP rank): give ``num_kv_heads=1``.
     ``parallel_context``: the layout (``resolve_parallel_context``: given, else the global one, else one rank).
     """
 
@@ -141,6 +146,7 @@ class KVSession:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         vocab_size: int | None = None,
+        latent: bool = False,
         parallel_context: ParallelContext | None = None,
     ) -> None:
         self.vocab_size = None if vocab_size is None else check_int("KVSession(vocab_size)", vocab_size, 1)
@@ -150,6 +156,10 @@ class KVSession:
         num_blocks = check_int("KVSession(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
         block_size = check_int("KVSession(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
         max_num_seqs = check_int("KVSession(max_num_seqs)", max_num_seqs, 1, hint="requests cached at once, e.g. 64")
+        if latent and num_kv_heads != 1:
+            raise ValueError(f"KVSession(latent=True) caches one latent row per token (MLA): pass num_kv_heads=1, "
+                             f"got {num_kv_heads}")
+        self.latent = bool(latent)
         ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         W, R, interleave = ctx.cp_world_size, ctx.cp_rank, ctx.interleave_size
         self.cp_world_size, self.cp_rank, self.interleave_size = W, R, interleave
@@ -164,15 +174,16 @@ class KVSession:
         # "needs N GiB" here rather than a MemoryError or an allocator failure.
         check_memory(
             kv_session_bytes(num_layers, num_kv_heads, head_dim, num_blocks, block_size, max_num_seqs, max_seq_len,
-                             dtype.itemsize, ctx.tp_size, W),
+                             dtype.itemsize, ctx.tp_size, W, latent),
             self.device, "the KV cache (num_kv_blocks x block_size tokens, all layers)",
             "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
         )
         # The one check of the KV interleave against the block size (BlockTable's); the slot math trusts it after.
         self.block_table = BlockTable(block_size, max_num_seqs, max_blocks, W, R, interleave, self.device)
         self.allocator = BlockAllocator(num_blocks)
-        self.kv_caches = [
-            PagedKVCache(num_blocks, block_size, self.num_local_kv_heads, head_dim, dtype, self.device)
+        self.kv_caches: list[PagedKVCache] | list[LatentPagedCache] = [
+            LatentPagedCache(num_blocks, block_size, head_dim, dtype, self.device) if latent
+            else PagedKVCache(num_blocks, block_size, self.num_local_kv_heads, head_dim, dtype, self.device)
             for _ in range(num_layers)
         ]
         self.builder = AttentionMetadataBuilder(
@@ -181,6 +192,25 @@ class KVSession:
         )
         self._seqs: dict[Hashable, _Sequence] = {}
         self._free_rows = list(range(max_num_seqs))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_kv_blocks: int, block_size: int = 16, max_num_seqs: int = 64,
+                  max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None, vocab_size: int | None = None,
+                  parallel_context: ParallelContext | None = None) -> "KVSession":
+        """A session whose caches fit ``model`` (megacp's ``LlamaForCausalLM`` / ``DeepseekForCausalLM``, or any
+        module with their ``config.num_hidden_layers``, ``config.num_key_value_heads`` and ``head_dim``): K/V of
+        the model's KV heads, or, when it has a ``latent_dim`` (MLA), one latent row per token. ``dtype`` and
+        ``device`` default to the model's parameters'."""
+        cfg = model.config
+        latent_dim = getattr(model, "latent_dim", None)
+        param = next(model.parameters())
+        return cls(
+            cfg.num_hidden_layers, 1 if latent_dim else cfg.num_key_value_heads, latent_dim or model.head_dim,
+            num_kv_blocks, block_size, max_num_seqs, max_seq_len=max_seq_len, dtype=dtype or param.dtype,
+            device=param.device if device is None else device, vocab_size=vocab_size, latent=bool(latent_dim),
+            parallel_context=parallel_context,
+        )
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -206,6 +236,19 @@ class KVSession:
             return 0
         lens = torch.tensor([s.num_cached for s in self._seqs.values()], dtype=torch.long)
         return int(cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
+
+    def local_slots(self, request_id: Hashable) -> Tensor:
+        """This rank's cache slots of ``request_id``'s cached tokens, in local order (the positions they hold are
+        ``cp_local_positions(num_cached, cp_world_size, cp_rank, interleave_size)``), e.g. to read its rows back.
+
+        # -> [local cached length] long
+        """
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise ValueError(f"KVSession.local_slots: request {request_id!r} is not in this session")
+        n = int(cp_local_seq_lens(torch.tensor([seq.num_cached]), self.cp_world_size, self.cp_rank,
+                                  self.interleave_size)[0])
+        return local_slots(self.block_table.row_host(seq.row), torch.arange(n), self.block_size)
 
     # ------------------------------------------------------------------ blocks
     def _blocks_to_add(self, request_id: Hashable, num_tokens: int) -> int:

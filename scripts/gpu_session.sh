@@ -2,7 +2,8 @@
 # One session on the GPU machine (see bench/README.md): install Transformer Engine if its parts were copied to
 # /root/te, apply the cuDNN fix, run the GPU tests and the benchmarks, write logs and JSON under $OUT.
 #   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [sweep] [e2e] [e2e32] [cpmatrix] [graphmatrix]
-#   (default: tests prefill decode e2e)
+#          [mlatests] [mladecode] [mlasweep] [prefillmla] [e2edsv2]      (MLA: issue 21; DSV2_LAYERS=27 for the
+#   (default: tests prefill decode e2e)                                    whole DeepSeek-V2-Lite, default 4)
 set -o pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -36,7 +37,17 @@ for step in $steps; do
     cpmatrix) timeout 300 torchrun --nproc-per-node 8 scripts/gpu_cp_matrix.py --json-out "$OUT/gpu_cp_matrix.json" 2>&1 | tail -30 ;;
     graphmatrix) timeout 300 torchrun --nproc-per-node 8 scripts/gpu_graph_matrix.py --json-out "$OUT/gpu_graph_matrix.json" \
              2>&1 | grep -v '^ ' | tail -40 ;;
-    *) echo "unknown step $step (tests, prefill, decode, sweep, e2e, e2e32, cpmatrix, graphmatrix)" ;;
+    mlatests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -rs -s tests/test_gpu_mla_decode.py \
+             tests/test_gpu_backends.py::test_backend_takes_mla_prefill_head_dims 2>&1 | tee "$OUT/mla_tests.log" \
+             | grep -v '^ ' | tail -40 ;;
+    mladecode) timeout 200 python3 bench/decode.py --kinds mla --json-out "$OUT/decode_mla.json" 2>&1 | tail -40 ;;
+    mlasweep) timeout 300 python3 bench/decode_sweep.py --kind mla ${SWEEP_ARGS:-} \
+             --json-out "$OUT/decode_sweep_mla.json" 2>&1 | tail -12 ;;
+    prefillmla) timeout 150 python3 bench/prefill_mla.py --json-out "$OUT/prefill_mla.json" 2>&1 | tail -40 ;;
+    e2edsv2) timeout 300 python3 bench/e2e.py --model-shape deepseek-v2-lite --layers ${DSV2_LAYERS:-4} ${E2E_ARGS:-} \
+             --json-out "$OUT/e2e_dsv2lite.json" 2>&1 | grep -v '^ ' | tail -30 ;;
+    *) echo "unknown step $step (tests, prefill, decode, sweep, e2e, e2e32, cpmatrix, graphmatrix, mlatests, mladecode,"\
+            "mlasweep, prefillmla, e2edsv2)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"
 done

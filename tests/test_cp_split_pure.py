@@ -209,13 +209,20 @@ def test_metadata_chunks_are_causal_prefixes(pcp):
         seq_pos = torch.cat([torch.arange(computed[i], computed[i] + new[i]) for i in range(len(new))])
         seq_req = torch.cat([torch.full((n,), i) for i, n in enumerate(new)])
         p = m.prefill
-        q_rows, k_index = _idx(p.q_rows, p.q_range), _idx(p.k_index, p.k_range)
+        q_rows = _idx(p.q_rows, p.q_range)
         cu_q, cu_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
         assert cu_q == p.cu_seqlens_q_host and cu_k == p.cu_seqlens_k_host
-        assert cu_q[-1] == q_rows.numel() and cu_k[-1] == k_index.numel()
+        assert cu_q[-1] == q_rows.numel() and cu_k[-1] == sum(new)
+        # with pcp > 1 the head and tail chunk of a request start at the same key row (overlapping prefixes)
+        assert (p.seqused_k is None) == (pcp == 1)
+        if p.seqused_k is None:
+            used = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+        else:
+            used = p.seqused_k.tolist()
+            assert used == p.seqused_k_host
         for c in range(len(cu_q) - 1):
             q_pos = m.positions[q_rows[cu_q[c]:cu_q[c + 1]]]
-            k = k_index[cu_k[c]:cu_k[c + 1]]
+            k = torch.arange(cu_k[c], cu_k[c] + used[c])
             # keys are the request's new tokens from its first one up to the chunk's last query
             assert seq_req[k].unique().numel() == 1
             req = int(seq_req[k[0]])
@@ -299,17 +306,23 @@ def test_prefill_plan_is_host_only_and_covers_every_token(pcp):
     plans = [plan_prefill(s, pcp, r, tables[r]) for r in range(pcp)]
     queried, stored = [], torch.zeros(14, dtype=torch.long)
     for r, p in enumerate(plans):
-        tensors = [p.token_index, p.positions, p.caller_rows, p.logits_rows, p.gather, p.slots, p.q_rows, p.k_index]
+        tensors = [p.token_index, p.positions, p.caller_rows, p.logits_rows, p.gather, p.slots, p.q_rows]
         assert all(t.device.type == "cpu" for t in tensors)
-        assert all(type(x) is int for x in p.cu_q + p.cu_k) and p.num_local == 1 + p.num_prefill_rows
+        assert all(type(x) is int for x in p.cu_q + p.cu_k + (p.seqused_k or []))
+        assert p.num_local == 1 + p.num_prefill_rows
         assert p.token_index[0] == 0 and p.positions[0] == 4  # the decode row, replicated on every PCP rank
         queried += p.token_index[p.q_rows].tolist()
-        assert p.cu_q[-1] == len(p.q_rows) and p.cu_k[-1] == len(p.k_index)
+        # keys by start and length: each chunk reads a prefix of its request's sequence-ordered new K/V (14 rows)
+        assert p.cu_q[-1] == len(p.q_rows) and p.cu_k[-1] == 14
+        used = p.seqused_k if p.seqused_k is not None else [b - a for a, b in zip(p.cu_k, p.cu_k[1:])]
+        assert len(used) == len(p.cu_q) - 1 and all(a + n <= 14 for a, n in zip(p.cu_k, used))
+        assert (p.seqused_k is None) == (pcp == 1)  # with pcp = 1 the ranges lie one after another
         stored += (p.slots >= 0).long()
         # gather: rank-major rows of the PCP all-gather of every rank's prefill rows, back in sequence order
         assert sorted(p.gather.tolist()) == p.gather.unique().tolist() and len(p.gather) == 14
         ctx = p.context
         assert ctx is not None and ctx.cu_q[-1] == pcp * len(ctx.rows)  # only request 2 has cached context
         assert ctx.cu_k == [0, int(cp_local_seq_lens(torch.tensor([6]), pcp, r, 1)[0])]
+        assert ctx.cu_ctx == [0, 6] and len(ctx.gather_rows) == 6  # pass-KV: the whole context, sequence order
     assert sorted(queried) == list(range(1, 15))  # tokens 1..14 are the prefill tokens, each queried once
     assert stored.tolist() == [1] * 14

@@ -76,6 +76,40 @@ def test_graph_decode_equals_eager(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_graph_decode_equals_eager(dtype):
+    """A dense DeepSeek (latent cache, Triton paged MLA decode): graph-replayed decode gives the eager tokens."""
+    from megacp.engine import LLMEngine
+    from tests.test_no_host_sync import _tiny_deepseek
+
+    with model_parallel(backend="gloo"):
+        model = _tiny_deepseek(dtype, "cuda")
+        eager = LLMEngine(model, num_kv_blocks=64, block_size=16, max_num_seqs=17, enforce_eager=True)
+        graphs = LLMEngine(model, num_kv_blocks=64, block_size=16, max_num_seqs=17)
+        assert graphs.graphs_off_reason is None
+        for batch in (1, 3, 17):
+            want, _ = _run(eager, batch, dtype)
+            got, s_graph = _run(graphs, batch, dtype)
+            assert got == want, f"batch {batch} {dtype}: MLA graph decode tokens differ from eager"
+            assert s_graph.graph_replays == 5, s_graph
+
+
+def test_moe_deepseek_runs_eagerly():
+    """DeepSeek's MoE layers route a data-dependent number of tokens: graphs stay off for them."""
+    from megacp.cuda_graph import graph_support
+    from megacp.models.config import model_config_from_dict
+    from megacp.models.deepseek import DeepseekForCausalLM
+    from tests.deepseek_tiny import tiny_deepseek_config
+
+    with model_parallel():
+        model = DeepseekForCausalLM(model_config_from_dict(tiny_deepseek_config(3).to_dict()))
+        assert "MoE" in graph_support(model, torch.device("cuda"))
+        dense = DeepseekForCausalLM(model_config_from_dict(tiny_deepseek_config(3, first_k_dense_replace=3).to_dict()))
+        assert graph_support(dense, torch.device("cuda")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_piecewise_graph_decode_equals_eager_in_every_layout(tmp_path):
     """scripts/gpu_graph_matrix.py: 8 gloo ranks on one GPU, every (tp, pcp, dcp), graphs cut at gloo collectives."""
     import json

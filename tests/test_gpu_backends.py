@@ -92,7 +92,8 @@ def test_packed_wrapper_drops_keyless_and_queryless_sequences():
     """The wrapper shared by "te" and "flash" must hand the kernel only non-empty sequences and refill the rest."""
     seen = []
 
-    def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+    def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k):
+        assert used_k is None
         lens = [(b - a, d - c) for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
         seen.append(lens)
         assert dev_cu[0].tolist() == cu_q and dev_cu[1].tolist() == cu_k  # device offsets match the host lists
@@ -182,12 +183,92 @@ def test_te_backward_plumbing_with_te_signatures(monkeypatch, causal):
     assert fake.calls == {"fwd": 3, "bwd": 2}
 
 
+def test_te_takes_overlapping_key_ranges_in_one_launch(monkeypatch):
+    """A PCP rank's two chunks over one K/V (seqused_k): TE gets them laid out per chunk, in ONE forward call."""
+    fake = _FakeTE()
+    monkeypatch.setattr(backends_cuda, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
+    monkeypatch.setattr(backends_cuda, "fused_shapes_ok", lambda q, k, v: True)
+    q, k, v = _packed_inputs([8], [16], 4, 2, 8, torch.float32, "cpu", seed=4)
+    host = ([0, 4, 8], [0, 0, 16], [8, 16])
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with torch.no_grad():
+        out, lse = backends_cuda._packed(backends_cuda._te_kernel)(q, k, v, t(host[0]), t(host[1]), True, 0.3,
+                                                                   host_cu_seqlens=host, seqused_k=t(host[2]))
+    ref = attention_with_lse(q, torch.cat([k[:8], k]), torch.cat([v[:8], v]), t([0, 4, 8]), t([0, 8, 24]), True,
+                             0.3, backend="torch")
+    torch.testing.assert_close(out, ref[0])
+    torch.testing.assert_close(lse, ref[1])
+    assert fake.calls == {"fwd": 1, "bwd": 0}
+
+
 def test_fused_shapes_ok_routes_float32_and_odd_head_dims_to_the_reference():
     x16 = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
     assert backends_cuda.fused_shapes_ok(x16, x16, x16)
     assert not backends_cuda.fused_shapes_ok(x16.float(), x16.float(), x16.float())
     odd = torch.zeros(2, 2, 4, dtype=torch.bfloat16)
     assert not backends_cuda.fused_shapes_ok(odd, odd, odd)
+
+
+def _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    assert used_k is None
+    return attention_with_lse(q, k, v, dev_cu[0], dev_cu[1], causal, scale, backend="torch")
+
+
+@pytest.mark.parametrize("dq,dv", [(24, 16), (16, 24)])
+def test_padding_to_one_head_dim_is_exact(dq, dv):
+    """MLA prefill shapes (V narrower than Q/K, and the other way): padding the narrower side with zeros and slicing
+    the output gives the unpadded attention (float64, causal chunk with lq < lk, GQA)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(7, 4, dq, generator=g), torch.randn(9, 2, dq, generator=g), torch.randn(9, 2, dv, generator=g)
+    q, k, v = q.double(), k.double(), v.double()
+    cu_q, cu_k = [0, 3, 7], [0, 3, 9]
+    dev_cu = (_cu([3, 4], "cpu"), _cu([3, 6], "cpu"))
+    want = _ref_packed(q, k, v, cu_q, cu_k, True, 0.3, dev_cu)
+    seen = []
+
+    def equal_dims_only(q_, k_, v_, *rest):
+        assert q_.shape[-1] == k_.shape[-1] == v_.shape[-1], "the padded call must have one head dim"
+        seen.append(v_.shape[-1])
+        return _ref_packed(q_, k_, v_, *rest)
+
+    out, lse = backends_cuda.padded_v_dim(equal_dims_only, q, k, v, cu_q, cu_k, True, 0.3, dev_cu)
+    assert seen == [max(dq, dv)] and out.shape == (7, 4, dv) and out.is_contiguous()
+    assert torch.allclose(out, want[0], atol=1e-12) and torch.allclose(lse, want[1], atol=1e-6)
+
+
+def test_v_head_dim_routing_native_then_padded(monkeypatch):
+    """TE / cuDNN get a narrower V as it is until a call refuses it (then padding, remembered); FlashAttention is
+    always padded; with gradients everything is padded; equal dims pass straight through."""
+    monkeypatch.setattr(backends_cuda, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
+    calls = []
+
+    def fake(refuses: bool):
+        def kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+            calls.append((q.shape[-1], v.shape[-1]))
+            if refuses and v.shape[-1] != q.shape[-1]:
+                raise RuntimeError("cuDNN Frontend error: head dims")
+            return _ref_packed(q, k, v, cu_q, cu_k, causal, scale, dev_cu)
+        return kernel
+
+    q, k, v = torch.randn(5, 2, 24), torch.randn(5, 2, 24), torch.randn(5, 2, 16)
+    args = ([0, 5], [0, 5], True, 0.2, (_cu([5], "cpu"), _cu([5], "cpu")))
+    want = _ref_packed(q, k, v, *args)[0]
+    te = backends_cuda._any_v_dim("te", fake(refuses=False))
+    cudnn = backends_cuda._any_v_dim("cudnn", fake(refuses=True))
+    flash = backends_cuda._any_v_dim("flash", fake(refuses=True))
+    for kernel, expect in ((te, [(24, 16)]), (cudnn, [(24, 16), (24, 24)]), (cudnn, [(24, 24)]),
+                           (flash, [(24, 24)]), (te, [(24, 16)])):
+        calls.clear()
+        assert torch.allclose(kernel(q, k, v, *args)[0], want, atol=1e-5) and calls == expect, (calls, expect)
+    assert backends_cuda._NATIVE_V_DIM == {"te": True, "cudnn": False}
+    calls.clear()
+    te(q.requires_grad_(), k, v, *args)
+    assert calls == [(24, 24)], "with gradients the padded call runs (autograd through pad and slice)"
+    calls.clear()
+    cudnn(q, k, k, *args)
+    assert calls == [(24, 24)]
+    assert backends_cuda.fused_shapes_ok(*(t.bfloat16() for t in (q, k, v)))
+    assert not backends_cuda.fused_shapes_ok(q.bfloat16(), k.bfloat16(), v[..., :12].bfloat16())
 
 
 def test_cudnn_clash_is_detected_before_importing_te(monkeypatch, tmp_path):
@@ -279,6 +360,28 @@ def test_backend_matches_fp32_reference(name, causal):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_takes_mla_prefill_head_dims(name, causal):
+    """qk_head_dim 192, v_head_dim 128 (DeepSeek MLA prefill), a chunk with lq < lk and a whole prompt: each backend
+    (natively or by padding V, ``_NATIVE_V_DIM`` says which) matches the float32 reference like equal dims do."""
+    _require(name)
+    lq, lk = [300, 1000], [700, 1000]
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(sum(lq), 16, 192, generator=g), torch.randn(sum(lk), 16, 192, generator=g)
+    v = torch.randn(sum(lk), 16, 128, generator=g)
+    out, lse = attention_with_lse(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), _cu(lq, "cuda"),
+                                  _cu(lk, "cuda"), causal, 192 ** -0.5, backend=name)
+    ref_out, ref_lse = attention_with_lse(*(t.bfloat16().float() for t in (q, k, v)), _cu(lq, "cpu"), _cu(lk, "cpu"),
+                                          causal, 192 ** -0.5, backend="torch")
+    assert out.shape == (sum(lq), 16, 128)
+    print(f"{name} causal={causal}: native V head dim {backends_cuda._NATIVE_V_DIM}, rel err "
+          f"{_rel(out.cpu(), ref_out):.2e}")
+    assert _rel(out.cpu(), ref_out) < 1e-2 and _lse_err(lse, ref_lse) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", FUSED)
 def test_backend_pcp_chunk_equals_full_causal_rows(name):
     """A tail chunk (bottom-right causal against the prefix) must equal the same rows of the full causal call."""
     _require(name)
@@ -294,6 +397,14 @@ def test_backend_pcp_chunk_equals_full_causal_rows(name):
     exp_out, exp_lse = torch.cat([full[head], full[tail]]), torch.cat([full_lse[head], full_lse[tail]])
     assert _rel(out, exp_out) < 1e-2
     assert (lse - exp_lse).abs().max().item() < 1e-2
+    # the same two chunks in one call over the one K/V: keys by start and length (seqused_k), no copy
+    i32 = dict(dtype=torch.int32, device="cuda")
+    host = ([0, c, 2 * c], [0, 0, T], [c, T - c])
+    one, one_lse = attention_with_lse(qs, k, v, torch.tensor(host[0], **i32), torch.tensor(host[1], **i32), True,
+                                      0.088, backend=name, host_cu_seqlens=host, seqused_k=torch.tensor(host[2], **i32))
+    assert _rel(one, exp_out) < 1e-2 and (one_lse - exp_lse).abs().max().item() < 1e-2
+    # the same kernel on the same sums: equal to the copied layout's result up to bf16 rounding of the output
+    assert _rel(one, out) < 4e-3 and (one_lse - lse).abs().max().item() < 1e-3
 
 
 @gpu

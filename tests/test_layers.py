@@ -107,8 +107,8 @@ def test_rotary_tables_equal_per_call_rotary_bitwise(dtype: torch.dtype) -> None
 
 
 def test_rotary_unknown_type_is_clear() -> None:
-    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'.*default, linear, llama3"):
-        compute_inv_freq(8, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'.*default, linear, llama3, yarn"):
+        compute_inv_freq(8, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
 
 
 # ----------------------------------------------------------------------------------------------- TP layers (gloo)

@@ -70,12 +70,13 @@ def test_config_architectures_and_errors() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_config_from_dict(_cfg(model_type="qwen2", sliding_window=4096, use_sliding_window=False))
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama, mistral, mixtral, qwen2, qwen2_moe"):
+    supported = "deepseek_v2, deepseek_v3, llama, mistral, mixtral, qwen2, qwen2_moe"
+    with pytest.raises(ValueError, match=f"unsupported model_type 'gpt2'.*{supported}"):
         model_config_from_dict(_cfg(model_type="gpt2"))
     with pytest.raises(ValueError, match="lacks the required field 'intermediate_size'"):
         model_config_from_dict({k: v for k, v in _cfg().items() if k != "intermediate_size"})
-    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
-        model_config_from_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
+        model_config_from_dict(_cfg(rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
     tiny = build_tiny_llama_config()
     assert (tiny.vocab_size, tiny.num_key_value_heads) == (256, 1)
 
@@ -89,7 +90,7 @@ def test_loader_file_errors() -> None:
             load_model(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(_cfg(model_type="gpt2"), f)
-        supported = "llama, mistral, mixtral, qwen2, qwen2_moe"
+        supported = "deepseek_v2, deepseek_v3, llama, mistral, mixtral, qwen2, qwen2_moe"
         with pytest.raises(ValueError, match=f"unsupported model_type 'gpt2'.*supports: {supported}"):
             load_model(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:

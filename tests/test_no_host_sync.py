@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megacp.kv import BlockTable, PagedKVCache, blocks_needed
+from megacp.kv import BlockTable, LatentPagedCache, PagedKVCache, blocks_needed
 from megacp.layers.metadata_builder import build_attention_metadata
 from megacp.ops import attention_with_lse, paged_attention_with_lse
 from megacp.ops import backends_cuda
@@ -140,8 +140,12 @@ def _run_steps(model, cp_world: int, cp_rank: int, interleave: int, device: str 
     for i in range(3):
         table.set_row(i, list(range(i * per_req, (i + 1) * per_req)))
     dtype = next(model.parameters()).dtype
-    caches = [PagedKVCache(3 * per_req, BLOCK, model.num_local_kv_heads, cfg.head_dim, dtype, device)
-              for _ in range(cfg.num_hidden_layers)]
+    if getattr(model, "latent_dim", None):  # MLA: one latent row per token and layer
+        caches = [LatentPagedCache(3 * per_req, BLOCK, model.latent_dim, dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
+    else:
+        caches = [PagedKVCache(3 * per_req, BLOCK, model.num_local_kv_heads, cfg.head_dim, dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
     reads, err = [], 0.0
     for rows, computed, new in steps:
         meta = build_attention_metadata(rows, computed, new, table, device=device, null_slot=caches[0].null_slot)
@@ -167,19 +171,44 @@ def test_model_steps_read_nothing_back_single_device():
     assert err < 1e-4
 
 
+def _tiny_deepseek(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A seeded dense DeepSeek-V3 (MLA with q-LoRA, interleaved rope, YaRN) of tests/deepseek_tiny.py's sizes."""
+    from megacp.models.config import model_config_from_dict
+    from megacp.models.deepseek import DeepseekForCausalLM
+    from megacp.models.loader import seeded_hf_weights
+    from tests.deepseek_tiny import tiny_deepseek_config
+
+    config = model_config_from_dict(tiny_deepseek_config(3, first_k_dense_replace=3).to_dict())
+    with torch.device(device):
+        model = DeepseekForCausalLM(config, params_dtype=dtype)
+    loaders = model.hf_weight_loaders()
+    for name, tensor in seeded_hf_weights(model, 0).items():
+        loaders[name](tensor)
+    return model.eval()
+
+
+def test_mla_model_steps_read_nothing_back_single_device():
+    with model_parallel():
+        reads, err = _run_steps(_tiny_deepseek(), 1, 0, 1)
+    assert reads == [[], [], []], reads
+    assert err < 1e-4
+
+
 def _dist_task():
     from megacp.models import load_model
 
     with model_parallel(tensor_model_parallel_size=2, prefill_context_parallel_size=2, decode_context_parallel_size=2,
                         cp_kv_cache_interleave_size=2) as ps:
-        model = load_model(None, torch.float32, "cpu")
-        return _run_steps(model, ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(), 2)
+        coords = (ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(), 2)
+        return [_run_steps(load_model(None, torch.float32, "cpu"), *coords), _run_steps(_tiny_deepseek(), *coords)]
 
 
 def test_model_steps_read_nothing_back_tp2_pcp2_dcp2(dist_pool_4):
-    for reads, err in dist_pool_4.run(_dist_task):
-        assert reads == [[], [], []], reads
-        assert err < 1e-4
+    """The tiny Llama (GQA) and a dense DeepSeek (MLA: latent cache, absorbed DCP decode, pass-KV/pass-Q context)."""
+    for per_model in dist_pool_4.run(_dist_task):
+        for reads, err in per_model:
+            assert reads == [[], [], []], reads
+            assert err < 1e-4
 
 
 # --------------------------------------------------------------------------------------------- on a GPU
@@ -221,6 +250,19 @@ def test_model_steps_do_not_sync_on_cuda(dtype, tol):
     with model_parallel(backend="gloo"):
         model = _tiny_model(dtype, "cuda")
         _run_steps(model, 1, 0, 1, "cuda")  # warm-up: kernel compilation and first-use allocations
+        reads, err = _run_steps(model, 1, 0, 1, "cuda", guard=_NoCudaSync)
+    assert reads == [[], [], []], reads
+    assert err < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_mla_model_steps_do_not_sync_on_cuda(dtype, tol):
+    """A dense DeepSeek: the Triton paged MLA decode, prefill with qk_head_dim != v_head_dim on the CUDA backends."""
+    with model_parallel(backend="gloo"):
+        model = _tiny_deepseek(dtype, "cuda")
+        _run_steps(model, 1, 0, 1, "cuda")  # warm-up
         reads, err = _run_steps(model, 1, 0, 1, "cuda", guard=_NoCudaSync)
     assert reads == [[], [], []], reads
     assert err < tol
@@ -284,18 +326,35 @@ def test_packed_cuda_wrapper_uses_host_offsets():
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     seen = []
 
-    def kernel(q, k, v, hq, hk, causal, scale, dev_cu):
-        seen.append((hq, hk, dev_cu[0].tolist(), dev_cu[1].tolist()))
+    def kernel(q, k, v, hq, hk, causal, scale, dev_cu, used_k):
+        seen.append((hq, hk, dev_cu[0].tolist(), dev_cu[1].tolist(), used_k))
         return backends_cuda._reference(q, k, v, dev_cu[0], dev_cu[1], causal, scale, (hq, hk))
 
     fake_q = torch.full((len(cu_q),), -7, dtype=torch.int32)  # never read: the host offsets are used
     out, lse = backends_cuda._packed(kernel)(q, k, v, fake_q, fake_q, True, 0.3, host_cu_seqlens=(cu_q, cu_k))
-    hq, hk, dq, dk = seen[0]
-    assert hq == dq == [0, 3, 7, 12] and hk == dk == [0, 5, 9, 11]  # the kept sequences only
+    hq, hk, dq, dk, used = seen[0]
+    assert hq == dq == [0, 3, 7, 12] and hk == dk == [0, 5, 9, 11] and used is None  # the kept sequences only
     ref_out, ref_lse = attention_with_lse(q.float(), k.float(), v.float(), torch.tensor(cu_q), torch.tensor(cu_k),
                                           True, 0.3, backend="torch")
     assert float((out.float() - ref_out).abs().max()) < 2e-2
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_packed_cuda_wrapper_passes_overlapping_key_ranges_from_the_host():
+    """seqused_k (a PCP rank's two chunks over one K/V) reaches the kernel as host lengths: nothing read back."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, 2, 8, generator=g).bfloat16() for n in (8, 16, 16))
+    seen = []
+
+    def kernel(q, k, v, hq, hk, causal, scale, dev_cu, used_k):
+        seen.append((hq, hk, used_k[0]))
+        return q.new_zeros(q.shape), torch.zeros(q.shape[:2])
+
+    fake = torch.full((3,), -7, dtype=torch.int32)
+    with HostReads() as r:
+        backends_cuda._packed(kernel)(q, k, v, fake, fake, True, 0.3, host_cu_seqlens=([0, 4, 8], [0, 0, 16], [8, 16]),
+                                      seqused_k=torch.tensor([8, 16], dtype=torch.int32))
+    assert r.reads == [] and seen == [([0, 4, 8], [0, 0, 16], [8, 16])]
 
 
 def test_paged_attention_with_host_lengths_matches_and_reads_nothing():

@@ -53,7 +53,7 @@ def _compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floa
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels cannot be compiled")
 def test_kernels_compile_for_hopper():
-    from megacp.ops import merge_kernel, paged_decode, rms_norm
+    from megacp.ops import merge_kernel, paged_decode, paged_mla_decode, rms_norm
 
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for fused, group, block_n in ((False, 4, 64), (True, 4, 64), (True, 32, 32), (False, 16, 128)):
@@ -65,6 +65,14 @@ def test_kernels_compile_for_hopper():
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_PAD": max(16, group),
                  "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision},
                 floats=("scale_log2",))
+        for fused, block_h, block_n, warps in ((False, 16, 32, 4), (True, 16, 16, 4), (False, 32, 32, 8)):
+            _compile_for_hopper(
+                paged_mla_decode._mla_split_kernel,
+                {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}", "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
+                {"FUSED_MERGE": fused, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512, "DV_PAD": 512, "DPE": 64,
+                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision},
+                floats=("scale_log2",), num_warps=warps)
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})

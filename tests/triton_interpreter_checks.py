@@ -20,8 +20,9 @@ import torch
 
 from megacp.ops import cp_merge_gathered, cp_merge_packed, merge_attn_states_n, paged_attention_with_lse
 from megacp.ops import merge as merge_mod
-from megacp.ops import paged_decode, rms_norm
+from megacp.ops import paged_decode, paged_mla_decode, rms_norm
 from megacp.ops.merge_kernel import merge_partials
+from tests.mla_decode_cases import bf16_reference, dense_reference, merge_ranks, sharded_case
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
@@ -66,6 +67,56 @@ def check_paged_decode() -> None:
     assert all(int(c.abs().sum()) == 0 for c in counters), "fused merge left its arrival counters non-zero"
     out, lse = paged_decode.paged_decode_with_lse(q, k, v, bt, lens, 0.25)  # choose_plan's own plan
     _close(out, want_out, 1e-5, "paged decode, chosen plan")
+
+
+def mla_plans() -> list:
+    """MLA launch plans covering one split, uneven splits, more splits than tiles, the merge kernel, the fused
+    merge (listed twice: its counters must reset), two head blocks and every block_n."""
+    P = paged_mla_decode.MLADecodePlan
+    return [P(1, block_n=16), P(3, block_n=16), P(9, block_n=16), P(2, block_n=32, fused_merge=True),
+            P(3, block_n=16, fused_merge=True), P(3, block_n=16, fused_merge=True), P(2, block_n=64, num_warps=8)]
+
+
+def check_paged_mla_decode(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                           plans: list | None = None, heads: int = 3) -> None:
+    """The MLA kernel, for every plan, equals the PyTorch path on each CP rank's shard (world 2, interleave 2: an
+    empty shard, lengths off every multiple; NaN in every unwritten slot), the merged ranks equal float64 attention
+    of the unsharded sequences (half dtypes: error within 2x a bf16-rounding reference's; the interpreter's bf16
+    ``tl.dot`` is wrong in triton 3.9, so the CPU tier runs float32 and the GPU test both), and a strided packed
+    ``out=``/``lse=`` receives the same numbers."""
+    case = sharded_case([0, 2, 19, 45], heads=heads, kv_lora_rank=24, rope=8, block_size=4, world=2, interleave=2,
+                        dtype=dtype, device=device)
+    q, dv, scale = case["q"], case["v_head_dim"], 0.13
+    want_out, want_lse = dense_reference(q, case["rows"], scale, dv)
+    refs = [paged_mla_decode.paged_mla_decode_reference(q, r["cache"], r["block_table"], r["lens"], scale, dv)
+            for r in case["ranks"]]
+    ref_err = (bf16_reference(q, case["rows"], scale, dv).double().cpu() - want_out).abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for plan in plans or mla_plans():
+        outs, lses = [], []
+        for rank, (r_out, r_lse) in zip(case["ranks"], refs):
+            out, lse = paged_mla_decode.paged_mla_decode_kernel(q, rank["cache"], rank["block_table"], rank["lens"],
+                                                                scale, dv, plan=plan)
+            _close(out, r_out, tol, f"mla decode {plan} vs the PyTorch path")
+            _lse_close(lse, r_lse, 1e-5 if dtype == torch.float32 else 1e-3, f"mla decode {plan}")
+            empty = rank["lens"] == 0
+            assert bool((out[empty] == 0).all()), f"mla decode {plan}: an empty shard must give out 0"
+            B, H = lse.shape
+            packed = torch.full((B, H, dv + 1), 7.0, device=device)
+            got, _ = paged_mla_decode.paged_mla_decode_kernel(q, rank["cache"], rank["block_table"], rank["lens"],
+                                                              scale, dv, plan=plan, out=packed[..., :dv],
+                                                              lse=packed[..., dv])
+            assert got.data_ptr() == packed.data_ptr(), f"mla decode {plan}: out= was not written in place"
+            _close(packed[..., :dv], out, tol, f"packed mla decode {plan}")
+            assert torch.equal(packed[..., dv].isinf(), lse.isinf()), f"packed mla decode {plan} lse"
+            outs.append(out)
+            lses.append(lse)
+        err = (merge_ranks(outs, lses)[0] - want_out).abs().max().item()
+        bound = 1e-5 if dtype == torch.float32 else 2 * ref_err + 1e-6
+        assert err <= bound, f"mla decode {plan}: error vs float64 {err:.3g} > {bound:.3g} (bf16 ref {ref_err:.3g})"
+    if device == "cpu" and paged_decode._COUNTERS.get(torch.device(device)):
+        counters = paged_decode._COUNTERS[torch.device(device)]
+        assert all(int(c.abs().sum()) == 0 for c in counters), "mla fused merge left its arrival counters non-zero"
 
 
 def check_merge_partials(device: str = "cpu") -> None:
@@ -150,6 +201,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
     check_paged_decode()
+    check_paged_mla_decode()
+    check_paged_mla_decode(heads=20, plans=mla_plans()[3:5])  # two head blocks of 16
     check_merge_partials()
     check_cp_merge_gathered(dtype=torch.float32)
     check_cp_merge_gathered(dtype=torch.bfloat16)

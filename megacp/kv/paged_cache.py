@@ -33,6 +33,17 @@ def write_plan(slot_mapping: Tensor) -> tuple[LongTensor | None, LongTensor]:
     return rows, slot_mapping[rows]
 
 
+def check_slots(slots: Tensor, num_blocks: int, block_size: int) -> None:
+    """ValueError unless every slot is one of ``num_blocks·block_size`` cache slots or the null slot after them."""
+    limit = num_blocks * block_size + 1  # the null slot is valid
+    if slots.numel() and not bool(((slots >= 0) & (slots < limit)).all()):
+        bad = int(slots[(slots < 0) | (slots >= limit)][0])
+        raise ValueError(
+            f"slot {bad} is outside this cache's {num_blocks * block_size} slots "
+            f"({num_blocks} blocks of {block_size}); the block table and cache disagree on num_blocks"
+        )
+
+
 class PagedKVCache:
     """K and V block pools of one attention layer: ``.k``, ``.v`` [num_blocks, block_size, num_kv_heads, head_dim]."""
 
@@ -120,13 +131,7 @@ class PagedKVCache:
 
     def check_slots(self, slots: Tensor) -> None:
         """ValueError unless every slot is one of this cache's (or the null slot); reads ``slots`` on the host."""
-        limit = self.num_tokens_capacity + 1  # the null slot is valid
-        if slots.numel() and not bool(((slots >= 0) & (slots < limit)).all()):
-            bad = int(slots[(slots < 0) | (slots >= limit)][0])
-            raise ValueError(
-                f"slot {bad} is outside this cache's {self.num_tokens_capacity} slots "
-                f"({self.num_blocks} blocks of {self.block_size}); the block table and cache disagree on num_blocks"
-            )
+        check_slots(slots, self.num_blocks, self.block_size)
 
     def _check_kv(self, k: Tensor, v: Tensor) -> None:
         expected = (self.num_kv_heads, self.head_dim)

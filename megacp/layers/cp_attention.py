@@ -30,6 +30,8 @@ CUDA graph (``megacp.cuda_graph``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from einops import rearrange
 from torch import LongTensor, Tensor, nn
@@ -73,6 +75,8 @@ class ContextParallelAttention(nn.Module):
     kernel (see ``megacp.ops.attention``). The layer has no parameters.
     """
 
+    latent = False  # MLA's LatentAttention: one latent row per token, so only tp % dcp == 0 (DESIGN §3b)
+
     def __init__(
         self,
         num_heads: int,
@@ -85,11 +89,11 @@ class ContextParallelAttention(nn.Module):
         super().__init__()
         ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         self.pcp_group, self.dcp_group, self.cp_group = ctx.pcp, ctx.dcp, ctx.cp
-        validate_model_parallel(num_heads, num_kv_heads, ctx.tp_size, ctx.dcp_size)
+        validate_model_parallel(num_heads, num_kv_heads, ctx.tp_size, ctx.dcp_size, mla=self.latent)
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_local_heads = num_heads // ctx.tp_size
         self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
-        self.head_dim = head_dim
+        self.head_dim = self.out_dim = head_dim
         self.scale = float(scale)
         self.backend = backend  # as given (None: automatic); what runs is attention_backend(device)
         self._backends: dict[str, AttentionBackend] = {}
@@ -116,24 +120,32 @@ class ContextParallelAttention(nn.Module):
         """
         self._check_layout(meta)
         self._check_shapes(q, k, v, meta, kv_cache)
+        return self._attend(q, (k, v), meta, kv_cache)
+
+    def _attend(self, q: Tensor, kv: tuple[Tensor, ...], meta: AttentionMetadata, kv_cache: Any) -> Tensor:
+        """Each path on its rows, the prefill outputs scattered to their local rows, the context part LSE-merged in.
+
+        # q: [T_local, Hq_local, Dq], kv: per-token tensors [T_local, ...] handed to the paths (GQA: k and v; MLA:
+        # the latent rows) -> [T_local, Hq_local, out_dim]
+        """
         if kv_cache is None and (meta.decode is not None or meta.context is not None):
             raise ValueError(
-                "ContextParallelAttention: decode requests and prefills over cached context need a kv_cache; "
-                "pass the layer's PagedKVCache (kv_cache=None is only for prefill-only steps without context)"
+                f"{type(self).__name__}: decode requests and prefills over cached context need a kv_cache; "
+                "pass the layer's cache (kv_cache=None is only for prefill-only steps without context)"
             )
         T, B = meta.num_local_tokens, meta.num_decodes
-        o_dec = self._decode(q[:B], k[:B], v[:B], meta.decode, kv_cache) if B else None
+        o_dec = self._decode(q[:B], *(t[:B] for t in kv), meta.decode, kv_cache) if B else None
         pre = meta.prefill
         if pre is None:
-            return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.head_dim)
-        o_new, lse_new = self._prefill_pcp(q, k[B:], v[B:], pre, kv_cache)
+            return o_dec if o_dec is not None else q.new_zeros(T, self.num_local_heads, self.out_dim)
+        o_new, lse_new = self._prefill_pcp(q, *(t[B:] for t in kv), pre, kv_cache)
         in_order = pre.q_range == (B, T)  # every prefill row is a real chunk query, in order (pcp = 1): no scatter
         ctx = meta.context
         q_rows = None if in_order and ctx is None else _index(pre.q_rows, pre.q_range, q.device)
         if in_order:
             out = o_new if o_dec is None else torch.cat([o_dec, o_new])
         else:
-            out = q.new_zeros(T, self.num_local_heads, self.head_dim)
+            out = q.new_zeros(T, self.num_local_heads, self.out_dim)
             if o_dec is not None:
                 out = torch.cat([o_dec, out[B:]])
             out = out.index_copy(0, q_rows, o_new)
@@ -200,14 +212,16 @@ class ContextParallelAttention(nn.Module):
         v_seq = _rows(self.pcp_group.all_gather(v, dim=0), meta.gather_index, meta.gather_range)
         if kv_cache is not None:  # only the tokens this CP rank owns
             kv_cache.write_rows(k_seq, v_seq, meta.write_rows, meta.write_slots)
-        # One varlen sequence per chunk: its real queries against the request's keys up to the chunk's end. With
+        # ONE varlen call, one sequence per chunk: its real queries against the request's keys up to the chunk's
+        # end, a prefix of k_seq read in place (seqused_k: the head and tail chunk's ranges overlap). With
         # bottom-right alignment the chunk's last query sees every key, its first sees the prefix up to itself.
+        host = (meta.cu_seqlens_q_host, meta.cu_seqlens_k_host)
         return attention_with_lse(
-            _rows(q, meta.q_rows, meta.q_range),
-            _rows(k_seq, meta.k_index, meta.k_range), _rows(v_seq, meta.k_index, meta.k_range),
+            _rows(q, meta.q_rows, meta.q_range), k_seq, v_seq,
             meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, scale=self.scale,
             backend=self.attention_backend(q.device),
-            host_cu_seqlens=(meta.cu_seqlens_q_host, meta.cu_seqlens_k_host),
+            host_cu_seqlens=host if meta.seqused_k is None else host + (meta.seqused_k_host,),
+            seqused_k=meta.seqused_k,
         )
 
     def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache
@@ -244,7 +258,7 @@ class ContextParallelAttention(nn.Module):
         built = (self.pcp_group.world_size, self.dcp_group.world_size)
         if (meta.pcp_size, meta.dcp_size) != built:
             raise ValueError(
-                f"ContextParallelAttention was built for prefill_context_parallel_size={built[0]}, "
+                f"{type(self).__name__} was built for prefill_context_parallel_size={built[0]}, "
                 f"decode_context_parallel_size={built[1]} but the step metadata is for "
                 f"prefill_context_parallel_size={meta.pcp_size}, decode_context_parallel_size={meta.dcp_size}; build "
                 f"the model and the metadata under the same initialize_model_parallel(...) (a layer built before it "

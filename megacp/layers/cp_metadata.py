@@ -73,9 +73,12 @@ class PrefillMetadata:
 
     After the PCP all-gather of the prefill K/V, ``gather_index`` picks every request's real new tokens in sequence
     order (requests concatenated); ``write_rows``/``write_slots`` are those this rank stores (rows None = all). One
-    varlen sequence per local chunk with real queries: queries ``q_rows`` (local rows), keys ``k_index`` (rows of the
-    sequence-ordered K/V, from the request's first new token to the chunk's end; bottom-right causal does the rest).
-    ``*_range``: the index is a plain range (slice instead of gather).
+    varlen sequence per local chunk with real queries: queries ``q_rows`` (local rows); keys, rows of the
+    sequence-ordered K/V from the request's first new token to the chunk's end (bottom-right causal does the rest),
+    given by start ``cu_seqlens_k[b]`` and length ``seqused_k[b]`` (``attention_with_lse``'s convention: the head and
+    tail chunk read overlapping prefixes of one K/V, in one call); ``seqused_k`` is None when the ranges lie one
+    after another (pcp = 1) and ``cu_seqlens_k`` is then cumulative. ``*_range``: the index is a plain range (slice
+    instead of gather).
     """
 
     num_rows: int
@@ -85,12 +88,12 @@ class PrefillMetadata:
     write_slots: LongTensor
     q_rows: LongTensor
     q_range: Range
-    k_index: LongTensor
-    k_range: Range
     cu_seqlens_q: Tensor  # [num_chunks+1] int32
-    cu_seqlens_k: Tensor
+    cu_seqlens_k: Tensor  # [num_chunks+1] int32: key starts (+ the total), cumulative without seqused_k
     cu_seqlens_q_host: list[int]
     cu_seqlens_k_host: list[int]
+    seqused_k: Tensor | None = None  # [num_chunks] int32: each chunk's key count
+    seqused_k_host: list[int] | None = None
 
 
 @dataclass
@@ -101,6 +104,11 @@ class ContextMetadata:
     are all-gathered over the CP group into ``W·Tc`` rows; ``q_perm`` regroups them request by request for one varlen
     non-causal call against each request's local context shard, read from the cache at ``kv_slots``.
     ``real_index``/``real_rows``: the entries of ``rows`` that are real tokens, and those rows.
+
+    The pass-KV alternative (MLA, when it moves fewer bytes): every rank's local context rows (``kv_slots``,
+    zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them in sequence
+    order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to its whole
+    context (offsets ``cu_seqlens_ctx``) locally, with no merge.
     """
 
     num_rows: int
@@ -113,6 +121,12 @@ class ContextMetadata:
     cu_seqlens_k: Tensor  # [S+1] int32, over kv_slots
     cu_seqlens_q_host: list[int]
     cu_seqlens_k_host: list[int]
+    gather_rows: LongTensor
+    gather_pad: int
+    cu_seqlens_rows: Tensor  # [S+1] int32, over rows
+    cu_seqlens_ctx: Tensor  # [S+1] int32, over gather_rows
+    cu_seqlens_rows_host: list[int]
+    cu_seqlens_ctx_host: list[int]
 
 
 @dataclass

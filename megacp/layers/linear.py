@@ -203,6 +203,36 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class ReplicatedLinear(nn.Module):
+    """``y = x Wᵀ + b`` with the whole W on every TP rank (MLA's ``q_a_proj`` and ``kv_a_proj_with_mqa``: small
+    down-projections whose output every head needs).
+
+    forward: x ``[T, input_size]`` → ``[T, output_size]``, no collective. Its input and output are the same on every
+    TP rank; a consumer that uses only its heads' part of the output must make the output's gradient whole
+    (``copy_to_tp_region``: the MLA layer does, once, on the latent), then W's gradient is whole too and is summed
+    over PCP and DP only, like a norm's.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = new_param((output_size, input_size), params_dtype)
+        self.weight.weight_loader = default_weight_loader
+        if bias:
+            self.bias = new_param((output_size,), params_dtype)
+            self.bias.weight_loader = default_weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The full tensor: what every rank holds."""
+        return tuple(param.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs fused into one matmul (MLP gate/up).
 

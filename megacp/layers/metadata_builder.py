@@ -203,10 +203,9 @@ class AttentionMetadataBuilder:
         logits_range = _as_range(logits_rows) if self.pcp_size == 1 else None
         if logits_range is None:
             arena.add("logits_rows", logits_rows)
-        ranges = {name: _as_range(index) for name, index in
-                  (("caller_rows", plan.caller_rows), ("gather", plan.gather), ("q", plan.q_rows), ("k", plan.k_index))}
-        for name, index in (("caller_rows", plan.caller_rows), ("gather", plan.gather), ("q", plan.q_rows),
-                            ("k", plan.k_index)):
+        indices = {"caller_rows": plan.caller_rows, "gather": plan.gather, "q": plan.q_rows}
+        ranges = {name: _as_range(index) for name, index in indices.items()}
+        for name, index in indices.items():
             if ranges[name] is None:  # a plain range travels as (start, stop): the layer slices
                 arena.add(name, index)
         write_rows, write_slots = write_plan(plan.slots)
@@ -215,26 +214,32 @@ class AttentionMetadataBuilder:
         arena.add("write_slots", write_slots)
         arena.add("cu_q", torch.tensor(plan.cu_q, dtype=torch.int32))
         arena.add("cu_k", torch.tensor(plan.cu_k, dtype=torch.int32))
+        if plan.seqused_k is not None:
+            arena.add("seqused_k", torch.tensor(plan.seqused_k, dtype=torch.int32))
         ctx = plan.context
         if ctx is not None:
-            for name in ("rows", "real_index", "real_rows", "q_perm", "kv_slots"):
+            for name in ("rows", "real_index", "real_rows", "q_perm", "kv_slots", "gather_rows"):
                 arena.add("ctx_" + name, getattr(ctx, name))
-            arena.add("ctx_cu_q", torch.tensor(ctx.cu_q, dtype=torch.int32))
-            arena.add("ctx_cu_k", torch.tensor(ctx.cu_k, dtype=torch.int32))
+            for name in ("cu_q", "cu_k", "cu_rows", "cu_ctx"):
+                arena.add("ctx_" + name, torch.tensor(getattr(ctx, name), dtype=torch.int32))
         dev = arena.publish()
         prefill = PrefillMetadata(
             num_rows=plan.num_prefill_rows,
             gather_index=dev.get("gather"), gather_range=ranges["gather"],
             write_rows=dev.get("write_rows"), write_slots=dev["write_slots"],
-            q_rows=dev.get("q"), q_range=ranges["q"], k_index=dev.get("k"), k_range=ranges["k"],
+            q_rows=dev.get("q"), q_range=ranges["q"],
             cu_seqlens_q=dev["cu_q"], cu_seqlens_k=dev["cu_k"],
             cu_seqlens_q_host=plan.cu_q, cu_seqlens_k_host=plan.cu_k,
+            seqused_k=dev.get("seqused_k"), seqused_k_host=plan.seqused_k,
         )
         context = None if ctx is None else ContextMetadata(
             num_rows=int(ctx.rows.numel()), rows=dev["ctx_rows"], real_index=dev["ctx_real_index"],
             real_rows=dev["ctx_real_rows"], q_perm=dev["ctx_q_perm"], kv_slots=dev["ctx_kv_slots"],
             cu_seqlens_q=dev["ctx_cu_q"], cu_seqlens_k=dev["ctx_cu_k"],
             cu_seqlens_q_host=ctx.cu_q, cu_seqlens_k_host=ctx.cu_k,
+            gather_rows=dev["ctx_gather_rows"], gather_pad=ctx.gather_pad,
+            cu_seqlens_rows=dev["ctx_cu_rows"], cu_seqlens_ctx=dev["ctx_cu_ctx"],
+            cu_seqlens_rows_host=ctx.cu_rows, cu_seqlens_ctx_host=ctx.cu_ctx,
         )
         return AttentionMetadata(
             num_local_tokens=plan.num_local, num_tokens=int(plan.caller_rows.numel()), num_decodes=len(s.decodes),

@@ -78,6 +78,12 @@ class ContextPlan:
     ``q_perm`` [W·Tc]: the CP-gathered ``[W, Tc]`` query rows, flattened, regrouped request by request;
     ``kv_slots``: this rank's cache slots of each request's context, in local (= position) order; ``cu_q`` /
     ``cu_k``: the varlen offsets [S+1].
+
+    The pass-KV alternative (MLA, when it moves fewer bytes): all-gather every CP rank's local context rows (each
+    rank's ``kv_slots`` rows, zero-padded to ``gather_pad``, the most any rank holds) and put them back in sequence
+    order: ``gather_rows`` [sum context lens] is the row of each context token, request after request, in the flat
+    ``[W·gather_pad]`` gather; ``cu_rows`` (each request's entries among ``rows``) and ``cu_ctx`` (its context
+    tokens) are offsets [S+1].
     """
 
     rows: LongTensor
@@ -87,6 +93,10 @@ class ContextPlan:
     kv_slots: LongTensor
     cu_q: list[int]
     cu_k: list[int]
+    gather_rows: LongTensor
+    gather_pad: int
+    cu_rows: list[int]
+    cu_ctx: list[int]
 
 
 @dataclass
@@ -98,8 +108,10 @@ class PrefillPlan:
     ``logits_rows`` [num_reqs]: each request's last-token row where this rank holds it, else -1. After the PCP
     all-gather of the prefill K/V, ``gather`` [N_prefill] picks the new tokens in sequence order, ``slots`` [N_prefill]
     is where this rank stores each (-1: another rank does). One varlen sequence per chunk with real queries:
-    queries ``q_rows`` (local rows), keys ``k_index`` (rows of the sequence-ordered K/V), offsets ``cu_q``/``cu_k``.
-    ``context``: the pass-Q plan of prefills over cached context, or None.
+    queries ``q_rows`` (local rows, offsets ``cu_q``); keys, a prefix of the request's sequence-ordered K/V, by
+    start ``cu_k[b]`` and length ``seqused_k[b]`` (``attention_with_lse``'s convention: the head and tail chunk of a
+    request read the same K/V, no copy); ``seqused_k`` is None when the ranges lie one after another (pcp = 1), and
+    ``cu_k`` is then cumulative. ``context``: the plan of prefills over cached context, or None.
     """
 
     num_local: int
@@ -111,9 +123,9 @@ class PrefillPlan:
     gather: LongTensor
     slots: LongTensor
     q_rows: LongTensor
-    k_index: LongTensor
     cu_q: list[int]
     cu_k: list[int]
+    seqused_k: list[int] | None
     context: ContextPlan | None
 
 
@@ -135,7 +147,7 @@ def plan_prefill(s: Schedule, pcp_size: int, pcp_rank: int, table: HostTable) ->
         logits_rows[s.decodes] = torch.arange(n_dec)
     token_index = [torch.tensor([s.offsets[i] for i in s.decodes], dtype=torch.long)]
     positions = [torch.tensor([s.computed[i] for i in s.decodes], dtype=torch.long)]
-    gather, slots, q_rows, k_index, cu_q, cu_k = [], [], [], [], [0], [0]
+    gather, slots, q_rows, cu_q, k_starts, k_used = [], [], [], [0], [], []
     ctx_rows, ctx_real, ctx_req, ctx_len = [], [], [], []
     row, seq_offset = n_dec, 0  # where the current request starts: local rows / sequence-ordered new K/V
     for i in s.prefills:
@@ -155,9 +167,9 @@ def plan_prefill(s: Schedule, pcp_size: int, pcp_rank: int, table: HostTable) ->
             if end <= start:
                 continue  # the chunk is all padding
             q_rows.append(row + k * chunk + torch.arange(end - start))
-            k_index.append(seq_offset + torch.arange(end))
             cu_q.append(cu_q[-1] + end - start)
-            cu_k.append(cu_k[-1] + end)
+            k_starts.append(seq_offset)  # both chunks read a prefix of the request's sequence-ordered K/V
+            k_used.append(end)
         if c0 > 0:
             ctx_rows.append(row + torch.arange(L))
             ctx_real.append(real)
@@ -166,9 +178,11 @@ def plan_prefill(s: Schedule, pcp_size: int, pcp_rank: int, table: HostTable) ->
         if int(owner[-1]) == r:
             logits_rows[i] = row + int(j[-1])
         row, seq_offset = row + L, seq_offset + n
+    cu_k = k_starts + [seq_offset]
+    contiguous = all(a + n == b for a, n, b in zip(k_starts, k_used, cu_k[1:]))
     context = plan_context(ctx_rows, ctx_real, ctx_req, ctx_len, table) if ctx_rows else None
     return PrefillPlan(T, num_prefill_rows, _cat(token_index), _cat(positions), caller_rows, logits_rows,
-                       _cat(gather), _cat(slots), _cat(q_rows), _cat(k_index), cu_q, cu_k, context)
+                       _cat(gather), _cat(slots), _cat(q_rows), cu_q, cu_k, None if contiguous else k_used, context)
 
 
 def plan_context(ctx_rows: list[Tensor], ctx_real: list[Tensor], req_rows: list[int], context_lens: list[int],
@@ -190,4 +204,23 @@ def plan_context(ctx_rows: list[Tensor], ctx_real: list[Tensor], req_rows: list[
         cu_q.append(cu_q[-1] + W * n_rows)
         cu_k.append(cu_k[-1] + local_lens[s])
     real_index = torch.nonzero(real_t).flatten()
-    return ContextPlan(rows_t, real_index, rows_t[real_index], torch.cat(q_perm), _cat(kv_slots), cu_q, cu_k)
+    gather_rows, gather_pad = _context_gather_rows(context_lens, table)
+    cu_rows = torch.tensor([0] + [int(r.numel()) for r in ctx_rows]).cumsum(0).tolist()
+    cu_ctx = torch.tensor([0, *context_lens]).cumsum(0).tolist()
+    return ContextPlan(rows_t, real_index, rows_t[real_index], torch.cat(q_perm), _cat(kv_slots), cu_q, cu_k,
+                       gather_rows, gather_pad, cu_rows, cu_ctx)
+
+
+def _context_gather_rows(context_lens: list[int], table: HostTable) -> tuple[LongTensor, int]:
+    """Pass-KV's ``(gather_rows, gather_pad)`` (see ``ContextPlan``) for requests with these cached lengths."""
+    W, I = table.cp_world_size, table.interleave_size
+    lens = torch.tensor(context_lens, dtype=torch.long)
+    per_rank = torch.stack([cp_local_seq_lens(lens, W, rank, I) for rank in range(W)])  # [W, S]
+    start = torch.cumsum(per_rank, dim=1) - per_rank  # [W, S]: each request's first local row on each rank
+    pad = int(per_rank.sum(dim=1).max())
+    rows = []
+    for s, c in enumerate(context_lens):
+        p = torch.arange(c)
+        owner = (p // I) % W
+        rows.append(owner * pad + start[owner, s] + (p // (W * I)) * I + p % I)
+    return torch.cat(rows), pad

@@ -198,20 +198,25 @@ class LlamaDecoderLayer(nn.Module):
         if attn.o_proj.bias is not None:
             loaders[f"{prefix}self_attn.o_proj.bias"] = _bind(attn.o_proj, attn.o_proj.bias)
         if isinstance(mlp, MoELayer):
-            names = _moe_weight_names(self.config, fused_experts)
-            loaders.update({f"{prefix}mlp.{n}": _bind_moe(mlp, n) for n in names})
+            loaders.update(moe_weight_loaders(mlp, f"{prefix}mlp.", self.config, fused_experts))
             return loaders
-        gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        loaders.update({
-            f"{prefix}mlp.gate_proj.weight": _bind(gate_up, gate_up.weight, 0),
-            f"{prefix}mlp.up_proj.weight": _bind(gate_up, gate_up.weight, 1),
-            f"{prefix}mlp.down_proj.weight": _bind(down, down.weight),
-        })
-        if gate_up.bias is not None:
-            loaders[f"{prefix}mlp.gate_proj.bias"] = _bind(gate_up, gate_up.bias, 0)
-            loaders[f"{prefix}mlp.up_proj.bias"] = _bind(gate_up, gate_up.bias, 1)
-            loaders[f"{prefix}mlp.down_proj.bias"] = _bind(down, down.bias)
+        loaders.update(dense_mlp_loaders(mlp, f"{prefix}mlp."))
         return loaders
+
+
+def dense_mlp_loaders(mlp: LlamaMLP, prefix: str) -> dict[str, HFWeight]:
+    """``{HF name: loader}`` of a SwiGLU MLP (prefix ``"model.layers.N.mlp."``): gate/up/down (+ biases)."""
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    loaders = {
+        f"{prefix}gate_proj.weight": _bind(gate_up, gate_up.weight, 0),
+        f"{prefix}up_proj.weight": _bind(gate_up, gate_up.weight, 1),
+        f"{prefix}down_proj.weight": _bind(down, down.weight),
+    }
+    if gate_up.bias is not None:
+        loaders[f"{prefix}gate_proj.bias"] = _bind(gate_up, gate_up.bias, 0)
+        loaders[f"{prefix}up_proj.bias"] = _bind(gate_up, gate_up.bias, 1)
+        loaders[f"{prefix}down_proj.bias"] = _bind(down, down.bias)
+    return loaders
 
 
 def _bind(layer: nn.Module, param: nn.Parameter, *shard: Any) -> HFWeight:
@@ -230,17 +235,16 @@ def _bind_moe(moe: MoELayer, name: str) -> HFWeight:
     return HFWeight(moe.checkpoint_shape(name), lambda loaded: moe.load_weight(name, loaded))
 
 
-def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
-    """Names of one MoE block's tensors, relative to ``model.layers.N.mlp.``."""
-    names = ["gate.weight"]
-    if fused_experts:
-        names += ["experts.gate_up_proj", "experts.down_proj"]
-    else:
-        names += [f"experts.{e}.{p}.weight" for e in range(config.num_experts) for p in config.expert_proj_names]
-    if config.shared_expert_intermediate_size:
-        names += [f"shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names.append("shared_expert_gate.weight")
-    return names
+def moe_weight_loaders(moe: MoELayer, prefix: str, config: ModelConfig, fused_experts: bool) -> dict[str, HFWeight]:
+    """``{HF name: loader}`` of one MoE block (any ``MoELayer``: Mixtral, Qwen2-MoE, DeepSeek's ``DeepseekMoE``).
+
+    ``prefix`` is the block's checkpoint prefix (``"model.layers.N.mlp."``); the names are the layer's
+    ``checkpoint_names`` (router, its DeepSeek-V3 bias, shared expert(s), experts per expert with the config's
+    ``expert_proj_names`` or, with ``fused_experts``, transformers v5's fused pair). Each loader reads only this
+    rank's share (nothing for another rank's expert).
+    """
+    names = moe.checkpoint_names(fused_experts, config.expert_proj_names)
+    return {f"{prefix}{n}": _bind_moe(moe, n) for n in names}
 
 
 class LlamaForCausalLM(nn.Module):
@@ -262,23 +266,27 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
-                                                   parallel_context=ctx)
+        self._build_common(config, params_dtype, ctx)
         moe_layers = set(config.moe_layers)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config, ctx)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # one for all layers
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
-                                      parallel_context=ctx)
-        if config.tie_word_embeddings:
-            self.lm_head.tie_weights(self.embed_tokens)
         qkv = self.layers[0].self_attn.qkv_proj if config.num_hidden_layers else None
         self.head_dim = config.head_dim
         self.num_local_heads = qkv.num_heads if qkv else 0
         self.num_local_kv_heads = qkv.num_kv_heads if qkv else 0  # per TP rank: what the engine allocates
+
+    def _build_common(self, config: ModelConfig, params_dtype: torch.dtype | None, ctx: ParallelContext) -> None:
+        """The embedding, final norm and LM head (tied to the embedding when the config says so)."""
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
+                                                   parallel_context=ctx)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
+                                      parallel_context=ctx)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_weights(self.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, meta: Any, kv_caches: list[PagedKVCache] | None = None

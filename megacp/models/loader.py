@@ -8,19 +8,22 @@ as lazy slices (``get_slice``), so a rank's weight loaders read only the rows/co
 MoE checkpoints come in two layouts, both read: one tensor per expert and projection (published Mixtral/Qwen2-MoE
 checkpoints, and what transformers v5's ``save_pretrained`` writes), or transformers v5's in-memory fused layout
 (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]). Under expert parallelism a rank
-reads only its own experts' tensors (or its experts' rows of the fused ones).
+reads only its own experts' tensors (or its experts' rows of the fused ones). DeepSeek-V3 checkpoints may append
+multi-token-prediction layers after the last decoder layer: ignored with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Iterator
 
 import torch
 
 from megacp import parallel_state
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
+from megacp.models.deepseek import DeepseekForCausalLM
 from megacp.models.llama import LlamaForCausalLM
 from megacp.moe import MoEParallelConfig
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
@@ -156,13 +159,35 @@ def _iter_slices(files: dict[str, list[str]], wanted: set[str], check_finite: bo
                     yield canonical_name(name), _CheckedSlice(f.get_slice(name), path, check_finite)
 
 
+def mtp_tensor_names(names: set[str], config: ModelConfig) -> set[str]:
+    """The tensors of DeepSeek-V3's multi-token-prediction layers among ``names``: published V3 checkpoints append
+    ``num_nextn_predict_layers`` of them as ``model.layers.{num_hidden_layers + i}.*`` (a speculative-decoding head
+    that neither transformers' model nor megacp runs)."""
+    extra = config.hf_config.get("num_nextn_predict_layers") or 0
+    if not isinstance(extra, int) or extra <= 0:
+        return set()
+    first = config.num_hidden_layers
+    prefixes = tuple(f"model.layers.{i}." for i in range(first, first + extra))
+    return {n for n in names if n.startswith(prefixes)}
+
+
 def load_weights(model: LlamaForCausalLM, model_dir: str, files: dict[str, list[str]] | None = None,
                  check_finite: bool = True) -> None:
     """Fill ``model`` from the safetensors in ``model_dir``; ValueError naming missing/unexpected/misshapen tensors,
-    unreadable files and (``check_finite``) tensors with NaN/inf values in this rank's part."""
+    unreadable files and (``check_finite``) tensors with NaN/inf values in this rank's part. DeepSeek-V3's MTP
+    layers (``mtp_tensor_names``) are skipped with a warning."""
     files = checkpoint_files(model_dir) if files is None else files
     index_path = os.path.join(model_dir, INDEX_FILE)
     found = {canonical_name(name) for names in files.values() for name in names}
+    mtp = mtp_tensor_names(found, model.config)
+    if mtp:
+        warnings.warn(
+            f"{model_dir}: ignoring the {len(mtp)} tensors of the multi-token-prediction layer(s) "
+            f"model.layers.{model.config.num_hidden_layers}.* (num_nextn_predict_layers); megacp, like transformers, "
+            f"runs the {model.config.num_hidden_layers} decoder layers only",
+            stacklevel=2,
+        )
+        found -= mtp
     loaders = model.hf_weight_loaders(fused_experts=any(n.endswith(".mlp.experts.gate_up_proj") for n in found))
     _check_names(set(loaders), found, model_dir)
     for name, loaded in _iter_slices(files, set(loaders), check_finite,
@@ -200,7 +225,8 @@ def _parallel_context(config: ModelConfig, given: ParallelContext | None) -> Par
         raise ValueError("load_model needs megacp.parallel_state.initialize_model_parallel(...) to be called first")
     ctx = resolve_parallel_context(given)
     ctx.config.check_model(
-        config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe
+        config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe,
+        config.is_mla,
     )
     return ctx
 
@@ -232,8 +258,9 @@ def load_model(
         config, files = load_model_config(model_dir), checkpoint_files(model_dir)
     ctx = _parallel_context(config, parallel_context)
     moe_config = MoEParallelConfig.make(use_ep=enable_expert_parallel, parallel_context=ctx) if config.is_moe else None
+    model_cls = DeepseekForCausalLM if config.is_mla else LlamaForCausalLM
     with torch.device(device):
-        model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config, parallel_context=ctx)
+        model = model_cls(config, params_dtype=dtype, moe_parallel_config=moe_config, parallel_context=ctx)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():

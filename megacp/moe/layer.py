@@ -135,7 +135,12 @@ def _gather_rows(x: torch.Tensor, group: Any, chunk: int, num_tokens: int) -> to
 # ----------------------------------------------------------------------------------------------- the layer
 class MoELayer(nn.Module):
     """Sparse MoE block on local tokens: ``forward(hidden [T, H]) -> [T, H]`` (the routed experts plus, when
-    ``shared_expert_intermediate_size`` is set, ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``).
+    ``shared_expert_intermediate_size`` is set, ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``, or the
+    ungated ``shared_expert(x)`` with ``shared_expert_gate=False``).
+
+    Subclasses change the routing through ``router_logits`` / ``select_experts`` (``megacp.moe.deepseek``), the
+    shared expert's checkpoint name through ``SHARED_PREFIX``, and whether the router logits are computed once per
+    token and sent with it (``LOGITS_TRAVEL_WITH_TOKENS``) or on every rank from the gathered tokens.
 
     Parameters (this rank's shares, trainable, in ``params_dtype``): ``router_weight [E, H]`` (replicated),
     ``w13 [E_local, 2·I_shard, H]`` (gate rows then up rows), ``w2 [E_local, H, I_shard]``, and for the shared expert
@@ -143,6 +148,9 @@ class MoELayer(nn.Module):
     with ``load_weight``. ``parallel_context`` (``resolve_parallel_context``: given, else parallel_state's, else a
     single rank) gives the EP and TP groups; ``parallel_config`` defaults to ``MoEParallelConfig.make`` of it.
     """
+
+    SHARED_PREFIX = "shared_expert"  # checkpoint name of the shared expert (Qwen2-MoE)
+    LOGITS_TRAVEL_WITH_TOKENS = True  # router once per token, its logits gathered with the token
 
     def __init__(
         self,
@@ -157,6 +165,7 @@ class MoELayer(nn.Module):
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         parallel_context: ParallelContext | None = None,
+        shared_expert_gate: bool = True,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -167,6 +176,7 @@ class MoELayer(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = bool(shared_expert_intermediate_size) and shared_expert_gate
         self._groups_checked = False
 
         self.num_local_experts, expert_map = determine_expert_map(cfg.ep_size, cfg.ep_rank, num_experts, placement)
@@ -196,7 +206,8 @@ class MoELayer(nn.Module):
             s_shard = self._shared_shard[1] - self._shared_shard[0]
             self.shared_w13 = param(2 * s_shard, hidden_size, groups=expert_groups)
             self.shared_w2 = param(hidden_size, s_shard, groups=expert_groups)
-            self.shared_gate_weight = param(1, hidden_size, groups=replicated_groups)
+            if self.shared_expert_gate:
+                self.shared_gate_weight = param(1, hidden_size, groups=replicated_groups)
         # Global expert id of each local expert, for the loaders.
         if expert_map is None:
             self.local_expert_ids = list(range(num_experts))
@@ -213,16 +224,27 @@ class MoELayer(nn.Module):
         A collective over the flattened group: every rank calls it the same number of times, also with ``T = 0``.
         """
         if self.parallel_config.flat_size == 1:
-            return self.partial_forward(hidden, F.linear(hidden, self.router_weight))
+            return self.partial_forward(hidden, self.router_logits(hidden))
         return self._distributed_forward(hidden)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> [N, E]."""
+        return F.linear(x, self.router_weight)
+
+    def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_logits [N, E] -> (weights float32 [N, k], expert ids long [N, k]): softmax top-k (``route``)."""
+        return route(router_logits, self.top_k, self.renormalize)
 
     def partial_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's share of the MoE output for tokens x: [N, H] with router_logits [N, E] -> [N, H]."""
-        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        weights, ids = self.select_experts(router_logits)
         out = expert_forward(x, self.w13, self.w2, weights, ids, self.expert_map)
         if self.shared_expert_intermediate_size:
-            # sigmoid(g(x)) * Σ_r shared_r(x) = Σ_r sigmoid(g(x)) * shared_r(x): gating the partial sum is exact.
-            out = out + torch.sigmoid(F.linear(x, self.shared_gate_weight)) * swiglu(x, self.shared_w13, self.shared_w2)
+            shared = swiglu(x, self.shared_w13, self.shared_w2)
+            if self.shared_expert_gate:
+                # sigmoid(g(x)) * Σ_r shared_r(x) = Σ_r sigmoid(g(x)) * shared_r(x): gating the partial sum is exact.
+                shared = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * shared
+            out = out + shared
         return out
 
     def _distributed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -234,7 +256,8 @@ class MoELayer(nn.Module):
         chunk = -(-num_tokens // tp)
         mine = hidden if tp == 1 else _SplitTokensToTP.apply(hidden, tp_group, chunk)
         n_mine = mine.shape[0]
-        payload = torch.cat([mine, F.linear(mine, self.router_weight)], dim=1)  # [n_mine, H + E]
+        # [n_mine, H + E] with the logits, else [n_mine, H]
+        payload = torch.cat([mine, self.router_logits(mine)], dim=1) if self.LOGITS_TRAVEL_WITH_TOKENS else mine
         counts = ep_group.all_gather(torch.tensor([n_mine], dtype=torch.long, device=hidden.device))  # [flat]
         max_count = int(counts.max())
         if max_count == 0:  # no rank has tokens (every rank sees the same counts, so all return here)
@@ -245,7 +268,8 @@ class MoELayer(nn.Module):
         valid = (torch.arange(max_count, device=hidden.device)[None, :] < counts[:, None]).flatten()
         tokens = gathered[valid]
         # 2. This rank's partial sum for every distinct token.
-        partial = self.partial_forward(tokens[:, :h], tokens[:, h:])
+        logits = tokens[:, h:] if self.LOGITS_TRAVEL_WITH_TOKENS else self.router_logits(tokens)
+        partial = self.partial_forward(tokens[:, :h], logits)
         # 3. Sum the partials and hand each rank the slice it contributed, then rebuild the TP group's tokens.
         back = partial.new_zeros(valid.shape[0], h)
         back[valid] = partial
@@ -275,26 +299,46 @@ class MoELayer(nn.Module):
         return ctx.ep, ctx.tp
 
     # ------------------------------------------------------------------------------------------- loading
+    def _named_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shapes of the block's tensors other than per-expert ones (``checkpoint_shape`` adds those)."""
+        h, i, e, s = self.hidden_size, self.intermediate_size, self.num_experts, self.shared_expert_intermediate_size
+        shapes = {"gate.weight": (e, h), "experts.gate_up_proj": (e, 2 * i, h), "experts.down_proj": (e, h, i)}
+        if s:
+            p = self.SHARED_PREFIX
+            shapes.update({f"{p}.gate_proj.weight": (s, h), f"{p}.up_proj.weight": (s, h),
+                           f"{p}.down_proj.weight": (h, s)})
+            if self.shared_expert_gate:
+                shapes["shared_expert_gate.weight"] = (1, h)
+        return shapes
+
+    def checkpoint_names(self, fused_experts: bool = False,
+                         expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[str]:
+        """Every tensor of this block in a checkpoint (relative to ``model.layers.N.mlp.``): the experts per expert
+        (``experts.{e}.{name}.weight`` for each of ``expert_proj_names``) or, with ``fused_experts``, transformers
+        v5's ``experts.gate_up_proj`` / ``experts.down_proj``."""
+        names = [n for n in self._named_shapes() if n.startswith("experts.") == fused_experts or
+                 not n.startswith("experts.")]
+        if not fused_experts:
+            names += [f"experts.{e}.{p}.weight" for e in range(self.num_experts) for p in expert_proj_names]
+        return names
+
     def checkpoint_shape(self, name: str) -> tuple[int, ...]:
         """Full shape of checkpoint tensor ``name`` (relative to ``model.layers.N.mlp.``, names as in ``load_weight``).
 
         The one statement of the MoE block's checkpoint schema: ``load_weight`` checks against it and the model's
         ``hf_weight_shapes`` reads it. ValueError for a name this layer does not have.
         """
-        h, i, e, s = self.hidden_size, self.intermediate_size, self.num_experts, self.shared_expert_intermediate_size
-        shapes = {"gate.weight": (e, h), "experts.gate_up_proj": (e, 2 * i, h), "experts.down_proj": (e, h, i)}
-        if s:
-            shapes.update({"shared_expert.gate_proj.weight": (s, h), "shared_expert.up_proj.weight": (s, h),
-                           "shared_expert.down_proj.weight": (h, s), "shared_expert_gate.weight": (1, h)})
+        shapes = self._named_shapes()
         if name in shapes:
             return shapes[name]
         match = _PER_EXPERT_NAME.match(name)
         if match and match.group(2) in _EXPERT_PROJ_ALIASES:
+            h, i = self.hidden_size, self.intermediate_size
             return (h, i) if _EXPERT_PROJ_ALIASES[match.group(2)] == "down_proj" else (i, h)
         raise ValueError(
-            f"MoELayer.load_weight: unknown MoE weight {name!r} (expected gate.weight, experts.<e>.<gate_proj|up_proj|"
-            f"down_proj>.weight, experts.gate_up_proj, experts.down_proj"
-            + (", shared_expert.*.weight, shared_expert_gate.weight)" if s else "; this layer has no shared expert)")
+            f"MoELayer.load_weight: unknown MoE weight {name!r} (expected experts.<e>.<gate_proj|up_proj|"
+            f"down_proj>.weight, {', '.join(shapes)}"
+            + (")" if self.shared_expert_intermediate_size else "; this layer has no shared expert)")
         )
 
     def load_weight(self, name: str, weight: Any) -> bool:
@@ -302,7 +346,7 @@ class MoELayer(nn.Module):
 
         Accepted names: ``gate.weight`` [E, H]; per expert ``experts.{e}.{gate_proj|up_proj|down_proj}.weight``
         (or Mixtral's ``w1|w3|w2``); the fused layout of transformers v5 ``experts.gate_up_proj`` [E, 2I, H] and
-        ``experts.down_proj`` [E, H, I]; ``shared_expert.{gate_proj|up_proj|down_proj}.weight`` and
+        ``experts.down_proj`` [E, H, I]; ``<SHARED_PREFIX>.{gate_proj|up_proj|down_proj}.weight`` and (gated)
         ``shared_expert_gate.weight`` [1, H]. ``weight`` is a tensor or a lazy safetensors slice (``get_slice``):
         only this rank's share is read. Returns False when the tensor belongs to another rank's expert.
         """
@@ -327,12 +371,13 @@ class MoELayer(nn.Module):
             for local, g in enumerate(self.local_expert_ids):
                 load_shard(self.w2[local], weight, (slice(g, g + 1), slice(None), slice(s, e)), full)
             return bool(self.local_expert_ids)
-        else:  # shared_expert.{gate_proj,up_proj,down_proj}.weight
+        else:  # <SHARED_PREFIX>.{gate_proj,up_proj,down_proj}.weight
             s, e = self._shared_shard
-            if name == "shared_expert.down_proj.weight":
+            proj = name[len(self.SHARED_PREFIX) + 1:]
+            if proj == "down_proj.weight":
                 load_shard(self.shared_w2, weight, (slice(None), slice(s, e)), full)
             else:
-                rows = slice(0, e - s) if name == "shared_expert.gate_proj.weight" else slice(e - s, 2 * (e - s))
+                rows = slice(0, e - s) if proj == "gate_proj.weight" else slice(e - s, 2 * (e - s))
                 load_shard(self.shared_w13[rows], weight, (slice(s, e),), full)
         return True
 

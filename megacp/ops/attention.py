@@ -2,9 +2,11 @@
 
 Public interface (docs/architecture.md "Attention with LSE"):
 
-- ``attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, backend=None) -> (out, lse)``: packed
-  variable-length batch, GQA, ``causal`` = **bottom-right** alignment (query i of a sequence with lengths (lq, lk) sees
-  keys j <= i + lk - lq).
+- ``attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, backend=None, host_cu_seqlens=None,
+  seqused_k=None) -> (out, lse)``: packed variable-length batch, GQA, ``causal`` = **bottom-right** alignment (query i
+  of a sequence with lengths (lq, lk) sees keys j <= i + lk - lq). With ``seqused_k`` (FlashAttention's convention)
+  sequence b's keys are ``k[cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]]``: key ranges may overlap, so the two
+  chunks of a PCP split attend to prefixes of one gathered K/V in one call, without copying it per chunk.
 - ``paged_attention_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale)``: decode over a paged cache.
 
 LSE convention: natural log, float32, ``[Tq, Hq]``. Rows that see no key get ``out = 0`` and ``lse = -inf`` whatever
@@ -43,7 +45,8 @@ VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple
 # path; it must not read ``seq_lens`` back to the host (CUDA graphs). With ``AttentionBackend.paged_writes_out`` it
 # also takes the keywords ``out`` and ``lse`` (preallocated, see ``paged_attention_with_lse``) and writes there
 PagedFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Optional[tuple[Tensor, Tensor]]]
-HostCuSeqlens = tuple[Sequence[int], Sequence[int]]  # (cu_seqlens_q, cu_seqlens_k) as host ints
+# (cu_seqlens_q, cu_seqlens_k) as host ints, plus seqused_k when the call has it
+HostCuSeqlens = tuple[Sequence[int], ...]
 # One sequence, lq > 0 and lk > 0: (q [lq,Hq,D], k [lk,Hk,D], v, causal (bottom-right), scale) -> (out, lse)
 SeqFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 
@@ -61,6 +64,9 @@ class AttentionBackend:
     megacp/ops/attention_grad.py); ``attention_with_lse`` refuses a backend without it when gradients are needed.
     ``paged_writes_out``: ``paged`` accepts the keywords ``out`` and ``lse`` and writes its result into them (else
     ``paged_attention_with_lse`` copies it there).
+    ``takes_seqused_k``: ``varlen`` accepts the keyword ``seqused_k`` (key ranges by start and length, possibly
+    overlapping; ``host_cu_seqlens`` then carries its host ints third); for the others ``attention_with_lse`` first
+    lays each sequence's keys out on its own (one gather, ``keys_per_sequence``).
     """
 
     name: str
@@ -72,6 +78,7 @@ class AttentionBackend:
     takes_host_cu_seqlens: bool = False
     differentiable: bool = False
     paged_writes_out: bool = False
+    takes_seqused_k: bool = False
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -132,15 +139,19 @@ def attention_with_lse(
     scale: float,
     backend: str | AttentionBackend | None = None,
     host_cu_seqlens: HostCuSeqlens | None = None,
+    seqused_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Packed varlen attention returning the softmax log-sum-exp.
 
-    # q: [Tq, Hq, D], k/v: [Tk, Hk, D], cu_seqlens_q/k: int [B+1] -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
+    # q: [Tq, Hq, D], k/v: [Tk, Hk, D], cu_seqlens_q/k: int [B+1], seqused_k: int [B] | None
+    # -> (out [Tq, Hq, D] q.dtype, lse [Tq, Hq] float32)
     ``causal`` is bottom-right aligned; rows that see no key give out 0 and lse -inf. ``host_cu_seqlens``: the same
-    offsets as host ints (optional; given, nothing is read back from the device). ``backend``: a name, an
-    ``AttentionBackend`` (used as given: what the layers pass), or None (``select_backend``'s choice).
+    offsets as host ints (optional; given, nothing is read back from the device), with ``seqused_k``'s third.
+    ``seqused_k``: sequence b's keys are ``k[cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]]`` (ranges may
+    overlap; ``cu_seqlens_k[B]`` is not read), else ``k[cu_seqlens_k[b] : cu_seqlens_k[b + 1]]``. ``backend``: a
+    name, an ``AttentionBackend`` (used as given: what the layers pass), or None (``select_backend``'s choice).
     """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, host_cu_seqlens)
     impl = select_backend(q.device, backend)
     if not impl.differentiable and needs_grad(q, k, v):
         raise ValueError(
@@ -148,22 +159,62 @@ def attention_with_lse(
             f"differentiable one ({', '.join(n for n in available_backends(q.device) if _BACKENDS[n].differentiable)}) "
             f"with backend= or ${ENV_BACKEND}, or run under torch.no_grad() / torch.inference_mode()"
         )
+    if seqused_k is not None and not impl.takes_seqused_k:
+        k, v, cu_seqlens_k, host_cu_seqlens = keys_per_sequence(k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                                                host_cu_seqlens)
+        seqused_k = None
+    extra = {} if seqused_k is None else {"seqused_k": seqused_k}
     if impl.takes_host_cu_seqlens:
         out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale),
-                               host_cu_seqlens=host_cu_seqlens)
+                               host_cu_seqlens=host_cu_seqlens, **extra)
     else:
-        out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale))
+        out, lse = impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, float(scale), **extra)
     out, lse = out.to(q.dtype), lse.float()
     if host_cu_seqlens is not None and _every_row_has_keys(host_cu_seqlens, causal):
         return out, lse  # nothing to normalise; skips a dozen small kernels per call
-    has_key = rows_with_keys(cu_seqlens_q, cu_seqlens_k, causal, q.shape[0])
+    has_key = rows_with_keys(cu_seqlens_q, cu_seqlens_k, causal, q.shape[0], seqused_k)
     return _normalise_empty_rows(out, lse, has_key)
 
 
+def key_lengths(host_cu_seqlens: HostCuSeqlens) -> list[int]:
+    """Each sequence's key count from host offsets: ``seqused_k`` when they carry it, else ``cu_k`` differences."""
+    ck = host_cu_seqlens[1]
+    if len(host_cu_seqlens) > 2:
+        return [int(n) for n in host_cu_seqlens[2]]
+    return [ck[b + 1] - ck[b] for b in range(len(ck) - 1)]
+
+
+def keys_per_sequence(k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, seqused_k: Tensor,
+                      host_cu_seqlens: HostCuSeqlens | None) -> tuple[Tensor, Tensor, Tensor, HostCuSeqlens]:
+    """Key ranges given by start and length (``seqused_k``) laid out one after another: what a kernel without
+    ``seqused_k`` takes. One gather of K and V (overlapping ranges are copied once each).
+
+    # k/v: [Tk, Hk, D] -> (k/v [sum(seqused_k), Hk, D], cu_seqlens_k [B+1] int32 cumulative, host offsets)
+    """
+    if host_cu_seqlens is None:  # a host sync on CUDA: callers with the lengths pass them
+        host_cu_seqlens = (cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), seqused_k.tolist())
+    cq, ck = list(host_cu_seqlens[0]), list(host_cu_seqlens[1])
+    lens = key_lengths(host_cu_seqlens)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    rows = [range(ck[b], ck[b] + n) for b, n in enumerate(lens)]
+    contiguous = all(r.start == (rows[b - 1].stop if b else 0) for b, r in enumerate(rows))
+    if contiguous:  # already one after another (a pcp = 1 step): a view, no copy
+        k, v = k[: cu[-1]], v[: cu[-1]]
+    else:
+        index = torch.tensor([j for r in rows for j in r], dtype=torch.long)
+        index = index.pin_memory().to(k.device, non_blocking=True) if k.device.type == "cuda" else index
+        k, v = k[index], v[index]
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    cu_t = cu_t.pin_memory().to(k.device, non_blocking=True) if k.device.type == "cuda" else cu_t
+    return k, v, cu_t, (cq, cu)
+
+
 def _every_row_has_keys(host_cu_seqlens: HostCuSeqlens, causal: bool) -> bool:
-    cq, ck = host_cu_seqlens
-    for b in range(len(cq) - 1):
-        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+    cq = host_cu_seqlens[0]
+    for b, lk in enumerate(key_lengths(host_cu_seqlens)):
+        lq = cq[b + 1] - cq[b]
         if lq and (lk == 0 or (causal and lq > lk)):
             return False
     return True
@@ -334,12 +385,13 @@ def bottom_right_causal_mask(lq: int, lk: int, device: torch.device | str = "cpu
     return j <= i + (lk - lq)
 
 
-def rows_with_keys(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, total_q: int) -> Tensor:
+def rows_with_keys(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, total_q: int,
+                   seqused_k: Tensor | None = None) -> Tensor:
     """Which packed query rows see at least one key (vectorised, no host sync).  # -> bool [Tq]"""
     cu_q = cu_seqlens_q.long()
     cu_k = cu_seqlens_k.long()
     lq = cu_q[1:] - cu_q[:-1]
-    lk = cu_k[1:] - cu_k[:-1]
+    lk = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k.to(cu_k.device).long()
     seq = torch.repeat_interleave(torch.arange(lq.numel(), device=cu_q.device), lq, output_size=total_q)
     i = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
     has = lk[seq] > 0
@@ -351,9 +403,9 @@ def rows_with_keys(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, tot
 def per_sequence(seq_fn: SeqFn) -> VarlenFn:
     """Lift a one-sequence kernel to the packed varlen interface (loops over sequences, skips empty ones)."""
 
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
         outs, lses = [], []
-        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens):
+        for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens, seqused_k):
             if q1 == q0:
                 continue
             if k1 == k0:
@@ -396,20 +448,25 @@ def bottom_right_causal_from_top_left(
 
 
 def host_cu_seqlens_or_read(
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None
-) -> tuple[list[int], list[int]]:
-    """The varlen offsets as host lists: ``host_cu_seqlens`` when the caller has them, else one read of the tensors
-    (a host sync on CUDA)."""
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None, seqused_k: Tensor | None = None
+) -> HostCuSeqlens:
+    """The varlen offsets as host lists ``(cu_q, cu_k)`` (``+ (seqused_k,)`` when given): ``host_cu_seqlens`` when
+    the caller has them, else one read of the tensors (a host sync on CUDA)."""
     if host_cu_seqlens is not None:
-        return list(host_cu_seqlens[0]), list(host_cu_seqlens[1])
+        return tuple(list(x) for x in host_cu_seqlens)
+    if seqused_k is not None:
+        return cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), seqused_k.tolist()
     return cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
 
 
 def _segments(
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None = None
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, host_cu_seqlens: HostCuSeqlens | None = None,
+    seqused_k: Tensor | None = None,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    cq, ck = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens)
-    return [((cq[b], cq[b + 1]), (ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+    """Each sequence's (query rows, key rows) as host ranges."""
+    host = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens, seqused_k)
+    cq, ck = host[0], host[1]
+    return [((cq[b], cq[b + 1]), (ck[b], ck[b] + n)) for b, n in enumerate(key_lengths(host))]
 
 
 def _neg_inf(rows: int, heads: int, device: torch.device) -> Tensor:
@@ -430,7 +487,8 @@ def _normalise_empty_rows(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Te
     return out, lse
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                  seqused_k: Tensor | None = None, host_cu_seqlens: HostCuSeqlens | None = None) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or q.shape[2] != k.shape[2]:
         raise ValueError(
             f"attention_with_lse: expected q [Tq, Hq, D], k [Tk, Hk, D], v [Tk, Hk, Dv], got "
@@ -445,6 +503,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
         raise ValueError(
             f"attention_with_lse: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
             f"{tuple(cu_seqlens_k.shape)} must both be [B+1]"
+        )
+    if seqused_k is not None and seqused_k.shape != (cu_seqlens_q.numel() - 1,):
+        raise ValueError(f"attention_with_lse: seqused_k {tuple(seqused_k.shape)} must be [B] = "
+                         f"[{cu_seqlens_q.numel() - 1}] (one key count per sequence)")
+    if host_cu_seqlens is not None and len(host_cu_seqlens) != (2 if seqused_k is None else 3):
+        raise ValueError(
+            f"attention_with_lse: host_cu_seqlens has {len(host_cu_seqlens)} entries; it is (cu_seqlens_q, "
+            f"cu_seqlens_k) as host ints, with seqused_k's host ints third exactly when seqused_k is given"
         )
 
 
@@ -484,8 +550,16 @@ def _sdpa_cpu_call(
 ) -> tuple[Tensor, Tensor]:
     """One sequence through aten's CPU flash kernel (handles GQA natively; crashes on empty q or k, never pass them).
 
-    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32); mask: additive, q.dtype, [lq, lk]
+    # q/k: [lq|lk, H, D], v: [lk, Hk, Dv] -> (out [lq, Hq, Dv], lse [lq, Hq] float32); mask: additive, [lq, lk]
+    The kernel wants one head size: a narrower V (MLA's v_head_dim < qk_head_dim) is zero-padded and the output
+    sliced, narrower Q/K are zero-padded (zeros add nothing to the scores): exact either way.
     """
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        out, lse = _sdpa_cpu_call(q, k, torch.nn.functional.pad(v, (0, d - dv)), top_left_causal, scale, mask)
+        return out[..., :dv], lse
+    if dv > d:
+        q, k = (torch.nn.functional.pad(t, (0, dv - d)) for t in (q, k))
     out, lse = _CPU_FLASH_OP(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -521,9 +595,57 @@ def _check_sdpa_cpu_dtypes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
+def _sdpa_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
+    """Consecutive sequences whose keys start at the same row (the head and tail chunk of a PCP split, reading
+    prefixes of one gathered K/V) run as ONE kernel call, each row masked to its own sequence's keys (bottom-right
+    causal); a sequence on its own as one call (two for a causal chunk with fewer queries than keys)."""
     _check_sdpa_cpu_dtypes(q, k, v)
-    return per_sequence(_sdpa_cpu_seq)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
+    outs, lses = [], []
+    for group in _shared_key_groups(_segments(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens, seqused_k)):
+        (q0, _), (k0, _) = group[0]
+        q1, lk = group[-1][0][1], max(k1 - k0 for _, (_, k1) in group)
+        if q1 == q0:
+            continue
+        if lk == 0:
+            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+            lses.append(_neg_inf(q1 - q0, q.shape[1], q.device))
+            continue
+        if len(group) == 1:
+            out, lse = _sdpa_cpu_seq(q[q0:q1], k[k0 : k0 + lk], v[k0 : k0 + lk], causal, scale)
+        else:  # rows that see no key come back out 0 / lse 0 here; attention_with_lse normalises them
+            allowed = torch.cat([_group_rows_allowed(qb - qa, kb - ka, lk, causal) for (qa, qb), (ka, kb) in group])
+            mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+            out, lse = _masked_sdpa_cpu(mask)(q[q0:q1], k[k0 : k0 + lk], v[k0 : k0 + lk], False, scale)
+        outs.append(out.to(q.dtype))
+        lses.append(lse.float())
+    return _cat(outs, lses, q, v)
+
+
+def _masked_sdpa_cpu(mask: Tensor):
+    """``_sdpa_cpu_call`` with this additive mask, differentiable. Its own function so that the backward, which
+    runs after the caller's loop, replays the call with this group's mask, not the loop's last one."""
+    return differentiable(lambda q, k, v, _top_left, scale: _sdpa_cpu_call(q, k, v, False, scale, mask))
+
+
+def _shared_key_groups(segments: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[list]:
+    """Runs of consecutive sequences whose key ranges start at the same row (``_segments``' host ranges)."""
+    groups: list[list] = []
+    for seg in segments:
+        if groups and groups[-1][0][1][0] == seg[1][0]:
+            groups[-1].append(seg)
+        else:
+            groups.append([seg])
+    return groups
+
+
+def _group_rows_allowed(lq: int, lk_seq: int, lk: int, causal: bool) -> Tensor:
+    """bool [lq, lk]: which of a group's ``lk`` keys a sequence's rows see: its first ``lk_seq``, bottom-right causal
+    when ``causal``."""
+    j = torch.arange(lk).unsqueeze(0)
+    allowed = (j < lk_seq).expand(lq, lk)
+    if causal:
+        allowed = allowed & (j <= torch.arange(lq).unsqueeze(1) + (lk_seq - lq))
+    return allowed
 
 
 register_backend(
@@ -533,6 +655,7 @@ register_backend(
         available=lambda device: True,
         priority=0,
         takes_host_cu_seqlens=True,
+        takes_seqused_k=True,
         differentiable=True,  # plain torch ops
     )
 )
@@ -543,6 +666,7 @@ register_backend(
         available=_sdpa_cpu_available,
         priority=10,
         takes_host_cu_seqlens=True,
+        takes_seqused_k=True,
         differentiable=True,
     )
 )

@@ -21,7 +21,11 @@ there (``paged`` hook), else to the gather path.
   sequences and FlashAttention for many.
 
 Inputs the fused kernels cannot take (float32, head dims that are not a multiple of 8 or above 256) go to the "torch"
-reference backend on the same device, so a CUDA run of the small float32 tests still works.
+reference backend on the same device, so a CUDA run of the small float32 tests still works. A V head dim other than
+Q/K's (MLA prefill: 192 / 128) goes to the same kernels (``_any_v_dim``): TE and cuDNN are tried with it as it is
+(each learns on its first such call whether this TE / cuDNN takes it), FlashAttention and the ones that refuse get
+the narrower side zero-padded, which is exact (zero V columns give zero outputs, sliced off; zero Q/K columns add
+nothing to the scores). ``bench/prefill_mla.py`` measures the candidates.
 
 Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs ``fused_attn_fwd`` in training mode
 and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
@@ -49,6 +53,8 @@ from megacp.ops.attention import (
     bottom_right_causal_from_top_left,
     get_backend,
     host_cu_seqlens_or_read,
+    key_lengths,
+    keys_per_sequence,
     register_backend,
 )
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
@@ -59,17 +65,57 @@ _FUSED_MAX_HEAD_DIM = 256
 
 # ----------------------------------------------------------------------------------------------- shared helpers
 def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether q/k/v suit the fused kernels: one half dtype, head dim a multiple of 8 and at most 256."""
-    D = q.shape[-1]
+    """Whether q/k/v suit the fused kernels: one half dtype, head dims (Q/K's and V's, which may differ) multiples
+    of 8 and at most 256."""
     return (
         q.dtype in _HALF and k.dtype == q.dtype and v.dtype == q.dtype
-        and D % 8 == 0 and D <= _FUSED_MAX_HEAD_DIM and v.shape[-1] == D
+        and all(d % 8 == 0 and d <= _FUSED_MAX_HEAD_DIM for d in (q.shape[-1], v.shape[-1]))
     )
 
 
-def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
+# Whether TE's / cuDNN's kernel takes a V head dim other than Q/K's, learnt on the first such call (None: not yet).
+_NATIVE_V_DIM: dict[str, bool | None] = {"te": None, "cudnn": None}
+
+
+def _any_v_dim(name: str, kernel):
+    """``kernel`` (a packed kernel of ``_packed``) made to take V of another head dim than Q/K.
+
+    # q/k: [T, H, D], v: [Tk, Hk, Dv] -> (out [Tq, Hq, Dv], lse [Tq, Hq])
+    TE and cuDNN get the shapes as they are until one refuses them (a RuntimeError on the first such call); with
+    gradients, or for the others, the narrower side is zero-padded to the wider and the output sliced: exact.
+    """
+
+    def call(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+        d, dv = q.shape[-1], v.shape[-1]
+        if dv == d:
+            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+        if name in _NATIVE_V_DIM and _NATIVE_V_DIM[name] is not False and not needs_grad(q, k, v):
+            try:
+                res = kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+                _NATIVE_V_DIM[name] = True
+                return res
+            except RuntimeError:
+                _NATIVE_V_DIM[name] = False
+        return padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
+
+    return call
+
+
+def padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    """Run ``kernel`` with Q/K and V zero-padded to one head dim; the output sliced back to V's (exact)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        out, lse = kernel(q, k, torch.nn.functional.pad(v, (0, d - dv)), cu_q, cu_k, causal, scale, dev_cu, used_k)
+        return out[..., :dv].contiguous(), lse
+    pad = (0, dv - d)
+    return kernel(torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), v, cu_q, cu_k, causal, scale,
+                  dev_cu, used_k)
+
+
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
     impl = get_backend("torch")  # the pure PyTorch reference of megacp.ops.attention
-    return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens)
+    return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens,
+                       seqused_k=seqused_k)
 
 
 def lse_rows(lse: Tensor, cu_q: list[int], heads: int) -> Tensor:
@@ -118,34 +164,58 @@ def _keep_sequences(q, k, v, cu_q: list[int], cu_k: list[int]):
 
 
 def _packed(kernel):
-    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale, dev_cu) -> (out, lse [Tq, H])``.
+    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale, dev_cu, used_k) -> (out, lse)``.
 
-    ``dev_cu`` is ``(cu_seqlens_q, cu_seqlens_k)`` int32 on the device, matching the host lists. Handles what every
-    packed kernel needs: the float32/odd-shape fallback, empty batches and sequences without queries or keys (dropped
-    before the call, filled with out 0 / lse -inf after). The host lists come from ``host_cu_seqlens`` when the
-    caller has them (no sync), else from one read of ``cu_seqlens``.
+    ``dev_cu`` is ``(cu_seqlens_q, cu_seqlens_k)`` int32 on the device, matching the host lists; ``used_k`` is None
+    or ``(seqused_k host list, seqused_k int32 on the device)``: key ranges by start (``cu_k[b]``) and length, maybe
+    overlapping (``attention_with_lse``'s ``seqused_k``). Handles what every packed kernel needs: the float32/odd-shape
+    fallback, empty batches and sequences without queries or keys (dropped before the call, filled with out 0 /
+    lse -inf after). The host lists come from ``host_cu_seqlens`` when the caller has them (no sync), else from one
+    read of ``cu_seqlens``.
     """
 
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None):
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
         if not fused_shapes_ok(q, k, v):
-            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens)
+            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens, seqused_k)
         # The kernels need the lengths on the host: a sync unless the caller passed them.
-        cu_q, cu_k = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens)
-        kept = _keep_sequences(q, k, v, cu_q, cu_k)
+        host = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens, seqused_k)
+        cu_q, cu_k = host[0], host[1]
+        lens_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
+        if seqused_k is not None and 0 in lens_q + key_lengths(host):  # rare: drop empties from a plain layout
+            k, v, cu_seqlens_k, host = keys_per_sequence(k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, host)
+            cu_k, seqused_k = host[1], None
+        used_k = None if seqused_k is None else (key_lengths(host), seqused_k.to(torch.int32))
+        kept = None if used_k is not None else _keep_sequences(q, k, v, cu_q, cu_k)  # used_k: none is empty
         if kept is None:
             dev_cu = (cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32))
-            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu)
+            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
         q_rows, qs, ks, vs, cq, ck = kept
         out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
         lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
         if q_rows.numel():
             dev_cu = (_host_to_device(cq, torch.int32, q.device), _host_to_device(ck, torch.int32, q.device))
-            o, l = kernel(qs, ks, vs, cq, ck, causal, scale, dev_cu)
+            o, l = kernel(qs, ks, vs, cq, ck, causal, scale, dev_cu, None)
             out[q_rows] = o.to(out.dtype)
             lse[q_rows] = l
         return out, lse
 
     return varlen
+
+
+def _plain_keys(q, k, v, cu_q, cu_k, dev_cu, used_k):
+    """A kernel without overlapping key ranges: lay them out one after another (``keys_per_sequence``).
+    -> (k, v, cu_k list, dev_cu)"""
+    if used_k is None:
+        return k, v, cu_k, dev_cu
+    k, v, cu_t, host = keys_per_sequence(k, v, dev_cu[0], dev_cu[1], used_k[1], (cu_q, cu_k, used_k[0]))
+    return k, v, list(host[1]), (dev_cu[0], cu_t)
+
+
+def _key_ranges(cu_k: list[int], used_k) -> list[tuple[int, int]]:
+    """Each sequence's key rows ``[start, stop)``."""
+    if used_k is None:
+        return list(zip(cu_k[:-1], cu_k[1:]))
+    return [(a, a + n) for a, n in zip(cu_k[:-1], used_k[0])]
 
 
 def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -156,8 +226,8 @@ def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device)
     return t.to(device)
 
 
-def _max_len(cu: list[int]) -> int:
-    return max(b - a for a, b in zip(cu[:-1], cu[1:]))
+def _max_len(cu: list[int], used: list[int] | None = None) -> int:
+    return max(b - a for a, b in zip(cu[:-1], cu[1:])) if used is None else max(used)
 
 
 def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, out=None, lse=None):
@@ -265,10 +335,13 @@ class _TECall:
         return grads[0].view(q.shape), grads[1].view(k.shape), grads[2].view(v.shape)
 
 
-def _te_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+def _te_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
     te, reason = _te_state()
     if te is None:
         raise ValueError(f"attention backend 'te' cannot run: {reason}")
+    # TE's THD layout reads sequence b at cu_seqlens_kv_padded[b]; overlapping ranges are not a documented use, so
+    # the keys are laid out per sequence (one gather) and TE still runs all sequences in ONE launch.
+    k, v, cu_k, dev_cu = _plain_keys(q, k, v, cu_q, cu_k, dev_cu, used_k)
     call = _TECall(te, cu_q, cu_k, dev_cu, causal, scale)
     if needs_grad(q, k, v):
         return lse_differentiable_attention(call, q, k, v, scale)
@@ -325,11 +398,12 @@ def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     return bottom_right_causal_from_top_left(_cudnn_grad_call, q, k, v, scale)
 
 
-def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None):
-    """Packed varlen through one cuDNN call (two for a causal chunk with lq < lk) per sequence."""
+def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
+    """Packed varlen through one cuDNN call (two for a causal chunk with lq < lk) per sequence: aten's cuDNN op has
+    no bottom-right varlen form in torch 2.11. Overlapping key ranges are slices (no copy)."""
     outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+    for b, (k0, k1) in enumerate(_key_ranges(cu_k, used_k)):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(k0, k1)
         out, lse = _cudnn_seq(q[qs], k[ks], v[ks], causal, scale)
         outs.append(out)
         lses.append(lse)
@@ -346,11 +420,16 @@ def _cudnn_available(device: torch.device) -> bool:
 _FLASH_OP = getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
-def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
+def _flash_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    """One FlashAttention-2 varlen launch; overlapping key ranges through its ``seqused_k`` (sequence b reads keys
+    ``[cu_k[b], cu_k[b] + seqused_k[b])``, causal aligned to that length): no copy of the shared K/V."""
+    used = {} if used_k is None else {"seqused_k": used_k[1]}
+    max_k = _max_len(cu_k, None if used_k is None else used_k[0])
+
     def call(q_: Tensor, k_: Tensor, v_: Tensor) -> tuple[Tensor, Tensor]:
         res = _FLASH_OP(
-            q_, k_, v_, dev_cu[0], dev_cu[1], _max_len(cu_q), _max_len(cu_k),
-            0.0, causal, False, scale=scale,
+            q_, k_, v_, dev_cu[0], dev_cu[1], _max_len(cu_q), max_k,
+            0.0, causal, False, scale=scale, **used,
         )
         return res[0], lse_rows(res[1], cu_q, q_.shape[1])
 
@@ -370,7 +449,8 @@ def _flash_available(device: torch.device) -> bool:
 # prefix + square decomposition (TE runs them as one packed bottom-right launch, no LSE merges).
 LONG_KEYS = 65536
 FEW_SEQUENCES = 4
-_KERNELS = {"te": _te_kernel, "cudnn": _cudnn_kernel, "flash": _flash_kernel}
+_KERNELS = {name: _any_v_dim(name, kernel)
+            for name, kernel in (("te", _te_kernel), ("cudnn", _cudnn_kernel), ("flash", _flash_kernel))}
 
 
 def choose_kernel(num_seqs: int, max_keys: int, device: torch.device, one_call_each: bool = False) -> str:
@@ -388,11 +468,11 @@ def choose_kernel(num_seqs: int, max_keys: int, device: torch.device, one_call_e
     return "flash"
 
 
-def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu):
-    lens = zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])
-    one_call_each = not causal or all(q1 - q0 == k1 - k0 for q0, q1, k0, k1 in lens)
-    name = choose_kernel(len(cu_q) - 1, _max_len(cu_k), q.device, one_call_each)
-    return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale, dev_cu)
+def _auto_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
+    keys = _key_ranges(cu_k, used_k)
+    one_call_each = not causal or all(q1 - q0 == k1 - k0 for q0, q1, (k0, k1) in zip(cu_q[:-1], cu_q[1:], keys))
+    name = choose_kernel(len(cu_q) - 1, max(k1 - k0 for k0, k1 in keys), q.device, one_call_each)
+    return _KERNELS[name](q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
 
 
 def _any_fused(device: torch.device) -> bool:
@@ -404,13 +484,15 @@ def _any_fused(device: torch.device) -> bool:
 PRIORITY = {"cuda": 50, "te": 40, "cudnn": 35, "flash": 30}
 
 register_backend(
-    AttentionBackend("te", _packed(_te_kernel), _te_available, PRIORITY["te"], paged=_paged, paged_writes_out=True,
+    AttentionBackend("te", _packed(_KERNELS["te"]), _te_available, PRIORITY["te"], paged=_paged, paged_writes_out=True,
                      unavailable_reason=lambda device: te_unavailable_reason() if _is_cuda(device) else "",
-                     takes_host_cu_seqlens=True, differentiable=True)
+                     takes_host_cu_seqlens=True, differentiable=True, takes_seqused_k=True)
 )
-for _name, _kernel, _available in (("cudnn", _cudnn_kernel, _cudnn_available), ("flash", _flash_kernel, _flash_available),
-                                   ("cuda", _auto_kernel, _any_fused)):
+for _name, _kernel, _available in (("cudnn", _KERNELS["cudnn"], _cudnn_available),
+                                   ("flash", _KERNELS["flash"], _flash_available), ("cuda", _auto_kernel, _any_fused)):
     register_backend(AttentionBackend(_name, _packed(_kernel), _available, PRIORITY[_name], paged=_paged,
-                                      paged_writes_out=True, takes_host_cu_seqlens=True, differentiable=True))
+                                      paged_writes_out=True, takes_host_cu_seqlens=True, differentiable=True,
+                                      takes_seqused_k=True))
 
-__all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "te_unavailable_reason"]
+__all__ = ["PRIORITY", "choose_kernel", "cudnn_clash", "fused_shapes_ok", "lse_rows", "padded_v_dim",
+           "te_unavailable_reason"]
