@@ -230,7 +230,8 @@ class LatentAttention(ContextParallelAttention):
         k, v = self._expanded_kv(self.cp_group.all_gather(local, dim=0)[meta.gather_rows])  # sequence order
         return attention_with_lse(
             q, k, v, meta.cu_seqlens_rows, meta.cu_seqlens_ctx, causal=False, scale=self.scale,
-            backend=self.attention_backend(q.device), host_cu_seqlens=(meta.cu_seqlens_rows_host, meta.cu_seqlens_ctx_host),
+            backend=self.attention_backend(q.device),
+            host_cu_seqlens=(meta.cu_seqlens_rows_host, meta.cu_seqlens_ctx_host),
         )
 
     def _context_pass_q(self, q: Tensor, meta: ContextMetadata, kv_cache: LatentPagedCache
