@@ -273,6 +273,58 @@ def _parse_override(text: str) -> tuple[str, object]:
 ENGINES = ("megacp", "transformers", "transformers-static")
 
 
+def decode_kernel_counts(model, prompt: list[int], layers: int, steps: int = 8) -> dict:
+    """Kernels per batch-1 pure-decode step of megacp (an eager engine on the same model; torch.profiler's CUDA
+    events), with the fused decode kernels (megacp/ops/decode_fused.py) on and off: ``{"fused": {...},
+    "unfused": {...}}``, each ``kernels_per_step`` (launches, copies and memsets excluded, which are
+    ``copies_per_step``), ``per_layer`` (per step / layers: includes the embedding, final norm, LM head and sampling,
+    so an upper bound) and the ``top`` kernel names per step. One step = (the run of 1 + ``steps`` tokens − the run of
+    1 token) / ``steps``. A CPU model counts its aten ops instead (``counted`` says which; a smoke test of this
+    function)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from megacp.engine import LLMEngine
+    from megacp.ops import decode_fused
+    from megacp.sampling import SamplingParams
+
+    engine = LLMEngine(model, num_kv_blocks=-(-(len(prompt) + steps + 1) // 16) + 2, block_size=16,
+                       max_num_batched_tokens=len(prompt), max_num_seqs=1, enforce_eager=True)
+
+    cuda = next(model.parameters()).is_cuda
+
+    def gpu_events(n: int) -> dict[str, int]:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+            _sync()
+        names: dict[str, int] = {}
+        for e in prof.events():
+            if (e.device_type == DeviceType.CUDA) if cuda else (e.name.startswith("aten::") and e.cpu_parent is None):
+                names[e.name] = names.get(e.name, 0) + 1
+        return names
+
+    saved, out = os.environ.get(decode_fused.ENV_FUSED), {}
+    try:
+        for mode, flag in (("fused", "1"), ("unfused", "0")):
+            os.environ[decode_fused.ENV_FUSED] = flag
+            engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up (Triton compiles)
+            one, more = gpu_events(1), gpu_events(1 + steps)
+            per = {k: (more.get(k, 0) - one.get(k, 0)) / steps for k in more}
+            copy = {k: c for k, c in per.items() if k.startswith(("Memcpy", "Memset"))}
+            kern = {k: c for k, c in per.items() if k not in copy and c > 0}
+            out[mode] = {"counted": "cuda kernels" if cuda else "top-level cpu aten ops",
+                         "kernels_per_step": sum(kern.values()), "copies_per_step": sum(copy.values()),
+                         "per_layer": sum(kern.values()) / max(layers, 1),
+                         "top": dict(sorted(kern.items(), key=lambda kv: -kv[1])[:25])}
+    finally:
+        if saved is None:
+            os.environ.pop(decode_fused.ENV_FUSED, None)
+        else:
+            os.environ[decode_fused.ENV_FUSED] = saved
+    del engine
+    return out
+
+
 def static_compile_report(eng: HFStatic, short: list[list[int]], batches: list[int], warmup_s: dict) -> dict:
     """How transformers-static compiled: whether it did, and the compile time per batch size (its warm-up minus the
     same call once compiled), reported apart from tokens/s."""
@@ -323,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--engines", nargs="+", default=["megacp", "transformers"], choices=list(ENGINES),
                    help="transformers-static: static cache + the decode forward compiled by generate (CUDA)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="megacp: kernels per batch-1 decode step with the fused decode kernels on and off (CUDA)")
     p.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config fields to change, e.g. hidden_size=64 n_routed_experts=4 (tiny runs)")
@@ -379,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                 st = eng.engine.stats
                 res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
                                       "capture_bytes": st.graph_capture_bytes}
+            if name == "megacp" and args.count_kernels and args.device == "cuda":
+                res["decode_kernels"] = decode_kernel_counts(eng.model, short[0], args.layers)
             if name == "megacp" and args.device == "cuda":
                 # every weight is read once per step, except the embedding table (only the batch's rows)
                 embed = eng.model.embed_tokens.weight

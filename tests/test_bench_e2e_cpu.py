@@ -18,7 +18,17 @@ TINY = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num
         "vocab_size=512"]
 
 
-def test_e2e_cpu_reports_every_peer(tmp_path):
+@pytest.fixture
+def parallel_state_reset():
+    """bench/e2e.py's megacp engine initialises parallel_state for the process (a benchmark runs once); undo it."""
+    from megacp import parallel_state as ps
+
+    yield
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def test_e2e_cpu_reports_every_peer(tmp_path, parallel_state_reset):
     out = tmp_path / "e2e.json"
     result = e2e.main(["--device", "cpu", "--layers", "1", "--override", *TINY, "--prompt-lens", "24", "--batch", "2",
                        "--decode-prompt-len", "12", "--new-tokens", "5", "--reps", "1",
@@ -58,3 +68,23 @@ def test_static_peer_sizes_every_decode_call_alike(tmp_path):
     eng.generate([list(range(3, 15))] * 2, 4)
     eng.generate([list(range(3, 15))] * 2, 1)
     assert sizes == [41, 20, 20]
+
+
+def test_decode_kernel_counts_runs_and_counts_per_step():
+    """The kernel counter's bookkeeping on the CPU (there it counts top-level aten ops; the fused kernels are CUDA
+    only, so both modes count the same): a positive per-step count that grows with the layers."""
+    import torch
+
+    from tests.dist_pool import model_parallel
+    from tests.test_no_host_sync import _tiny_model
+
+    counts = {}
+    with model_parallel(backend="gloo"):
+        for layers in (1, 2):
+            model = _tiny_model(torch.float32, "cpu", num_hidden_layers=layers)
+            counts[layers] = e2e.decode_kernel_counts(model, list(range(3, 20)), layers, steps=2)
+    for c in counts.values():
+        assert c["fused"]["counted"] == "top-level cpu aten ops" and c["fused"]["kernels_per_step"] > 0
+        assert c["fused"]["kernels_per_step"] == c["unfused"]["kernels_per_step"]
+        assert sum(c["fused"]["top"].values()) <= c["fused"]["kernels_per_step"]
+    assert counts[2]["fused"]["kernels_per_step"] > counts[1]["fused"]["kernels_per_step"]

@@ -253,6 +253,73 @@ def check_silu_mul(dtype: torch.dtype, device: str = "cpu") -> None:
         assert not torch.equal(got, (torch.nn.functional.silu(gate.bfloat16()) * up.bfloat16()).float())
 
 
+def check_llama_decode_wiring() -> None:
+    """The tiny seeded Llama with the fused kernels switched on (what CUDA runs; here interpreted on CPU tensors) gives
+    the eager model's logits over a prefill and three pure-decode steps, and each decode step calls the RoPE + cache
+    kernel once per layer (prefills keep the eager RoPE; SiLU·mul is fused in every step)."""
+    from megacp.kv import BlockTable
+    from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.models.config import build_tiny_llama_config
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.models.loader import seeded_hf_weights
+
+    model = LlamaForCausalLM(build_tiny_llama_config(), params_dtype=torch.float32)
+    loaders = model.hf_weight_loaders()
+    for name, tensor in seeded_hf_weights(model, 0).items():
+        loaders[name](tensor)
+    layers = model.config.num_hidden_layers
+    seqs = [[3, 14, 15, 92, 65, 35, 89, 7, 8, 9], [27, 18, 28, 18, 28, 9, 10, 11, 12]]
+    steps = [([0, 1], [0, 0], [6, 5])] + [([0, 1], [6 + i, 5 + i], [1, 1]) for i in range(3)]
+    calls = {"rope": 0, "silu": 0}
+    real = decode_fused.rope_and_cache_write, decode_fused.silu_mul
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        table = BlockTable(4, 2, 4, 1, 0, 1)
+        table.set_row(0, [0, 1, 2, 3]), table.set_row(1, [4, 5, 6, 7])
+        caches = [PagedKVCache(8, 4, model.num_local_kv_heads, model.head_dim) for _ in range(layers)]
+        saved = decode_fused.available
+        decode_fused.available = (lambda x: True) if fused else (lambda x: False)
+        try:
+            logits = []
+            for rows, computed, new in steps:
+                meta = build_attention_metadata(rows, computed, new, table, device="cpu", null_slot=caches[0].null_slot)
+                flat = torch.tensor([t for r, c, n in zip(rows, computed, new) for t in seqs[r][c:c + n]])
+                with torch.no_grad():
+                    hidden = model(flat[meta.token_index.clamp(min=0)], meta, caches)
+                    logits.append(model.compute_logits(meta.select_logits_hidden(hidden)))
+            return logits
+        finally:
+            decode_fused.available = saved
+
+    decode_fused.rope_and_cache_write, decode_fused.silu_mul = counted("rope", real[0]), counted("silu", real[1])
+    try:
+        fused = run(True)
+    finally:
+        decode_fused.rope_and_cache_write, decode_fused.silu_mul = real
+    assert calls == {"rope": 3 * layers, "silu": 4 * layers}, calls
+    for i, (a, b) in enumerate(zip(fused, run(False))):
+        _close(a, b, 1e-5 * float(b.abs().max()), f"llama step {i} fused vs eager logits")
+
+
+def check_bench_gemv() -> None:
+    """bench/gemv.py's split-K GEMV against ``x @ w.T``: rows below, at and above one 16-row tile, ragged N and K,
+    split K 1 and 3 (atomics). float32: the interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9), so bf16 is
+    checked on the GPU, where the benchmark drops any configuration not within bf16 rounding of cuBLAS."""
+    from bench import gemv
+
+    g = torch.Generator().manual_seed(9)
+    for M in (1, 5, 20):
+        x, w = torch.randn(M, 300, generator=g), torch.randn(70, 300, generator=g)
+        for config in ((32, 128, 1, 4, 4), (16, 64, 3, 4, 4)):
+            _close(gemv.gemv(x, w, *config), x @ w.T, 2e-4, f"gemv M={M} {config}")
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
@@ -267,6 +334,8 @@ def main() -> None:
         check_rope_and_cache_write(dtype, 16)
         check_silu_mul(dtype)
     check_rope_and_cache_write(torch.float32, 12)
+    check_llama_decode_wiring()
+    check_bench_gemv()
     print("triton interpreter checks: ok")
 
 
