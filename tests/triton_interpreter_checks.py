@@ -211,7 +211,8 @@ def _bitwise_or_one_bf16_ulp(dtype: torch.dtype):
 
 def check_rope_and_cache_write(dtype: torch.dtype, head_dim: int, device: str = "cpu") -> None:
     """One kernel for RoPE of q and k, the k and v cache writes, equals ``apply_rotary_tables`` +
-    ``PagedKVCache.write_rows`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``): GQA, slots out of order, a row to the null slot, an odd head dim
+    ``PagedKVCache.write_rows`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``): GQA, slots out of
+    order, a row to the null slot, an odd head dim
     (non-power-of-two, masked), untouched slots stay untouched."""
     g = torch.Generator().manual_seed(7)
     B, hq, hkv, D = 3, 4, 2, head_dim
