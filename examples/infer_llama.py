@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from megacp import parallel_state as ps
-from megacp.checks import check_int, check_memory, check_real, check_request_fits, kv_cache_bytes
+from megacp.checks import check_int, check_memory, check_real, kv_cache_bytes
 from megacp.config import ParallelConfig
 from megacp.engine import LLMEngine
 from megacp.kv import blocks_needed
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
 from megacp.sampling import SEED_RANGE, SamplingParams
+from megacp.session import check_request_fits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,9 +6,9 @@ request is rejected everywhere before any collective and the ranks never fall ou
 
 - ``check_int`` / ``check_real`` / ``check_bool``: one scalar (type, finiteness, range); ``name`` is the Python
   argument (``"SamplingParams(max_new_tokens)"``) or the CLI flag (``"--max-new-tokens"``).
-- ``check_request_fits``: one request's length against the model's positions and the KV cache.
-- ``validate_prompt_ids`` / ``validate_requests``: what ``LLMEngine.generate`` (and any other entry that takes
-  requests) calls first: token ids are integers in ``[0, vocab_size)``, every prompt fits.
+- ``validate_prompt_ids``: token ids are integers in ``[0, vocab_size)`` (``megacp.session.validate_requests``, what
+  ``LLMEngine.generate`` calls first, adds that every prompt fits the model and the KV cache).
+- ``kv_cache_bytes`` / ``check_memory``: a KV cache's size against the device's memory.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import math
 import numbers
 import operator
 from typing import Any, Sequence
-
-from megacp.kv.allocator import blocks_needed
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, hint: str = "") -> int:
@@ -74,28 +72,6 @@ def _hint(hint: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ requests
-def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
-                       block_size: int, cp_world_size: int) -> None:
-    """Raise ``ValueError`` (naming the arguments to change) if one request could never run, even in an empty cache."""
-    if prompt_len < 1:
-        raise ValueError("every prompt needs at least one token (got an empty prompt)")
-    total = prompt_len + max_new_tokens
-    if total > max_model_len:
-        raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
-            f"max_position_embeddings {max_model_len}; shorten the prompt or lower max_new_tokens "
-            f"to {max(max_model_len - prompt_len, 0)}"
-        )
-    need = blocks_needed(total, block_size, cp_world_size)
-    if need > num_kv_blocks:
-        raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} KV blocks of "
-            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise num_kv_blocks to {need} "
-            f"or lower max_new_tokens, or spread the cache over more ranks with a larger "
-            f"prefill_context_parallel_size / decode_context_parallel_size"
-        )
-
-
 def validate_prompt_ids(prompt_ids: Any, vocab_size: int, name: str = "prompt_ids") -> list[list[int]]:
     """``prompt_ids`` (a sequence of sequences of token ids) as ``list[list[int]]``; ValueError naming the first bad
     entry (``prompt_ids[1][3]``): not a list of lists, an empty prompt, a non-integer id or one outside the vocabulary.
@@ -127,17 +103,6 @@ def validate_prompt_ids(prompt_ids: Any, vocab_size: int, name: str = "prompt_id
                 )
             out.append(tok)
         prompts.append(out)
-    return prompts
-
-
-def validate_requests(prompt_ids: Any, max_new_tokens: int, *, vocab_size: int, max_model_len: int,
-                      num_kv_blocks: int, block_size: int, cp_world_size: int) -> list[list[int]]:
-    """Everything about a batch of requests that can be checked before the first step; returns the prompts as
-    ``list[list[int]]``. ``max_new_tokens`` comes from an already validated ``SamplingParams``.
-    """
-    prompts = validate_prompt_ids(prompt_ids, vocab_size)
-    for ids in prompts:
-        check_request_fits(len(ids), max_new_tokens, max_model_len, num_kv_blocks, block_size, cp_world_size)
     return prompts
 
 

@@ -252,3 +252,16 @@ class ParallelConfig:
             enable_expert_parallel=self.enable_expert_parallel,
             cp_kv_cache_interleave_size=self.cp_kv_cache_interleave_size,
         )
+
+
+def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """``(num_local_kv_heads, first_kv_head)`` of a TP rank.
+
+    tp ≤ num_kv_heads: KV heads are split evenly. tp > num_kv_heads: each rank holds one KV head, replicated on
+    ``tp / num_kv_heads`` adjacent ranks (DESIGN §3 GQA), so rank r holds head ``r // (tp / num_kv_heads)``.
+    The sizes must pass ``megacp.config.validate_model_parallel`` (``QKVParallelLinear`` checks them).
+    """
+    if tp_size <= num_kv_heads:
+        n = num_kv_heads // tp_size
+        return n, tp_rank * n
+    return 1, tp_rank // (tp_size // num_kv_heads)

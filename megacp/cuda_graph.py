@@ -27,17 +27,16 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from megacp import parallel_state as ps
 from megacp.layers.cp_metadata import AttentionMetadata
+from megacp.parallel_state import ParallelContext
 from megacp.sampling import sample
-
-if TYPE_CHECKING:
-    from megacp.kv.session import KVSession
+from megacp.session import KVSession
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -119,17 +118,23 @@ class DecodeGraphRunner:
     The step runs over ``session`` (its caches, and its metadata builder's buffers, which the graphs read).
     ``capture()`` records every bucket, largest first, into one shared memory pool (``capture_s`` and
     ``capture_bytes`` say what it cost); ``num_replays`` counts replays, so a test can prove the graph ran.
+    ``parallel_context``: the layout whose collectives the graphs record, the session's (given, it must be that one).
     """
 
-    def __init__(self, model: torch.nn.Module, session: "KVSession", max_batch: int) -> None:
+    def __init__(self, model: torch.nn.Module, session: KVSession, max_batch: int,
+                 parallel_context: ParallelContext | None = None) -> None:
+        if parallel_context is not None and parallel_context is not session.parallel_context:
+            raise ValueError("DecodeGraphRunner: parallel_context must be the session's (KVSession(parallel_context="
+                             "...)): the graphs replay the session's buffers over that layout's groups")
+        self.parallel_context = session.parallel_context
         self.model, self.session = model, session
         self.buckets = batch_buckets(min(max_batch, session.builder.max_num_reqs))
         self.graphs: dict[int, _Graph] = {}
         self.capture_s = 0.0
         self.capture_bytes = 0
         self.num_replays = 0
-        if ps.model_parallel_is_initialized():
-            ps.release_before_destroy(self.release)
+        if ps.model_parallel_is_initialized() and ps.get_parallel_context() is self.parallel_context:
+            ps.release_before_destroy(self.release)  # its NCCL groups die with destroy_model_parallel
 
     def release(self) -> None:
         """Drop every captured graph (and their memory pool): ``destroy_model_parallel`` calls it before destroying the

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megacp import parallel_state as ps
 from megacp.buffers import CpuGpuBuffer
-from megacp.checks import check_bool, check_int, validate_requests
+from megacp.checks import check_bool, check_int
 from megacp.config import validate_moe_data_parallel
 from megacp.cuda_graph import DecodeGraphRunner, graph_support
-from megacp.kv.session import KVSession
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.sampling import NONFINITE_TOKEN, SamplingParams, sample
+from megacp.session import KVSession, validate_requests
 
 
 @dataclass
@@ -104,12 +104,13 @@ class _Request:
 
 
 class LLMEngine:
-    """Runs ``generate`` for a ``LlamaForCausalLM`` on the current ``parallel_state`` (one DP replica).
+    """Runs ``generate`` for a ``LlamaForCausalLM`` on one DP replica of a ``ParallelContext``.
 
     ``num_kv_blocks``: physical KV blocks per rank and layer (the same virtual block ids on every CP rank).
     ``max_num_seqs``: requests admitted at once (rows of the block table). The KV cache is a ``KVSession``
     (``self.session``): requests are its ids, each step its metadata. On CUDA with NCCL (or one GPU) pure-decode
-    steps replay CUDA graphs; ``enforce_eager=True`` turns that off.
+    steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``parallel_context``: the layout, default the
+    model's (``model.parallel_context``), else ``resolve_parallel_context``'s.
     """
 
     def __init__(
@@ -120,23 +121,25 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         num_kv_blocks = check_int("LLMEngine(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
         block_size = check_int("LLMEngine(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
         max_num_batched_tokens = check_int("LLMEngine(max_num_batched_tokens)", max_num_batched_tokens, 1,
                                            hint="tokens per step, e.g. 512")
         max_num_seqs = check_int("LLMEngine(max_num_seqs)", max_num_seqs, 1, hint="requests run at once, e.g. 64")
-        validate_moe_data_parallel(getattr(model.config, "is_moe", False), ps.get_data_parallel_world_size())
+        ctx = self.parallel_context = resolve_parallel_context(
+            parallel_context if parallel_context is not None else getattr(model, "parallel_context", None))
+        validate_moe_data_parallel(getattr(model.config, "is_moe", False), ctx.dp_size)
         self.model = model
         self.max_num_batched_tokens = max_num_batched_tokens
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = int(model.config.max_position_embeddings)
-        self._cp_group = ps.get_cp_group()  # generate checks the model-parallel state is still this one
         config = model.config
         self.session = KVSession(
             config.num_hidden_layers, config.num_key_value_heads, model.head_dim, num_kv_blocks, block_size,
-            max_num_seqs, max_seq_len=self.max_model_len, dtype=self.dtype, device=self.device,
+            max_num_seqs, max_seq_len=self.max_model_len, dtype=self.dtype, device=self.device, parallel_context=ctx,
         )
         self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
         # CUDA-graph decode (megacp/cuda_graph.py), captured at the first pure-decode step.
@@ -220,8 +223,8 @@ class LLMEngine:
 
     def _agree(self, tokens: Tensor) -> list[int]:
         """Broadcast the sampled ids from the replica's first rank (over TP, then PCP) and read them back once."""
-        tokens = ps.get_tp_group().broadcast(tokens.contiguous(), src=0)
-        tokens = ps.get_pcp_group().broadcast(tokens, src=0)
+        tokens = self.parallel_context.tp.broadcast(tokens.contiguous(), src=0)
+        tokens = self.parallel_context.pcp.broadcast(tokens, src=0)
         return self._sampled.to_host(tokens).tolist()
 
     def _graph_runner_for(self, sched: list[tuple[_Request, int]], need: list[int]) -> DecodeGraphRunner | None:
@@ -231,7 +234,8 @@ class LLMEngine:
         if not all(self._computed(r) > 0 and n == 1 for r, n in sched):
             return None
         if self.graph_runner is None:
-            self.graph_runner = DecodeGraphRunner(self.model, self.session, self.session.max_num_seqs)
+            self.graph_runner = DecodeGraphRunner(self.model, self.session, self.session.max_num_seqs,
+                                                  parallel_context=self.parallel_context)
             self.graph_runner.capture()
             self.stats.graph_capture_s = self.graph_runner.capture_s
             self.stats.graph_capture_bytes = self.graph_runner.capture_bytes
@@ -309,7 +313,7 @@ class LLMEngine:
         prompt that cannot fit the cache or the model's positions, a bad ``sampling``) leaves the ranks in step and the
         engine usable.
         """
-        if not ps.model_parallel_is_initialized() or ps.get_cp_group() is not self._cp_group:
+        if not self.parallel_context.is_live():
             raise RuntimeError(
                 "LLMEngine.generate: the model-parallel state this engine was built on has been destroyed "
                 "(destroy_model_parallel); after initialize_model_parallel(...) load the model and build a new LLMEngine"

@@ -9,8 +9,11 @@ groups wrapped in ``ParallelGroup`` (the collectives the layers use; a gloo grou
 host). All state lives in the single ``_STATE``; ``destroy_model_parallel`` destroys its groups and resets it, so a
 later initialisation with other sizes works.
 
-Before ``initialize_model_parallel`` (or without torch.distributed at all) every layer runs as a single rank:
-``group_or_single_rank`` gives it a size-1 group, whose collectives return their input.
+One rank's layout is a frozen ``ParallelContext`` (its groups, sizes, ranks, KV interleave, EP switch), made once by
+``initialize_model_parallel`` and kept by every object built from it (``parallel_context=`` in each constructor;
+``resolve_parallel_context`` is the one default: the given one, else the global one, else ``ParallelContext.single()``,
+the one-rank layout that runs before ``initialize_model_parallel``, whose collectives return their input). The
+Megatron-style getters (``get_tp_group()``, ...) read the global one.
 
 Training: every parameter a megacp layer creates carries ``grad_reduce_groups``, the names of the groups its
 gradient must be summed over after ``backward``, and ``allreduce_grads(model)`` does those sums (see there).
@@ -230,6 +233,11 @@ class ParallelGroup:
     def _peer_failures(self, op: str) -> Iterator[None]:
         """Turns a transport failure inside the block (a dead or stuck peer) into this group's ``CollectiveError``;
         other errors (a usage error of the collective) pass unchanged."""
+        if self.device_group is None:  # a layout without communicators (ParallelContext.from_layout(new_group=None))
+            raise RuntimeError(
+                f"{op} on the {self.name} group (ranks {self.ranks}): this group describes a layout only and has no "
+                f"process group; build the ParallelContext with initialize_model_parallel(...)"
+            )
         try:
             yield
         except RuntimeError as e:
@@ -386,15 +394,149 @@ class _AllReduce(torch.autograd.Function):
         return grad, None
 
 
+# ------------------------------------------------------------------------------------------------ parallel context
+@dataclass(frozen=True)
+class ParallelContext:
+    """One rank's parallel layout: its TP / PCP / DCP / CP / DP / EP groups and the validated ``ParallelConfig``.
+
+    Made once, by ``initialize_model_parallel`` (``get_parallel_context()`` returns it), or as
+    ``ParallelContext.single()`` for a one-rank run. Every megacp constructor that needs the layout (the model, its
+    layers, ``KVSession``, the metadata builder, ``MoELayer``, ``LLMEngine``, ``DecodeGraphRunner``) takes it as
+    ``parallel_context=`` and keeps it; ``resolve_parallel_context`` is the one place a default is chosen. Frozen:
+    objects built from it can rely on it not changing under them. Sizes and ranks are read off the groups, so they
+    cannot disagree with them.
+    """
+
+    tp: ParallelGroup
+    pcp: ParallelGroup
+    dcp: ParallelGroup
+    cp: ParallelGroup
+    dp: ParallelGroup
+    ep: ParallelGroup
+    world: ParallelGroup
+    config: ParallelConfig
+
+    @classmethod
+    def from_layout(
+        cls,
+        config: ParallelConfig,
+        rank: int,
+        new_group: Callable[[list[int]], dist.ProcessGroup | None] | None = None,
+        world_group: dist.ProcessGroup | None = None,
+        timeout: timedelta | None = None,
+    ) -> ParallelContext:
+        """The context of global ``rank`` in ``config``'s layout of ``dp·pcp·tp`` ranks (DESIGN §1).
+
+        ``new_group(ranks)`` makes the process group of every group of more than one rank, called for each in the
+        same order on every rank (``torch.distributed.new_group`` is collective over the world, so every rank makes
+        every group, its own or not). ``new_group=None`` gives the layout without communicators: sizes and ranks for
+        host-side planning (a metadata builder of rank ``rank``); a collective of a group of more than one rank then
+        raises.
+        """
+        world_size = config.world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside the layout's {world_size} ranks (dp·pcp·tp)")
+        layout = rank_layout(world_size, config.tensor_model_parallel_size, config.prefill_context_parallel_size,
+                             config.decode_context_parallel_size, config.data_parallel_size)
+        groups: dict[str, ParallelGroup] = {}
+        for name in GROUP_NAMES:
+            for ranks in layout[name]:
+                pg = new_group(ranks) if new_group is not None and len(ranks) > 1 else None
+                if rank in ranks:
+                    groups[name] = ParallelGroup(name, ranks, pg, rank, timeout)
+        world = ParallelGroup("world", list(range(world_size)), world_group, rank, timeout)
+        return cls(**groups, world=world, config=config)
+
+    @classmethod
+    def single(cls, interleave_size: int = 1) -> ParallelContext:
+        """One rank alone (every group of size 1, collectives return their input): what runs before
+        ``initialize_model_parallel``. ``interleave_size``: the KV interleave (``cp_kv_cache_interleave_size``)."""
+        return cls.from_layout(ParallelConfig(cp_kv_cache_interleave_size=interleave_size), 0)
+
+    def group(self, name: str) -> ParallelGroup:
+        """The group called ``name``: one of ``GROUP_NAMES`` or ``"world"``."""
+        if name not in (*GROUP_NAMES, "world"):
+            raise ValueError(f"unknown group name {name!r}; use one of {(*GROUP_NAMES, 'world')}")
+        return getattr(self, name)
+
+    def is_live(self) -> bool:
+        """Whether this context's groups can still run collectives: a context without communicators (one rank, a
+        layout) always; the one ``initialize_model_parallel`` made until ``destroy_model_parallel``."""
+        return self.world.device_group is None or (_STATE is not None and _STATE.context is self)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank_in_group
+
+    @property
+    def pcp_size(self) -> int:
+        return self.pcp.world_size
+
+    @property
+    def pcp_rank(self) -> int:
+        return self.pcp.rank_in_group
+
+    @property
+    def dcp_size(self) -> int:
+        return self.dcp.world_size
+
+    @property
+    def dcp_rank(self) -> int:
+        return self.dcp.rank_in_group
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank_in_group
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep.world_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep.rank_in_group
+
+    @property
+    def cp_world_size(self) -> int:
+        """``pcp·dcp``: how many ranks share (and shard) one sequence's KV cache."""
+        return self.cp.world_size
+
+    @property
+    def cp_rank(self) -> int:
+        """``pcp_rank·dcp + dcp_rank`` (this rank's position in the CP group)."""
+        return self.pcp_rank * self.dcp_size + self.dcp_rank
+
+    @property
+    def interleave_size(self) -> int:
+        """``cp_kv_cache_interleave_size``: tokens dealt to one CP rank in a run (DESIGN §2)."""
+        return self.config.cp_kv_cache_interleave_size
+
+    @property
+    def enable_expert_parallel(self) -> bool:
+        return self.config.enable_expert_parallel
+
+
 # ------------------------------------------------------------------------------------------------ global state
 @dataclass
 class ParallelState:
-    groups: dict[str, ParallelGroup]
-    world: ParallelGroup
-    config: ParallelConfig
-    owned_groups: list[dist.ProcessGroup] = field(default_factory=list)  # destroyed by destroy_model_parallel
+    context: ParallelContext
     # weak references to release callbacks of objects that captured these groups' collectives (CUDA graphs)
     before_destroy: list[weakref.ref] = field(default_factory=list)
+
+    @property
+    def owned_groups(self) -> list[dist.ProcessGroup]:
+        """The process groups ``initialize_model_parallel`` made that hold this rank (destroyed by
+        ``destroy_model_parallel``)."""
+        c = self.context
+        return [g.device_group for g in (c.tp, c.pcp, c.dcp, c.cp, c.dp, c.ep) if g.device_group is not None]
 
 
 _STATE: ParallelState | None = None
@@ -425,11 +567,12 @@ def initialize_model_parallel(
     cp_kv_cache_interleave_size: int = 1,
     backend: str | None = None,
     timeout: timedelta | None = None,
-) -> None:
+) -> ParallelContext:
     """Create the TP/PCP/DCP/CP/DP/EP groups of DESIGN §1 on every rank (a collective: all ranks must call it).
 
     Initialises ``torch.distributed`` from torchrun's environment if needed (``backend=None``: nccl with CUDA, else
     gloo). The sizes are validated before any collective, so a bad configuration raises ``ValueError`` everywhere.
+    Returns this rank's ``ParallelContext`` (also ``get_parallel_context()``).
     """
     global _STATE
     if _STATE is not None:
@@ -442,31 +585,13 @@ def initialize_model_parallel(
     )
     if not dist.is_initialized():
         _init_distributed_from_env(backend, timeout)
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    layout = rank_layout(
-        world_size, tensor_model_parallel_size, prefill_context_parallel_size, decode_context_parallel_size,
-        data_parallel_size,
+    config.check_world_size(dist.get_world_size())
+    context = ParallelContext.from_layout(
+        config, dist.get_rank(), new_group=lambda ranks: dist.new_group(ranks, timeout=timeout, backend=backend),
+        world_group=dist.group.WORLD, timeout=timeout,
     )
-    groups: dict[str, ParallelGroup] = {}
-    owned: list[dist.ProcessGroup] = []
-    # new_group is collective over the whole world: every rank creates every group, in the same order.
-    # Size-1 groups need no communicator (all ranks agree on the sizes, so all skip the same calls).
-    for name in GROUP_NAMES:
-        for ranks in layout[name]:
-            pg = None
-            if len(ranks) > 1:
-                pg = dist.new_group(ranks, timeout=timeout, backend=backend)
-                if rank in ranks:
-                    owned.append(pg)
-            if rank in ranks:
-                groups[name] = ParallelGroup(name, ranks, pg, rank, timeout)
-    world = ParallelGroup("world", list(range(world_size)), dist.group.WORLD, rank, timeout)
-    _STATE = ParallelState(
-        groups=groups,
-        world=world,
-        config=config,
-        owned_groups=owned,
-    )
+    _STATE = ParallelState(context)
+    return context
 
 
 def model_parallel_is_initialized() -> bool:
@@ -494,7 +619,8 @@ def destroy_model_parallel() -> None:
         release = ref()
         if release is not None:
             release()
-    for group in [*state.groups.values(), state.world]:
+    c = state.context
+    for group in (c.tp, c.pcp, c.dcp, c.cp, c.dp, c.ep, c.world):
         group.release_symmetric_buffers()
     if not dist.is_initialized():
         return
@@ -502,20 +628,22 @@ def destroy_model_parallel() -> None:
         dist.destroy_process_group(pg)
 
 
-def single_rank_group(name: str) -> ParallelGroup:
-    """A size-1 group (this process alone); every collective returns its input."""
-    return ParallelGroup(name, [0], None, 0)
+def get_parallel_context() -> ParallelContext:
+    """This rank's ``ParallelContext``, made by ``initialize_model_parallel``."""
+    return _state().context
 
 
-def group_or_single_rank(name: str, given: ParallelGroup | None = None) -> ParallelGroup:
-    """``given`` when not None, else group ``name`` (one of ``GROUP_NAMES``) of ``parallel_state``, or a size-1 group
-    when model parallelism is not initialised: the one default every megacp layer uses when it is given no group (a
-    single-device run)."""
-    if name not in GROUP_NAMES:
-        raise ValueError(f"unknown group name {name!r}; use one of {GROUP_NAMES}")
+def resolve_parallel_context(given: ParallelContext | None = None) -> ParallelContext:
+    """The context a constructor uses: ``given`` when not None, else the initialised global one, else a single rank.
+
+    The one place a default layout is chosen; every megacp constructor calls it once and keeps the result.
+    """
     if given is not None:
+        if not isinstance(given, ParallelContext):
+            raise ValueError(f"parallel_context must be a megacp.parallel_state.ParallelContext or None, got "
+                             f"{type(given).__name__}")
         return given
-    return _state().groups[name] if _STATE is not None else single_rank_group(name)
+    return _STATE.context if _STATE is not None else ParallelContext.single()
 
 
 def _state() -> ParallelState:
@@ -529,7 +657,7 @@ def _state() -> ParallelState:
 
 # ------------------------------------------------------------------------------------------------ getters
 def get_world_group() -> ParallelGroup:
-    return _state().world
+    return _state().context.world
 
 
 def first_error_across_ranks(error: str | None) -> str | None:
@@ -538,96 +666,97 @@ def first_error_across_ranks(error: str | None) -> str | None:
 
 
 def get_tp_group() -> ParallelGroup:
-    return _state().groups["tp"]
+    return _state().context.tp
 
 
 def get_pcp_group() -> ParallelGroup:
-    return _state().groups["pcp"]
+    return _state().context.pcp
 
 
 def get_dcp_group() -> ParallelGroup:
-    return _state().groups["dcp"]
+    return _state().context.dcp
 
 
 def get_cp_group() -> ParallelGroup:
     """The ``pcp·dcp`` ranks sharing one sequence's KV cache, in ``cp_rank`` order."""
-    return _state().groups["cp"]
+    return _state().context.cp
 
 
 def get_dp_group() -> ParallelGroup:
-    return _state().groups["dp"]
+    return _state().context.dp
 
 
 def get_ep_group() -> ParallelGroup:
     """All ``dp·pcp·tp`` ranks; whether MoE experts are split over them is ``expert_parallel_enabled()``."""
-    return _state().groups["ep"]
+    return _state().context.ep
 
 
 def get_tensor_model_parallel_rank() -> int:
-    return get_tp_group().rank_in_group
+    return get_parallel_context().tp_rank
 
 
 def get_tensor_model_parallel_world_size() -> int:
-    return get_tp_group().world_size
+    return get_parallel_context().tp_size
 
 
 def get_prefill_context_parallel_rank() -> int:
-    return get_pcp_group().rank_in_group
+    return get_parallel_context().pcp_rank
 
 
 def get_prefill_context_parallel_world_size() -> int:
-    return get_pcp_group().world_size
+    return get_parallel_context().pcp_size
 
 
 def get_decode_context_parallel_rank() -> int:
-    return get_dcp_group().rank_in_group
+    return get_parallel_context().dcp_rank
 
 
 def get_decode_context_parallel_world_size() -> int:
-    return get_dcp_group().world_size
+    return get_parallel_context().dcp_size
 
 
 def get_context_parallel_rank() -> int:
     """``cp_rank = pcp_rank·dcp + dcp_rank`` (equals the rank's position in the CP group)."""
-    return get_prefill_context_parallel_rank() * _state().config.decode_context_parallel_size + get_decode_context_parallel_rank()
+    return get_parallel_context().cp_rank
 
 
 def get_context_parallel_world_size() -> int:
     """``pcp·dcp``: how many ranks share (and shard) one sequence's KV cache."""
-    return get_cp_group().world_size
+    return get_parallel_context().cp_world_size
 
 
 def get_data_parallel_rank() -> int:
-    return get_dp_group().rank_in_group
+    return get_parallel_context().dp_rank
 
 
 def get_data_parallel_world_size() -> int:
-    return get_dp_group().world_size
+    return get_parallel_context().dp_size
 
 
 def get_expert_parallel_rank() -> int:
-    return get_ep_group().rank_in_group
+    return get_parallel_context().ep_rank
 
 
 def get_expert_parallel_world_size() -> int:
-    return get_ep_group().world_size
+    return get_parallel_context().ep_size
 
 
 def expert_parallel_enabled() -> bool:
-    return _state().config.enable_expert_parallel
+    return get_parallel_context().enable_expert_parallel
 
 
 def get_cp_kv_cache_interleave_size() -> int:
-    return _state().config.cp_kv_cache_interleave_size
+    return get_parallel_context().interleave_size
 
 
 def get_parallel_config() -> ParallelConfig:
     """The validated layout ``initialize_model_parallel`` was given."""
-    return _state().config
+    return get_parallel_context().config
 
 
 # ------------------------------------------------------------------------------------------------ training
-def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]") -> None:
+def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]",
+                    parallel_context: ParallelContext | None = None) -> None:
     """Make every gradient of ``model`` whole: sum it over the groups named by its parameter's ``grad_reduce_groups``.
 
     Call it on every rank after ``loss.backward()`` (a collective). Gradients are *summed*: with each rank's loss
@@ -638,7 +767,9 @@ def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]") -> 
     also carry ``grad_reduce_hook(param)``, run first, for sums only its layer knows (QKV rows of a KV head that
     several TP ranks hold). Parameters that require grad but got none (unused on this rank) count as zeros, so all
     ranks run the same collectives. Before ``initialize_model_parallel`` every group has one rank: nothing to sum.
+    ``parallel_context``: the context the model was built with (``resolve_parallel_context``'s default).
     """
+    context = resolve_parallel_context(parallel_context)
     params = list(model.parameters()) if hasattr(model, "parameters") else list(model)
     buckets: dict[tuple, list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
@@ -652,7 +783,7 @@ def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]") -> 
         if hook is not None:
             hook(p)
         names = tuple(getattr(p, "grad_reduce_groups", DENSE_GRAD_GROUPS))
-        groups = [group_or_single_rank(n) for n in names]
+        groups = [context.group(n) for n in names]
         names = tuple(g.name for g in groups if g.world_size > 1)
         if names:
             buckets.setdefault((names, str(p.grad.dtype), str(p.grad.device)), []).append(p)
@@ -660,7 +791,7 @@ def allreduce_grads(model: "torch.nn.Module | Iterable[torch.nn.Parameter]") -> 
     for (names, _, _), members in sorted(buckets.items(), key=lambda kv: kv[0]):
         flat = torch.cat([p.grad.reshape(-1) for p in members])
         for name in names:
-            group_or_single_rank(name).all_reduce(flat)
+            context.group(name).all_reduce(flat)
         offset = 0
         for p in members:
             n = p.grad.numel()

@@ -81,3 +81,14 @@ def pcp_merge(out: Tensor, lse: Tensor, group) -> tuple[Tensor, Tensor]:
     weights, merged_lse = lse_merge_weights(all_lse)
     scaled = weights[group.rank_in_group].unsqueeze(-1) * out.float()
     return group.all_reduce(scaled.contiguous()).to(out.dtype), merged_lse
+
+
+def layout_context(pcp: int = 1, dcp: int = 1, pcp_rank: int = 0, dcp_rank: int = 0):
+    """The ``ParallelContext`` (no communicators) of the rank with ``pcp_rank``/``dcp_rank`` in a layout of
+    ``tp = dcp``: what a metadata builder of that rank plans with, without processes."""
+    from megacp.config import ParallelConfig
+    from megacp.parallel_state import ParallelContext
+
+    config = ParallelConfig(tensor_model_parallel_size=dcp, prefill_context_parallel_size=pcp,
+                            decode_context_parallel_size=dcp)
+    return ParallelContext.from_layout(config, pcp_rank * dcp + dcp_rank)

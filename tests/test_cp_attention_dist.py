@@ -201,10 +201,13 @@ def test_single_device_without_parallel_state():
 def test_layer_rejects_bad_inputs():
     from megacp.kv import BlockTable, PagedKVCache
     from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.config import ParallelConfig
     from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.parallel_state import ParallelContext
 
+    tp3 = ParallelContext.from_layout(ParallelConfig(tensor_model_parallel_size=3), 0)
     with pytest.raises(ValueError, match="decode_context_parallel_size|tensor_model_parallel_size"):
-        ContextParallelAttention(4, 2, HEAD_DIM, 0.5, tp_size=3)
+        ContextParallelAttention(4, 2, HEAD_DIM, 0.5, parallel_context=tp3)
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
     bt = BlockTable(BLOCK, 2, 2)
     bt.set_row(0, [0])
@@ -279,6 +282,7 @@ def _layout_mismatch_task() -> list[str]:
     layout, and a layer built for dcp = 2 used with single-rank metadata."""
     from megacp.layers.cp_attention import ContextParallelAttention
     from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.parallel_state import ParallelContext
 
     layer = ContextParallelAttention(NUM_HEADS, 2, HEAD_DIM, 0.5)
     messages = []
@@ -293,7 +297,8 @@ def _layout_mismatch_task() -> list[str]:
             messages.append(str(err.value))
             if "decode_context_parallel_size" in sizes:
                 dcp_layer = ContextParallelAttention(NUM_HEADS, 1, HEAD_DIM, 0.5)
-                single = build_attention_metadata([0], [0], [40], None, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
+                single = build_attention_metadata([0], [0], [40], None,
+                                                  parallel_context=ParallelContext.single())
                 q = torch.zeros(40, NUM_HEADS // 2, HEAD_DIM)
                 kv = torch.zeros(40, 1, HEAD_DIM)
                 with pytest.raises(ValueError) as err:

@@ -13,6 +13,7 @@ from megacp.kv import BlockTable
 from megacp.kv.layout import cp_local_seq_lens
 from megacp.layers.metadata_builder import build_attention_metadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
+from tests.references import layout_context
 
 NULL_SLOT = 10**6  # a cache's null slot (no cache is built here)
 
@@ -122,7 +123,7 @@ def _metas(pcp, dcp, interleave, computed, new):
     req = list(range(len(computed)))
     return {
         (r, d): build_attention_metadata(req, computed, new, tables[r * dcp + d], null_slot=NULL_SLOT,
-                                         pcp_size=pcp, pcp_rank=r, dcp_size=dcp, dcp_rank=d)
+                                         parallel_context=layout_context(pcp, dcp, r, d))
         for r in range(pcp) for d in range(dcp)
     }
 
@@ -256,9 +257,9 @@ def test_metadata_local_lengths_follow_design_formula():
 def test_metadata_rejects_mismatched_table():
     bt = BlockTable(BLOCK, 2, 4, cp_world_size=2, cp_rank=0)
     with pytest.raises(ValueError, match="cp_world_size"):
-        build_attention_metadata([0], [0], [3], bt, pcp_size=1, pcp_rank=0, dcp_size=1, dcp_rank=0)
+        build_attention_metadata([0], [0], [3], bt, parallel_context=layout_context(1, 1, 0, 0))
     with pytest.raises(ValueError, match="num_new_tokens"):
-        build_attention_metadata([0], [0], [0], bt, pcp_size=2, pcp_rank=0, dcp_size=1, dcp_rank=0)
+        build_attention_metadata([0], [0], [0], bt, parallel_context=layout_context(2, 1, 0, 0))
 
 
 @pytest.mark.parametrize("pcp,dcp,interleave", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (1, 4, 4), (4, 1, 2)])

@@ -88,7 +88,7 @@ def test_sample_flags_nonfinite_rows_on_device():
     ([[1] * 60], "60 tokens + 10 new tokens needs 9 KV blocks of 4x2 tokens, the cache has 4"),
 ])
 def test_validate_requests(prompts, needle):
-    from megacp.checks import validate_requests
+    from megacp.session import validate_requests
 
     with pytest.raises(ValueError) as exc:
         validate_requests(prompts, 10, vocab_size=VOCAB, max_model_len=200, num_kv_blocks=4, block_size=4,
@@ -99,7 +99,7 @@ def test_validate_requests(prompts, needle):
 def test_validate_requests_accepts_integer_kinds():
     import numpy as np
 
-    from megacp.checks import validate_requests
+    from megacp.session import validate_requests
 
     got = validate_requests([np.array([1, 2]), torch.tensor([3, 4]), (5,)], 2, vocab_size=VOCAB, max_model_len=64,
                             num_kv_blocks=8, block_size=16, cp_world_size=1)

@@ -263,24 +263,24 @@ def test_tp_layers_tp4(dist_pool_4) -> None:
 
 
 def test_tp_errors_are_clear() -> None:
+    from megacp.config import ParallelConfig
     from megacp.layers.linear import QKVParallelLinear, kv_head_layout
-    from megacp.parallel_state import ParallelGroup
+    from megacp.parallel_state import ParallelContext
 
     assert kv_head_layout(2, 8, 5) == (1, 1)
     assert kv_head_layout(8, 4, 3) == (2, 6)
 
-    class _FakeTP(ParallelGroup):  # sizes only; construction never runs a collective
-        def __init__(self, world_size: int) -> None:
-            self.name, self.ranks, self.rank_in_group, self.world_size = "tp", list(range(world_size)), 0, world_size
+    def _tp(world_size: int) -> ParallelContext:  # sizes only (no communicators); construction runs no collective
+        return ParallelContext.from_layout(ParallelConfig(tensor_model_parallel_size=world_size), 0)
 
     # QKV checks heads against TP with the one rule of megacp.config (DESIGN §3 GQA), naming the argument
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit a model with 6 attention heads"):
-        QKVParallelLinear(16, 4, 6, 2, group=_FakeTP(4))
+        QKVParallelLinear(16, 4, 6, 2, parallel_context=_tp(4))
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit .* 3 KV heads.*legal "
                                          r"tensor_model_parallel_size values: 1, 3"):
-        QKVParallelLinear(16, 4, 12, 3, group=_FakeTP(4))  # tp > KV heads but not a multiple of them
+        QKVParallelLinear(16, 4, 12, 3, parallel_context=_tp(4))  # tp > KV heads but not a multiple of them
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not fit .* 6 KV heads"):
-        QKVParallelLinear(16, 4, 12, 6, group=_FakeTP(4))  # tp < KV heads but does not divide them
+        QKVParallelLinear(16, 4, 12, 6, parallel_context=_tp(4))  # tp < KV heads but does not divide them
 
 
 def test_layers_before_initialize_model_parallel_run_as_one_rank() -> None:
@@ -299,9 +299,9 @@ def test_layers_before_initialize_model_parallel_run_as_one_rank() -> None:
     assert (attn.pcp_group.world_size, attn.dcp_group.world_size, attn.cp_group.world_size) == (1, 1, 1)
     assert MoEParallelConfig.make() == MoEParallelConfig.make(1, 1, 1, False, 0, 0, 0)
     assert MoELayer(16, 8, 4, 2, True).parallel_config.flat_size == 1
-    assert ps.group_or_single_rank("pcp").world_size == 1
+    assert ps.resolve_parallel_context().pcp.world_size == 1
     with pytest.raises(ValueError, match="unknown group name 'tensor'"):
-        ps.group_or_single_rank("tensor")
+        ps.resolve_parallel_context().group("tensor")
     with pytest.raises(RuntimeError, match="initialize_model_parallel"):  # an explicit size > 1 needs the state
         MoEParallelConfig.make(tp_size=2)
 

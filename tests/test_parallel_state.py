@@ -106,15 +106,19 @@ def test_size_one_group_returns_inputs_without_distributed():
     g.barrier()
 
 
-def test_group_or_single_rank_prefers_the_given_group():
-    """The one default every layer and merge uses: a given group wins; none gives a size-1 group before
-    initialisation; an unknown name is refused either way."""
-    given = ps.ParallelGroup("dcp", [0, 1], None, 1)
-    assert ps.group_or_single_rank("dcp", given) is given
-    alone = ps.group_or_single_rank("dcp")
+def test_resolve_parallel_context_prefers_the_given_context():
+    """The one default every constructor and merge uses: a given context wins; none gives the one-rank context
+    before initialisation; an unknown group name is refused either way."""
+    given = ps.ParallelContext.from_layout(ps.ParallelConfig(tensor_model_parallel_size=2,
+                                                             decode_context_parallel_size=2), 1)
+    assert ps.resolve_parallel_context(given) is given
+    assert (given.dcp.ranks, given.dcp.rank_in_group, given.cp_rank, given.cp_world_size) == ([0, 1], 1, 1, 2)
+    alone = ps.resolve_parallel_context().dcp
     assert alone.world_size == 1 and alone.name == "dcp"
     with pytest.raises(ValueError, match="unknown group name 'dpc'"):
-        ps.group_or_single_rank("dpc", given)
+        given.group("dpc")
+    with pytest.raises(RuntimeError, match="describes a layout only"):  # no communicators: never a silent no-op
+        given.dcp.all_reduce(torch.ones(2))
 
 
 def test_getters_raise_before_initialization():

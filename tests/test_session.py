@@ -4,11 +4,16 @@ hidden state in caller order), checked for every PCP rank of mixed steps by simu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from megacp.kv import BlockTable, KVCacheFullError, KVSession
+from megacp.kv import BlockTable, KVCacheFullError
+from megacp.session import KVSession
 from megacp.layers.metadata_builder import AttentionMetadataBuilder
+from megacp.parallel_state import ParallelGroup
+from tests.references import layout_context
 
 BLOCK = 4
 
@@ -112,14 +117,27 @@ class _Gathered:
         return torch.cat(self.parts, dim=dim)
 
 
+class _GatheredPCP(ParallelGroup):
+    """PCP rank ``rank`` of ``pcp`` (sizes only) whose all_gather is ``gathered``'s."""
+
+    def __init__(self, gathered: _Gathered, pcp: int, rank: int) -> None:
+        super().__init__("pcp", list(range(pcp)), None, rank)
+        self.gathered = gathered
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return self.gathered.all_gather(x, dim)
+
+
 def _metas(pcp: int, computed: list[int], new: list[int], group: _Gathered | None = None, **build):
     metas = []
     for r in range(pcp):
         table = BlockTable(BLOCK, len(new), 8, cp_world_size=pcp, cp_rank=r)
         for i in range(len(new)):
             table.set_row(i, [3 * i, 3 * i + 1, 3 * i + 2])
-        builder = AttentionMetadataBuilder(table, max_num_reqs=4, null_slot=0, pcp_size=pcp, pcp_rank=r, dcp_size=1, dcp_rank=0,
-                                           pcp_group=group)
+        ctx = layout_context(pcp, 1, r, 0)
+        if group is not None:
+            ctx = dataclasses.replace(ctx, pcp=_GatheredPCP(group, pcp, r))
+        builder = AttentionMetadataBuilder(table, max_num_reqs=4, null_slot=0, parallel_context=ctx)
         metas.append(builder.build(list(range(len(new))), computed, new, **build))
     return metas
 

@@ -1,4 +1,4 @@
-"""Paged, context-parallel KV cache: slot math, block table, allocator, cache (DESIGN §2), and ``KVSession``, which
+"""Paged, context-parallel KV cache: slot math, block table, allocator, cache (DESIGN §2). ``megacp.session.KVSession``
 owns them for a set of requests and builds each step's metadata."""
 
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
@@ -18,7 +18,6 @@ __all__ = [
     "BlockAllocator",
     "BlockTable",
     "KVCacheFullError",
-    "KVSession",
     "PagedKVCache",
     "blocks_needed",
     "cp_local_index",
@@ -30,12 +29,3 @@ __all__ = [
     "validate_kv_layout",
 ]
 
-
-def __getattr__(name: str):
-    # KVSession builds step metadata (megacp.layers), which itself imports megacp.kv: imported on first use, so the
-    # two packages do not import each other while initialising.
-    if name == "KVSession":
-        from megacp.kv.session import KVSession
-
-        return KVSession
-    raise AttributeError(f"module 'megacp.kv' has no attribute {name!r}")

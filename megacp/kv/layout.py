@@ -16,7 +16,8 @@ slot replaces the virtual block number ``p // (B·W)`` by its block id. So "loca
 gathers its tokens in) is increasing position order.
 
 Every function here is vectorised over tensors and has no side effects; ``BlockTable`` and the attention layer wire
-them to real block ids.
+them to real block ids. They trust their layout arguments: ``validate_kv_layout`` checks a layout once, where it is
+made (``BlockTable``, ``ParallelConfig``), not at every call of a step.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ def cp_owner_rank(positions: Tensor, cp_world_size: int, interleave_size: int = 
     positions: [T] int (absolute token positions, >= 0) -> [T] long in [0, W).
     The block size does not matter: a virtual block holds a whole number (``B/I``) of ``W·I`` rounds.
     """
-    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     return (positions // interleave_size) % cp_world_size
 
@@ -58,7 +58,6 @@ def cp_local_index(positions: Tensor, block_size: int, cp_world_size: int, inter
     positions: [T] int -> [T] long. Equal to the local slot under the identity block table (block id k for
     virtual block k); meaningful on the owner rank only.
     """
-    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     virtual = block_size * cp_world_size
     off = positions % virtual
@@ -76,7 +75,6 @@ def cp_local_slot(
     ``block_table_row[p // (B·W)]`` -> [T] long. Whether this rank owns the token is not considered here
     (see ``cp_owner_rank``; ``BlockTable.compute_slot_mapping`` combines both).
     """
-    validate_kv_layout(None, cp_world_size, None, interleave_size)
     positions = torch.as_tensor(positions).long()
     block_ids = torch.as_tensor(block_ids, device=positions.device).long()
     off = positions % (block_size * cp_world_size)
@@ -98,7 +96,6 @@ def cp_local_seq_lens(seq_lens: Tensor, cp_world_size: int, cp_rank: int, interl
     seq_lens: [N] int -> [N] long. ``base = (L // I // W)·I`` tokens from the full rounds of ``W·I`` tokens, plus
     this rank's part ``clamp(L − base·W − R·I, 0, I)`` of the last, partial round. Sums to ``L`` over ranks.
     """
-    validate_kv_layout(None, cp_world_size, cp_rank, interleave_size)
     seq_lens = torch.as_tensor(seq_lens).long()
     # Checked on the host only: on a device the check would cost a sync in every step.
     if seq_lens.device.type == "cpu" and seq_lens.numel() and int(seq_lens.min()) < 0:
@@ -113,11 +110,10 @@ def cp_local_positions(
     """Absolute positions of the tokens of a length-``seq_len`` sequence that ``cp_rank`` stores, in local order.
 
     -> [cp_local_seq_len] long, increasing. Entry ``j`` is the position of local index ``j``, so a local K/V shard
-    gathered with ``PagedKVCache.gather`` lines up with these positions (e.g. to build a causal mask of new queries
+    read in local order (at ``local_slots(row, arange(n), B)``, as the context attention does) lines up with them (e.g. to build a causal mask of new queries
     against the cached local context). The inverse of ``cp_local_index`` on this rank's tokens; the block size
     cancels out, since local indices run densely through each block.
     """
-    validate_kv_layout(None, cp_world_size, cp_rank, interleave_size)
     if seq_len < 0:
         raise ValueError(f"seq_len={seq_len} must be >= 0")
     local_len = int(cp_local_seq_lens(torch.tensor([seq_len]), cp_world_size, cp_rank, interleave_size)[0])

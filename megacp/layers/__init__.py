@@ -3,8 +3,8 @@
 Attention (``ContextParallelAttention``: PCP prefill split, DCP-sharded KV decode, prefill over cached context) takes
 the step's ``AttentionMetadata`` (from ``megacp.KVSession.step`` or ``build_attention_metadata``); the Megatron-style
 tensor-parallel linears, the vocabulary-parallel embedding / LM head, RMSNorm, rotary embeddings and the MoE layer
-default to ``parallel_state``'s groups (one rank before ``initialize_model_parallel``). docs/own_model.md shows a
-model of your own built from them.
+(``megacp.moe.MoELayer``). Each constructor takes ``parallel_context=`` (default: ``parallel_state``'s, one rank
+before ``initialize_model_parallel``). docs/own_model.md shows a model of your own built from them.
 """
 
 from megacp.layers.cp_attention import ContextParallelAttention
@@ -20,6 +20,7 @@ from megacp.layers.linear import (
 from megacp.layers.norm import RMSNorm
 from megacp.layers.pcp_split import pcp_split_positions
 from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables, compute_inv_freq, rotary_tables
+from megacp.moe.layer import MoELayer
 
 __all__ = [
     "AttentionMetadata",
@@ -42,12 +43,3 @@ __all__ = [
     "rotary_tables",
 ]
 
-
-def __getattr__(name: str):
-    # megacp.moe's layer imports megacp.layers.linear: exported on first use so neither package needs the other
-    # fully initialised first.
-    if name == "MoELayer":
-        from megacp.moe.layer import MoELayer
-
-        return MoELayer
-    raise AttributeError(f"module 'megacp.layers' has no attribute {name!r}")

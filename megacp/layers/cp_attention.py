@@ -1,6 +1,6 @@
 """Context-parallel attention: PCP prefill, prefill over cached context, DCP/PCP decode (DESIGN §3).
 
-One step's local tokens (``AttentionMetadata``, built once per step in ``cp_metadata.py``) are decode rows first, then
+One step's local tokens (``AttentionMetadata`` of ``cp_metadata.py``, built once per step by ``metadata_builder.py``) are decode rows first, then
 each prefill request's share of new tokens. ``ContextParallelAttention.forward`` sends each kind down its own path,
 with that path's metadata (``meta.decode``, ``meta.prefill``, ``meta.context``):
 
@@ -30,21 +30,16 @@ CUDA graph (``megacp.cuda_graph``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import LongTensor, Tensor, nn
 
-from megacp import parallel_state as ps
-from megacp.config import validate_model_parallel
+from megacp.config import kv_head_layout, validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.ops.attention import attention_with_lse, paged_attention_with_lse
 from megacp.ops.merge import cp_merge_packed, dcp_merge, merge_attn_states
-
-if TYPE_CHECKING:
-    from megacp.parallel_state import ParallelGroup
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 __all__ = [
     "ContextParallelAttention",
@@ -70,8 +65,9 @@ class ContextParallelAttention(nn.Module):
     """Attention core of one layer (after QKV projection and RoPE, before the output projection).
 
     ``num_heads`` / ``num_kv_heads`` are the model's *global* head counts; this TP rank gets ``num_heads / tp`` query
-    heads and ``max(1, num_kv_heads / tp)`` KV heads (replicated when ``tp > num_kv_heads``, DESIGN §3 GQA). Groups
-    default to ``parallel_state``'s (or to a single rank when it is not initialised); ``backend`` picks the attention
+    heads and ``max(1, num_kv_heads / tp)`` KV heads (``config.kv_head_layout``: replicated when
+    ``tp > num_kv_heads``, DESIGN §3 GQA). Its TP/PCP/DCP/CP groups are those of ``parallel_context``
+    (``resolve_parallel_context``: given, else the global one, else one rank); ``backend`` picks the attention
     kernel (see ``megacp.ops.attention``). The layer has no parameters.
     """
 
@@ -82,25 +78,15 @@ class ContextParallelAttention(nn.Module):
         head_dim: int,
         scale: float,
         backend: str | None = None,
-        pcp_group: "ParallelGroup | None" = None,
-        dcp_group: "ParallelGroup | None" = None,
-        cp_group: "ParallelGroup | None" = None,
-        tp_size: int | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
-        tp = tp_size if tp_size is not None else ps.group_or_single_rank("tp").world_size
-        self.pcp_group = ps.group_or_single_rank("pcp", pcp_group)
-        self.dcp_group = ps.group_or_single_rank("dcp", dcp_group)
-        self.cp_group = ps.group_or_single_rank("cp", cp_group)
-        validate_model_parallel(num_heads, num_kv_heads, tp, self.dcp_group.world_size)
-        if self.cp_group.world_size != self.pcp_group.world_size * self.dcp_group.world_size:
-            raise ValueError(
-                f"cp_group has {self.cp_group.world_size} ranks but pcp·dcp = {self.pcp_group.world_size}·"
-                f"{self.dcp_group.world_size}; pass the groups of one parallel_state (or none)"
-            )
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
+        self.pcp_group, self.dcp_group, self.cp_group = ctx.pcp, ctx.dcp, ctx.cp
+        validate_model_parallel(num_heads, num_kv_heads, ctx.tp_size, ctx.dcp_size)
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.num_local_heads = num_heads // tp
-        self.num_local_kv_heads = max(1, num_kv_heads // tp)
+        self.num_local_heads = num_heads // ctx.tp_size
+        self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
         self.head_dim = head_dim
         self.scale = float(scale)
         self.backend = backend

@@ -26,14 +26,12 @@ lengths, which index is a plain range) travel as Python ints, so no layer reads 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import LongTensor, Tensor
 
-
-if TYPE_CHECKING:  # keep the pure parts importable without torch.distributed set up
-    from megacp.parallel_state import ParallelGroup
+from megacp.parallel_state import ParallelGroup
 
 Range = Optional[tuple[int, int]]  # (start, stop) when an index tensor is exactly arange(start, stop), else None
 
@@ -143,7 +141,7 @@ class AttentionMetadata:
     decode: DecodeMetadata | None = None
     prefill: PrefillMetadata | None = None
     context: ContextMetadata | None = None
-    pcp_group: "ParallelGroup | None" = None
+    pcp_group: ParallelGroup | None = None  # the builder's parallel context's PCP group
     caller_rows: LongTensor | None = None
     caller_range: Range = None  # caller_rows is a plain range (one prefill, pcp = 1): a slice
 
@@ -166,7 +164,7 @@ class AttentionMetadata:
             return hidden[rows]
         mine = (rows >= 0).unsqueeze(-1)
         picked = torch.where(mine, hidden[rows.clamp(min=0)], torch.zeros_like(hidden[:1]))
-        return self._pcp().all_reduce(picked)
+        return self.pcp_group.all_reduce(picked)
 
     def local_tokens(self, values: Tensor, fill: float | int = 0) -> Tensor:
         """This rank's rows of a per-token tensor given for every new token in caller order (ids, labels, ...).
@@ -205,14 +203,7 @@ class AttentionMetadata:
         if self.prefill is None:  # decode rows are the same on every PCP rank, in caller order
             return hidden[: self.num_tokens]
         if self.pcp_size > 1:
-            hidden = self._pcp().all_gather(hidden, dim=0)  # [pcp·T_local, H], rank-major
+            hidden = self.pcp_group.all_gather(hidden, dim=0)  # [pcp·T_local, H], rank-major
         if self.caller_range is not None:
             return hidden[self.caller_range[0] : self.caller_range[1]]
         return hidden[self.caller_rows]
-
-    def _pcp(self) -> "ParallelGroup":
-        if self.pcp_group is not None:
-            return self.pcp_group
-        from megacp.parallel_state import get_pcp_group
-
-        return get_pcp_group()

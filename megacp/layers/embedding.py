@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megacp.layers.linear import (
-    new_param,
-    copy_to_tp_region,
-    gather_from_tp_region,
-    load_shard,
-    reduce_from_tp_region,
-    resolve_tp_group,
-)
+from megacp.layers.linear import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
+from megacp.weights import load_shard, new_param
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -46,11 +41,12 @@ class VocabParallelEmbedding(nn.Module):
         self,
         num_embeddings: int,
         embedding_dim: int,
-        group: Any | None = None,
         params_dtype: torch.dtype | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
-        self.group = resolve_tp_group(group)
+        self.parallel_context = resolve_parallel_context(parallel_context)
+        self.group = self.parallel_context.tp
         self.tp_size = self.group.world_size
         self.tp_rank = self.group.rank_in_group
         self.num_embeddings = num_embeddings

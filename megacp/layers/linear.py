@@ -6,14 +6,15 @@ products are summed with an all-reduce. A column layer followed by a row layer (
 needs exactly one all-reduce.
 
 Every layer has ``weight_loader(param, loaded, ...)``: ``loaded`` is the *full* Hugging Face tensor, or a
-safetensors lazy slice (``safe_open(...).get_slice(name)``); the loader indexes only this rank's rows/columns so
+safetensors lazy slice; the loader indexes only this rank's rows/columns (``megacp.weights.load_shard``) so
 a rank never materialises another rank's shard. ``checkpoint_shape(param, ...)`` (same extra arguments) is the full
 shape the loader expects: the one statement of each checkpoint tensor's shape, which ``load_shard`` checks.
 
 The collectives are wrapped in Megatron's conjugate autograd pairs (copy ↔ all-reduce, gather ↔ split) so
 ``kv_cache=None`` prefill stays differentiable.
 
-Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the model for inference), in
+The TP group is ``parallel_context.tp`` (``parallel_state.resolve_parallel_context``: the given context, else the
+global one, else a single rank). Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the model for inference), in
 ``params_dtype`` (default: torch's default dtype), and carry ``grad_reduce_groups`` for
 ``parallel_state.allreduce_grads``: their gradients are partial over the PCP and DP ranks, which hold other tokens.
 """
@@ -26,16 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megacp import parallel_state
-from megacp.config import validate_model_parallel
+from megacp.config import kv_head_layout, validate_model_parallel
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
+from megacp.weights import default_weight_loader, load_shard, new_param
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_tp_group(group: Any | None) -> Any:
-    """``group`` or, when None, parallel_state's TP group (a single rank before ``initialize_model_parallel``)."""
-    return parallel_state.group_or_single_rank("tp", group)
-
-
 def divide(numerator: int, denominator: int, what: str) -> int:
     """``numerator // denominator``; ValueError naming ``what`` when it does not divide."""
     if numerator % denominator != 0:
@@ -44,50 +41,6 @@ def divide(numerator: int, denominator: int, what: str) -> int:
             f"choose tensor_model_parallel_size among the divisors of {numerator}"
         )
     return numerator // denominator
-
-
-def loaded_shape(loaded: Any) -> tuple[int, ...]:
-    """Shape of a full tensor or of a safetensors lazy slice."""
-    if isinstance(loaded, torch.Tensor):
-        return tuple(loaded.shape)
-    return tuple(loaded.get_shape())
-
-
-def check_shape(loaded: Any, expected: Sequence[int]) -> None:
-    shape = loaded_shape(loaded)
-    if shape != tuple(expected):
-        raise ValueError(f"checkpoint tensor has shape {list(shape)}, the model config expects {list(expected)}")
-
-
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy a loaded (CPU, any dtype) tensor into a parameter slice of the same shape."""
-    dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
-
-
-def load_shard(dst: torch.Tensor, loaded: Any, index: tuple[slice, ...], full_shape: Sequence[int]) -> None:
-    """Check that ``loaded`` (full tensor or lazy safetensors slice) has ``full_shape``, then copy ``loaded[index]``
-    (this rank's part, read alone from a lazy slice) into ``dst``, converting dtype and device.
-
-    ``loaded[index]`` may carry extra size-1 dims (one expert's row of a fused ``[E, ...]`` tensor): it is reshaped to
-    ``dst``'s shape. Every weight loader of the layers and of the MoE layer goes through here.
-    """
-    check_shape(loaded, full_shape)
-    with torch.no_grad():
-        copy_into(dst, loaded[index].reshape(dst.shape))
-
-
-def default_weight_loader(param: nn.Parameter, loaded: Any) -> None:
-    """Replicated parameter (norm weights, biases of row-parallel layers): copy the whole tensor."""
-    load_shard(param.data, loaded, (slice(None),), param.shape)
-
-
-def new_param(
-    shape: Sequence[int], dtype: torch.dtype | None, grad_reduce_groups: tuple[str, ...] = parallel_state.DENSE_GRAD_GROUPS
-) -> nn.Parameter:
-    """A trainable parameter (uninitialised: the loaders fill it) marked for ``parallel_state.allreduce_grads``."""
-    param = nn.Parameter(torch.empty(*shape, dtype=dtype or torch.get_default_dtype()))
-    param.grad_reduce_groups = grad_reduce_groups
-    return param
 
 
 # --------------------------------------------------------------------------- conjugate collectives
@@ -163,11 +116,12 @@ class ColumnParallelLinear(nn.Module):
         output_size: int,
         bias: bool = False,
         gather_output: bool = False,
-        group: Any | None = None,
         params_dtype: torch.dtype | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
-        self.group = resolve_tp_group(group)
+        self.parallel_context = resolve_parallel_context(parallel_context)
+        self.group = self.parallel_context.tp
         self.tp_size = self.group.world_size
         self.tp_rank = self.group.rank_in_group
         self.input_size = input_size
@@ -210,11 +164,12 @@ class RowParallelLinear(nn.Module):
         output_size: int,
         bias: bool = False,
         reduce_results: bool = True,
-        group: Any | None = None,
         params_dtype: torch.dtype | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
-        self.group = resolve_tp_group(group)
+        self.parallel_context = resolve_parallel_context(parallel_context)
+        self.group = self.parallel_context.tp
         self.tp_size = self.group.world_size
         self.tp_rank = self.group.rank_in_group
         self.input_size = input_size
@@ -260,14 +215,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         input_size: int,
         output_sizes: Sequence[int],
         bias: bool = False,
-        group: Any | None = None,
         params_dtype: torch.dtype | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
-        group = resolve_tp_group(group)
+        parallel_context = resolve_parallel_context(parallel_context)
         self.output_sizes = list(output_sizes)
         for size in self.output_sizes:
-            divide(size, group.world_size, "MLP intermediate size")
-        super().__init__(input_size, sum(self.output_sizes), bias=bias, group=group, params_dtype=params_dtype)
+            divide(size, parallel_context.tp_size, "MLP intermediate size")
+        super().__init__(input_size, sum(self.output_sizes), bias=bias, params_dtype=params_dtype,
+                         parallel_context=parallel_context)
 
     def checkpoint_shape(  # type: ignore[override]
         self, param: nn.Parameter, shard_id: int | None = None
@@ -288,19 +244,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         load_shard(param.data[offset : offset + n], loaded, (slice(start, start + n),), full_shape)
 
 
-def kv_head_layout(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """``(num_local_kv_heads, first_kv_head)`` of a TP rank.
-
-    tp ≤ num_kv_heads: KV heads are split evenly. tp > num_kv_heads: each rank holds one KV head, replicated on
-    ``tp / num_kv_heads`` adjacent ranks (DESIGN §3 GQA), so rank r holds head ``r // (tp / num_kv_heads)``.
-    The sizes must pass ``megacp.config.validate_model_parallel`` (``QKVParallelLinear`` checks them).
-    """
-    if tp_size <= num_kv_heads:
-        n = num_kv_heads // tp_size
-        return n, tp_rank * n
-    return 1, tp_rank // (tp_size // num_kv_heads)
-
-
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; local output ``[q (Hq/tp heads) | k (Hkv_local) | v (Hkv_local)]`` × ``head_dim``.
 
@@ -314,11 +257,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         num_heads: int,
         num_kv_heads: int,
         bias: bool = False,
-        group: Any | None = None,
         params_dtype: torch.dtype | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
-        group = resolve_tp_group(group)
-        tp_size, tp_rank = group.world_size, group.rank_in_group
+        parallel_context = resolve_parallel_context(parallel_context)
+        tp_size, tp_rank = parallel_context.tp_size, parallel_context.tp_rank
         validate_model_parallel(num_heads, num_kv_heads, tp_size)  # heads vs TP, the GQA rule (DESIGN §3)
         self.head_dim = head_dim
         self.total_num_heads = num_heads
@@ -326,7 +269,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads = num_heads // tp_size
         self.num_kv_heads, self.kv_head_start = kv_head_layout(num_kv_heads, tp_size, tp_rank)
         local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden_size, local_out * tp_size, bias=bias, group=group, params_dtype=params_dtype)
+        super().__init__(hidden_size, local_out * tp_size, bias=bias, params_dtype=params_dtype,
+                         parallel_context=parallel_context)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         if tp_size > num_kv_heads:  # each KV head's rows live on tp / num_kv_heads ranks: see sum_replicated_kv_grad

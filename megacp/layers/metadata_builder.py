@@ -10,7 +10,7 @@ table's host copy; ``build_attention_metadata`` is the one-off form (training-st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import LongTensor, Tensor
@@ -27,9 +27,7 @@ from megacp.layers.cp_metadata import (
     Range,
 )
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
-
-if TYPE_CHECKING:
-    from megacp.parallel_state import ParallelGroup
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 
 def _as_range(index: Tensor) -> Range:
@@ -75,26 +73,13 @@ class _Schedule:
     prefills: list[int]
 
 
-def _parallel_coords(pcp_size, pcp_rank, dcp_size, dcp_rank) -> tuple[int, int, int, int]:
-    """Fill unset coordinates from ``parallel_state`` (when initialised), else single-rank defaults."""
-    if None in (pcp_size, pcp_rank, dcp_size, dcp_rank):
-        from megacp import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            pcp_size = ps.get_prefill_context_parallel_world_size() if pcp_size is None else pcp_size
-            pcp_rank = ps.get_prefill_context_parallel_rank() if pcp_rank is None else pcp_rank
-            dcp_size = ps.get_decode_context_parallel_world_size() if dcp_size is None else dcp_size
-            dcp_rank = ps.get_decode_context_parallel_rank() if dcp_rank is None else dcp_rank
-    return (1 if pcp_size is None else pcp_size, 0 if pcp_rank is None else pcp_rank,
-            1 if dcp_size is None else dcp_size, 0 if dcp_rank is None else dcp_rank)
-
-
 class AttentionMetadataBuilder:
     """Builds each step's ``AttentionMetadata`` on this rank over persistent buffers.
 
     ``block_table``: this rank's CP-aware table (None: no KV cache, prefill-only steps). ``max_num_reqs``: most decode
     requests in a step (the fixed decode buffer's size; default: the table's rows). ``null_slot``: the caches'
-    ``PagedKVCache.null_slot`` (needed for decodes). PCP/DCP sizes and ranks default to ``parallel_state``'s.
+    ``PagedKVCache.null_slot`` (needed for decodes). PCP/DCP sizes and ranks are ``parallel_context``'s
+    (``resolve_parallel_context``), the layout the table must be built for too.
     """
 
     # rows of the fixed decode buffer
@@ -106,26 +91,22 @@ class AttentionMetadataBuilder:
         device: torch.device | str | None = None,
         max_num_reqs: int | None = None,
         null_slot: int | None = None,
-        pcp_size: int | None = None,
-        pcp_rank: int | None = None,
-        dcp_size: int | None = None,
-        dcp_rank: int | None = None,
-        pcp_group: "ParallelGroup | None" = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
-        P, r, D, d = _parallel_coords(pcp_size, pcp_rank, dcp_size, dcp_rank)
-        self.pcp_size, self.pcp_rank, self.pcp_group = P, r, pcp_group
-        self.dcp_size = D
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
+        self.pcp_size, self.pcp_rank, self.pcp_group = ctx.pcp_size, ctx.pcp_rank, ctx.pcp
+        self.dcp_size = ctx.dcp_size
         if device is None:
             device = block_table.device if block_table is not None else "cpu"
         self.device = torch.device(device)
         if block_table is None:
-            block_table = _NoCacheTable(P * D, r * D + d, self.device)
-        W, R = block_table.cp_world_size, block_table.cp_rank
-        if W != P * D or R != r * D + d:
+            block_table = _NoCacheTable(ctx.cp_world_size, ctx.cp_rank, self.device)
+        if (block_table.cp_world_size, block_table.cp_rank) != (ctx.cp_world_size, ctx.cp_rank):
             raise ValueError(
-                f"block_table is for cp_world_size={W}, cp_rank={R} but this rank has pcp={P} (rank {r}), dcp={D} "
-                f"(rank {d}): build the BlockTable with cp_world_size=pcp·dcp={P * D} and cp_rank=pcp_rank·dcp+"
-                f"dcp_rank={r * D + d}"
+                f"block_table is for cp_world_size={block_table.cp_world_size}, cp_rank={block_table.cp_rank} but "
+                f"this rank has pcp={ctx.pcp_size} (rank {ctx.pcp_rank}), dcp={ctx.dcp_size} (rank {ctx.dcp_rank}): "
+                f"build the BlockTable with cp_world_size=pcp·dcp={ctx.cp_world_size} and cp_rank=pcp_rank·dcp+"
+                f"dcp_rank={ctx.cp_rank}"
             )
         self.block_table = block_table
         self.has_cache = isinstance(block_table, BlockTable)
@@ -387,13 +368,13 @@ def build_attention_metadata(
     device: torch.device | str | None = None,
     null_slot: int | None = None,
     token_ids: Sequence[int] | Tensor | None = None,
-    **coords: int,
+    parallel_context: ParallelContext | None = None,
 ) -> AttentionMetadata:
     """One step's metadata without keeping a builder: ``AttentionMetadataBuilder(...).build(...)``.
 
     For one-off steps (training-style prefill with ``block_table=None``, tests); an engine keeps one builder, whose
-    buffers persist across steps. ``coords``: ``pcp_size, pcp_rank, dcp_size, dcp_rank, pcp_group`` overrides.
+    buffers persist across steps.
     """
     builder = AttentionMetadataBuilder(block_table, device, max_num_reqs=max(1, len(req_rows)),
-                                       null_slot=null_slot, **coords)
+                                       null_slot=null_slot, parallel_context=parallel_context)
     return builder.build(req_rows, num_computed_tokens, num_new_tokens, token_ids=token_ids)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from megacp.layers.linear import default_weight_loader, new_param
 from megacp.ops import rms_norm as rms_norm_ops
+from megacp.weights import default_weight_loader, new_param
 
 _fused_rms_norm = getattr(torch.nn.functional, "rms_norm", None)  # torch >= 2.4
 

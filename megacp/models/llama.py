@@ -36,17 +36,14 @@ from torch import nn
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_attention import ContextParallelAttention
 from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from megacp.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    default_weight_loader,
-)
+from megacp.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables
 from megacp.models.config import ModelConfig
 from megacp.moe import MoELayer, MoEParallelConfig
 from megacp.ops import decode_fused
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
+from megacp.weights import default_weight_loader
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,10 @@ class HFWeight:
 class LlamaAttention(nn.Module):
     """forward: hidden ``[T_local, hidden]``, the step's RoPE tables → ``[T_local, hidden]`` (summed over TP)."""
 
-    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None,
+                 parallel_context: ParallelContext | None = None) -> None:
         super().__init__()
+        parallel_context = resolve_parallel_context(parallel_context)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.head_dim,
@@ -75,19 +74,21 @@ class LlamaAttention(nn.Module):
             config.num_key_value_heads,
             bias=config.qkv_bias,
             params_dtype=params_dtype,
+            parallel_context=parallel_context,
         )
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim,
             config.hidden_size,
             bias=config.o_proj_bias,
             params_dtype=params_dtype,
+            parallel_context=parallel_context,
         )
         self.attn = ContextParallelAttention(  # takes the global head counts
             config.num_attention_heads,
             config.num_key_value_heads,
             config.head_dim,
             config.attention_scale,
-            tp_size=self.qkv_proj.tp_size,
+            parallel_context=parallel_context,
         )
 
     def forward(
@@ -113,13 +114,16 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) · up(x))``; x ``[T, hidden]`` → ``[T, hidden]``."""
 
-    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, params_dtype: torch.dtype | None = None,
+                 parallel_context: ParallelContext | None = None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias, params_dtype=params_dtype
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias, params_dtype=params_dtype,
+            parallel_context=parallel_context,
         )
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, params_dtype=params_dtype
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, params_dtype=params_dtype,
+            parallel_context=parallel_context,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,8 @@ def _pure_decode(meta: Any, kv_cache: PagedKVCache | None) -> bool:
 
 
 def _moe_layer(
-    config: ModelConfig, params_dtype: torch.dtype | None, parallel_config: MoEParallelConfig | None
+    config: ModelConfig, params_dtype: torch.dtype | None, parallel_config: MoEParallelConfig | None,
+    parallel_context: ParallelContext | None,
 ) -> MoELayer:
     return MoELayer(
         config.hidden_size,
@@ -147,12 +152,13 @@ def _moe_layer(
         shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
         parallel_config=parallel_config,
         params_dtype=params_dtype,
+        parallel_context=parallel_context,
     )
 
 
 class LlamaDecoderLayer(nn.Module):
-    """``moe=True``: the MLP is an ``MoELayer`` (``moe_parallel_config=None``: ``MoEParallelConfig.make()``, i.e.
-    parallel_state's layout)."""
+    """``moe=True``: the MLP is an ``MoELayer`` (``moe_parallel_config=None``: ``MoEParallelConfig.make`` of the
+    layer's parallel context)."""
 
     def __init__(
         self,
@@ -160,14 +166,17 @@ class LlamaDecoderLayer(nn.Module):
         params_dtype: torch.dtype | None = None,
         moe: bool = False,
         moe_parallel_config: MoEParallelConfig | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
+        parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
-        self.self_attn = LlamaAttention(config, params_dtype)
+        self.self_attn = LlamaAttention(config, params_dtype, parallel_context)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.mlp: nn.Module = (
-            _moe_layer(config, params_dtype, moe_parallel_config) if moe else LlamaMLP(config, params_dtype)
+            _moe_layer(config, params_dtype, moe_parallel_config, parallel_context) if moe
+            else LlamaMLP(config, params_dtype, parallel_context)
         )
 
     def forward(
@@ -255,8 +264,9 @@ def _moe_weight_names(config: ModelConfig, fused_experts: bool) -> list[str]:
 class LlamaForCausalLM(nn.Module):
     """Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE decoder with a vocab-parallel LM head (see the module docstring).
 
-    ``moe_parallel_config`` says how the experts of MoE layers are split over ranks; None means
-    ``MoEParallelConfig.make()``, parallel_state's layout (what ``load_model`` uses). Parameters are trainable
+    ``parallel_context``: the layout every layer is built for (``resolve_parallel_context``: given, else
+    parallel_state's, else one rank). ``moe_parallel_config`` says how the experts of MoE layers are split over
+    ranks; None means ``MoEParallelConfig.make`` of the context. Parameters are trainable
     (``load_model`` freezes them); see ``parallel_state.allreduce_grads`` for training.
     """
 
@@ -265,18 +275,22 @@ class LlamaForCausalLM(nn.Module):
         config: ModelConfig,
         params_dtype: torch.dtype | None = None,
         moe_parallel_config: MoEParallelConfig | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         super().__init__()
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
+                                                   parallel_context=ctx)
         moe_layers = set(config.moe_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config)
+            LlamaDecoderLayer(config, params_dtype, i in moe_layers, moe_parallel_config, ctx)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # one for all layers
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=params_dtype,
+                                      parallel_context=ctx)
         if config.tie_word_embeddings:
             self.lm_head.tie_weights(self.embed_tokens)
         qkv = self.layers[0].self_attn.qkv_proj if config.num_hidden_layers else None

@@ -23,6 +23,7 @@ from megacp import parallel_state
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
 from megacp.models.llama import LlamaForCausalLM
 from megacp.moe import MoEParallelConfig
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -193,12 +194,15 @@ def seeded_hf_weights(model: LlamaForCausalLM, seed: int = 0) -> dict[str, torch
     return weights
 
 
-def _validate_parallel(config: ModelConfig) -> None:
-    if not parallel_state.model_parallel_is_initialized():
+def _parallel_context(config: ModelConfig, given: ParallelContext | None) -> ParallelContext:
+    """The context to build for (given, else the initialised global one), with the model checked against it."""
+    if given is None and not parallel_state.model_parallel_is_initialized():
         raise ValueError("load_model needs megacp.parallel_state.initialize_model_parallel(...) to be called first")
-    parallel_state.get_parallel_config().check_model(
+    ctx = resolve_parallel_context(given)
+    ctx.config.check_model(
         config.num_attention_heads, config.num_key_value_heads, config.dense_intermediate_size, config.is_moe
     )
+    return ctx
 
 
 def load_model(
@@ -208,6 +212,7 @@ def load_model(
     seed: int = 0,
     enable_expert_parallel: bool | None = None,
     check_finite: bool = True,
+    parallel_context: ParallelContext | None = None,
 ) -> LlamaForCausalLM:
     """Build the model for this rank's TP shard and load it; ``model_dir=None`` → the seeded tiny Llama.
 
@@ -218,16 +223,17 @@ def load_model(
     tensor names and shapes match. Reading (ValueError naming the file): a malformed index, a truncated or corrupt
     safetensors file, an index that maps a tensor to the wrong shard, and, unless ``check_finite=False`` (faster),
     NaN/inf weights. Ranks read different shards, so the read errors are agreed on over all ranks (one collective):
-    every rank raises the same message, none is left waiting.
+    every rank raises the same message, none is left waiting. ``parallel_context``: the layout to build for
+    (default: ``initialize_model_parallel``'s, ``get_parallel_context()``).
     """
     if model_dir is None:
         config, files = build_tiny_llama_config(), None
     else:
         config, files = load_model_config(model_dir), checkpoint_files(model_dir)
-    _validate_parallel(config)
-    moe_config = MoEParallelConfig.make(use_ep=enable_expert_parallel) if config.is_moe else None
+    ctx = _parallel_context(config, parallel_context)
+    moe_config = MoEParallelConfig.make(use_ep=enable_expert_parallel, parallel_context=ctx) if config.is_moe else None
     with torch.device(device):
-        model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config)
+        model = LlamaForCausalLM(config, params_dtype=dtype, moe_parallel_config=moe_config, parallel_context=ctx)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():
@@ -238,7 +244,7 @@ def load_model(
         load_weights(model, model_dir, files, check_finite)
     except ValueError as e:
         error = str(e)
-    error = parallel_state.first_error_across_ranks(error)
+    error = ctx.world.first_error(error)
     if error is not None:
         raise ValueError(error)
     return model.requires_grad_(False).eval()

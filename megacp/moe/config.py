@@ -7,8 +7,8 @@ but may share expert weights. So the experts are parallelised over the *flattene
 * expert-parallel (``use_ep``): every rank holds whole experts, about ``num_experts / flat_size`` of them, chosen by
   ``determine_expert_map``.
 
-Both functions here are pure (no process groups); only the defaults of ``MoEParallelConfig.make`` read
-``megacp.parallel_state``.
+Both functions here are pure (no process groups); only the defaults of ``MoEParallelConfig.make`` read a
+``ParallelContext``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from megacp.parallel_state import ParallelContext, ParallelGroup, resolve_parallel_context
 
 EXPERT_PLACEMENTS = ("linear", "round_robin")
 
@@ -54,31 +56,29 @@ class MoEParallelConfig:
         tp_rank: int | None = None,
         pcp_rank: int | None = None,
         dp_rank: int | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> "MoEParallelConfig":
         """Flatten (dp, pcp, attention tp) into one expert group.
 
-        ``tp_size``/``tp_rank`` are the *attention* TP size and rank (parallel_state's TP group), not the expert TP
-        of the result. Every argument left None comes from ``megacp.parallel_state`` — sizes, ranks, and ``use_ep``
-        from ``initialize_model_parallel(enable_expert_parallel=...)``, the one switch for EP — or, before it is
-        initialised, is the single-rank default (size 1, rank 0, no EP).
+        ``tp_size``/``tp_rank`` are the *attention* TP size and rank (the context's TP group), not the expert TP
+        of the result. Every argument left None comes from ``parallel_context`` (``resolve_parallel_context``: the
+        given one, else ``parallel_state``'s, else a single rank) — sizes, ranks, and ``use_ep`` from
+        ``initialize_model_parallel(enable_expert_parallel=...)``, the one switch for EP. A rank left None for a size
+        other than the context's cannot be known: ``RuntimeError``.
         """
-        from megacp import parallel_state as ps
-
-        initialised = ps.model_parallel_is_initialized()
+        ctx = resolve_parallel_context(parallel_context)
         sizes = {"tp_size": tp_size, "pcp_size": pcp_size, "dp_size": dp_size}
-        for name, getter in (("tp_size", ps.get_tensor_model_parallel_world_size),
-                             ("pcp_size", ps.get_prefill_context_parallel_world_size),
-                             ("dp_size", ps.get_data_parallel_world_size)):
+        for name, default in (("tp_size", ctx.tp_size), ("pcp_size", ctx.pcp_size), ("dp_size", ctx.dp_size)):
             if sizes[name] is None:
-                sizes[name] = getter() if initialised else 1
+                sizes[name] = default
             if isinstance(sizes[name], bool) or not isinstance(sizes[name], int) or sizes[name] < 1:
                 raise ValueError(f"MoEParallelConfig.make: {name} must be an integer >= 1, got {sizes[name]!r}")
         tp_size, pcp_size, dp_size = sizes["tp_size"], sizes["pcp_size"], sizes["dp_size"]
         if use_ep is None:
-            use_ep = ps.expert_parallel_enabled() if initialised else False
-        tp_rank = _default_rank("tp_rank", tp_rank, tp_size, "get_tensor_model_parallel_rank")
-        pcp_rank = _default_rank("pcp_rank", pcp_rank, pcp_size, "get_prefill_context_parallel_rank")
-        dp_rank = _default_rank("dp_rank", dp_rank, dp_size, "get_data_parallel_rank")
+            use_ep = ctx.enable_expert_parallel
+        tp_rank = _default_rank("tp_rank", tp_rank, tp_size, ctx.tp)
+        pcp_rank = _default_rank("pcp_rank", pcp_rank, pcp_size, ctx.pcp)
+        dp_rank = _default_rank("dp_rank", dp_rank, dp_size, ctx.dp)
 
         flat_size = dp_size * pcp_size * tp_size
         flat_rank = dp_rank * pcp_size * tp_size + pcp_rank * tp_size + tp_rank
@@ -116,11 +116,19 @@ class MoEParallelConfig:
         return self.flat_rank % self.attn_tp_size
 
 
-def _default_rank(name: str, rank: int | None, size: int, getter: str) -> int:
+def _default_rank(name: str, rank: int | None, size: int, group: ParallelGroup) -> int:
+    """``rank``, or when None the context group's rank (0 for size 1); checked against ``size``."""
     if rank is None:
-        from megacp import parallel_state
-
-        rank = getattr(parallel_state, getter)() if size > 1 else 0
+        if size == 1:
+            rank = 0
+        elif size == group.world_size:
+            rank = group.rank_in_group
+        else:
+            raise RuntimeError(
+                f"MoEParallelConfig.make: {name} is not given and the parallel context's {group.name} group has "
+                f"{group.world_size} ranks, not {size}; pass {name}, or call initialize_model_parallel(...) with "
+                f"that layout first"
+            )
     if not 0 <= rank < size:
         raise ValueError(f"MoEParallelConfig.make: {name}={rank} is out of range for size {size} (use 0..{size - 1})")
     return rank

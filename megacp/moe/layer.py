@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacp import parallel_state
-from megacp.layers.linear import load_shard
 from megacp.moe.config import MoEParallelConfig, determine_expert_map
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
+from megacp.weights import load_shard
 
 _EXPERT_PROJ_ALIASES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
                         "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral names its projections w1/w3/w2
@@ -139,9 +140,8 @@ class MoELayer(nn.Module):
     Parameters (this rank's shares, trainable, in ``params_dtype``): ``router_weight [E, H]`` (replicated),
     ``w13 [E_local, 2·I_shard, H]`` (gate rows then up rows), ``w2 [E_local, H, I_shard]``, and for the shared expert
     ``shared_w13 [2·S_shard, H]``, ``shared_w2 [H, S_shard]``, ``shared_gate_weight [1, H]`` (replicated). Load them
-    with ``load_weight``. ``parallel_config`` defaults to ``MoEParallelConfig.make()`` (parallel_state's layout, a
-    single rank before it is initialised); ``ep_group``/``tp_group`` to parallel_state's (resolved at the first
-    forward that needs them).
+    with ``load_weight``. ``parallel_context`` (``resolve_parallel_context``: given, else parallel_state's, else a
+    single rank) gives the EP and TP groups; ``parallel_config`` defaults to ``MoEParallelConfig.make`` of it.
     """
 
     def __init__(
@@ -156,18 +156,18 @@ class MoELayer(nn.Module):
         placement: str = "linear",
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        ep_group: Any = None,
-        tp_group: Any = None,
+        parallel_context: ParallelContext | None = None,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"MoELayer: top_k (num_experts_per_tok) must be in 1..{num_experts}, got {top_k}")
-        cfg = parallel_config or MoEParallelConfig.make()
+        self.parallel_context = resolve_parallel_context(parallel_context)
+        cfg = parallel_config or MoEParallelConfig.make(parallel_context=self.parallel_context)
         self.parallel_config = cfg
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
-        self._ep_group, self._tp_group = ep_group, tp_group
+        self._groups_checked = False
 
         self.num_local_experts, expert_map = determine_expert_map(cfg.ep_size, cfg.ep_rank, num_experts, placement)
         self.register_buffer("expert_map", expert_map, persistent=False)
@@ -255,27 +255,24 @@ class MoELayer(nn.Module):
         return _GatherTokensFromTP.apply(mine_out, tp_group, chunk, num_tokens)
 
     def _groups(self) -> tuple[Any, Any]:
-        cfg = self.parallel_config
-        if self._ep_group is None:
-            self._ep_group = parallel_state.group_or_single_rank("ep")
-        if cfg.attn_tp_size > 1 and self._tp_group is None:
-            self._tp_group = parallel_state.group_or_single_rank("tp")
-        if self._ep_group.world_size != cfg.flat_size or self._ep_group.rank_in_group != cfg.flat_rank:
-            raise ValueError(
-                f"MoELayer: the expert group has size {self._ep_group.world_size} and rank "
-                f"{self._ep_group.rank_in_group}, but the MoEParallelConfig says dp·pcp·tp = {cfg.flat_size} and "
-                f"flat rank {cfg.flat_rank}; build the config with MoEParallelConfig.make() after "
-                f"initialize_model_parallel (its defaults are parallel_state's sizes and ranks)"
-            )
-        if cfg.attn_tp_size > 1 and (self._tp_group.world_size, self._tp_group.rank_in_group) != (
-                cfg.attn_tp_size, cfg.attn_tp_rank):
-            raise ValueError(
-                f"MoELayer: the TP group has size {self._tp_group.world_size} and rank "
-                f"{self._tp_group.rank_in_group}, the MoEParallelConfig expects attention TP size {cfg.attn_tp_size} "
-                f"and rank {cfg.attn_tp_rank}; build the config with MoEParallelConfig.make() (its tp_size is "
-                f"parallel_state's TP size)"
-            )
-        return self._ep_group, self._tp_group
+        """The context's EP and TP groups, checked once against the config (at the first distributed forward: a
+        config may be made for another rank's layout to build or load that rank's shard, as tests do)."""
+        cfg, ctx = self.parallel_config, self.parallel_context
+        if not self._groups_checked:
+            if (ctx.ep_size, ctx.ep_rank) != (cfg.flat_size, cfg.flat_rank):
+                raise ValueError(
+                    f"MoELayer: the expert group has size {ctx.ep_size} and rank {ctx.ep_rank}, but the "
+                    f"MoEParallelConfig says dp·pcp·tp = {cfg.flat_size} and flat rank {cfg.flat_rank}; build the "
+                    f"config with MoEParallelConfig.make(parallel_context=...) of the layer's context"
+                )
+            if cfg.attn_tp_size > 1 and (ctx.tp_size, ctx.tp_rank) != (cfg.attn_tp_size, cfg.attn_tp_rank):
+                raise ValueError(
+                    f"MoELayer: the TP group has size {ctx.tp_size} and rank {ctx.tp_rank}, the MoEParallelConfig "
+                    f"expects attention TP size {cfg.attn_tp_size} and rank {cfg.attn_tp_rank}; build the config "
+                    f"with MoEParallelConfig.make(parallel_context=...) of the layer's context"
+                )
+            self._groups_checked = True
+        return ctx.ep, ctx.tp
 
     # ------------------------------------------------------------------------------------------- loading
     def checkpoint_shape(self, name: str) -> tuple[int, ...]:

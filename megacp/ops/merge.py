@@ -18,16 +18,12 @@ never NaN.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from megacp.ops import paged_decode
 from megacp.ops.merge_kernel import merge_partials
-
-if TYPE_CHECKING:  # parallel_state imports torch.distributed; keep this module importable without it
-    from megacp.parallel_state import ParallelGroup
+from megacp.parallel_state import ParallelGroup, resolve_parallel_context
 
 
 def lse_merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,10 +162,9 @@ def cp_merge_packed(
     return merged.to(out_dtype), merged_lse
 
 
-def _default_group(group: "ParallelGroup | None", name: str) -> "ParallelGroup":
-    from megacp.parallel_state import group_or_single_rank  # late: this module stays free of torch.distributed
-
-    return group_or_single_rank(name, group)
+def _default_group(group: ParallelGroup | None, name: str) -> ParallelGroup:
+    """``group``, or group ``name`` of ``resolve_parallel_context()`` (the layers always pass theirs)."""
+    return group if group is not None else resolve_parallel_context().group(name)
 
 
 def _check_dcp_size(fn: str, dcp_size: int, group: "ParallelGroup", num_heads: int) -> None:

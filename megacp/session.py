@@ -3,8 +3,8 @@
 ``KVSession`` owns what a model needs to run steps over a context-parallel paged KV cache, so a model of your own
 needs no plumbing of its own (``LLMEngine`` uses the same object):
 
-- the ``BlockTable`` (its CP world size, CP rank and interleave read from ``parallel_state``), the ``BlockAllocator``
-  of virtual block ids and one ``PagedKVCache`` per layer;
+- the ``BlockTable`` (its CP world size, CP rank and interleave from the session's ``ParallelContext``), the
+  ``BlockAllocator`` of virtual block ids and one ``PagedKVCache`` per layer;
 - each request's cached length (tokens already in the CP group's caches);
 - the ``AttentionMetadataBuilder`` whose persistent buffers every step's ``AttentionMetadata`` lives in (the CUDA-graph
   decode replays them, ``megacp.cuda_graph``).
@@ -21,24 +21,63 @@ before any collective, with the session unchanged. Every rank of a model-paralle
 (same calls, same block ids), so the verdict is the same on every rank. The cached lengths advance when ``step``
 returns: the step's new tokens are written into the caches by the forward that follows it; a step whose forward
 fails should be followed by ``free`` of its requests.
+
+``check_request_fits`` / ``validate_requests`` check requests against a cache before anything runs (what
+``LLMEngine.generate`` calls first; pure, so every rank reaches the same verdict before any collective).
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from megacp.checks import check_int, check_memory, kv_cache_bytes, validate_prompt_ids
+from megacp.config import kv_head_layout
 from megacp.kv.allocator import BlockAllocator, KVCacheFullError, blocks_needed
 from megacp.kv.block_table import BlockTable
 from megacp.kv.layout import cp_local_seq_lens, kv_capacity_tokens
 from megacp.kv.paged_cache import PagedKVCache
 from megacp.layers.cp_metadata import AttentionMetadata
 from megacp.layers.metadata_builder import AttentionMetadataBuilder
+from megacp.parallel_state import ParallelContext, resolve_parallel_context
+
+
+# ------------------------------------------------------------------------------------------------ requests
+def check_request_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, num_kv_blocks: int,
+                       block_size: int, cp_world_size: int) -> None:
+    """Raise ``ValueError`` (naming the arguments to change) if one request could never run, even in an empty cache."""
+    if prompt_len < 1:
+        raise ValueError("every prompt needs at least one token (got an empty prompt)")
+    total = prompt_len + max_new_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
+            f"max_position_embeddings {max_model_len}; shorten the prompt or lower max_new_tokens "
+            f"to {max(max_model_len - prompt_len, 0)}"
+        )
+    need = blocks_needed(total, block_size, cp_world_size)
+    if need > num_kv_blocks:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {need} KV blocks of "
+            f"{block_size}x{cp_world_size} tokens, the cache has {num_kv_blocks}; raise num_kv_blocks to {need} "
+            f"or lower max_new_tokens, or spread the cache over more ranks with a larger "
+            f"prefill_context_parallel_size / decode_context_parallel_size"
+        )
+
+
+def validate_requests(prompt_ids: Any, max_new_tokens: int, *, vocab_size: int, max_model_len: int,
+                      num_kv_blocks: int, block_size: int, cp_world_size: int) -> list[list[int]]:
+    """Everything about a batch of requests that can be checked before the first step; returns the prompts as
+    ``list[list[int]]``. ``max_new_tokens`` comes from an already validated ``SamplingParams``.
+    """
+    prompts = validate_prompt_ids(prompt_ids, vocab_size)
+    for ids in prompts:
+        check_request_fits(len(ids), max_new_tokens, max_model_len, num_kv_blocks, block_size, cp_world_size)
+    return prompts
 
 
 @dataclass
@@ -57,26 +96,18 @@ def _token_list(request_id: Hashable, tokens: Sequence[int]) -> list[int]:
             from None
 
 
-def _layout() -> tuple[int, int, int, int]:
-    """(tp size, CP world size, CP rank, interleave) of ``parallel_state``, or a single rank before it is set up."""
-    from megacp import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 1, 1, 0, 1
-    return (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size(),
-            ps.get_context_parallel_rank(), ps.get_cp_kv_cache_interleave_size())
-
-
 class KVSession:
     """This rank's paged KV cache of up to ``max_num_seqs`` requests, and the metadata of each step over it.
 
     ``num_layers``: one ``PagedKVCache`` each (``kv_caches``). ``num_kv_heads``: the model's global KV head count
-    (this rank stores ``max(1, num_kv_heads / tp)`` of them, like ``ContextParallelAttention``). ``num_kv_blocks``:
+    (this rank stores ``max(1, num_kv_heads / tp)`` of them, ``config.kv_head_layout``, like
+    ``ContextParallelAttention``). ``num_kv_blocks``:
     physical blocks per rank and layer, the same virtual ids on every CP rank (a block holds ``block_size`` tokens on
     each of the ``pcp·dcp`` CP ranks). ``max_seq_len``: the longest request (sizes the block table's rows; default:
     the whole cache). The cache memory is checked against the device before it is allocated. ``vocab_size``:
     given, every step's token ids are checked against it on the host, before anything changes (a tensor-parallel
     embedding would otherwise turn an out-of-vocabulary id into a zero row; ``LLMEngine`` checks its requests itself).
+    ``parallel_context``: the layout (``resolve_parallel_context``: given, else the global one, else one rank).
     """
 
     def __init__(
@@ -91,6 +122,7 @@ class KVSession:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         vocab_size: int | None = None,
+        parallel_context: ParallelContext | None = None,
     ) -> None:
         self.vocab_size = None if vocab_size is None else check_int("KVSession(vocab_size)", vocab_size, 1)
         num_layers = check_int("KVSession(num_layers)", num_layers, 0)
@@ -99,11 +131,12 @@ class KVSession:
         num_blocks = check_int("KVSession(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
         block_size = check_int("KVSession(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
         max_num_seqs = check_int("KVSession(max_num_seqs)", max_num_seqs, 1, hint="requests cached at once, e.g. 64")
-        tp, W, R, interleave = _layout()
+        ctx = self.parallel_context = resolve_parallel_context(parallel_context)
+        W, R, interleave = ctx.cp_world_size, ctx.cp_rank, ctx.interleave_size
         self.cp_world_size, self.cp_rank, self.interleave_size = W, R, interleave
         self.block_size, self.num_kv_blocks = block_size, num_blocks
         self.device, self.dtype = torch.device(device), dtype
-        self.num_local_kv_heads = max(1, num_kv_heads // tp)
+        self.num_local_kv_heads = kv_head_layout(num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]
         max_blocks = num_blocks
         if max_seq_len is not None:
             max_seq_len = check_int("KVSession(max_seq_len)", max_seq_len, 1)
@@ -117,6 +150,7 @@ class KVSession:
             self.device, "the KV cache (num_kv_blocks x block_size tokens, all layers)",
             "lower num_kv_blocks, block_size or max_num_seqs, or spread the cache over more ranks",
         )
+        # The one check of the KV interleave against the block size (BlockTable's); the slot math trusts it after.
         self.block_table = BlockTable(block_size, max_num_seqs, max_blocks, W, R, interleave, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.kv_caches = [
@@ -125,7 +159,7 @@ class KVSession:
         ]
         self.builder = AttentionMetadataBuilder(
             self.block_table, self.device, max_num_reqs=max_num_seqs,
-            null_slot=self.kv_caches[0].null_slot if self.kv_caches else None,
+            null_slot=self.kv_caches[0].null_slot if self.kv_caches else None, parallel_context=ctx,
         )
         self._seqs: dict[Hashable, _Sequence] = {}
         self._free_rows = list(range(max_num_seqs))
