@@ -178,6 +178,9 @@ class HFStatic(HF):
 
 
 class Megacp:
+    """megacp on one rank. It initialises ``parallel_state`` for the process: ``close()`` (which ``main`` calls
+    whatever happens) destroys it again, so a later engine, test or caller in the same process starts clean."""
+
     def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False,
                  device: str = "cuda"):
         import torch.distributed as dist
@@ -189,9 +192,21 @@ class Megacp:
         if not dist.is_initialized():
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         ps.initialize_model_parallel(backend="gloo")
-        self.model = load_model(path, torch.bfloat16, torch.device(device))
-        self.engine = LLMEngine(self.model, num_kv_blocks=num_blocks, block_size=16,
-                                max_num_batched_tokens=max_batched, max_num_seqs=64, enforce_eager=enforce_eager)
+        try:
+            self.model = load_model(path, torch.bfloat16, torch.device(device))
+            self.engine = LLMEngine(self.model, num_kv_blocks=num_blocks, block_size=16,
+                                    max_num_batched_tokens=max_batched, max_num_seqs=64,
+                                    enforce_eager=enforce_eager)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the engine (its CUDA graphs first) and destroy the parallel state ``__init__`` made."""
+        from megacp import parallel_state as ps
+
+        self.engine = None
+        ps.destroy_model_parallel()
 
     def generate(self, prompts: list[list[int]], n: int):
         from megacp.sampling import SamplingParams
@@ -273,6 +288,58 @@ def _parse_override(text: str) -> tuple[str, object]:
 ENGINES = ("megacp", "transformers", "transformers-static")
 
 
+def decode_kernel_counts(model, prompt: list[int], layers: int, steps: int = 8) -> dict:
+    """Kernels per batch-1 pure-decode step of megacp (an eager engine on the same model; torch.profiler's CUDA
+    events), with the fused decode kernels (megacp/ops/decode_fused.py) on and off: ``{"fused": {...},
+    "unfused": {...}}``, each ``kernels_per_step`` (launches, copies and memsets excluded, which are
+    ``copies_per_step``), ``per_layer`` (per step / layers: includes the embedding, final norm, LM head and sampling,
+    so an upper bound) and the ``top`` kernel names per step. One step = (the run of 1 + ``steps`` tokens − the run of
+    1 token) / ``steps``. A CPU model counts its aten ops instead (``counted`` says which; a smoke test of this
+    function)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from megacp.engine import LLMEngine
+    from megacp.sampling import SamplingParams
+
+    engine = LLMEngine(model, num_kv_blocks=-(-(len(prompt) + steps + 1) // 16) + 2, block_size=16,
+                       max_num_batched_tokens=len(prompt), max_num_seqs=1, enforce_eager=True)
+
+    cuda = next(model.parameters()).is_cuda
+
+    def gpu_events(n: int) -> dict[str, int]:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+            _sync()
+        names: dict[str, int] = {}
+        for e in prof.events():
+            if (e.device_type == DeviceType.CUDA) if cuda else (e.name.startswith("aten::") and e.cpu_parent is None):
+                names[e.name] = names.get(e.name, 0) + 1
+        return names
+
+    # the layers read $MEGACP_FUSED_DECODE once, when built: switch the built model's layers instead
+    switches = [m for m in model.modules() if hasattr(m, "fused_decode")]
+    saved, out = [m.fused_decode for m in switches], {}
+    try:
+        for mode, flag in (("fused", True), ("unfused", False)):
+            for m in switches:
+                m.fused_decode = flag
+            engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up (Triton compiles)
+            one, more = gpu_events(1), gpu_events(1 + steps)
+            per = {k: (more.get(k, 0) - one.get(k, 0)) / steps for k in more}
+            copy = {k: c for k, c in per.items() if k.startswith(("Memcpy", "Memset"))}
+            kern = {k: c for k, c in per.items() if k not in copy and c > 0}
+            out[mode] = {"counted": "cuda kernels" if cuda else "top-level cpu aten ops",
+                         "kernels_per_step": sum(kern.values()), "copies_per_step": sum(copy.values()),
+                         "per_layer": sum(kern.values()) / max(layers, 1),
+                         "top": dict(sorted(kern.items(), key=lambda kv: -kv[1])[:25])}
+    finally:
+        for m, flag in zip(switches, saved):
+            m.fused_decode = flag
+    del engine
+    return out
+
+
 def static_compile_report(eng: HFStatic, short: list[list[int]], batches: list[int], warmup_s: dict) -> dict:
     """How transformers-static compiled: whether it did, and the compile time per batch size (its warm-up minus the
     same call once compiled), reported apart from tokens/s."""
@@ -323,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--engines", nargs="+", default=["megacp", "transformers"], choices=list(ENGINES),
                    help="transformers-static: static cache + the decode forward compiled by generate (CUDA)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="megacp: kernels per batch-1 decode step with the fused decode kernels on and off (CUDA)")
     p.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config fields to change, e.g. hidden_size=64 n_routed_experts=4 (tiny runs)")
@@ -354,50 +423,56 @@ def main(argv: list[str] | None = None) -> dict:
                 eng = HFStatic(path, args.device, decode_cache_len=args.decode_prompt_len + args.new_tokens)
             else:
                 eng = HF(path, args.device)
-            res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}, "warmup_s": {}}
-            tokens[name] = eng.generate([short[0]], 8)
-            for n, prompt in long_prompts.items():
-                eng.ttft(prompt)  # warm-up (kernel selection, allocator)
-                res["ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
-            if name == "megacp" and args.chunk_tokens:
-                whole = eng.engine.max_num_batched_tokens
-                eng.engine.max_num_batched_tokens = args.chunk_tokens  # the scheduler reads it every step
-                res["chunked_ttft_s"], res["chunked_vs_whole"] = {}, {}
+            try:
+                res: dict = {"ttft_s": {}, "decode_tokens_per_s": {}, "warmup_s": {}}
+                tokens[name] = eng.generate([short[0]], 8)
                 for n, prompt in long_prompts.items():
-                    eng.ttft(prompt)
-                    res["chunked_ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
-                    res["chunked_vs_whole"][n] = res["chunked_ttft_s"][n] / res["ttft_s"][n]
-                eng.engine.max_num_batched_tokens = whole
-            for b in args.batch:
-                # warm-up (transformers-static: compiling the decode step for this batch size), kept out of tokens/s
-                res["warmup_s"][b] = _sync_time(lambda: eng.decode_tps(short[:b], 4))
-                res["decode_tokens_per_s"][b] = _median(
-                    [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
-            if name == "transformers-static":
-                res.update(static_compile_report(eng, short, args.batch, res["warmup_s"]))
-            if name == "megacp":
-                st = eng.engine.stats
-                res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
-                                      "capture_bytes": st.graph_capture_bytes}
-            if name == "megacp" and args.device == "cuda":
-                # every weight is read once per step, except the embedding table (only the batch's rows)
-                embed = eng.model.embed_tokens.weight
-                weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
-                    - embed.numel() * embed.element_size()
-                kv_token_bytes = kv_cache_bytes_per_token(config)
-                ctx = args.decode_prompt_len + args.new_tokens // 2  # mean context over the decode steps
-                bw = copy_bandwidth()
-                res["copy_bandwidth_bytes_per_s"] = bw
-                res["weight_bytes"] = weight_bytes
-                res["weight_read_fraction"] = {}
-                for b, tps in res["decode_tokens_per_s"].items():
-                    step_s = b / tps
-                    step_bytes = step_weight_bytes(config, weight_bytes, b) + b * ctx * kv_token_bytes
-                    res["weight_read_fraction"][b] = step_bytes / step_s / bw
-            result["results"][name] = res
-            print(name, res, flush=True)
-            if args.profile:
-                profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens, args.chunk_tokens)
+                    eng.ttft(prompt)  # warm-up (kernel selection, allocator)
+                    res["ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
+                if name == "megacp" and args.chunk_tokens:
+                    whole = eng.engine.max_num_batched_tokens
+                    eng.engine.max_num_batched_tokens = args.chunk_tokens  # the scheduler reads it every step
+                    res["chunked_ttft_s"], res["chunked_vs_whole"] = {}, {}
+                    for n, prompt in long_prompts.items():
+                        eng.ttft(prompt)
+                        res["chunked_ttft_s"][n] = _median([eng.ttft(prompt) for _ in range(args.reps)])
+                        res["chunked_vs_whole"][n] = res["chunked_ttft_s"][n] / res["ttft_s"][n]
+                    eng.engine.max_num_batched_tokens = whole
+                for b in args.batch:
+                    # warm-up (transformers-static: compiling the decode step for this batch size), kept out of tokens/s
+                    res["warmup_s"][b] = _sync_time(lambda: eng.decode_tps(short[:b], 4))
+                    res["decode_tokens_per_s"][b] = _median(
+                        [eng.decode_tps(short[:b], args.new_tokens) for _ in range(args.reps)])
+                if name == "transformers-static":
+                    res.update(static_compile_report(eng, short, args.batch, res["warmup_s"]))
+                if name == "megacp":
+                    st = eng.engine.stats
+                    res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
+                                          "capture_bytes": st.graph_capture_bytes}
+                if name == "megacp" and args.count_kernels and args.device == "cuda":
+                    res["decode_kernels"] = decode_kernel_counts(eng.model, short[0], args.layers)
+                if name == "megacp" and args.device == "cuda":
+                    # every weight is read once per step, except the embedding table (only the batch's rows)
+                    embed = eng.model.embed_tokens.weight
+                    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
+                        - embed.numel() * embed.element_size()
+                    kv_token_bytes = kv_cache_bytes_per_token(config)
+                    ctx = args.decode_prompt_len + args.new_tokens // 2  # mean context over the decode steps
+                    bw = copy_bandwidth()
+                    res["copy_bandwidth_bytes_per_s"] = bw
+                    res["weight_bytes"] = weight_bytes
+                    res["weight_read_fraction"] = {}
+                    for b, tps in res["decode_tokens_per_s"].items():
+                        step_s = b / tps
+                        step_bytes = step_weight_bytes(config, weight_bytes, b) + b * ctx * kv_token_bytes
+                        res["weight_read_fraction"][b] = step_bytes / step_s / bw
+                result["results"][name] = res
+                print(name, res, flush=True)
+                if args.profile:
+                    profile(name, eng, long_prompts[max(long_prompts)], short[:1], args.new_tokens, args.chunk_tokens)
+            finally:
+                if isinstance(eng, Megacp):
+                    eng.close()
             del eng
             _empty_cache()
     result.update(peer_ratios(result["results"], tokens))

@@ -18,6 +18,21 @@ TINY = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num
         "vocab_size=512"]
 
 
+@pytest.fixture(autouse=True)
+def parallel_state_left_clean():
+    """bench/e2e.py's megacp engine initialises parallel_state for its run and must destroy it when done (even on an
+    error), or every later in-process test that initialises it fails: checked after each test here, and undone
+    anyway so that one leak fails here only."""
+    from megacp import parallel_state as ps
+
+    assert not ps.model_parallel_is_initialized(), "an earlier test left parallel_state initialised"
+    yield
+    leaked = ps.model_parallel_is_initialized()
+    if leaked:
+        ps.destroy_model_parallel()
+    assert not leaked, "bench/e2e.py left parallel_state initialised (Megacp.close not called)"
+
+
 def test_e2e_cpu_reports_every_peer(tmp_path):
     out = tmp_path / "e2e.json"
     result = e2e.main(["--device", "cpu", "--layers", "1", "--override", *TINY, "--prompt-lens", "24", "--batch", "2",
@@ -77,3 +92,23 @@ def test_e2e_cpu_deepseek_shape(tmp_path):
     assert model["shape"] == "deepseek-v2-lite" and model["kv_cache_bytes_per_token"] == 2 * (32 + 16) * 2
     assert result["vs"]["transformers"]["greedy_agreement_first_8"] == 8
     assert result["results"]["megacp"]["decode_tokens_per_s"][2] > 0
+
+
+def test_decode_kernel_counts_runs_and_counts_per_step():
+    """The kernel counter's bookkeeping on the CPU (there it counts top-level aten ops; the fused kernels are CUDA
+    only, so both modes count the same): a positive per-step count that grows with the layers."""
+    import torch
+
+    from tests.dist_pool import model_parallel
+    from tests.test_no_host_sync import _tiny_model
+
+    counts = {}
+    with model_parallel(backend="gloo"):
+        for layers in (1, 2):
+            model = _tiny_model(torch.float32, "cpu", num_hidden_layers=layers)
+            counts[layers] = e2e.decode_kernel_counts(model, list(range(3, 20)), layers, steps=2)
+    for c in counts.values():
+        assert c["fused"]["counted"] == "top-level cpu aten ops" and c["fused"]["kernels_per_step"] > 0
+        assert c["fused"]["kernels_per_step"] == c["unfused"]["kernels_per_step"]
+        assert sum(c["fused"]["top"].values()) <= c["fused"]["kernels_per_step"]
+    assert counts[2]["fused"]["kernels_per_step"] > counts[1]["fused"]["kernels_per_step"]

@@ -53,7 +53,7 @@ def _compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floa
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels cannot be compiled")
 def test_kernels_compile_for_hopper():
-    from megacp.ops import merge_kernel, paged_decode, paged_mla_decode, rms_norm
+    from megacp.ops import decode_fused, merge_kernel, paged_decode, paged_mla_decode, rms_norm
 
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for fused, group, block_n in ((False, 4, 64), (True, 4, 64), (True, 32, 32), (False, 16, 128)):
@@ -76,6 +76,20 @@ def test_kernels_compile_for_hopper():
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})
+        _compile_for_hopper(decode_fused._rope_cache_kernel,  # slots: the decode metadata's int64 buffer
+                            {"qkv_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}",
+                             "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+                             "slot_ptr": "*i64"}, {"HQ": 32, "HKV": 8, "D": 128, "HALF": 64, "D_PAD": 128})
+        _compile_for_hopper(decode_fused._silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+                            {"BLOCK": 1024, "LIBDEVICE": True})
+        if dtype == "bf16":
+            from bench import gemv
+
+            for block_m, block_n, block_k, split in ((16, 64, 128, 1), (64, 32, 256, 4)):
+                _compile_for_hopper(gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16",
+                                                        "y_ptr": "*bf16" if split == 1 else "*fp32"},
+                                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split},
+                                    num_stages=4)
         for residual in (True, False):
             _compile_for_hopper(rms_norm._add_rms_norm_kernel,
                                 {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",

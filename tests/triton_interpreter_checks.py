@@ -20,7 +20,9 @@ import torch
 
 from megacp.ops import cp_merge_gathered, cp_merge_packed, merge_attn_states_n, paged_attention_with_lse
 from megacp.ops import merge as merge_mod
-from megacp.ops import paged_decode, paged_mla_decode, rms_norm
+from megacp.kv import PagedKVCache
+from megacp.layers.rotary import apply_rotary_tables, compute_inv_freq, rotary_tables
+from megacp.ops import decode_fused, paged_decode, paged_mla_decode, rms_norm
 from megacp.ops.merge_kernel import merge_partials
 from tests.mla_decode_cases import bf16_reference, dense_reference, merge_ranks, sharded_case
 
@@ -197,6 +199,128 @@ def check_rms_norm() -> None:
     _close(out, torch.nn.functional.rms_norm(x, (48,), w, 1e-6), 1e-5, "fused rms_norm without residual")
 
 
+def _bitwise_or_one_bf16_ulp(dtype: torch.dtype):
+    """float32: bitwise equality. bfloat16: within one bf16 ulp of each value plus one of the tensor's largest,
+    because the interpreter's float32 -> bf16 cast truncates where the GPU (and PyTorch) round to nearest, three
+    times per value here; the GPU test holds bf16 to bitwise equality."""
+    if dtype != torch.bfloat16:
+        return torch.equal
+    return lambda a, b: bool(((a.float() - b.float()).abs()
+                              <= (b.float().abs() + b.float().abs().max()) * 2 ** -7).all())
+
+
+def check_rope_and_cache_write(dtype: torch.dtype, head_dim: int, device: str = "cpu") -> None:
+    """One kernel for RoPE of q and k, the k and v cache writes, equals ``apply_rotary_tables`` +
+    ``PagedKVCache.write_rows`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``): GQA, slots out of
+    order, a row to the null slot, an odd head dim
+    (non-power-of-two, masked), untouched slots stay untouched."""
+    g = torch.Generator().manual_seed(7)
+    B, hq, hkv, D = 3, 4, 2, head_dim
+    qkv = torch.randn(B, (hq + 2 * hkv) * D, generator=g).to(device=device, dtype=dtype)
+    tables = rotary_tables(torch.tensor([5, 0, 130], device=device), compute_inv_freq(D, 10000.0), dtype)
+    mine, ref = (PagedKVCache(4, 4, hkv, D, dtype=dtype, device=device) for _ in range(2))
+    for c in (mine, ref):  # garbage everywhere, so a write to the wrong place or a missed one shows
+        for t in c.storage:
+            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+    ref.storage[0].copy_(mine.storage[0]), ref.storage[1].copy_(mine.storage[1])
+    slots = torch.tensor([9, mine.null_slot, 2], device=device)
+    q = decode_fused.rope_and_cache_write(qkv, tables.cos, tables.sin_signed, *mine.storage, slots, hq, hkv)
+    qk = apply_rotary_tables(qkv[:, : (hq + hkv) * D].view(B, hq + hkv, D), tables)
+    ref.write_rows(qk[:, hq:], qkv[:, (hq + hkv) * D:].view(B, hkv, D), None, slots)
+    what = f"rope_and_cache_write {dtype} D={D}"
+    same = _bitwise_or_one_bf16_ulp(dtype)
+    assert same(q, qk[:, :hq]), f"{what}: q differs"
+    assert same(mine.storage[0], ref.storage[0]), f"{what}: the k cache differs"
+    assert torch.equal(mine.storage[1], ref.storage[1]), f"{what}: the v cache differs"  # v is copied, never rounded
+    # negative control: the other half-rotation convention (interleaved pairs) must not pass
+    wrong = (qkv[:, : hq * D].view(B, hq, D) * tables.cos + qkv[:, : hq * D].view(B, hq, D) * tables.sin_signed)
+    assert not torch.equal(q, wrong.to(dtype)), f"{what}: the check cannot tell rotations apart"
+
+
+def check_silu_mul(dtype: torch.dtype, device: str = "cpu") -> None:
+    """``silu(gate)·up`` in one kernel against ``F.silu(gate) * up``: within a few ulps of the dtype (here numpy's exp
+    meets CPU PyTorch's vectorised one; the GPU test compares libdevice's with CUDA's bitwise); a row wider than one
+    block (two column blocks, masked tail)."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(3, 2 * 1100, generator=g) * 4).to(device=device, dtype=dtype)
+    got = decode_fused.silu_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    err = ((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)).max().item()
+    # float32: ~8 ulps; bf16: two ulps of its 8-bit significand (the interpreter truncates both roundings)
+    limit = 1e-6 if dtype == torch.float32 else 2 ** -6
+    assert err <= limit, f"silu_mul {dtype}: relative error {err:.3g} > {limit:g}"
+    if dtype == torch.float32:  # not rounded to bf16 anywhere
+        assert not torch.equal(got, (torch.nn.functional.silu(gate.bfloat16()) * up.bfloat16()).float())
+
+
+def check_llama_decode_wiring() -> None:
+    """The tiny seeded Llama with the fused kernels switched on (what CUDA runs; here interpreted on CPU tensors) gives
+    the eager model's logits over a prefill and three pure-decode steps, and each decode step calls the RoPE + cache
+    kernel once per layer (prefills keep the eager RoPE; SiLU·mul is fused in every step)."""
+    from megacp.kv import BlockTable
+    from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.models.config import build_tiny_llama_config
+    from megacp.models.llama import LlamaForCausalLM
+    from megacp.models.loader import seeded_hf_weights
+
+    model = LlamaForCausalLM(build_tiny_llama_config(), params_dtype=torch.float32)
+    loaders = model.hf_weight_loaders()
+    for name, tensor in seeded_hf_weights(model, 0).items():
+        loaders[name](tensor)
+    layers = model.config.num_hidden_layers
+    seqs = [[3, 14, 15, 92, 65, 35, 89, 7, 8, 9], [27, 18, 28, 18, 28, 9, 10, 11, 12]]
+    steps = [([0, 1], [0, 0], [6, 5])] + [([0, 1], [6 + i, 5 + i], [1, 1]) for i in range(3)]
+    calls = {"rope": 0, "silu": 0}
+    real = decode_fused.rope_and_cache_write, decode_fused.silu_mul
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        table = BlockTable(4, 2, 4, 1, 0, 1)
+        table.set_row(0, [0, 1, 2, 3]), table.set_row(1, [4, 5, 6, 7])
+        caches = [PagedKVCache(8, 4, model.num_local_kv_heads, model.head_dim) for _ in range(layers)]
+        saved = decode_fused.available
+        decode_fused.available = (lambda x: True) if fused else (lambda x: False)
+        try:
+            logits = []
+            for rows, computed, new in steps:
+                meta = build_attention_metadata(rows, computed, new, table, device="cpu", null_slot=caches[0].null_slot)
+                flat = torch.tensor([t for r, c, n in zip(rows, computed, new) for t in seqs[r][c:c + n]])
+                with torch.no_grad():
+                    hidden = model(flat[meta.token_index.clamp(min=0)], meta, caches)
+                    logits.append(model.compute_logits(meta.select_logits_hidden(hidden)))
+            return logits
+        finally:
+            decode_fused.available = saved
+
+    decode_fused.rope_and_cache_write, decode_fused.silu_mul = counted("rope", real[0]), counted("silu", real[1])
+    try:
+        fused = run(True)
+    finally:
+        decode_fused.rope_and_cache_write, decode_fused.silu_mul = real
+    assert calls == {"rope": 3 * layers, "silu": 4 * layers}, calls
+    for i, (a, b) in enumerate(zip(fused, run(False))):
+        _close(a, b, 1e-5 * float(b.abs().max()), f"llama step {i} fused vs eager logits")
+
+
+def check_bench_gemv() -> None:
+    """bench/gemv.py's split-K GEMV against ``x @ w.T``: rows below, at and above one 16-row tile, ragged N and K,
+    split K 1 and 3 (atomics). float32: the interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9), so bf16 is
+    checked on the GPU, where the benchmark drops any configuration not within bf16 rounding of cuBLAS."""
+    from bench import gemv
+
+    g = torch.Generator().manual_seed(9)
+    for M in (1, 5, 20):
+        x, w = torch.randn(M, 300, generator=g), torch.randn(70, 300, generator=g)
+        for config in ((32, 128, 1, 4, 4), (16, 64, 3, 4, 4)):
+            _close(gemv.gemv(x, w, *config), x @ w.T, 2e-4, f"gemv M={M} {config}")
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
@@ -207,6 +331,12 @@ def main() -> None:
     check_cp_merge_gathered(dtype=torch.float32)
     check_cp_merge_gathered(dtype=torch.bfloat16)
     check_rms_norm()
+    for dtype in (torch.float32, torch.bfloat16):
+        check_rope_and_cache_write(dtype, 16)
+        check_silu_mul(dtype)
+    check_rope_and_cache_write(torch.float32, 12)
+    check_llama_decode_wiring()
+    check_bench_gemv()
     print("triton interpreter checks: ok")
 
 

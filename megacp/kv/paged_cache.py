@@ -88,6 +88,12 @@ class PagedKVCache:
         return self.num_blocks * self.block_size
 
     @property
+    def storage(self) -> tuple[Tensor, Tensor]:
+        """K and V ``[num_blocks + 1, block_size, Hkv, D]`` with the null block: what a kernel writing flat slots
+        (``null_slot`` included) takes, e.g. ``megacp.ops.decode_fused.rope_and_cache_write``."""
+        return self._k_all, self._v_all
+
+    @property
     def num_tokens_capacity(self) -> int:
         """Token slots on this rank: ``num_blocks·block_size``. The CP group as a whole holds ``W`` times as many
         tokens (``kv_capacity_tokens``), since each token is stored on one rank only."""

@@ -110,15 +110,23 @@ class ContextParallelAttention(nn.Module):
         return impl
 
     # ------------------------------------------------------------------------------------------------ entry point
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache | None
-                ) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor | None, v: Tensor | None, meta: AttentionMetadata,
+                kv_cache: PagedKVCache | None, kv_written: bool = False) -> Tensor:
         """Attention output of this rank's local tokens.
 
         # q: [T_local, Hq_local, D], k/v: [T_local, Hkv_local, D] (rows in meta's local order) -> [T_local, Hq_local, D]
         With ``kv_cache=None`` (training-style) the step must be prefill-only without cached context; that path is
         differentiable (the PCP all-gather's backward is a reduce-scatter). Padding rows return zeros.
+        ``kv_written``: a pure-decode step whose new K/V are already at ``meta.decode.slot_mapping`` in ``kv_cache``
+        (a fused kernel wrote them with RoPE: ``megacp.ops.decode_fused``); ``k`` and ``v`` are then None.
         """
         self._check_layout(meta)
+        if kv_written:
+            if meta.prefill is not None or meta.decode is None or kv_cache is None:
+                raise ValueError("ContextParallelAttention: kv_written=True is for pure-decode steps with a kv_cache "
+                                 "(the fused kernel wrote the decode rows' K/V); pass k and v otherwise")
+            self._check_shapes(q, None, None, meta, kv_cache)
+            return self._decode(q, None, None, meta.decode, kv_cache)
         self._check_shapes(q, k, v, meta, kv_cache)
         return self._attend(q, (k, v), meta, kv_cache)
 
@@ -158,15 +166,17 @@ class ContextParallelAttention(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------------ decode
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor, meta: DecodeMetadata, kv_cache: PagedKVCache) -> Tensor:
+    def _decode(self, q: Tensor, k: Tensor | None, v: Tensor | None, meta: DecodeMetadata, kv_cache: PagedKVCache
+                ) -> Tensor:
         """Decode rows (identical on every PCP rank).
 
-        # q: [B, Hq_local, D], k/v: [B, Hkv_local, D] -> [B, Hq_local, D]
+        # q: [B, Hq_local, D], k/v: [B, Hkv_local, D] (None: already written) -> [B, Hq_local, D]
         The new token's K/V is written first (on its owning CP rank; the others write it to the null slot), so it
         is attended exactly once. Fixed shapes and no host values except the optional shard lengths: this whole
         path is captured in the CUDA-graph decode step.
         """
-        kv_cache.write_rows(k, v, None, meta.slot_mapping)
+        if k is not None:
+            kv_cache.write_rows(k, v, None, meta.slot_mapping)
         # DCP ranks share one KV head (GQA rule) but hold different query heads: gather them all (dcp_rank major;
         # a flat gather along a new leading dim, then one copy into head order) and attend to our shard.
         B, H, D = q.shape
@@ -265,7 +275,7 @@ class ContextParallelAttention(nn.Module):
                 f"is initialised runs as a single rank)"
             )
 
-    def _check_shapes(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata,
+    def _check_shapes(self, q: Tensor, k: Tensor | None, v: Tensor | None, meta: AttentionMetadata,
                       kv_cache: PagedKVCache | None) -> None:
         T, Hq, Hkv, D = meta.num_local_tokens, self.num_local_heads, self.num_local_kv_heads, self.head_dim
         if kv_cache is not None and (kv_cache.num_kv_heads, kv_cache.head_dim) != (Hkv, D):
@@ -274,9 +284,11 @@ class ContextParallelAttention(nn.Module):
                 f"{kv_cache.num_kv_heads} of dim {kv_cache.head_dim}; make the caches under the same "
                 f"tensor_model_parallel_size (KVSession(num_kv_heads=<the model's global count>) does)"
             )
-        if tuple(q.shape) != (T, Hq, D) or tuple(k.shape) != (T, Hkv, D) or k.shape != v.shape:
+        # kv_written: only q is passed
+        k_shape, v_shape = ((T, Hkv, D),) * 2 if k is None else (tuple(k.shape), tuple(v.shape))
+        if tuple(q.shape) != (T, Hq, D) or k_shape != (T, Hkv, D) or k_shape != v_shape:
             raise ValueError(
                 f"ContextParallelAttention expects q [{T}, {Hq}, {D}] and k, v [{T}, {Hkv}, {D}] (local tokens of "
                 f"the step, this TP rank's heads of num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}), "
-                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                f"got {tuple(q.shape)}, {k_shape}, {v_shape}"
             )

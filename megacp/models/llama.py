@@ -4,7 +4,10 @@
                  (+res) RMSNorm → gate/up → SiLU·mul → down] → (+res) RMSNorm
     (each residual add is fused into the norm after it; the residual stream is carried beside the hidden states)
 
-The RoPE cos/sin tables of the step's positions are built once per forward and shared by every layer.
+The RoPE cos/sin tables of the step's positions are built once per forward and shared by every layer. On CUDA a
+pure-decode step rotates q and k and writes k and v into the paged cache in one kernel, and SwiGLU's ``silu·mul`` is
+one kernel in every step (``megacp.ops.decode_fused``: exact, the same ops and roundings as the eager path the CPU
+runs; ``MEGACP_FUSED_DECODE=0`` when the model is built turns them off: each layer's ``fused_decode``).
 
 In MoE models the layers listed in ``config.moe_layers`` replace the dense MLP by ``megacp.moe.MoELayer`` (router,
 experts, optional shared expert), parallelised over all ranks as its ``MoEParallelConfig`` says. Its forward is a
@@ -38,6 +41,7 @@ from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables
 from megacp.models.config import ModelConfig
 from megacp.moe import MoELayer, MoEParallelConfig
+from megacp.ops import decode_fused
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.weights import default_weight_loader
 
@@ -86,12 +90,19 @@ class LlamaAttention(nn.Module):
             config.attention_scale,
             parallel_context=parallel_context,
         )
+        self.fused_decode = decode_fused.enabled()  # $MEGACP_FUSED_DECODE, read once (not per step)
 
     def forward(
         self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (Hq_l + 2·Hkv_l)·D]
         T, hq, hkv, d = qkv.shape[0], self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.qkv_proj.head_dim
+        if self.fused_decode and _pure_decode(meta, kv_cache) and decode_fused.available(qkv):
+            # one kernel: RoPE of q and k, k and v straight into the cache (CUDA; exact, see decode_fused)
+            q = decode_fused.rope_and_cache_write(qkv, rope.cos, rope.sin_signed, *kv_cache.storage,
+                                                  meta.decode.slot_mapping, hq, hkv)
+            out = self.attn(q, None, None, meta, kv_cache, kv_written=True)
+            return self.o_proj(out.reshape(T, -1))
         # q and k are adjacent columns: rotate them as one [T, Hq_l + Hkv_l, D] view (half the kernels of rotating
         # each; elementwise, so bitwise the same), then split the heads again.
         qk = apply_rotary_tables(qkv[:, : (hq + hkv) * d].view(T, hq + hkv, d), rope)
@@ -115,10 +126,19 @@ class LlamaMLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias, params_dtype=params_dtype,
             parallel_context=parallel_context,
         )
+        self.fused_decode = decode_fused.enabled()  # $MEGACP_FUSED_DECODE, read once (not per step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_decode and decode_fused.available(gate_up):  # one kernel on CUDA, exact (see decode_fused)
+            return self.down_proj(decode_fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _pure_decode(meta: Any, kv_cache: PagedKVCache | None) -> bool:
+    """A step of decode rows only, with a cache: the fused RoPE + cache-write kernel's case."""
+    return kv_cache is not None and meta.decode is not None and meta.prefill is None and meta.context is None
 
 
 def _moe_layer(

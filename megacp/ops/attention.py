@@ -187,7 +187,7 @@ def key_lengths(host_cu_seqlens: HostCuSeqlens) -> list[int]:
 def keys_per_sequence(k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, seqused_k: Tensor,
                       host_cu_seqlens: HostCuSeqlens | None) -> tuple[Tensor, Tensor, Tensor, HostCuSeqlens]:
     """Key ranges given by start and length (``seqused_k``) laid out one after another: what a kernel without
-    ``seqused_k`` takes. One gather of K and V (overlapping ranges are copied once each).
+    ``seqused_k`` takes. One concatenation of slices each for K and V (overlapping ranges are copied once each).
 
     # k/v: [Tk, Hk, D] -> (k/v [sum(seqused_k), Hk, D], cu_seqlens_k [B+1] int32 cumulative, host offsets)
     """
@@ -198,14 +198,12 @@ def keys_per_sequence(k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: 
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
-    rows = [range(ck[b], ck[b] + n) for b, n in enumerate(lens)]
-    contiguous = all(r.start == (rows[b - 1].stop if b else 0) for b, r in enumerate(rows))
-    if contiguous:  # already one after another (a pcp = 1 step): a view, no copy
+    starts = ck[: len(lens)]
+    if starts == cu[:-1]:  # already one after another (a pcp = 1 step): a view, no copy
         k, v = k[: cu[-1]], v[: cu[-1]]
     else:
-        index = torch.tensor([j for r in rows for j in r], dtype=torch.long)
-        index = index.pin_memory().to(k.device, non_blocking=True) if k.device.type == "cuda" else index
-        k, v = k[index], v[index]
+        k = torch.cat([k[a : a + n] for a, n in zip(starts, lens)])
+        v = torch.cat([v[a : a + n] for a, n in zip(starts, lens)])
     cu_t = torch.tensor(cu, dtype=torch.int32)
     cu_t = cu_t.pin_memory().to(k.device, non_blocking=True) if k.device.type == "cuda" else cu_t
     return k, v, cu_t, (cq, cu)
