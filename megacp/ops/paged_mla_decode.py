@@ -40,9 +40,11 @@ class MLADecodePlan(DecodePlan):
     """How the MLA split kernel is launched: ``DecodePlan``'s fields (``num_splits`` programs per sequence and head
     block, tiles of ``block_n`` tokens, ``num_warps``, ``num_stages``, ``fused_merge``) plus ``block_h``, the query
     heads one program takes (all of a sequence's heads when they fit: each latent row is then read once per
-    split)."""
+    split). ``num_stages`` defaults to 3: two latent tiles buffered, one in flight while the other is computed, in
+    93 KB of shared memory, so two programs share a multiprocessor (4 stages: one program, slower)."""
 
     block_n: int = 32
+    num_stages: int = 3
     block_h: int = 16
 
     def __post_init__(self) -> None:
@@ -58,10 +60,11 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     local tokens (an upper bound such as the block table's capacity: no device read).
 
     Heads in blocks of 16 (4 warps) up to 16 heads, else of 32 (8 warps): ptxas fits those tiles (a [block_h, 512]
-    float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Splits aim
-    at two programs per multiprocessor (what the registers of a 4-warp program allow), each of at least
-    ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the
-    kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a grid.
+    float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Tiles of
+    32 rows, 3 stages; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
+    allows), each of at least ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
+    splits are merged in the kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
+    grid (docs/benchmarks.md: on the H200 it beat tiles of 16 or 64, 8 warps and 4 to 6 stages at batch 16 and 64).
     """
     block_h = 16 if num_heads <= 16 else 32
     head_blocks = -(-num_heads // block_h)
