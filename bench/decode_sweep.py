@@ -78,14 +78,13 @@ def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) ->
                                                       c["v_head_dim"])[0].float()
     nbytes = B * L * c["cache"].shape[-1] * c["cache"].element_size()
     rows = []
-    grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge,
-                             args.dv_chunk)
-    for splits, block_n, block_h, warps, stages, fused, dv_chunk in grid:
+    grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge)
+    for splits, block_n, block_h, warps, stages, fused in grid:
         if fused == 2:  # the rule's own choice: fused where the kernel can merge
             fused = 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS
         if splits > -(-L // block_n) or (fused and not 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS):
             continue
-        plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h, dv_chunk)
+        plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h)
 
         def run():
             return paged_mla_decode.paged_mla_decode_kernel(c["q"], c["cache"], c["block_table"], c["lens"],
@@ -145,7 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 64 128 (mla)")
     p.add_argument("--block-n", type=int, nargs="+", default=None, help="default: 32 64 128 (gqa), 16 32 64 (mla)")
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
-    p.add_argument("--dv-chunk", type=int, nargs="+", default=[0, 64], help="mla: value columns per matrix product")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
     p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1, 2],

@@ -69,20 +69,18 @@ def test_kernels_compile_for_hopper():
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_PAD": max(16, group),
                  "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision},
                 floats=("scale_log2",))
-        for fused, block_h, block_n, warps, ids, chunk in ((False, 16, 32, 4, 64, 64), (True, 16, 16, 4, 0, 0),
-                                                           (False, 32, 32, 8, 1024, 0)):
+        for fused, block_h, block_n, warps, ids in ((False, 16, 32, 4, 64), (True, 16, 16, 4, 0),
+                                                    (False, 32, 32, 8, 1024)):
             compiled = _compile_for_hopper(
                 paged_mla_decode._mla_split_kernel,
                 {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
                  "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}", "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512, "DV_PAD": 512, "DPE": 64,
-                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids,
-                 "CHUNK": chunk},
+                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids},
                 floats=("scale_log2",), num_warps=warps, num_stages=4,
                 aligned=("stride_qb", "stride_qh", "stride_cn", "stride_ct", "stride_btb"))
             if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
-                tile = f"{512 // chunk}x{block_n}x{chunk}" if chunk else f"{block_n}x512"
-                assert f"memdesc<3x{tile}x{dtype.replace('fp', 'f')}" in compiled.asm["ttgir"], "MLA loop not pipelined"
+                assert f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}" in compiled.asm["ttgir"], "MLA tile loop not pipelined"
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})

@@ -32,7 +32,6 @@ _MAX_SPLITS = 128  # the merge kernel walks any number; the fused merge up to _M
 _MIN_SPLIT_TOKENS = 256  # a split's float32 partial (H·v_head_dim·4 bytes, written and read) stays small next to
 # the latent rows it reads (tokens·576·2 bytes): at 256 tokens and 16 heads about a tenth
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
-_DV_CHUNK = 64  # choose_mla_plan's value chunk: 8 chains of 4 matrix steps per score tile at kv_lora_rank 512
 _MAX_ID_TILES = 1024  # block ids a split program holds in registers (8 per thread at 4 warps)
 
 
@@ -41,14 +40,12 @@ class MLADecodePlan(DecodePlan):
     """How the MLA split kernel is launched: ``DecodePlan``'s fields (``num_splits`` programs per sequence and head
     block, tiles of ``block_n`` tokens, ``num_warps``, ``num_stages``, ``fused_merge``) plus ``block_h``, the query
     heads one program takes (all of a sequence's heads when they fit: each latent row is then read once per
-    split), and ``dv_chunk``: value columns per independent matrix product (0: the whole row in one; a chunk width
-    that does not divide ``v_head_dim`` also means 0). ``num_stages`` defaults to 3: two latent tiles buffered, one in flight while the other is computed, in
+    split). ``num_stages`` defaults to 3: two latent tiles buffered, one in flight while the other is computed, in
     93 KB of shared memory, so two programs share a multiprocessor (4 stages: one program, slower)."""
 
     block_n: int = 32
     num_stages: int = 3
     block_h: int = 16
-    dv_chunk: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,10 +53,6 @@ class MLADecodePlan(DecodePlan):
                 or self.block_h & (self.block_h - 1)):
             raise ValueError(f"MLADecodePlan(block_h={self.block_h!r}) is not valid: use a power of two from 16, "
                              f"e.g. 16")
-        if (not isinstance(self.dv_chunk, int) or isinstance(self.dv_chunk, bool)
-                or (self.dv_chunk and (self.dv_chunk < 16 or self.dv_chunk & (self.dv_chunk - 1)))):
-            raise ValueError(f"MLADecodePlan(dv_chunk={self.dv_chunk!r}) is not valid: use 0 (whole rows) or a power "
-                             f"of two from 16, e.g. 64")
 
 
 def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 132) -> MLADecodePlan:
@@ -68,7 +61,7 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
 
     Heads in blocks of 16 (4 warps) up to 16 heads, else of 32 (8 warps): ptxas fits those tiles (a [block_h, 512]
     float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Tiles of
-    32 rows, 3 stages, value columns in chunks of ``_DV_CHUNK``; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
+    32 rows, 3 stages; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
     allows), each of at least ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
     splits are merged in the kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
     grid (docs/benchmarks.md: on the H200 it beat tiles of 16 or 64, 8 warps and 4 to 6 stages at batch 16 and 64).
@@ -78,7 +71,7 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     want = max(1, round(2 * num_sms / max(1, batch * head_blocks)))
     splits = min(want, max(1, -(-max_tokens // _MIN_SPLIT_TOKENS)), _MAX_SPLITS)
     return MLADecodePlan(num_splits=splits, block_h=block_h, num_warps=4 if block_h <= 16 else 8,
-                         fused_merge=1 < splits <= _MAX_FUSED_SPLITS, dv_chunk=_DV_CHUNK)
+                         fused_merge=1 < splits <= _MAX_FUSED_SPLITS)
 
 
 def kernel_supports(q: Tensor, latent_cache: Tensor, v_head_dim: int) -> bool:
@@ -244,7 +237,6 @@ def paged_mla_decode_kernel(
         DV=v_head_dim, DV_PAD=max(16, triton.next_power_of_2(v_head_dim)),
         DPE=pe, DPE_PAD=max(16, triton.next_power_of_2(max(pe, 1))), HAS_PE=pe > 0, BLOCK_N=plan.block_n,
         ID_TILES=_id_tiles(plan, bs, block_table.shape[1] * bs),
-        CHUNK=plan.dv_chunk if plan.dv_chunk and v_head_dim % plan.dv_chunk == 0 else 0,
         # float32 caches (tests) must not silently drop to tf32 in the matrix units
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -278,7 +270,7 @@ if triton is not None:
         num_heads, scale_log2, num_splits,
         FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, DPE: tl.constexpr, DPE_PAD: tl.constexpr, HAS_PE: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr,
     ):
         hb = tl.program_id(0)  # fastest-varying: a (sequence, split)'s head blocks run together and share L2
         b = tl.program_id(1)
@@ -294,14 +286,7 @@ if triton is not None:
         dv = tl.arange(0, DV_PAD)
         dv_ok = dv < DV
         q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
-        if CHUNK > 0:
-            # value columns as [DV // CHUNK, ., CHUNK] (DV a multiple of CHUNK): batched dots, one accumulator per
-            # chunk, so the score's reduction over 512 columns is DV // CHUNK short chains of matrix ops, not one
-            # long one (what bounds a 16-head tile's dot)
-            col3 = (tl.arange(0, DV // CHUNK)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :])
-            q_nope = tl.load(q_row[None, :, :] + col3, mask=h_ok[None, :, None], other=0.0)
-        else:
-            q_nope = tl.load(q_row + dv[None, :], mask=h_ok[:, None] & dv_ok[None, :], other=0.0)
+        q_nope = tl.load(q_row + dv[None, :], mask=h_ok[:, None] & dv_ok[None, :], other=0.0)
         if HAS_PE:
             dp = tl.arange(0, DPE_PAD)
             dp_ok = dp < DPE
@@ -309,10 +294,7 @@ if triton is not None:
 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
-        if CHUNK > 0:
-            acc = tl.zeros([DV // CHUNK, BLOCK_H, CHUNK], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
         bt_row = bt_ptr + b * stride_btb
         if ID_TILES > 0:
             # This split's block ids, one per tile (a tile lies in one block), read once: the tile loop then holds no
@@ -331,12 +313,8 @@ if triton is not None:
                 blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
             row = c_ptr + blk * stride_cn + (t % BLOCK_SIZE) * stride_ct  # [BLOCK_N] pointers to latent rows
             # the value columns: keys' first part and, unchanged, the values
-            if CHUNK > 0:
-                kv = tl.load(row[None, :, None] + col3, mask=t_ok[None, :, None], other=0.0)  # [C, BLOCK_N, CHUNK]
-                s = tl.sum(tl.dot(q_nope, tl.permute(kv, (0, 2, 1)), input_precision=DOT_PRECISION), 0)
-            else:
-                kv = tl.load(row[:, None] + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
-                s = tl.dot(q_nope, tl.trans(kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+            kv = tl.load(row[:, None] + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+            s = tl.dot(q_nope, tl.trans(kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
             if HAS_PE:
                 k_pe = tl.load(row[:, None] + DV + dp[None, :], mask=t_ok[:, None] & dp_ok[None, :], other=0.0)
                 s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
@@ -345,23 +323,16 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if CHUNK > 0:
-                p3 = tl.broadcast_to(p.to(kv.dtype)[None, :, :], (DV // CHUNK, BLOCK_H, BLOCK_N))
-                acc = acc * alpha[None, :, None] + tl.dot(p3, kv, input_precision=DOT_PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=DOT_PRECISION)
             m_i = m_new
 
         has = l_i > 0
         l_safe = tl.where(has, l_i, 1.0)
+        res = acc / l_safe[:, None]
         res_lse = tl.where(has, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
         o_mask = h_ok[:, None] & dv_ok[None, :]
-        o_row = out_ptr + b * stride_ob + h[:, None] * stride_oh + split * stride_os
-        if CHUNK > 0:
-            tl.store(o_row[None, :, :] + col3, (acc / l_safe[None, :, None]).to(out_ptr.dtype.element_ty),
-                     mask=h_ok[None, :, None])
-        else:
-            tl.store(o_row + dv[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + split * stride_os + dv[None, :],
+                 res.to(out_ptr.dtype.element_ty), mask=o_mask)
         tl.store(lse_ptr + b * stride_lb + h * stride_lh + split * stride_ls, res_lse, mask=h_ok)
 
         if FUSED_MERGE:
