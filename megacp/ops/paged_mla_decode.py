@@ -200,7 +200,9 @@ def paged_mla_decode_kernel(
     One program per (head block, sequence, split): it loads its heads' latent queries once, walks its share of the
     sequence in tiles of ``block_n`` latent rows looked up through the block table, scores each tile against the
     whole row (the ``v_head_dim`` value columns and the rope columns as two matrix products, no padding to a power of
-    two of D) and accumulates the value columns of the same tile, online softmax in base 2. ``plan`` overrides
+    two of D) and accumulates the value columns of the same tile, online softmax in base 2. Each tile is loaded once
+    into shared memory for both products; where a tile lies in one block the split's block ids are read before the
+    loop (``_id_tiles``) so that Triton's pipeliner keeps ``num_stages - 1`` tiles buffered. ``plan`` overrides
     ``choose_mla_plan`` (sized by the block table's capacity, so a CUDA graph and eager calls launch the same grid).
     """
     B, H, D = q.shape
