@@ -80,6 +80,8 @@ def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) ->
     rows = []
     grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge)
     for splits, block_n, block_h, warps, stages, fused in grid:
+        if fused == 2:  # the rule's own choice: fused where the kernel can merge
+            fused = 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS
         if splits > -(-L // block_n) or (fused and not 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS):
             continue
         plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h)
@@ -117,18 +119,21 @@ def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) ->
 def _main_mla(args: argparse.Namespace) -> dict:
     copy_bps = copy_bandwidth()
     results = []
+    summary = {"benchmark": "decode_sweep_mla", "env": environment(), "copy_bandwidth_bytes_per_s": copy_bps,
+               "shape": {"heads": args.mla_heads, "kv_lora_rank": args.kv_lora_rank, "rope": args.rope_dim,
+                         "block_size": args.mla_block_size, "dtype": "bfloat16"},
+               "plan_fields": list(paged_mla_decode.MLADecodePlan(1).__dict__), "results": results}
     for case in args.cases or MLA_CASES:
         B, L = (int(x) for x in case.split("x"))
         r = sweep_mla_case(B, L, args, copy_bps)
         results.append(r)
+        if args.json_out:  # after every case: a run cut short keeps what it measured
+            _write(summary, args.json_out)
         top = sorted((x for x in r["plans"] if "us" in x), key=lambda x: x["us"])[:4]
         print(f"B={B:3d} L={L:6d} chosen {tuple(r['chosen'].values())} {r['chosen_us']:.1f}us vs_copy "
               f"{r['chosen_vs_copy']:.3f} (best/chosen {r['chosen_vs_best']:.3f}) | best: "
               + "; ".join(f"{tuple(x['plan'].values())} {x['us']:.1f}us {x['vs_copy']:.3f}" for x in top), flush=True)
-    return {"benchmark": "decode_sweep_mla", "env": environment(), "copy_bandwidth_bytes_per_s": copy_bps,
-            "shape": {"heads": args.mla_heads, "kv_lora_rank": args.kv_lora_rank, "rope": args.rope_dim,
-                      "block_size": args.mla_block_size, "dtype": "bfloat16"},
-            "plan_fields": list(paged_mla_decode.MLADecodePlan(1).__dict__), "results": results}
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
-    p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1, 2],
+                   help="0 merge kernel, 1 fused merge, 2 (mla) fused wherever the kernel can merge")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)

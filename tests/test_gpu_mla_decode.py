@@ -22,7 +22,8 @@ SCALE = 192 ** -0.5  # DeepSeek-V2's qk_head_dim (nope 128 + rope 64)
 # Plans beyond the chosen one: one split, uneven, fused (two sizes), 32-head blocks, other tiles/warps/stages.
 PLANS = [mla.MLADecodePlan(1), mla.MLADecodePlan(5, block_n=16), mla.MLADecodePlan(3, fused_merge=True),
          mla.MLADecodePlan(8, block_n=16, fused_merge=True), mla.MLADecodePlan(24, block_h=32, num_warps=8),
-         mla.MLADecodePlan(12, block_n=64, num_warps=8, num_stages=1)]
+         mla.MLADecodePlan(12, block_n=64, num_warps=8, num_stages=1), mla.MLADecodePlan(2, num_stages=4),
+         mla.MLADecodePlan(7, block_n=16, num_warps=2, num_stages=5, fused_merge=False)]
 
 
 def _run_ranks(case: dict, plan=None, dtype=None) -> tuple[list, list]:

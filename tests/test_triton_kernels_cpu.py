@@ -30,9 +30,10 @@ def test_kernels_match_pytorch_under_the_triton_interpreter():
 
 
 def _compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                        num_warps: int = 4, num_stages: int = 2):
+                        num_warps: int = 4, num_stages: int = 2, aligned: tuple[str, ...] = ()):
     """Compile ``kernel`` to an sm_90 cubin: pointer args typed by ``pointers``, ``floats`` as fp32, other
-    non-constexpr args as i32 (how Triton specialises small strides and sizes)."""
+    non-constexpr args as i32 (how Triton specialises small strides and sizes); ``aligned`` args (and, with them,
+    every pointer) are known multiples of 16, as Triton specialises them at launch for torch's tensors."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -44,11 +45,14 @@ def _compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floa
             signature[p.name] = pointers[p.name]
         else:
             signature[p.name] = "fp32" if p.name in floats else "i32"
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+             if aligned and (p.name in aligned or p.name.endswith("_ptr"))}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               # fp fusion on: the default of the Triton the GPU runs use (3.9 warns when unset)
                               options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
     assert compiled.asm.get("cubin"), f"{kernel.__name__}: no cubin"
+    return compiled
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels cannot be compiled")
@@ -65,14 +69,18 @@ def test_kernels_compile_for_hopper():
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_PAD": max(16, group),
                  "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision},
                 floats=("scale_log2",))
-        for fused, block_h, block_n, warps in ((False, 16, 32, 4), (True, 16, 16, 4), (False, 32, 32, 8)):
-            _compile_for_hopper(
+        for fused, block_h, block_n, warps, ids in ((False, 16, 32, 4, 64), (True, 16, 16, 4, 0),
+                                                    (False, 32, 32, 8, 1024)):
+            compiled = _compile_for_hopper(
                 paged_mla_decode._mla_split_kernel,
                 {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
                  "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}", "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512, "DV_PAD": 512, "DPE": 64,
-                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision},
-                floats=("scale_log2",), num_warps=warps)
+                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids},
+                floats=("scale_log2",), num_warps=warps, num_stages=4,
+                aligned=("stride_qb", "stride_qh", "stride_cn", "stride_ct", "stride_btb"))
+            if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
+                assert f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}" in compiled.asm["ttgir"], "MLA tile loop not pipelined"
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})

@@ -80,14 +80,16 @@ def mla_plans() -> list:
 
 
 def check_paged_mla_decode(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                           plans: list | None = None, heads: int = 3) -> None:
+                           plans: list | None = None, heads: int = 3, block_size: int = 4,
+                           seq_lens: tuple[int, ...] = (0, 2, 19, 45)) -> None:
     """The MLA kernel, for every plan, equals the PyTorch path on each CP rank's shard (world 2, interleave 2: an
     empty shard, lengths off every multiple; NaN in every unwritten slot), the merged ranks equal float64 attention
     of the unsharded sequences (half dtypes: error within 2x a bf16-rounding reference's; the interpreter's bf16
     ``tl.dot`` is wrong in triton 3.9, so the CPU tier runs float32 and the GPU test both), and a strided packed
-    ``out=``/``lse=`` receives the same numbers."""
-    case = sharded_case([0, 2, 19, 45], heads=heads, kv_lora_rank=24, rope=8, block_size=4, world=2, interleave=2,
-                        dtype=dtype, device=device)
+    ``out=``/``lse=`` receives the same numbers. ``block_size`` a multiple of a plan's ``block_n``: the kernel reads
+    each split's block ids before its tile loop (``_id_tiles``), else in it."""
+    case = sharded_case(list(seq_lens), heads=heads, kv_lora_rank=24, rope=8, block_size=block_size, world=2,
+                        interleave=2, dtype=dtype, device=device)
     q, dv, scale = case["q"], case["v_head_dim"], 0.13
     want_out, want_lse = dense_reference(q, case["rows"], scale, dv)
     refs = [paged_mla_decode.paged_mla_decode_reference(q, r["cache"], r["block_table"], r["lens"], scale, dv)
@@ -327,6 +329,10 @@ def main() -> None:
     check_paged_decode()
     check_paged_mla_decode()
     check_paged_mla_decode(heads=20, plans=mla_plans()[3:5])  # two head blocks of 16
+    P = paged_mla_decode.MLADecodePlan  # block ids read up front (block_n 16 | 16), 32 still in the loop
+    check_paged_mla_decode(block_size=16, seq_lens=(0, 2, 37, 150), plans=[
+        P(1, block_n=16, num_stages=4), P(3, block_n=16, num_stages=3), P(3, block_n=16, fused_merge=True),
+        P(2, block_n=32)])
     check_merge_partials()
     check_cp_merge_gathered(dtype=torch.float32)
     check_cp_merge_gathered(dtype=torch.bfloat16)

@@ -32,6 +32,7 @@ _MAX_SPLITS = 128  # the merge kernel walks any number; the fused merge up to _M
 _MIN_SPLIT_TOKENS = 256  # a split's float32 partial (H·v_head_dim·4 bytes, written and read) stays small next to
 # the latent rows it reads (tokens·576·2 bytes): at 256 tokens and 16 heads about a tenth
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
+_MAX_ID_TILES = 1024  # block ids a split program holds in registers (8 per thread at 4 warps)
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class MLADecodePlan(DecodePlan):
     """How the MLA split kernel is launched: ``DecodePlan``'s fields (``num_splits`` programs per sequence and head
     block, tiles of ``block_n`` tokens, ``num_warps``, ``num_stages``, ``fused_merge``) plus ``block_h``, the query
     heads one program takes (all of a sequence's heads when they fit: each latent row is then read once per
-    split)."""
+    split). ``num_stages`` defaults to 3: two latent tiles buffered, one in flight while the other is computed, in
+    93 KB of shared memory, so two programs share a multiprocessor (4 stages: one program, slower)."""
 
     block_n: int = 32
+    num_stages: int = 3
     block_h: int = 16
 
     def __post_init__(self) -> None:
@@ -57,10 +60,11 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     local tokens (an upper bound such as the block table's capacity: no device read).
 
     Heads in blocks of 16 (4 warps) up to 16 heads, else of 32 (8 warps): ptxas fits those tiles (a [block_h, 512]
-    float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Splits aim
-    at two programs per multiprocessor (what the registers of a 4-warp program allow), each of at least
-    ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS`` splits are merged in the
-    kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a grid.
+    float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Tiles of
+    32 rows, 3 stages; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
+    allows), each of at least ``_MIN_SPLIT_TOKENS`` tokens, at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
+    splits are merged in the kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
+    grid (docs/benchmarks.md: on the H200 it beat tiles of 16 or 64, 8 warps and 4 to 6 stages at batch 16 and 64).
     """
     block_h = 16 if num_heads <= 16 else 32
     head_blocks = -(-num_heads // block_h)
@@ -196,7 +200,9 @@ def paged_mla_decode_kernel(
     One program per (head block, sequence, split): it loads its heads' latent queries once, walks its share of the
     sequence in tiles of ``block_n`` latent rows looked up through the block table, scores each tile against the
     whole row (the ``v_head_dim`` value columns and the rope columns as two matrix products, no padding to a power of
-    two of D) and accumulates the value columns of the same tile, online softmax in base 2. ``plan`` overrides
+    two of D) and accumulates the value columns of the same tile, online softmax in base 2. Each tile is loaded once
+    into shared memory for both products; where a tile lies in one block the split's block ids are read before the
+    loop (``_id_tiles``) so that Triton's pipeliner keeps ``num_stages - 1`` tiles buffered. ``plan`` overrides
     ``choose_mla_plan`` (sized by the block table's capacity, so a CUDA graph and eager calls launch the same grid).
     """
     B, H, D = q.shape
@@ -232,6 +238,7 @@ def paged_mla_decode_kernel(
         FUSED_MERGE=fused, BLOCK_SIZE=bs, BLOCK_H=plan.block_h,
         DV=v_head_dim, DV_PAD=max(16, triton.next_power_of_2(v_head_dim)),
         DPE=pe, DPE_PAD=max(16, triton.next_power_of_2(max(pe, 1))), HAS_PE=pe > 0, BLOCK_N=plan.block_n,
+        ID_TILES=_id_tiles(plan, bs, block_table.shape[1] * bs),
         # float32 caches (tests) must not silently drop to tf32 in the matrix units
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -239,6 +246,19 @@ def paged_mla_decode_kernel(
     if splits > 1 and not fused:  # [B, H, S, Dv] partials, merged as [S, B, H, Dv] strided views
         merge_partials(out_part.permute(2, 0, 1, 3), lse_part.permute(2, 0, 1), out, lse)
     return out, lse
+
+
+def _id_tiles(plan: MLADecodePlan, block_size: int, capacity: int) -> int:
+    """How many block ids a split program reads up front (64, 256 or 1024, at least its tiles: the block table's
+    ``capacity`` bounds every length; few sizes, few compiled variants), or 0: it looks each tile's ids up in its
+    loop. Up front only where a tile lies in one block (``block_n`` divides ``block_size``)."""
+    tiles = -(-(-(-capacity // plan.block_n)) // plan.num_splits)
+    if block_size % plan.block_n or tiles > _MAX_ID_TILES:
+        return 0
+    n = 64
+    while n < tiles:
+        n *= 4
+    return n
 
 
 if triton is not None:
@@ -252,7 +272,7 @@ if triton is not None:
         num_heads, scale_log2, num_splits,
         FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, DPE: tl.constexpr, DPE_PAD: tl.constexpr, HAS_PE: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr,
     ):
         hb = tl.program_id(0)  # fastest-varying: a (sequence, split)'s head blocks run together and share L2
         b = tl.program_id(1)
@@ -278,11 +298,21 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
         bt_row = bt_ptr + b * stride_btb
+        if ID_TILES > 0:
+            # This split's block ids, one per tile (a tile lies in one block), read once: the tile loop then holds no
+            # load that its addresses depend on, so Triton's pipeliner keeps num_stages - 1 tiles in flight (with a
+            # block-table load in the loop the chain takes the stages: one tile in flight up to num_stages 4).
+            tile = tl.arange(0, ID_TILES)
+            tile_ids = tl.load(bt_row + (start + tile * BLOCK_N) // BLOCK_SIZE, mask=start + tile * BLOCK_N < end,
+                               other=0)
         # Every tile starts below ``end``, so it holds at least one real token and m_i is finite after it.
         for t0 in range(start, end, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
             t_ok = t < end
-            blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+            if ID_TILES > 0:
+                blk = tl.sum(tl.where(tile == (t0 - start) // BLOCK_N, tile_ids, 0), 0).to(tl.int64)
+            else:
+                blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
             row = c_ptr + blk * stride_cn + (t % BLOCK_SIZE) * stride_ct  # [BLOCK_N] pointers to latent rows
             # the value columns: keys' first part and, unchanged, the values
             kv = tl.load(row[:, None] + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
