@@ -509,9 +509,9 @@ def test_merge_dtype_and_fp32_compute():
 
 def test_paged_read_checks_block_ids_and_lengths_on_cpu():
     """A block id outside the cache or a length past its block-table row is a ValueError naming the entry (on CPU
-    the check is free), on the gather and the masked (no ``seq_lens_host``) paths (the masked path reads whole rows,
-    so entries past a length are checked too). Before: a raw IndexError, and a silent attention over the row's slots
-    only."""
+    the check is free), on the gather and the masked (no ``seq_lens_host``) paths. Entries past a sequence's blocks
+    are padding: ``-1`` there gives exactly the 0-padded result on both paths. Before: a raw IndexError, and a silent
+    attention over the row's slots only."""
     from megacp.kv import PagedKVCache
 
     g = torch.Generator().manual_seed(5)
@@ -519,8 +519,11 @@ def test_paged_read_checks_block_ids_and_lengths_on_cpu():
     q = torch.randn(2, 2, D, generator=g)
     lens = torch.tensor([3, 1])
     fine = torch.tensor([[1, 2], [3, 0]])  # row 1 reaches only its first block; 0 pads it (as BlockTable does)
-    paged_attention_with_lse(q, k_cache, v_cache, fine, lens, 0.5, backend="torch")
     for host in (None, lens.tolist()):
+        ref = paged_attention_with_lse(q, k_cache, v_cache, fine, lens, 0.5, backend="torch", seq_lens_host=host)
+        padded = paged_attention_with_lse(q, k_cache, v_cache, torch.tensor([[1, 2], [3, -1]]), lens, 0.5,
+                                          backend="torch", seq_lens_host=host)
+        assert torch.equal(ref[0], padded[0]) and torch.equal(ref[1], padded[1])
         with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 4 is not a block of the cache \(0 to 3\)"):
             paged_attention_with_lse(q, k_cache, v_cache, torch.tensor([[1, 4], [0, 0]]), lens, 0.5,
                                      backend="torch", seq_lens_host=host)

@@ -243,10 +243,11 @@ def paged_attention_with_lse(
     given together, receive the result and are returned: a caller lays out the partial for its collective this way
     (DCP decode writes into the packed buffer of ``cp_merge_packed``) with no extra copy. They take results only
     without autograd (views of one buffer cannot be written differentiably): with gradients, leave them out.
-    Every entry of ``block_table`` must be a block of the cache (entries past a sequence's length too: the masked
-    path reads whole rows; ``BlockTable`` pads rows with 0) and no length may exceed its row's
-    ``max_blocks·block_size``: checked on CPU (ValueError; free there), on CUDA only with ``MEGACP_DEBUG_CHECKS=1``
-    (a sync), else the caller's contract (``KVSession`` and the engine build them from their own allocator).
+    The entries of ``block_table`` that hold a sequence's tokens (the first ``ceil(seq_len / block_size)`` of its
+    row) must be blocks of the cache; entries past them are padding and may hold anything (``-1`` included: no
+    path reads through them). No length may exceed its row's ``max_blocks·block_size``: checked on CPU
+    (ValueError; free there), on CUDA only with ``MEGACP_DEBUG_CHECKS=1`` (a sync), else the caller's contract
+    (``KVSession`` and the engine build them from their own allocator).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -284,7 +285,9 @@ def _check_paged_read(block_table: Tensor, seq_lens: Tensor, num_blocks: int, bl
             f"{block_table.shape[1]} blocks of {block_size} (0 to {capacity} tokens); widen the block table"
         )
     rows = block_table.long().cpu()
-    bad = (rows < 0) | (rows >= num_blocks)
+    used = torch.arange(rows.shape[1]).unsqueeze(0) < (lens.clamp(min=0) + block_size - 1).div(
+        block_size, rounding_mode="floor").unsqueeze(1)  # [B, M]: entries that hold tokens
+    bad = ((rows < 0) | (rows >= num_blocks)) & used
     if bool(bad.any()):
         b, j = (int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(
@@ -363,7 +366,8 @@ def _paged_masked(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     """
     B, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    rows = block_table.to(device=q.device, dtype=torch.long)
+    # Entries past a sequence's blocks are padding (e.g. -1): clamp them to a real block, whose slots are masked.
+    rows = block_table.to(device=q.device, dtype=torch.long).clamp(0, k_cache.shape[0] - 1)
     k = k_cache[rows].reshape(B, -1, Hkv, D).repeat_interleave(Hq // Hkv, dim=2).float()  # [B, M·bs, Hq, D]
     v = v_cache[rows].reshape(B, -1, Hkv, D).repeat_interleave(Hq // Hkv, dim=2).float()
     scores = torch.einsum("bhd,bkhd->bhk", q.float(), k) * scale
