@@ -551,12 +551,12 @@ def _main(argv: list[str] | None, progress: dict[str, Any]) -> dict[str, Any] | 
     except ValueError as e:
         _fail(ValueError(cli_message(str(e))), owns_process_group, 2)
     except ps.CollectiveError as e:
-        _fail(e, owns_process_group, 1)
+        _fail(e, owns_process_group, 1, peer_failed=True)
     except dist.DistError as e:  # outside megacp's groups: process-group set-up, the rendezvous store
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _fail(RuntimeError(f"torch.distributed failed ({first_line}); a peer rank died or did not join within "
                            f"--dist-timeout {args.dist_timeout:g} s: check the other ranks' errors, or raise "
-                           f"--dist-timeout"), owns_process_group, 1)
+                           f"--dist-timeout"), owns_process_group, 1, peer_failed=True)
     _teardown(owns_process_group)
     if result is not None:
         if args.json_out:
@@ -574,10 +574,21 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=1)
 
 
-def _fail(e: BaseException, owns_process_group: bool, code: int) -> NoReturn:
+def _fail(e: BaseException, owns_process_group: bool, code: int, peer_failed: bool = False) -> NoReturn:
+    """Report ``e`` as this rank's one line and exit with ``code`` (``SystemExit``, or see ``peer_failed``)."""
     _, rank = _world()
     _ignore_interrupts()  # this rank's line is its error; a signal now (torchrun stopping it) adds no second one
     _report(f"[rank {rank}] error: {e}")
+    if peer_failed and owns_process_group:
+        # A peer died or timed out. gloo's worker thread still holds the failed collective's work and frees its
+        # tensors a moment later, which takes the GIL; once Python is finalizing, taking the GIL ends the thread
+        # (pthread_exit) inside a noexcept destructor: std::terminate, SIGABRT ("terminate called without an
+        # active exception"), after the line above. The process is ours alone (main made its process group) and
+        # the line is out: leave without finalizing, as an interrupted rank does (no teardown: a group's
+        # destruction may wait for the dead peer).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     _teardown(owns_process_group)
     sys.exit(code)
 

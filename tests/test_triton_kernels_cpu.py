@@ -80,7 +80,8 @@ def test_kernels_compile_for_hopper():
                 floats=("scale_log2",), num_warps=warps, num_stages=4,
                 aligned=("stride_qb", "stride_qh", "stride_cn", "stride_ct", "stride_btb"))
             if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
-                assert f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}" in compiled.asm["ttgir"], "MLA tile loop not pipelined"
+                buffer = f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}"
+                assert buffer in compiled.asm["ttgir"], "MLA tile loop not pipelined"
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})

@@ -111,8 +111,9 @@ def cp_local_positions(
 
     -> [cp_local_seq_len] long, increasing. Entry ``j`` is the position of local index ``j``, so a local K/V shard
     read in local order (at ``local_slots(row, arange(n), B)``, as the context attention does) lines up with them
-    (e.g. to build a causal mask of new queries against the cached local context). The inverse of ``cp_local_index`` on this rank's tokens; the block size
-    cancels out, since local indices run densely through each block.
+    (e.g. to build a causal mask of new queries against the cached local context). The inverse of
+    ``cp_local_index`` on this rank's tokens; the block size cancels out, since local indices run densely through
+    each block.
     """
     if seq_len < 0:
         raise ValueError(f"seq_len={seq_len} must be >= 0")

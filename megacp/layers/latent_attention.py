@@ -13,7 +13,8 @@ latent rows themselves, one shared "KV head" of width D whose values are the fir
   CP group's partials in latent space (D = r: exact, since ``W_UV`` is linear), then ``W_UV``.
 - ``_prefill_pcp`` (not absorbed): the latent rows, not the expanded K/V, are all-gathered over PCP (D numbers a
   token instead of ``H·(qk_head_dim + v_head_dim)``), restored to sequence order, the owned ones written, then
-  up-projected and attended causally chunk by chunk as for GQA; ``qk_head_dim`` may differ from ``v_head_dim``.
+  up-projected and attended causally as for GQA (one varlen call, each chunk's keys a prefix of the new tokens'
+  by ``seqused_k``); ``qk_head_dim`` may differ from ``v_head_dim``.
 - ``_prefill_over_context``: the new tokens attend to the request's cached context, sharded over the CP group,
   by whichever of two ways moves fewer bytes (``context_transfer``; both give the same result):
   pass-Q (absorbed): the latent queries are all-gathered over the CP group, attend to each rank's local context

@@ -305,8 +305,9 @@ def te_unavailable_reason() -> str:
 class _TECall:
     """TE's fused attention over one packed THD batch, forward and backward (an ``attention_grad.AttentionKernel``).
 
-    The call is the one of the module docstring (``o_format="thd"`` always, both padded cu_seqlens); the backward passes the forward's output, its aux tensors (softmax stats, RNG state) and the same
-    layout and mask arguments, with dO in the THD layout too.
+    The call is the one of the module docstring (``o_format="thd"`` always, both padded cu_seqlens); the backward
+    passes the forward's output, its aux tensors (softmax stats, RNG state) and the same layout and mask arguments,
+    with dO in the THD layout too.
     """
 
     def __init__(self, te: tuple, cu_q: list[int], cu_k: list[int], dev_cu, causal: bool, scale: float) -> None:
