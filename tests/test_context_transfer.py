@@ -125,3 +125,25 @@ def test_unknown_context_transfer_is_rejected_naming_the_choices():
 
     with pytest.raises(ValueError, match=r"context_transfer='ring'.*'auto', 'pass_q', 'pass_kv'"):
         ContextParallelAttention(4, 2, HEAD_DIM, 0.5, context_transfer="ring")
+
+
+def test_context_prefill_bench_runs_on_cpu(tmp_path):
+    """bench/context_prefill.py's smoke run (2 gloo ranks, tiny shapes): both rows, every way timed, auto's verdict."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "context_prefill.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "bench/context_prefill.py", "--device", "cpu", "--tiny", "--dtype", "float32", "--reps", "1",
+                    "--json-out", str(out)], cwd=root, env=env, check=True, timeout=120, capture_output=True)
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["rows"]] == ["256 context + 8 new", "64 chunks over 256"]
+    assert [len(r["chunks"]) for r in result["rows"]] == [1, 3]
+    for chunk in (c for r in result["rows"] for c in r["chunks"]):
+        assert set(chunk["ms"]) == {"pass_q", "pass_kv", "auto"} and min(chunk["ms"].values()) > 0
+        ratio = chunk["bytes"]["pass_kv"] / chunk["bytes"]["pass_q"]
+        assert chunk["auto_way"] == ("pass_kv" if ratio < result["crossover"] else "pass_q")

@@ -105,10 +105,10 @@ class ContextMetadata:
     non-causal call against each request's local context shard, read from the cache at ``kv_slots``.
     ``real_index``/``real_rows``: the entries of ``rows`` that are real tokens, and those rows.
 
-    The pass-KV alternative (``megacp.layers.context_transfer`` says when): every rank's local context rows (``kv_slots``,
-    zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them in sequence
-    order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to its whole
-    context (offsets ``cu_seqlens_ctx``) locally, with no merge.
+    The pass-KV alternative (``megacp.layers.context_transfer`` says when): every rank's local context rows
+    (``kv_slots``, zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them
+    in sequence order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to
+    its whole context (offsets ``cu_seqlens_ctx``) locally, with no merge.
     """
 
     num_rows: int
