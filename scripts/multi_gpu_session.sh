@@ -30,7 +30,10 @@ for step in $steps; do
            --dtype float32 --prompt "Hello, megacp" --max-new-tokens 16 --json-out "$OUT/cli.json" 2>&1 | tail -8 ;;
     bench) timeout ${BENCH_TIMEOUT:-480} torchrun --nproc-per-node "$NPROC" bench/multi_gpu.py ${BENCH_ARGS:-} \
              --json-out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.log" | tail -60 ;;
-    *) echo "unknown step $step (check, cli, bench)" ;;
+    context) timeout ${BENCH_TIMEOUT:-480} torchrun --nproc-per-node "$NPROC" bench/context_prefill.py \
+               --layouts ${CONTEXT_LAYOUTS:-1,$NPROC,1} --json-out "$OUT/context_prefill.json" 2>&1 \
+               | tee "$OUT/context_prefill.log" | grep " ms; " ;;
+    *) echo "unknown step $step (check, cli, bench, context)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"
 done

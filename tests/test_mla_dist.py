@@ -165,15 +165,15 @@ def test_mla_layer_matches_transformers_every_layout(dist_pool_4):
 
 
 def test_context_transfer_rule_counts_what_each_way_receives():
-    from megacp.layers.latent_attention import context_transfer_bytes
+    from megacp.layers.context_transfer import context_transfer_bytes
 
-    # DeepSeek-V3 at tp = dcp = 8: 16 local heads, D = 576, r = 512; a 512-token chunk.
-    moved = context_transfer_bytes(8, 512, 16, 512, 576, gather_pad=4096)
-    assert moved == {"pass_q": 7 * 512 * 16 * (576 + 512 + 8), "pass_kv": 7 * 4096 * 576}
+    # DeepSeek-V3 widths (r = 512, D = 576), 16 local heads, 8 CP ranks, 512 new rows, bfloat16
+    moved = context_transfer_bytes(512, 4096, 16, 576, 512, 576, 8, 2)
+    assert moved == {"pass_q": 7 * 512 * 16 * (576 * 2 + (8 + 512) * 4), "pass_kv": 7 * 4096 * 576 * 2}
     assert moved["pass_kv"] < moved["pass_q"]  # a short context: gather it
-    long_ctx = context_transfer_bytes(8, 512, 16, 512, 576, gather_pad=64 * 1024)
+    long_ctx = context_transfer_bytes(512, 64 * 1024, 16, 576, 512, 576, 8, 2)
     assert long_ctx["pass_kv"] > long_ctx["pass_q"]  # a long one: move the queries
-    assert context_transfer_bytes(1, 512, 16, 512, 576, 4096) == {"pass_q": 0, "pass_kv": 0}
+    assert context_transfer_bytes(512, 4096, 16, 576, 512, 576, 1, 2) == {"pass_q": 0, "pass_kv": 0}
 
 
 # ------------------------------------------------------------------------------------------------ gradients

@@ -12,11 +12,12 @@ each kind down its own path, with that path's metadata (``meta.decode``, ``meta.
   tokens it owns into its cache; each local chunk (head and tail of the DualChunkSwap split) attends causally,
   bottom-right aligned, to the request's new tokens up to the chunk's end.
 - ``_prefill_over_context``: prefill rows of requests with tokens already cached (chunked prefill, a follow-up turn).
-  Their queries also attend to the context, which lives sharded over the ``pcp·dcp`` ranks of the CP group. We pass
-  Q, not KV ("pass-Q", Meta's CP inference paper): the new chunk is usually much shorter than the cached context, so
-  moving the queries (``W·Tc`` rows) is cheaper than moving the context K/V, and the CP group's merge is exactly the
-  DCP decode merge with the group's ranks in place of heads. The partial result is then LSE-merged with the causal
-  attention over the new tokens from ``_prefill_pcp``.
+  Their queries also attend to the context, which lives sharded over the ``pcp·dcp`` ranks of the CP group, by
+  pass-Q (``_context_pass_q``: gather the queries, attend each shard, merge like DCP decode with the group's ranks in
+  place of heads) or pass-KV (``_context_pass_kv``: gather the context's K/V shards, attend locally, no merge);
+  ``context_transfer`` picks one, "auto" by the rule of ``megacp.layers.context_transfer`` (Meta's CP inference
+  paper), the same verdict on every CP rank. The partial result is then LSE-merged with the causal attention over
+  the new tokens from ``_prefill_pcp``.
 
 Conventions: q ``[T, Hq_local, D]``, k/v ``[T, Hkv_local, D]``; LSE natural log, float32, ``-inf`` for a row that sees
 no key (an empty local shard), so every merge is exact.
@@ -33,11 +34,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import LongTensor, Tensor, nn
 
 from megacp.config import debug_checks, kv_head_layout, validate_model_parallel
 from megacp.kv.paged_cache import PagedKVCache
+from megacp.layers.context_transfer import check_context_transfer, choose_context_transfer
 from megacp.layers.cp_metadata import AttentionMetadata, ContextMetadata, DecodeMetadata, PrefillMetadata
 from megacp.layers.pcp_split import pcp_chunk_size, pcp_restore_index, pcp_split_positions
 from megacp.ops.attention import AttentionBackend, attention_with_lse, paged_attention_with_lse, select_backend
@@ -72,7 +75,9 @@ class ContextParallelAttention(nn.Module):
     heads and ``max(1, num_kv_heads / tp)`` KV heads (``config.kv_head_layout``: replicated when
     ``tp > num_kv_heads``, DESIGN §3 GQA). Its TP/PCP/DCP/CP groups are those of ``parallel_context``
     (``resolve_parallel_context``: given, else the global one, else one rank); ``backend`` picks the attention
-    kernel (see ``megacp.ops.attention``). The layer has no parameters.
+    kernel (see ``megacp.ops.attention``). ``context_transfer``: how the prefill over cached context reaches the other
+    CP ranks' shards: ``"auto"`` (``choose_context_transfer``), ``"pass_q"`` or ``"pass_kv"``. The layer has no
+    parameters.
     """
 
     latent = False  # MLA's LatentAttention: one latent row per token, so only tp % dcp == 0 (DESIGN §3b)
@@ -85,8 +90,10 @@ class ContextParallelAttention(nn.Module):
         scale: float,
         backend: str | None = None,
         parallel_context: ParallelContext | None = None,
+        context_transfer: str = "auto",
     ) -> None:
         super().__init__()
+        self.context_transfer = check_context_transfer(context_transfer)
         ctx = self.parallel_context = resolve_parallel_context(parallel_context)
         self.pcp_group, self.dcp_group, self.cp_group = ctx.pcp, ctx.dcp, ctx.cp
         validate_model_parallel(num_heads, num_kv_heads, ctx.tp_size, ctx.dcp_size, mla=self.latent)
@@ -234,18 +241,38 @@ class ContextParallelAttention(nn.Module):
             seqused_k=meta.seqused_k,
         )
 
-    def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache
-                              ) -> tuple[Tensor, Tensor]:
-        """Attention of prefill rows to their requests' cached context, sharded over the CP group ("pass-Q").
+    def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: Any) -> tuple[Tensor, Tensor]:
+        """Attention of prefill rows to their requests' cached context, sharded over the CP group.
 
-        # q: [Tc, Hq_local, D] (meta.rows, padding included so Tc is equal on every CP rank)
-        # -> (out [Tc, Hq_local, D], lse [Tc, Hq_local] float32) over all context tokens of the request
-        Every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context precedes
-        the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
+        # q: [Tc, Hq_local, Dq] (meta.rows, padding included so Tc is equal on every CP rank)
+        # -> (out [Tc, Hq_local, out_dim], lse [Tc, Hq_local] float32) over all context tokens of the request
         """
-        W = self.cp_group.world_size
         if meta.kv_slots.device.type == "cpu" or debug_checks():  # free on CPU; a sync on CUDA
             kv_cache.check_slots(meta.kv_slots)
+        if self.context_way(meta, q.dtype) == "pass_kv":
+            return self._context_pass_kv(q, meta, kv_cache)
+        return self._context_pass_q(q, meta, kv_cache)
+
+    def context_way(self, meta: ContextMetadata, dtype: torch.dtype) -> str:
+        """``"pass_q"`` or ``"pass_kv"`` for this step's context rows: the override, else ``choose_context_transfer``
+        on host ints equal on every CP rank (so all ranks take the same collectives)."""
+        if self.context_transfer != "auto":
+            return self.context_transfer
+        q_dim, out_dim, kv_row_dim = self._context_widths()
+        return choose_context_transfer(meta.num_rows, meta.gather_pad, self.num_local_heads, q_dim, out_dim,
+                                       kv_row_dim, self.cp_group.world_size, dtype.itemsize)[0]
+
+    def _context_widths(self) -> tuple[int, int, int]:
+        """(query width, merged output width per head, numbers per context token) as the two ways move them."""
+        return self.head_dim, self.head_dim, 2 * self.num_local_kv_heads * self.head_dim
+
+    def _context_pass_q(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+        """Pass-Q: every CP rank attends all ``W·Tc`` gathered queries to its own shard (non-causal: the whole context
+        precedes the new tokens); the partials are merged like DCP decode, with the CP ranks in place of the heads.
+
+        # q: [Tc, Hq_local, D] -> (out [Tc, Hq_local, D], lse [Tc, Hq_local] float32)
+        """
+        W = self.cp_group.world_size
         q_all = rearrange(self.cp_group.all_gather(q.unsqueeze(0), dim=0), "w t h d -> (w t) h d")  # CP rank major
         k_ctx = kv_cache.k.flatten(0, 1)[meta.kv_slots]  # [sum local context lens, Hkv_local, D], local order
         v_ctx = kv_cache.v.flatten(0, 1)[meta.kv_slots]
@@ -260,6 +287,23 @@ class ContextParallelAttention(nn.Module):
         out = rearrange(out, "(w t) h d -> t (w h) d", w=W)
         lse = rearrange(lse, "(w t) h -> t (w h)", w=W)
         return dcp_merge(out, lse, self.cp_group)
+
+    def _context_pass_kv(self, q: Tensor, meta: ContextMetadata, kv_cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+        """Pass-KV: all-gather the context's K/V shards (K and V side by side: one collective), put them in sequence
+        order (``meta.gather_rows``), attend the local queries to each request's whole context; no merge.
+
+        # q: [Tc, Hq_local, D] -> (out [Tc, Hq_local, D], lse [Tc, Hq_local] float32)
+        """
+        D = self.head_dim
+        slots = meta.kv_slots
+        local = torch.cat([kv_cache.k.flatten(0, 1)[slots], kv_cache.v.flatten(0, 1)[slots]], dim=-1)
+        local = F.pad(local, (0, 0, 0, 0, 0, meta.gather_pad - meta.cu_seqlens_k_host[-1]))  # equal shapes to gather
+        kv = self.cp_group.all_gather(local, dim=0)[meta.gather_rows]  # [sum context lens, Hkv_local, 2·D]
+        return attention_with_lse(
+            q, kv[..., :D], kv[..., D:], meta.cu_seqlens_rows, meta.cu_seqlens_ctx, causal=False, scale=self.scale,
+            backend=self.attention_backend(q.device),
+            host_cu_seqlens=(meta.cu_seqlens_rows_host, meta.cu_seqlens_ctx_host),
+        )
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_layout(self, meta: AttentionMetadata) -> None:

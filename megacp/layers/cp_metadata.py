@@ -98,17 +98,17 @@ class PrefillMetadata:
 
 @dataclass
 class ContextMetadata:
-    """Prefill rows of requests with cached context ("pass-Q", ``ContextParallelAttention._prefill_over_context``).
+    """Prefill rows of requests with cached context (``ContextParallelAttention._prefill_over_context``).
 
     ``rows`` [Tc]: every local row of those requests (padding included, so Tc is equal on all CP ranks). The queries
     are all-gathered over the CP group into ``W·Tc`` rows; ``q_perm`` regroups them request by request for one varlen
     non-causal call against each request's local context shard, read from the cache at ``kv_slots``.
     ``real_index``/``real_rows``: the entries of ``rows`` that are real tokens, and those rows.
 
-    The pass-KV alternative (MLA, when it moves fewer bytes): every rank's local context rows (``kv_slots``,
-    zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them in sequence
-    order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to its whole
-    context (offsets ``cu_seqlens_ctx``) locally, with no merge.
+    The pass-KV alternative (``megacp.layers.context_transfer`` says when): every rank's local context rows
+    (``kv_slots``, zero-padded to ``gather_pad`` rows) are all-gathered over the CP group, ``gather_rows`` puts them
+    in sequence order (request after request), and each request's ``rows`` (offsets ``cu_seqlens_rows``) attend to
+    its whole context (offsets ``cu_seqlens_ctx``) locally, with no merge.
     """
 
     num_rows: int

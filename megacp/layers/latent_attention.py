@@ -16,7 +16,7 @@ latent rows themselves, one shared "KV head" of width D whose values are the fir
   up-projected and attended causally as for GQA (one varlen call, each chunk's keys a prefix of the new tokens'
   by ``seqused_k``); ``qk_head_dim`` may differ from ``v_head_dim``.
 - ``_prefill_over_context``: the new tokens attend to the request's cached context, sharded over the CP group,
-  by whichever of two ways moves fewer bytes (``context_transfer``; both give the same result):
+  by pass-Q or pass-KV (``ContextParallelAttention.context_way``, the rule of ``context_transfer.py``):
   pass-Q (absorbed): the latent queries are all-gathered over the CP group, attend to each rank's local context
   shard, are merged like DCP decode in latent space, then ``W_UV``; pass-KV: the context's latent rows (D numbers a
   token) are all-gathered, put in sequence order, up-projected and attended locally, with no merge. The layer
@@ -82,31 +82,13 @@ class LatentUpProjection:
         return torch.bmm(o_latent.transpose(0, 1), w_uv.to(o_latent.dtype).transpose(1, 2)).transpose(0, 1)
 
 
-CONTEXT_TRANSFERS = ("auto", "pass_q", "pass_kv")
-
-
-def context_transfer_bytes(cp_world_size: int, num_rows: int, num_local_heads: int, kv_lora_rank: int,
-                           latent_dim: int, gather_pad: int) -> dict[str, int]:
-    """Elements each CP rank receives for the prefill over cached context, by either way (the byte-count rule).
-
-    pass-Q: the other ranks' latent queries (``Tc·H·D`` each), their LSEs in the merge (``Tc·W·H``) and their parts
-    of the reduce-scatter (``Tc·H·r``); pass-KV: the other ranks' context rows, padded to the longest shard
-    (``gather_pad·D`` each). Host ints only, equal on every CP rank, so every rank takes the same way.
-    """
-    others = cp_world_size - 1
-    return {
-        "pass_q": others * num_rows * num_local_heads * (latent_dim + kv_lora_rank + cp_world_size),
-        "pass_kv": others * gather_pad * latent_dim,
-    }
-
-
 class LatentAttention(ContextParallelAttention):
     """Attention core of one MLA layer (after the projections and RoPE, before ``o_proj``).
 
     ``num_heads``: global query heads (``num_heads / tp`` on this rank); there is one latent "KV head", so DCP needs
     only ``tp % dcp == 0``. ``up``: the layer's ``LatentUpProjection``. ``parallel_context``: the layout.
     ``context_transfer``: how the prefill over cached context reaches the other CP ranks' shards: ``"auto"``
-    (pass-KV when it moves fewer bytes, ``context_transfer_bytes``), ``"pass_q"`` or ``"pass_kv"``.
+    (``megacp.layers.context_transfer.choose_context_transfer``), ``"pass_q"`` or ``"pass_kv"``.
     """
 
     latent = True
@@ -124,10 +106,8 @@ class LatentAttention(ContextParallelAttention):
         parallel_context: ParallelContext | None = None,
         context_transfer: str = "auto",
     ) -> None:
-        if context_transfer not in CONTEXT_TRANSFERS:
-            raise ValueError(f"context_transfer={context_transfer!r}: choose one of {CONTEXT_TRANSFERS}")
-        super().__init__(num_heads, 1, qk_nope_head_dim + qk_rope_head_dim, scale, backend, parallel_context)
-        self.context_transfer = context_transfer
+        super().__init__(num_heads, 1, qk_nope_head_dim + qk_rope_head_dim, scale, backend, parallel_context,
+                         context_transfer)
         self.kv_lora_rank, self.nope, self.rope = kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim
         self.latent_dim = kv_lora_rank + qk_rope_head_dim
         self.out_dim = v_head_dim
@@ -208,20 +188,10 @@ class LatentAttention(ContextParallelAttention):
             seqused_k=meta.seqused_k,
         )
 
-    def _prefill_over_context(self, q: Tensor, meta: ContextMetadata, kv_cache: LatentPagedCache
-                              ) -> tuple[Tensor, Tensor]:
-        """Attention of the new tokens to the CP group's latent context shards, by pass-Q or pass-KV.
-
-        # q: [Tc, H, qk] (meta.rows) -> (out [Tc, H, v_head_dim], lse [Tc, H] float32) over the whole context
-        """
-        way = self.context_transfer
-        if way == "auto":
-            moved = context_transfer_bytes(self.cp_group.world_size, q.shape[0], self.num_local_heads,
-                                           self.kv_lora_rank, self.latent_dim, meta.gather_pad)
-            way = "pass_kv" if moved["pass_kv"] < moved["pass_q"] else "pass_q"
-        if way == "pass_kv":
-            return self._context_pass_kv(q, meta, kv_cache)
-        return self._context_pass_q(q, meta, kv_cache)
+    def _context_widths(self) -> tuple[int, int, int]:
+        """Absorbed pass-Q moves latent queries (r + rope) and merges latent outputs (r); a context token is one
+        latent row."""
+        return self.latent_dim, self.kv_lora_rank, self.latent_dim
 
     def _context_pass_kv(self, q: Tensor, meta: ContextMetadata, kv_cache: LatentPagedCache
                          ) -> tuple[Tensor, Tensor]:

@@ -40,8 +40,8 @@ class MLAAttention(nn.Module):
     Sizes are global; ``num_heads`` must be divisible by ``tp`` and ``dcp`` must divide ``tp``. ``scale``: the
     softmax scale (default ``qk_head_dim^-0.5``). ``bias``: on the down-projections and ``o_proj``
     (DeepSeek's ``attention_bias``). ``parallel_context``: the layout (``resolve_parallel_context``).
-    ``context_transfer``: pass-Q or pass-KV for the prefill over cached context (``LatentAttention``; default: the
-    one that moves fewer bytes).
+    ``context_transfer``: pass-Q or pass-KV for the prefill over cached context (``LatentAttention``; default
+    ``"auto"``: the rule of ``megacp.layers.context_transfer``).
     """
 
     def __init__(
