@@ -53,7 +53,7 @@ class BlockTable:
         # One persistent host/device pair (pinned on CUDA): row writes go to the host copy, ``commit`` publishes the
         # rows changed since the last commit with one copy. Lookups and checks read the host copy only.
         self._buf = CpuGpuBuffer(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
-        self._num_blocks = [0] * max_num_reqs
+        self._num_blocks = torch.zeros(max_num_reqs, dtype=torch.long)  # real entries per row (host)
         self._dirty: tuple[int, int] | None = None  # [lo, hi) rows changed since the last commit
 
     @property
@@ -109,7 +109,7 @@ class BlockTable:
     def append_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
         """Append ``block_ids`` to the row of request ``req_index`` (the sequence grew past its blocks)."""
         self._check_req(req_index)
-        self._write(req_index, self._num_blocks[req_index], block_ids)
+        self._write(req_index, int(self._num_blocks[req_index]), block_ids)
 
     def clear_row(self, req_index: int) -> None:
         """Forget the blocks of request ``req_index`` (the allocator frees them separately)."""
@@ -119,7 +119,11 @@ class BlockTable:
     def row_host(self, req_index: int) -> LongTensor:
         """The real block ids of one request, from the host copy: [num_blocks] long on the CPU (no device read)."""
         self._check_req(req_index)
-        return self._table_host[req_index, : self._num_blocks[req_index]]
+        return self._table_host[req_index, : int(self._num_blocks[req_index])]
+
+    def num_blocks_host(self, req_indices: Tensor) -> LongTensor:
+        """Real block ids held by each of these rows: req_indices [N] long (host) -> [N] long (host)."""
+        return self._num_blocks[req_indices]
 
     def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
         """This rank's cache slot of each token; ``-1`` for tokens another CP rank stores.
@@ -142,13 +146,13 @@ class BlockTable:
         if int(pos.min()) < 0:
             raise ValueError(f"positions must be >= 0, got min {int(pos.min())}")
         vblock = pos // self.tokens_per_block
-        bad = vblock >= torch.tensor(self._num_blocks, dtype=torch.long)[req]
+        bad = vblock >= self._num_blocks[req]
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             r, p = int(req[i]), int(pos[i])
             raise ValueError(
                 f"request row {r}: position {p} needs virtual block {p // self.tokens_per_block} but the row has "
-                f"{self._num_blocks[r]} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
+                f"{int(self._num_blocks[r])} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
                 f"(blocks_needed(num_tokens, block_size, cp_world_size))"
             )
         block_ids = self._table_host[req, vblock]
