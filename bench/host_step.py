@@ -6,7 +6,8 @@ Two figures per batch size, both without the model's arithmetic:
   (allocation check, metadata build, cached lengths);
 - ``engine_step_us``: one decode step of ``LLMEngine.generate`` (scheduling, the step, sampling, appending the ids
   and the stop checks) with the model's forward replaced by zeros of its output shape: the difference of two runs of
-  ``max_new_tokens`` ``--short`` and ``--long`` divided by the extra steps, so prefill and setup cancel out.
+  ``max_new_tokens`` ``--short`` and ``--long`` divided by the extra steps, so prefill and setup cancel out (the least
+  of ``--reps`` repetitions).
 
     python bench/host_step.py --batch 1 16 64 --json-out host.json
 """
@@ -14,7 +15,6 @@ Two figures per batch size, both without the model's arithmetic:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -28,7 +28,7 @@ from megacp.session import KVSession
 
 
 def _session_step_us(batch: int, steps: int, reps: int, fast: bool) -> float:
-    """Median over ``reps`` of the mean time of ``steps`` decode steps of ``batch`` requests: ``KVSession.step``, or
+    """Least over ``reps`` (the machine's noise only adds) of the mean time of ``steps`` decode steps of ``batch`` requests: ``KVSession.step``, or
     with ``fast`` ``KVSession.decode_step``."""
     times = []
     for _ in range(reps):
@@ -43,7 +43,7 @@ def _session_step_us(batch: int, steps: int, reps: int, fast: bool) -> float:
             else:
                 s.step([(i, [k % 256]) for i in rids])
         times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def _engine(batch: int, max_new: int) -> LLMEngine:
@@ -68,7 +68,7 @@ def _engine_step_us(batch: int, short: int, long: int, reps: int) -> float:
             eng.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
             run[n] = eng.stats.total_time_s
         times.append((run[long] - run[short]) / (long - short))
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="decode steps timed per session run")
     p.add_argument("--short", type=int, default=20)
     p.add_argument("--long", type=int, default=220)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -352,14 +352,16 @@ class KVSession:
         rids = [rid for rid, _ in requests]
         if len(set(rids)) != len(rids):
             raise ValueError(f"KVSession.step: a request appears twice in one step: {rids}")
-        self._check_fits({rid: self.num_cached(rid) + n for rid, n in zip(rids, counts)})
-        seqs = [self._grow(rid, self.num_cached(rid) + n) for rid, n in zip(rids, counts)]
+        held = torch.tensor([self._seqs[rid].row if rid in self._seqs else -1 for rid in rids], dtype=torch.long)
+        cached = torch.where(held >= 0, self._cached[held.clamp(min=0)], 0).tolist()  # one read of the row state
+        self._check_fits({rid: c + n for rid, c, n in zip(rids, cached, counts)})
+        seqs = [self._grow(rid, c + n) for rid, c, n in zip(rids, cached, counts)]
         token_ids: list[int] | Tensor | None = None
         if "count" not in kinds:
             token_ids = (torch.cat([torch.as_tensor(part, dtype=torch.long) for part in parts])
                          if any(isinstance(part, Tensor) for part in parts) else [t for part in parts for t in part])
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long)
-        meta = self.builder.build(rows.tolist(), self._cached[rows].tolist(), counts, token_ids=token_ids,
+        meta = self.builder.build(rows.tolist(), cached, counts, token_ids=token_ids,
                                   pad_decodes_to=pad_decodes_to, logits_requests=logits_requests)
         self._cached[rows] += torch.tensor(counts, dtype=torch.long)
         return meta
