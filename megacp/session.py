@@ -397,11 +397,14 @@ class KVSession:
             raise ValueError("KVSession.decode_step: every request needs cached tokens (a prompt goes through "
                              "KVSession.step)")
         grow = (pos // self.block_table.tokens_per_block >= self.block_table.num_blocks_host(rows)).nonzero()
-        if grow.numel():  # only the requests that cross into a new block, rarely more than a few
-            wanted = {request_ids[i]: int(pos[i]) + 1 for i in grow.flatten().tolist()}
-            self._check_fits(wanted)
-            for rid, n in wanted.items():
-                self._grow(rid, n)
+        if grow.numel():  # the requests that cross into a new block: one more block each
+            grow = grow.flatten()
+            crossing = [request_ids[i] for i in grow.tolist()]
+            self._check_fits({rid: p + 1 for rid, p in zip(crossing, pos[grow].tolist())})
+            new = self.allocator.allocate(len(crossing))  # in caller order, the ids step would hand out
+            for rid, block in zip(crossing, new):
+                self._seqs[rid].blocks.append(block)
+            self.block_table.append_blocks(rows[grow], new)
         meta = self.builder.build_decode(rows, pos, ids, pad_decodes_to)
         self._cached[rows] += 1
         return meta

@@ -111,6 +111,26 @@ class BlockTable:
         self._check_req(req_index)
         self._write(req_index, int(self._num_blocks[req_index]), block_ids)
 
+    def append_blocks(self, req_indices: LongTensor, block_ids: Sequence[int] | Tensor) -> None:
+        """Append one block to each of these distinct rows (a decode step's rows crossing into a new block), with
+        tensor ops: req_indices [k] long (host), block_ids [k] (virtual block ids, in the rows' order)."""
+        rows = torch.as_tensor(req_indices, dtype=torch.long).reshape(-1)
+        ids = torch.as_tensor(block_ids, dtype=torch.long).reshape(-1)
+        if rows.numel() == 0:
+            return
+        if ids.shape != rows.shape or int(ids.min()) < 0:
+            raise ValueError(f"append_blocks: one block id >= 0 per row, got {ids.tolist()} for rows {rows.tolist()}")
+        end = self._num_blocks[rows]
+        if int(end.max()) >= self.max_num_blocks_per_req:
+            raise ValueError(f"a request row would hold more than max_num_blocks_per_req={self.max_num_blocks_per_req}"
+                             f" blocks; raise it or use a larger block_size")
+        self._buf.host()[rows, end] = ids  # waits until the last commit's copy has read the host rows
+        self._num_blocks[rows] = end + 1
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if self._dirty is not None:
+            lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+        self._dirty = (lo, hi)
+
     def clear_row(self, req_index: int) -> None:
         """Forget the blocks of request ``req_index`` (the allocator frees them separately)."""
         self._check_req(req_index)
