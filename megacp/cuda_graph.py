@@ -178,18 +178,18 @@ class DecodeGraphRunner:
         self.capture_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
         self.capture_s = time.perf_counter() - start
 
-    def run(self, requests: Sequence[tuple[Hashable, Sequence[int]]]) -> tuple[Tensor, Tensor]:
-        """Replay the decode step of these requests (``KVSession.step``'s ``[(request_id, [token]), ...]``, each
-        with cached tokens): (logits [n, vocab] float32, greedy ids [n]).
+    def run(self, request_ids: Sequence[Hashable], token_ids: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Replay the decode step of these requests (each with cached tokens) and their new ids
+        (``KVSession.decode_step``'s arguments): (logits [n, vocab] float32, greedy ids [n]).
 
         The returned tensors are views of the graph's outputs: read them before the next ``run``.
         """
-        n = len(requests)
+        n = len(request_ids)
         if not self.graphs:
             raise RuntimeError("DecodeGraphRunner.run: the graphs were released (destroy_model_parallel); build a new "
                                "LLMEngine after initialize_model_parallel(...)")
         B = next(b for b in self.buckets if b >= n)
-        meta = self.session.step(requests, pad_decodes_to=B)
+        meta = self.session.decode_step(request_ids, token_ids, pad_decodes_to=B)
         if not meta.is_pure_decode:  # the builder refuses padding for other steps; this states the contract
             raise ValueError("DecodeGraphRunner.run: the step must be pure decode (meta.is_pure_decode)")
         g = self.graphs[B]

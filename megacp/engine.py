@@ -94,6 +94,7 @@ class _Request:
     index: int  # position in the caller's list
     prompt: list[int]
     output: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens in the cache: the engine's copy of its session's count, advanced by each step
     ttft_s: float = 0.0
     prompt_logits: Tensor | None = None
     finish_reason: str = ""
@@ -102,6 +103,11 @@ class _Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_at(self, position: int) -> int:
+        """``tokens[position]`` without building ``tokens``."""
+        n = len(self.prompt)
+        return self.prompt[position] if position < n else self.output[position - n]
 
 
 class LLMEngine:
@@ -159,7 +165,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ admission
     def _computed(self, req: _Request) -> int:
         """Tokens of ``req`` already in the (CP-sharded) cache."""
-        return self.session.num_cached(req.index)
+        return req.computed
 
     def _in_prefill(self, req: _Request) -> bool:
         return self._computed(req) < len(req.prompt)
@@ -201,18 +207,22 @@ class LLMEngine:
         # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
         # session's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
         # is the step's one read-back (docs/benchmarks.md: host-bound decode).
-        requests = []
         for r, n in sched:
-            c = self._computed(r)
-            requests.append((r.index, r.tokens[c : c + n]))
+            r.computed += n  # the session's count once the step is built (a failed step ends generate)
         runner = self._graph_runner_for(sched, need, pure_decode)
-        if runner is not None:
-            logits, greedy = runner.run(requests)
-            self.stats.graph_replays += 1
-            tokens = greedy if sampling.temperature == 0 else sample(logits, sampling.temperature, sampling.top_p,
-                                                                     generator)
-            return self._agree(tokens), logits
-        meta = self.session.step(requests, logits_requests=need)
+        if pure_decode and len(need) == len(sched):  # the metadata from the session's per-row state
+            rids = [r.index for r, _ in sched]
+            ids = torch.tensor([r.token_at(r.computed - 1) for r, _ in sched], dtype=torch.long)
+            if runner is not None:
+                logits, greedy = runner.run(rids, ids)
+                self.stats.graph_replays += 1
+                tokens = greedy if sampling.temperature == 0 else sample(logits, sampling.temperature,
+                                                                         sampling.top_p, generator)
+                return self._agree(tokens), logits
+            meta = self.session.decode_step(rids, ids)
+        else:
+            meta = self.session.step([(r.index, r.tokens[r.computed - n : r.computed]) for r, n in sched],
+                                     logits_requests=need)
         logits = step_logits(self.model, meta, self.session.kv_caches, logits=bool(need))  # [n, vocab] float32
         if logits is None:
             return [], None

@@ -104,9 +104,8 @@ def validate_requests(prompt_ids: Any, max_new_tokens: int, *, vocab_size: int, 
 
 @dataclass
 class _Sequence:
-    row: int  # BlockTable row
+    row: int  # BlockTable row (its cached length is KVSession._cached[row])
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
 
 
 def _token_list(request_id: Hashable, tokens: Sequence[int]) -> list[int]:
@@ -191,6 +190,9 @@ class KVSession:
             null_slot=self.kv_caches[0].null_slot if self.kv_caches else None, parallel_context=ctx,
         )
         self._seqs: dict[Hashable, _Sequence] = {}
+        # Each row's cached length, on the host: a pure-decode step reads its positions from it (decode_step)
+        # with tensor ops; a free row holds 0.
+        self._cached = torch.zeros(max_num_seqs, dtype=torch.long)
         self._free_rows = list(range(max_num_seqs))
 
     @classmethod
@@ -225,17 +227,14 @@ class KVSession:
     def num_cached(self, request_id: Hashable) -> int:
         """Tokens of ``request_id`` already in the caches (0 for a request the session does not hold)."""
         seq = self._seqs.get(request_id)
-        return 0 if seq is None else seq.num_cached
+        return 0 if seq is None else int(self._cached[seq.row])
 
     def __contains__(self, request_id: Hashable) -> bool:
         return request_id in self._seqs
 
     def tokens_stored(self) -> int:
         """Tokens this rank stores: its CP share of every held request's cached length."""
-        if not self._seqs:
-            return 0
-        lens = torch.tensor([s.num_cached for s in self._seqs.values()], dtype=torch.long)
-        return int(cp_local_seq_lens(lens, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
+        return int(cp_local_seq_lens(self._cached, self.cp_world_size, self.cp_rank, self.interleave_size).sum())
 
     def local_slots(self, request_id: Hashable) -> Tensor:
         """This rank's cache slots of ``request_id``'s cached tokens, in local order (the positions they hold are
@@ -246,7 +245,7 @@ class KVSession:
         seq = self._seqs.get(request_id)
         if seq is None:
             raise ValueError(f"KVSession.local_slots: request {request_id!r} is not in this session")
-        n = int(cp_local_seq_lens(torch.tensor([seq.num_cached]), self.cp_world_size, self.cp_rank,
+        n = int(cp_local_seq_lens(self._cached[seq.row : seq.row + 1], self.cp_world_size, self.cp_rank,
                                   self.interleave_size)[0])
         return local_slots(self.block_table.row_host(seq.row), torch.arange(n), self.block_size)
 
@@ -310,6 +309,7 @@ class KVSession:
             raise ValueError(f"KVSession.free: request {request_id!r} is not in this session")
         self.allocator.free(seq.blocks)
         self.block_table.clear_row(seq.row)
+        self._cached[seq.row] = 0
         self._free_rows.append(seq.row)
         self._free_rows.sort()
 
@@ -352,16 +352,61 @@ class KVSession:
         rids = [rid for rid, _ in requests]
         if len(set(rids)) != len(rids):
             raise ValueError(f"KVSession.step: a request appears twice in one step: {rids}")
-        self._check_fits({rid: self.num_cached(rid) + n for rid, n in zip(rids, counts)})
-        seqs = [self._grow(rid, self.num_cached(rid) + n) for rid, n in zip(rids, counts)]
+        held = torch.tensor([self._seqs[rid].row if rid in self._seqs else -1 for rid in rids], dtype=torch.long)
+        cached = torch.where(held >= 0, self._cached[held.clamp(min=0)], 0).tolist()  # one read of the row state
+        self._check_fits({rid: c + n for rid, c, n in zip(rids, cached, counts)})
+        seqs = [self._grow(rid, c + n) for rid, c, n in zip(rids, cached, counts)]
         token_ids: list[int] | Tensor | None = None
         if "count" not in kinds:
             token_ids = (torch.cat([torch.as_tensor(part, dtype=torch.long) for part in parts])
                          if any(isinstance(part, Tensor) for part in parts) else [t for part in parts for t in part])
-        meta = self.builder.build([s.row for s in seqs], [s.num_cached for s in seqs], counts, token_ids=token_ids,
+        rows = torch.tensor([s.row for s in seqs], dtype=torch.long)
+        meta = self.builder.build(rows.tolist(), cached, counts, token_ids=token_ids,
                                   pad_decodes_to=pad_decodes_to, logits_requests=logits_requests)
-        for seq, n in zip(seqs, counts):
-            seq.num_cached += n
+        self._cached[rows] += torch.tensor(counts, dtype=torch.long)
+        return meta
+
+    def decode_step(self, request_ids: Sequence[Hashable], token_ids: Tensor | Sequence[int] | None = None,
+                    pad_decodes_to: int | None = None) -> AttentionMetadata:
+        """A pure-decode step: one new token for each of ``request_ids``, all held with cached tokens. The same
+        metadata and state change as ``step([(rid, [tok]), ...], pad_decodes_to=...)``, built with tensor ops from
+        the session's per-row state (positions from the cached lengths, slots from the block table's host copy),
+        with no Python loop over requests but the id -> row lookup.
+
+        # token_ids: [n] long (one new id per request, or None: counts only, ``meta.input_ids`` None)
+        """
+        try:
+            rows = torch.tensor([self._seqs[rid].row for rid in request_ids], dtype=torch.long)
+        except KeyError as e:
+            raise ValueError(f"KVSession.decode_step: request {e.args[0]!r} is not in this session; its first step "
+                             f"(the prompt) goes through KVSession.step") from None
+        if len(set(request_ids)) != rows.numel():
+            raise ValueError(f"KVSession.decode_step: a request appears twice in one step: {list(request_ids)}")
+        ids = None if token_ids is None else torch.as_tensor(token_ids).reshape(-1)
+        if ids is not None:
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() != rows.numel():
+                raise ValueError(f"KVSession.decode_step: token_ids must be {rows.numel()} integer ids (one per "
+                                 f"request), got {ids.numel()} of {ids.dtype}")
+            ids = ids.long()
+            if self.vocab_size is not None and ids.numel() and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+                bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+                raise ValueError(f"KVSession.decode_step new token ids: id {bad} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        pos = self._cached[rows]
+        if rows.numel() and int(pos.min()) < 1:
+            raise ValueError("KVSession.decode_step: every request needs cached tokens (a prompt goes through "
+                             "KVSession.step)")
+        grow = (pos // self.block_table.tokens_per_block >= self.block_table.num_blocks_host(rows)).nonzero()
+        if grow.numel():  # the requests that cross into a new block: one more block each
+            grow = grow.flatten()
+            crossing = [request_ids[i] for i in grow.tolist()]
+            self._check_fits({rid: p + 1 for rid, p in zip(crossing, pos[grow].tolist())})
+            new = self.allocator.allocate(len(crossing))  # in caller order, the ids step would hand out
+            for rid, block in zip(crossing, new):
+                self._seqs[rid].blocks.append(block)
+            self.block_table.append_blocks(rows[grow], new)
+        meta = self.builder.build_decode(rows, pos, ids, pad_decodes_to)
+        self._cached[rows] += 1
         return meta
 
 

@@ -224,6 +224,26 @@ def test_block_table_rows_and_errors():
     assert bt.compute_slot_mapping(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).numel() == 0
 
 
+def test_append_blocks_equals_append_row_per_row():
+    """``append_blocks`` (one block to each of several rows, tensor ops) leaves the table ``append_row`` would,
+    host and committed device copy, and refuses a row that is full."""
+    a, b = (BlockTable(block_size=4, max_num_reqs=4, max_num_blocks_per_req=3) for _ in range(2))
+    for t in (a, b):
+        t.set_row(1, [5])
+        t.set_row(3, [7, 2])
+        t.commit()
+    a.append_blocks(torch.tensor([3, 0, 1]), [8, 1, 6])
+    for row, block in ((3, 8), (0, 1), (1, 6)):
+        b.append_row(row, [block])
+    a.commit()
+    b.commit()
+    assert [a.row_host(r).tolist() for r in range(4)] == [b.row_host(r).tolist() for r in range(4)] \
+        == [[1], [5, 6], [], [7, 2, 8]]
+    assert torch.equal(a.table, b.table) and a.num_blocks_host(torch.arange(4)).tolist() == [1, 2, 0, 3]
+    with pytest.raises(ValueError, match="max_num_blocks_per_req=3"):
+        a.append_blocks(torch.tensor([3]), [9])
+
+
 @pytest.mark.parametrize("block_size,interleave", [(4, 3), (4, 8), (4, 0), (16, 5)])
 def test_block_table_rejects_bad_interleave(block_size, interleave):
     with pytest.raises(ValueError, match="cp_kv_cache_interleave_size"):

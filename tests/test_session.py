@@ -174,3 +174,103 @@ def test_helpers_on_a_padded_decode_step():
     assert meta.num_local_tokens == 4 and meta.num_tokens == 2
     assert meta.local_tokens(torch.tensor([5, 6]), fill=-1).tolist() == [5, 6, -1, -1]
     assert meta.gather_hidden(torch.arange(4.0).unsqueeze(1)).flatten().tolist() == [0.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------------ decode_step
+def _metadata_diff(a, b, path: str = "meta") -> list[str]:
+    """The fields (dotted paths) where two metadata objects differ: tensors by dtype, shape and values, nested
+    metadata field by field, everything else by ``==`` (groups by identity)."""
+    if dataclasses.is_dataclass(a) and not isinstance(a, ParallelGroup):
+        if type(a) is not type(b):
+            return [path]
+        return [d for f in dataclasses.fields(a) for d in _metadata_diff(getattr(a, f.name), getattr(b, f.name),
+                                                                         f"{path}.{f.name}")]
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+        return [] if same else [path]
+    if isinstance(a, ParallelGroup):
+        return [] if a is b else [path]
+    return [] if a == b else [path]
+
+
+def _layout(pcp: int, dcp: int, rank: int, interleave: int):
+    from megacp.config import ParallelConfig
+    from megacp.parallel_state import ParallelContext
+
+    config = ParallelConfig(tensor_model_parallel_size=dcp, prefill_context_parallel_size=pcp,
+                            decode_context_parallel_size=dcp, cp_kv_cache_interleave_size=interleave)
+    return ParallelContext.from_layout(config, rank)
+
+
+def _random_run(ctx, seed: int, steps: int = 40) -> tuple[int, list[str]]:
+    """Drive two sessions through the same random schedule (new prompts, chunks, decodes crossing blocks, frees;
+    pure-decode steps in random order, padded or not): one only by ``step``, the other by ``decode_step`` for the
+    pure-decode steps. Returns the number of pure-decode steps and every metadata/state difference found."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(num_kv_blocks=40, max_num_seqs=6, vocab_size=50, parallel_context=ctx)
+    ref, fast = _session(**kw), _session(**kw)
+    held, next_id, n_decode, diffs = [], 0, 0, []
+
+    def rand(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=g))
+
+    for k in range(steps):
+        if held and rand(4) == 0:  # a finished request
+            rid = held.pop(rand(len(held)))
+            ref.free(rid)
+            fast.free(rid)
+        decodes = [held[i] for i in torch.randperm(len(held), generator=g).tolist()][: 1 + rand(max(1, len(held)))]
+        if not decodes or (len(held) < 6 and rand(3) == 0):  # a mixed step: a new prompt (and a chunk) too
+            items = [(rid, [rand(50)]) for rid in decodes] + [(f"r{next_id}", [rand(50) for _ in range(1 + rand(9))])]
+            held.append(f"r{next_id}")
+            next_id += 1
+            if len(decodes) > 1:
+                items[0] = (decodes[0], [rand(50) for _ in range(2 + rand(5))])  # a chunk over cached context
+            for s in (ref, fast):
+                s.step(items)
+            continue
+        ids = torch.randint(50, (len(decodes),), generator=g)
+        pad = None if rand(2) else len(decodes) + rand(7 - len(decodes))
+        a = ref.step([(rid, [int(t)]) for rid, t in zip(decodes, ids)], pad_decodes_to=pad)
+        b = fast.decode_step(decodes, ids if rand(2) else ids.tolist(), pad_decodes_to=pad)
+        n_decode += 1
+        diffs += [f"step {k}: {d}" for d in _metadata_diff(a, b)]
+        if [ref.num_cached(r) for r in held] != [fast.num_cached(r) for r in held] \
+                or ref.tokens_stored() != fast.tokens_stored() \
+                or not torch.equal(ref.block_table.table, fast.block_table.table):
+            diffs.append(f"step {k}: session state")
+    return n_decode, diffs
+
+
+@pytest.mark.parametrize("pcp,dcp", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)])
+@pytest.mark.parametrize("interleave", [1, 2])
+def test_decode_step_equals_step_on_random_schedules(pcp, dcp, interleave):
+    """``decode_step`` (tensor ops over the per-row state) gives exactly ``step``'s metadata, every field, on every
+    CP rank, and leaves the same session state."""
+    for rank in range(pcp * dcp):
+        n_decode, diffs = _random_run(_layout(pcp, dcp, rank, interleave), seed=10 * rank + interleave)
+        assert n_decode >= 15 and not diffs, (rank, diffs[:5])
+
+
+def test_decode_step_comparison_catches_a_wrong_position():
+    """Negative control: the comparison of the test above finds a decode whose position is off by one, and
+    ``decode_step`` refuses what ``step`` would build differently (unknown requests, prompts, bad ids)."""
+    kw = dict(num_kv_blocks=12, max_num_seqs=4, vocab_size=50)
+    ref, fast = _session(**kw), _session(**kw)
+    ref.step([("a", [1, 2, 3]), ("b", [4, 5])])
+    fast.step([("a", [1, 2, 3]), ("b", [4, 5, 6])])  # "b" one token ahead
+    diffs = _metadata_diff(ref.step([("a", [7]), ("b", [8])]), fast.decode_step(["a", "b"], [7, 8]))
+    assert "meta.positions" in diffs and "meta.decode.seq_lens_host" in diffs
+    with pytest.raises(ValueError, match="not in this session"):
+        fast.decode_step(["c"], [1])
+    with pytest.raises(ValueError, match="appears twice"):
+        fast.decode_step(["a", "a"], [1, 2])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fast.decode_step(["a"], [50])
+    with pytest.raises(ValueError, match="integer ids"):
+        fast.decode_step(["a"], torch.tensor([1.0]))
+    fast.reserve("c", 4)
+    with pytest.raises(ValueError, match="needs cached tokens"):
+        fast.decode_step(["c"], [1])
+    assert fast.num_cached("a") == 4 and fast.num_cached("c") == 0  # the refused steps changed nothing

@@ -53,7 +53,7 @@ class BlockTable:
         # One persistent host/device pair (pinned on CUDA): row writes go to the host copy, ``commit`` publishes the
         # rows changed since the last commit with one copy. Lookups and checks read the host copy only.
         self._buf = CpuGpuBuffer(max_num_reqs, max_num_blocks_per_req, dtype=torch.long, device=self.device)
-        self._num_blocks = [0] * max_num_reqs
+        self._num_blocks = torch.zeros(max_num_reqs, dtype=torch.long)  # real entries per row (host)
         self._dirty: tuple[int, int] | None = None  # [lo, hi) rows changed since the last commit
 
     @property
@@ -109,7 +109,27 @@ class BlockTable:
     def append_row(self, req_index: int, block_ids: Sequence[int] | Tensor) -> None:
         """Append ``block_ids`` to the row of request ``req_index`` (the sequence grew past its blocks)."""
         self._check_req(req_index)
-        self._write(req_index, self._num_blocks[req_index], block_ids)
+        self._write(req_index, int(self._num_blocks[req_index]), block_ids)
+
+    def append_blocks(self, req_indices: LongTensor, block_ids: Sequence[int] | Tensor) -> None:
+        """Append one block to each of these distinct rows (a decode step's rows crossing into a new block), with
+        tensor ops: req_indices [k] long (host), block_ids [k] (virtual block ids, in the rows' order)."""
+        rows = torch.as_tensor(req_indices, dtype=torch.long).reshape(-1)
+        ids = torch.as_tensor(block_ids, dtype=torch.long).reshape(-1)
+        if rows.numel() == 0:
+            return
+        if ids.shape != rows.shape or int(ids.min()) < 0:
+            raise ValueError(f"append_blocks: one block id >= 0 per row, got {ids.tolist()} for rows {rows.tolist()}")
+        end = self._num_blocks[rows]
+        if int(end.max()) >= self.max_num_blocks_per_req:
+            raise ValueError(f"a request row would hold more than max_num_blocks_per_req={self.max_num_blocks_per_req}"
+                             f" blocks; raise it or use a larger block_size")
+        self._buf.host()[rows, end] = ids  # waits until the last commit's copy has read the host rows
+        self._num_blocks[rows] = end + 1
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if self._dirty is not None:
+            lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+        self._dirty = (lo, hi)
 
     def clear_row(self, req_index: int) -> None:
         """Forget the blocks of request ``req_index`` (the allocator frees them separately)."""
@@ -119,7 +139,11 @@ class BlockTable:
     def row_host(self, req_index: int) -> LongTensor:
         """The real block ids of one request, from the host copy: [num_blocks] long on the CPU (no device read)."""
         self._check_req(req_index)
-        return self._table_host[req_index, : self._num_blocks[req_index]]
+        return self._table_host[req_index, : int(self._num_blocks[req_index])]
+
+    def num_blocks_host(self, req_indices: Tensor) -> LongTensor:
+        """Real block ids held by each of these rows: req_indices [N] long (host) -> [N] long (host)."""
+        return self._num_blocks[req_indices]
 
     def compute_slot_mapping(self, req_indices: Tensor, positions: Tensor) -> LongTensor:
         """This rank's cache slot of each token; ``-1`` for tokens another CP rank stores.
@@ -142,13 +166,13 @@ class BlockTable:
         if int(pos.min()) < 0:
             raise ValueError(f"positions must be >= 0, got min {int(pos.min())}")
         vblock = pos // self.tokens_per_block
-        bad = vblock >= torch.tensor(self._num_blocks, dtype=torch.long)[req]
+        bad = vblock >= self._num_blocks[req]
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             r, p = int(req[i]), int(pos[i])
             raise ValueError(
                 f"request row {r}: position {p} needs virtual block {p // self.tokens_per_block} but the row has "
-                f"{self._num_blocks[r]} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
+                f"{int(self._num_blocks[r])} blocks of {self.tokens_per_block} tokens; allocate blocks for it first "
                 f"(blocks_needed(num_tokens, block_size, cp_world_size))"
             )
         block_ids = self._table_host[req, vblock]

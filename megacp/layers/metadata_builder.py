@@ -121,25 +121,19 @@ class AttentionMetadataBuilder:
         ids = None if token_ids is None else torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids is not None and ids.numel() != sum(s.new):
             raise ValueError(f"token_ids has {ids.numel()} entries for {sum(s.new)} scheduled new tokens")
-        if pad_decodes_to is not None and (s.prefills or pad_decodes_to < len(s.decodes)
-                                           or pad_decodes_to > self.max_num_reqs):
+        if not s.prefills:
+            if logits_requests is not None and list(logits_requests) != list(range(len(s.rows))):
+                raise ValueError("logits_requests: a pure-decode step gives every request's logits")
+            return self.build_decode(torch.tensor(s.rows, dtype=torch.long),
+                                     torch.tensor(s.computed, dtype=torch.long), ids, pad_decodes_to)
+        if pad_decodes_to is not None:
             raise ValueError(f"pad_decodes_to={pad_decodes_to} needs a pure-decode step of at most that many "
                              f"requests and at most max_num_reqs={self.max_num_reqs}")
         self.block_table.commit()
-        decode = self._build_decode(s, ids, pad_decodes_to) if s.decodes or pad_decodes_to else None
-        if not s.prefills and logits_requests is not None and list(logits_requests) != list(range(len(s.rows))):
-            raise ValueError("logits_requests: a pure-decode step gives every request's logits")
-        if not s.prefills:  # pure decode: the common part lives in the fixed decode buffer too
-            B = decode.num_reqs
-            dev = self._decode_buf.gpu
-            tok_host = self._decode_buf.cpu[self._TOK, :B].clone()
-            return AttentionMetadata(
-                num_local_tokens=B, num_tokens=len(s.decodes), num_decodes=B, pcp_size=self.pcp_size,
-                dcp_size=self.dcp_size,
-                token_index=dev[self._TOK, :B], token_index_host=tok_host, positions=dev[self._POS, :B],
-                input_ids=None if ids is None else dev[self._IDS, :B], logits_rows=None, logits_range=(0, B),
-                decode=decode, pcp_group=self.pcp_group,
-            )
+        dec_pos = torch.tensor([s.computed[i] for i in s.decodes], dtype=torch.long)
+        dec_rows = torch.tensor([s.rows[i] for i in s.decodes], dtype=torch.long)
+        dec_tok = torch.tensor([s.offsets[i] for i in s.decodes], dtype=torch.long)
+        decode = self._build_decode(dec_rows, dec_pos, dec_tok, ids, None) if s.decodes else None
         return self._build_with_prefill(s, ids, decode, logits_requests)
 
     def _schedule(self, req_rows, num_computed_tokens, num_new_tokens) -> Schedule:
@@ -152,8 +146,43 @@ class AttentionMetadataBuilder:
         return s
 
     # ------------------------------------------------------------------ decode
-    def _build_decode(self, s: Schedule, ids: Tensor | None, pad_to: int | None) -> DecodeMetadata:
-        n = len(s.decodes)
+    def build_decode(self, req_rows: LongTensor, num_computed: LongTensor, token_ids: Tensor | None = None,
+                     pad_to: int | None = None) -> AttentionMetadata:
+        """A pure-decode step's metadata from host tensors, with no loop over requests: the same metadata as
+        ``build(req_rows, num_computed, [1] * n, token_ids, pad_to)``.
+
+        # req_rows: [n] long (block-table rows), num_computed: [n] long (cached tokens, each >= 1),
+        # token_ids: [n] long or None -> AttentionMetadata of max(n, pad_to) rows
+        """
+        n = int(req_rows.numel())
+        if n == 0 and not pad_to:
+            raise ValueError("AttentionMetadataBuilder.build_decode: schedule at least one request")
+        if n and int(num_computed.min()) < 1:
+            raise ValueError("AttentionMetadataBuilder.build_decode: every request needs num_computed_tokens >= 1 "
+                             "(a request without cached tokens is a prefill: use build)")
+        if token_ids is not None and token_ids.numel() != n:
+            raise ValueError(f"token_ids has {token_ids.numel()} entries for {n} scheduled new tokens")
+        if pad_to is not None and not n <= pad_to <= self.max_num_reqs:  # build's message too
+            raise ValueError(f"pad_decodes_to={pad_to} needs a pure-decode step of at most that many "
+                             f"requests and at most max_num_reqs={self.max_num_reqs}")
+        self.block_table.commit()
+        decode = self._build_decode(req_rows, num_computed, torch.arange(n), token_ids, pad_to)
+        B = decode.num_reqs
+        dev = self._decode_buf.gpu
+        tok_host = self._decode_buf.cpu[self._TOK, :B].clone()
+        # the common part lives in the fixed decode buffer too
+        return AttentionMetadata(
+            num_local_tokens=B, num_tokens=n, num_decodes=B, pcp_size=self.pcp_size, dcp_size=self.dcp_size,
+            token_index=dev[self._TOK, :B], token_index_host=tok_host, positions=dev[self._POS, :B],
+            input_ids=None if token_ids is None else dev[self._IDS, :B], logits_rows=None, logits_range=(0, B),
+            decode=decode, pcp_group=self.pcp_group,
+        )
+
+    def _build_decode(self, rows: LongTensor, pos: LongTensor, tok: LongTensor, ids: Tensor | None,
+                      pad_to: int | None) -> DecodeMetadata:
+        """The decode rows of a step: table row, position and index into the step's new tokens of each decode
+        (``ids``: all the step's new tokens) -> DecodeMetadata over the fixed decode buffer."""
+        n = int(rows.numel())
         B = n if pad_to is None else pad_to
         if B > self.max_num_reqs:
             raise ValueError(f"{B} decode requests in one step exceed max_num_reqs={self.max_num_reqs}")
@@ -161,8 +190,6 @@ class AttentionMetadataBuilder:
             raise ValueError("decode steps write every row's K/V (non-owned rows to the null slot): build the "
                              "AttentionMetadataBuilder with null_slot=kv_cache.null_slot")
         t = self.block_table
-        pos = torch.tensor([s.computed[i] for i in s.decodes], dtype=torch.long)
-        rows = torch.tensor([s.rows[i] for i in s.decodes], dtype=torch.long)
         slots = t.slot_mapping_host(rows, pos)
         lens = cp_local_seq_lens(pos + 1, t.cp_world_size, t.cp_rank, t.interleave_size)
         host = self._decode_buf.host()
@@ -172,9 +199,9 @@ class AttentionMetadataBuilder:
         host[self._SLOT, :n] = torch.where(slots >= 0, slots, self.null_slot)
         host[self._ROW, :n] = rows
         host[self._LEN, :n] = lens
-        host[self._TOK, :n] = torch.tensor([s.offsets[i] for i in s.decodes], dtype=torch.long)
+        host[self._TOK, :n] = tok
         if ids is not None:
-            host[self._IDS, :n] = ids[host[self._TOK, :n]]
+            host[self._IDS, :n] = ids[tok]
         dev = self._decode_buf.to_device()
         meta = DecodeMetadata(
             num_reqs=B, slot_mapping=dev[self._SLOT, :B], req_rows=dev[self._ROW, :B], seq_lens=dev[self._LEN, :B],
