@@ -18,7 +18,6 @@ from megacp.layers.rotary import (
     apply_rotary_tables,
     compute_inv_freq,
     rope_attention_factor,
-    rope_deinterleave_index,
     yarn_mscale,
 )
 from megacp.models.config import model_config_from_dict
@@ -38,6 +37,11 @@ YARN_CASES = {
     "attention_factor": dict(factor=4.0, original_max_position_embeddings=64, attention_factor=0.9, truncate=False),
     "only_mscale_all_dim": dict(factor=4.0, original_max_position_embeddings=64, mscale_all_dim=0.5),
 }
+
+
+def rope_deinterleave_index(dim: int) -> torch.Tensor:
+    """``[0, 2, 4, …, 1, 3, 5, …]``: ``x[..., index]`` turns interleaved pairs into halves."""
+    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
 def _hf_config(version: int, rope: dict, interleave: bool = True):

@@ -15,8 +15,8 @@ Pairing. Llama-family checkpoints rotate the pairs ``(x_i, x_{i+D/2})`` (neox ha
 de-interleaves first (evens then odds) and rotates as halves, which is exactly transformers' DeepSeek-V3
 ``apply_rotary_pos_emb_interleave`` (its output is in the halves order too). DeepSeek-V2's complex-number form
 returns the same numbers with the pairs kept in place; attention only takes dot products of rotated q and k, so
-the order is free as long as q and k share it. ``rope_deinterleave_index`` gives the permutation, e.g. to fold it
-into a projection's output rows at load time instead of permuting every step.
+the order is free as long as q and k share it (evens then odds could also be folded into a projection's output
+rows at load time instead of permuting every step).
 
 YaRN (``rope_type "yarn"``) changes two things: the inverse frequencies (a ramp between interpolated and original
 frequencies, ``beta_fast``/``beta_slow`` rotations at ``original_max_position_embeddings``) and the magnitude of
@@ -119,12 +119,6 @@ def rope_attention_factor(rope_scaling: Mapping[str, Any] | None) -> float:
     if mscale and mscale_all_dim:
         return float(yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim)))
     return yarn_mscale(factor)
-
-
-def rope_deinterleave_index(dim: int) -> torch.Tensor:
-    """``[0, 2, 4, …, 1, 3, 5, …]`` (LongTensor ``[dim]``): ``x[..., index]`` turns interleaved pairs into
-    halves."""
-    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
 class RotaryTables(NamedTuple):
