@@ -51,24 +51,15 @@ def mla_weight_loaders(attn: MLAAttention, prefix: str) -> dict[str, HFWeight]:
 class DeepseekDecoderLayer(LlamaDecoderLayer):
     """A Llama-family decoder layer whose attention is ``MLAAttention`` (``moe``: the MLP is DeepSeek's MoE)."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        params_dtype: torch.dtype | None = None,
-        moe: bool = False,
-        moe_parallel_config: MoEParallelConfig | None = None,
-        parallel_context: ParallelContext | None = None,
-    ) -> None:
-        nn.Module.__init__(self)
-        parallel_context = resolve_parallel_context(parallel_context)
-        self.config = config
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
-        self.self_attn = MLAAttention.from_config(config, params_dtype, parallel_context)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
-        self.mlp: nn.Module = (
-            DeepseekMoE.from_config(config, moe_parallel_config, params_dtype, parallel_context=parallel_context) if moe
-            else LlamaMLP(config, params_dtype, parallel_context)
-        )
+    @staticmethod
+    def make_attention(config: ModelConfig, params_dtype: torch.dtype | None, parallel_context: ParallelContext
+                       ) -> nn.Module:
+        return MLAAttention.from_config(config, params_dtype, parallel_context)
+
+    @staticmethod
+    def make_moe(config: ModelConfig, params_dtype: torch.dtype | None, moe_parallel_config: MoEParallelConfig | None,
+                 parallel_context: ParallelContext) -> nn.Module:
+        return DeepseekMoE.from_config(config, moe_parallel_config, params_dtype, parallel_context=parallel_context)
 
     def hf_weight_loaders(self, prefix: str, fused_experts: bool = False) -> dict[str, HFWeight]:
         loaders = {

@@ -174,12 +174,24 @@ class LlamaDecoderLayer(nn.Module):
         parallel_context = resolve_parallel_context(parallel_context)
         self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
-        self.self_attn = LlamaAttention(config, params_dtype, parallel_context)
+        self.self_attn = self.make_attention(config, params_dtype, parallel_context)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype)
         self.mlp: nn.Module = (
-            _moe_layer(config, params_dtype, moe_parallel_config, parallel_context) if moe
+            self.make_moe(config, params_dtype, moe_parallel_config, parallel_context) if moe
             else LlamaMLP(config, params_dtype, parallel_context)
         )
+
+    @staticmethod
+    def make_attention(config: ModelConfig, params_dtype: torch.dtype | None, parallel_context: ParallelContext
+                       ) -> nn.Module:
+        """The layer's attention block (a subclass's architecture overrides it)."""
+        return LlamaAttention(config, params_dtype, parallel_context)
+
+    @staticmethod
+    def make_moe(config: ModelConfig, params_dtype: torch.dtype | None, moe_parallel_config: MoEParallelConfig | None,
+                 parallel_context: ParallelContext) -> nn.Module:
+        """The layer's MoE block when ``moe`` (a subclass's architecture overrides it)."""
+        return _moe_layer(config, params_dtype, moe_parallel_config, parallel_context)
 
     def forward(
         self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables,
