@@ -447,8 +447,12 @@ def main(argv: list[str] | None = None) -> dict:
                     res.update(static_compile_report(eng, short, args.batch, res["warmup_s"]))
                 if name == "megacp":
                     st = eng.engine.stats
+                    runner = eng.engine.graph_runner
                     res["cuda_graphs"] = {"status": st.cuda_graphs, "capture_s": st.graph_capture_s,
-                                          "capture_bytes": st.graph_capture_bytes}
+                                          "capture_bytes": st.graph_capture_bytes,
+                                          # 1: the step is one graph; more: pieces cut around eager MoE blocks
+                                          "pieces": sorted({len(g.graph.pieces) for g in runner.graphs.values()})
+                                          if runner is not None else []}
                 if name == "megacp" and args.count_kernels and args.device == "cuda":
                     res["decode_kernels"] = decode_kernel_counts(eng.model, short[0], args.layers)
                 if name == "megacp" and args.device == "cuda":

@@ -19,7 +19,9 @@ temperature runs eagerly on the replay's logits. Prefill and mixed steps always 
 NCCL collectives are recorded in the graph. A gloo group's collectives go through host memory and cannot be: there
 the step is captured in pieces (``PiecewiseGraph``) cut at each such collective, which runs eagerly between the
 pieces' replays, on the same tensors (what several ranks sharing one GPU in tests and ``scripts/gpu_graph_matrix.py``
-use). MoE models run eagerly: their expert all-to-all sizes depend on the routing.
+use). The same cut serves MoE blocks that need the host (``MoELayer.capturable``: an expert group of several ranks,
+whose token counts are exchanged and read back, or no sync-free grouped GEMM here): the block runs eagerly between
+the pieces on the graph's tensors. A one-rank expert group in bfloat16 on sm_90+ is recorded whole (grouped GEMMs).
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ def graph_support(model: torch.nn.Module, device: torch.device) -> str | None:
     """None when the decode step of ``model`` can be captured on ``device``, else the reason it cannot."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (this run is on {device.type})"
-    if getattr(model.config, "is_moe", False):
-        return "MoE layers route a data-dependent number of tokens to each rank"
     return None
 
 
@@ -79,7 +79,8 @@ class PiecewiseGraph:
 
     def _cut(self, collective: Callable[[], None]) -> None:
         self.pieces[-1].capture_end()
-        collective()
+        with ps.cut_graphs_at_host_collectives(None):  # its own collectives (an eager MoE block's) run directly
+            collective()
         self.collectives.append(collective)
         self._begin()
 

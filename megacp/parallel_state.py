@@ -91,15 +91,22 @@ _host_collective_cut: Callable[[Callable[[], None]], None] | None = None
 
 
 @contextmanager
-def cut_graphs_at_host_collectives(cut: Callable[[Callable[[], None]], None]) -> Iterator[None]:
+def cut_graphs_at_host_collectives(cut: Callable[[Callable[[], None]], None] | None) -> Iterator[None]:
     """Within this block every host-staged collective of a ``ParallelGroup`` calls ``cut(run)`` instead of running:
-    ``run()`` performs it (result in its output tensor, as always), ``cut`` decides when (``PiecewiseGraph``)."""
+    ``run()`` performs it (result in its output tensor, as always), ``cut`` decides when (``PiecewiseGraph``).
+    ``cut=None``: collectives run directly again (what runs *between* graph pieces)."""
     global _host_collective_cut
     previous, _host_collective_cut = _host_collective_cut, cut
     try:
         yield
     finally:
         _host_collective_cut = previous
+
+
+def graph_capture_cut() -> Callable[[Callable[[], None]], None] | None:
+    """The callback of ``cut_graphs_at_host_collectives`` while a CUDA graph is captured piecewise, else None: a
+    layer whose work cannot be recorded (``MoELayer`` when its routing needs the host) hands it ``run`` the same way."""
+    return _host_collective_cut
 
 
 def rank_order_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

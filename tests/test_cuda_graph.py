@@ -94,18 +94,77 @@ def test_mla_graph_decode_equals_eager(dtype):
             assert s_graph.graph_replays == 5, s_graph
 
 
-def test_moe_deepseek_runs_eagerly():
-    """DeepSeek's MoE layers route a data-dependent number of tokens: graphs stay off for them."""
-    from megacp.cuda_graph import graph_support
+def test_moe_blocks_say_whether_a_graph_can_record_them():
+    """A one-rank expert group on the sync-free grouped path is recorded whole; otherwise (several ranks, or a case
+    without a sync-free grouped GEMM) the block asks to run between graph pieces. MoE models get graphs either way."""
     from megacp.models.config import model_config_from_dict
     from megacp.models.deepseek import DeepseekForCausalLM
     from tests.deepseek_tiny import tiny_deepseek_config
 
     with model_parallel():
         model = DeepseekForCausalLM(model_config_from_dict(tiny_deepseek_config(3).to_dict()))
-        assert "MoE" in graph_support(model, torch.device("cuda"))
-        dense = DeepseekForCausalLM(model_config_from_dict(tiny_deepseek_config(3, first_k_dense_replace=3).to_dict()))
-        assert graph_support(dense, torch.device("cuda")) is None
+        assert graph_support(model, torch.device("cuda")) is None
+        moe = [m for m in model.modules() if hasattr(m, "capturable")]
+        assert len(moe) == 2
+        x = torch.randn(3, 64)
+        with torch.inference_mode():
+            assert all(m.capturable(x) for m in moe)
+        assert not moe[0].capturable(x.requires_grad_(True))  # training: the autograd loop
+
+
+def test_moe_block_runs_between_pieces_while_a_graph_is_captured():
+    """While a capture's cut callback is set, a non-capturable MoE block hands its eager run to it, and that run
+    writes the same numbers the block computes directly (collectives inside it run directly: the hook is off)."""
+    from megacp import parallel_state as ps
+    from megacp.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(32, 24, 8, 2, renormalize=True)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(5, 32)
+    runs = []
+
+    def cut(run):
+        assert ps.graph_capture_cut() is cut
+        with ps.cut_graphs_at_host_collectives(None):
+            run()
+        runs.append(run)
+
+    with torch.no_grad():
+        direct = layer(x)
+        layer.capturable = lambda hidden: False  # as on a GPU without a sync-free grouped GEMM
+        with ps.cut_graphs_at_host_collectives(cut):
+            out = layer(x)
+        assert ps.graph_capture_cut() is None
+        torch.testing.assert_close(out, direct, rtol=0, atol=0)
+        out.zero_()
+        runs[0]()  # a replay runs it again into the same tensor
+        torch.testing.assert_close(out, direct, rtol=0, atol=0)
+    assert len(runs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_graph_decode_equals_eager(dtype):
+    """A DeepSeek MoE: bf16 records the MoE blocks in the graph (one piece), fp32 runs them between pieces (PyTorch's
+    fp32 grouped GEMM reads the offsets on the host); either way the replayed decode gives the eager tokens."""
+    from megacp.engine import LLMEngine
+    from tests.test_no_host_sync import _tiny_deepseek
+
+    with model_parallel(backend="gloo"):
+        model = _tiny_deepseek(dtype, "cuda", moe=True)
+        eager = LLMEngine(model, num_kv_blocks=64, block_size=16, max_num_seqs=17, enforce_eager=True)
+        graphs = LLMEngine(model, num_kv_blocks=64, block_size=16, max_num_seqs=17)
+        assert graphs.graphs_off_reason is None
+        for batch in (1, 3, 17):
+            want, _ = _run(eager, batch, dtype)
+            got, s_graph = _run(graphs, batch, dtype)
+            assert got == want, f"batch {batch} {dtype}: MoE graph decode tokens differ from eager"
+            assert s_graph.graph_replays == 5, s_graph
+        pieces = {len(g.graph.pieces) for g in graphs.graph_runner.graphs.values()}
+        assert pieces == ({1} if dtype == torch.bfloat16 else {3}), pieces  # 2 MoE blocks: 2 cuts, 3 pieces
 
 
 @pytest.mark.gpu

@@ -171,14 +171,15 @@ def test_model_steps_read_nothing_back_single_device():
     assert err < 1e-4
 
 
-def _tiny_deepseek(dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A seeded dense DeepSeek-V3 (MLA with q-LoRA, interleaved rope, YaRN) of tests/deepseek_tiny.py's sizes."""
+def _tiny_deepseek(dtype: torch.dtype = torch.float32, device: str = "cpu", moe: bool = False):
+    """A seeded dense DeepSeek-V3 (MLA with q-LoRA, interleaved rope, YaRN) of tests/deepseek_tiny.py's sizes;
+    ``moe=True``: its layers 1 and 2 are MoE blocks (8 experts, top-2, group-limited, biased router)."""
     from megacp.models.config import model_config_from_dict
     from megacp.models.deepseek import DeepseekForCausalLM
     from megacp.models.loader import seeded_hf_weights
     from tests.deepseek_tiny import tiny_deepseek_config
 
-    config = model_config_from_dict(tiny_deepseek_config(3, first_k_dense_replace=3).to_dict())
+    config = model_config_from_dict(tiny_deepseek_config(3, first_k_dense_replace=1 if moe else 3).to_dict())
     with torch.device(device):
         model = DeepseekForCausalLM(config, params_dtype=dtype)
     loaders = model.hf_weight_loaders()
@@ -190,6 +191,14 @@ def _tiny_deepseek(dtype: torch.dtype = torch.float32, device: str = "cpu"):
 def test_mla_model_steps_read_nothing_back_single_device():
     with model_parallel():
         reads, err = _run_steps(_tiny_deepseek(), 1, 0, 1)
+    assert reads == [[], [], []], reads
+    assert err < 1e-4
+
+
+def test_moe_model_steps_read_nothing_back_single_device():
+    """A DeepSeek MoE in inference: the grouped expert GEMMs (sorted pairs, device offsets) read nothing back."""
+    with model_parallel():
+        reads, err = _run_steps(_tiny_deepseek(moe=True), 1, 0, 1)
     assert reads == [[], [], []], reads
     assert err < 1e-4
 
@@ -266,6 +275,18 @@ def test_mla_model_steps_do_not_sync_on_cuda(dtype, tol):
         reads, err = _run_steps(model, 1, 0, 1, "cuda", guard=_NoCudaSync)
     assert reads == [[], [], []], reads
     assert err < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moe_model_steps_do_not_sync_on_cuda():
+    """A DeepSeek MoE in bfloat16 on sm_90+: routing and the grouped expert GEMMs stay on the device."""
+    with model_parallel(backend="gloo"):
+        model = _tiny_deepseek(torch.bfloat16, "cuda", moe=True)
+        _run_steps(model, 1, 0, 1, "cuda")  # warm-up
+        reads, err = _run_steps(model, 1, 0, 1, "cuda", guard=_NoCudaSync)
+    assert reads == [[], [], []], reads
+    assert err < 5e-2
 
 
 @pytest.mark.gpu

@@ -89,6 +89,57 @@ def expert_forward(
     return out.to(x.dtype)
 
 
+def expert_forward_grouped(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``expert_forward`` with fixed shapes and no host sync: two grouped GEMMs (``torch._grouped_mm``) over the
+    (token, expert) pairs sorted by local expert, so a CUDA graph can capture it. Same arguments and result.
+
+    Every one of the ``N·k`` pairs is computed once: the pairs are sorted by local expert id (non-local pairs last,
+    outside every group: their rows are masked out, never read), each expert's rows form one group of the GEMMs, and
+    the weighted rows go back to their (token, k) place and are summed over k in float32. Inference only (the
+    grouped GEMM has no autograd on every build); ``grouped_experts_usable`` says when it applies.
+    """
+    n, k = topk_ids.shape
+    e_local = w13.shape[0]
+    if n == 0:
+        return x.new_zeros(x.shape)
+    local_ids = (topk_ids if expert_map is None else expert_map[topk_ids]).flatten()  # [N·k]
+    local_ids = torch.where(local_ids < 0, e_local, local_ids)  # non-local pairs sort after every local group
+    order = torch.argsort(local_ids, stable=True)  # [N·k]: pair indices grouped by expert
+    counts = torch.zeros(e_local + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, local_ids, torch.ones_like(local_ids, dtype=torch.int32))
+    offs = counts[:e_local].cumsum(0, dtype=torch.int32)  # [E_local] end of each expert's rows
+    gate_up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [N·k, H]; rows past offs[-1]: junk
+    local = (local_ids[order] < e_local)[:, None]
+    y = torch.where(local, y.float() * topk_weights.flatten()[order, None].float(), 0.0)  # where: junk never leaks
+    out = torch.empty_like(y).index_copy_(0, order, y)  # back to pair order (a permutation: deterministic)
+    return out.view(n, k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_experts_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether ``expert_forward_grouped`` runs here without a host sync: no gradient is wanted, the grouped GEMM
+    exists, the rows are 16-byte aligned (its stride rule), and on CUDA the tensors are bfloat16 on sm_90+ (other
+    CUDA cases take PyTorch's per-group fallback, which reads the offsets on the host)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad or w2.requires_grad):
+        return False
+    item = x.element_size()
+    if any(d * item % 16 for d in (x.shape[-1], w13.shape[1], w2.shape[-1])) or w13.dtype != x.dtype:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
 def shard_range(size: int, num_shards: int, shard: int) -> tuple[int, int]:
     """Balanced ``[start, end)`` of ``shard`` when ``size`` is split into ``num_shards`` (sizes differ by <= 1)."""
     return shard * size // num_shards, (shard + 1) * size // num_shards
@@ -223,6 +274,19 @@ class MoELayer(nn.Module):
 
         A collective over the flattened group: every rank calls it the same number of times, also with ``T = 0``.
         """
+        cut = parallel_state.graph_capture_cut()
+        if cut is not None and not self.capturable(hidden):
+            out = torch.empty_like(hidden)  # a graph tensor: the eager block writes it between the graph's pieces
+            cut(lambda: out.copy_(self._forward(hidden)))
+            return out
+        return self._forward(hidden)
+
+    def capturable(self, hidden: torch.Tensor) -> bool:
+        """Whether a CUDA graph can record this block on ``hidden``'s device and dtype: a one-rank expert group (no
+        token counts to exchange) whose experts take the sync-free grouped path (``grouped_experts_usable``)."""
+        return self.parallel_config.flat_size == 1 and grouped_experts_usable(hidden, self.w13, self.w2)
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.parallel_config.flat_size == 1:
             return self.partial_forward(hidden, self.router_logits(hidden))
         return self._distributed_forward(hidden)
@@ -238,7 +302,8 @@ class MoELayer(nn.Module):
     def partial_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's share of the MoE output for tokens x: [N, H] with router_logits [N, E] -> [N, H]."""
         weights, ids = self.select_experts(router_logits)
-        out = expert_forward(x, self.w13, self.w2, weights, ids, self.expert_map)
+        experts = expert_forward_grouped if grouped_experts_usable(x, self.w13, self.w2) else expert_forward
+        out = experts(x, self.w13, self.w2, weights, ids, self.expert_map)
         if self.shared_expert_intermediate_size:
             shared = swiglu(x, self.shared_w13, self.shared_w2)
             if self.shared_expert_gate:
