@@ -122,8 +122,10 @@ class HF:
         self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
         self.model = self.model.to(device).eval()
+        # cache_implementation="dynamic" named explicitly: on the GPU image (transformers 5.17) generate without it
+        # ran a 4-layer decode step in 60 ms instead of 7.5 ms (docs/benchmarks.md, 2026-12-03 b).
         self.config = lambda n: GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                                 eos_token_id=None, pad_token_id=0)
+                                                 eos_token_id=None, pad_token_id=0, cache_implementation="dynamic")
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:

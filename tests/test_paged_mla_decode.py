@@ -86,10 +86,13 @@ def test_plans_are_validated_and_chosen_within_bounds():
             MLADecodePlan(**bad)
     for batch, heads, tokens in ((1, 16, 131072), (1, 16, 100), (16, 16, 8192), (64, 16, 2048), (4, 128, 65536)):
         plan = choose_mla_plan(batch, heads, tokens, num_sms=132)
-        assert 1 <= plan.num_splits <= max(1, -(-tokens // 256)) and plan.num_splits <= 128
+        assert 1 <= plan.num_splits <= min(128, max(1, -(-tokens // 256), min(32, -(-tokens // 64))))
         assert plan.block_h == (16 if heads <= 16 else 32)
         assert plan.fused_merge == (1 < plan.num_splits <= 8)
         programs = batch * -(-heads // plan.block_h) * plan.num_splits
         assert programs <= 2 * 132 * 1.5 or plan.num_splits == 1, (batch, heads, tokens, plan)
     assert choose_mla_plan(1, 16, 131072).num_splits == 128  # batch 1, long shard: many splits fill the GPU
     assert choose_mla_plan(64, 16, 2048).num_splits == 4
+    # short shards (launch-bound): up to 32 splits of >= 64 tokens, merged by the merge kernel (the H200 sweep's best)
+    assert [choose_mla_plan(b, 16, n).num_splits for b, n in ((1, 1024), (1, 2048), (16, 1024), (16, 2048))] == \
+        [16, 32, 16, 16]
