@@ -7,7 +7,8 @@ The decoder layer, the residual stream, the LM head and the weight schema are th
 (``megacp.models.llama``); what differs is the attention (``MLAAttention``: latent cache, absorbed decode, DCP =
 TP) and its RoPE, which rotates only ``qk_rope_head_dim`` dims (YaRN with ``mscale`` in DeepSeek-V3 checkpoints).
 The KV cache is one latent row per token and layer (``LatentPagedCache``): ``KVSession.for_model`` makes it.
-MoE layers run eagerly (data-dependent routing), like the Llama family's.
+Decode steps replay CUDA graphs; the MoE blocks are recorded in them or run between graph pieces
+(``MoELayer.capturable``), like the Llama family's.
 """
 
 from __future__ import annotations
