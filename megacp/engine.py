@@ -79,7 +79,8 @@ class RequestOutput:
 class EngineStats:
     """Timings of the last ``generate`` and this rank's KV numbers.
 
-    ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time.
+    ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time (with
+    async scheduling: time two steps in flight share is counted once, and discarded rows are not tokens).
     ``kv_capacity_tokens`` is how many tokens the CP group's caches hold (``num_kv_blocks·block_size·pcp·dcp``);
     ``kv_slots_per_rank`` how many token slots this rank has; ``peak_tokens_stored`` the most this rank held at once.
     ``cuda_graphs``: "on", or why decode runs eagerly; ``graph_replays``: decode steps run as a graph replay;
