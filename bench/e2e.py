@@ -16,7 +16,8 @@ default 4) and random weights, in bfloat16; ``--override KEY=VALUE`` changes any
 - ``weight_read_fraction``: per megacp decode step, the bytes that must be read (all weights + the batch's KV) over
   the step time, as a fraction of the device-to-device copy bandwidth measured in the same run (the physical limit
   of a memory-bound step; for MoE shapes only the experts a batch is expected to touch under uniform routing,
-  ``E·(1 − (1 − k/E)^B)`` per layer, count), and megacp's CUDA-graph numbers (replays, capture time and memory),
+  ``E·(1 − (1 − k/E)^B)`` per layer, count), and megacp's CUDA-graph numbers (replays, capture time and memory)
+  and whether it ran with ``--async-scheduling`` (``async_scheduling``: on, steps launched ahead),
 - ``model.kv_cache_bytes_per_token``: what one token's cache costs over all layers (K and V per KV head, or MLA's one
   latent row of ``kv_lora_rank + rope``),
 - how many of the first greedy tokens agree (bf16: the two implementations round differently, so this is a sanity
@@ -184,7 +185,7 @@ class Megacp:
     whatever happens) destroys it again, so a later engine, test or caller in the same process starts clean."""
 
     def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False,
-                 device: str = "cuda"):
+                 device: str = "cuda", async_scheduling: bool = False):
         import torch.distributed as dist
 
         from megacp import parallel_state as ps
@@ -198,7 +199,7 @@ class Megacp:
             self.model = load_model(path, torch.bfloat16, torch.device(device))
             self.engine = LLMEngine(self.model, num_kv_blocks=num_blocks, block_size=16,
                                     max_num_batched_tokens=max_batched, max_num_seqs=64,
-                                    enforce_eager=enforce_eager)
+                                    enforce_eager=enforce_eager, async_scheduling=async_scheduling)
         except BaseException:
             self.close()
             raise
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--enforce-eager", action="store_true", help="megacp without CUDA graphs")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="megacp launches each decode step before reading the previous step's ids back")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="also time megacp's TTFT with prompts prefilled in chunks of this many tokens (chunked "
                         "prefill over the cached context), reported as chunked_ttft_s and chunked_vs_whole")
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
                 blocks = max(max(args.batch) * -(-(args.decode_prompt_len + args.new_tokens) // 16),
                              -(-max_len // 16)) + 16
                 eng = Megacp(path, max_batched=max(args.prompt_lens + [args.decode_prompt_len * max(args.batch)]),
-                             num_blocks=blocks, enforce_eager=args.enforce_eager, device=args.device)
+                             num_blocks=blocks, enforce_eager=args.enforce_eager, device=args.device,
+                             async_scheduling=args.async_scheduling)
             elif name == "transformers-static":
                 eng = HFStatic(path, args.device, decode_cache_len=args.decode_prompt_len + args.new_tokens)
             else:
@@ -455,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           # 1: the step is one graph; more: pieces cut around eager MoE blocks
                                           "pieces": sorted({len(g.graph.pieces) for g in runner.graphs.values()})
                                           if runner is not None else []}
+                    res["async_scheduling"] = {"on": st.async_scheduling, "async_steps": st.async_steps}
                 if name == "megacp" and args.count_kernels and args.device == "cuda":
                     res["decode_kernels"] = decode_kernel_counts(eng.model, short[0], args.layers)
                 if name == "megacp" and args.device == "cuda":

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly (default on CUDA with a dense model: replay CUDA graphs)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="launch each greedy decode step before the previous step's ids are read back (same ids)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     p.add_argument("--chat", action="store_true",
                    help="apply the checkpoint's chat template to each --prompt (one user turn, then the assistant's)")
@@ -413,8 +415,8 @@ def run(args: argparse.Namespace, progress: dict[str, Any] | None = None
         except (ValueError, OSError, KeyError) as e:
             raise ValueError(f"could not load --model {args.model}: {e}") from None
         built["engine"] = LLMEngine(built["model"], num_blocks, args.block_size, args.max_num_batched_tokens,
-                                    args.max_num_seqs,
-                                    enforce_eager=args.enforce_eager)
+                                    args.max_num_seqs, enforce_eager=args.enforce_eager,
+                                    async_scheduling=args.async_scheduling)
 
     error = _first_error(load_and_build)
     if error is not None:
@@ -474,6 +476,8 @@ def _summary(args, prompts, tokenizer, reports, parallel, world_size, dtype, dev
             "graph_replays": stats[0].graph_replays,
             "graph_capture_s": stats[0].graph_capture_s,
             "graph_capture_bytes": stats[0].graph_capture_bytes,
+            "async_scheduling": stats[0].async_scheduling,
+            "async_steps": stats[0].async_steps,
         },
         "kv": {
             "block_size": args.block_size,
@@ -514,7 +518,8 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"[{i}] {shown}({n} tokens{split}) -> {answer} ({len(o['output_ids'])} new, {o['finish_reason']}, "
               f"TTFT {o['ttft_s'] * 1e3:.0f} ms)")
     print(f"TTFT mean {t['mean_ttft_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s, "
-          f"{t['num_steps']} steps")
+          f"{t['num_steps']} steps" + (f" ({t['async_steps']} launched ahead: async scheduling)"
+                                       if t["async_scheduling"] else ""))
     print(f"KV: {kv['capacity_tokens']} tokens per CP group ({kv['cp_world_size']} ranks x {kv['slots_per_rank']} "
           f"slots); peak tokens stored per rank {kv['peak_tokens_stored_per_rank']}")
 

@@ -66,16 +66,24 @@ class CpuGpuBuffer:
         The one read-back of a step (the sampled ids): a copy into pinned memory plus an event wait, instead of
         ``.tolist()`` on a device tensor (a pageable copy and a full synchronisation).
         """
+        host, done = self.to_host_async(device_values)
+        if done is not None:
+            done.synchronize()
+        return host
+
+    def to_host_async(self, device_values: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
+        """Enqueue ``to_host``'s copy without waiting: (the host rows, an event that fires once they hold the values,
+        None on the CPU where the copy is done on return). Read the rows only after ``event.synchronize()``, and do
+        not start another copy into this buffer before (the engine's async scheduling alternates two buffers)."""
         n = device_values.shape[0]
         host = self.host()[:n]
         if self.on_cpu:
             host.copy_(device_values)
-            return host
+            return host, None
         host.copy_(device_values, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()
-        return host
+        return host, done
 
 
 class StagingArena:

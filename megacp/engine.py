@@ -20,6 +20,21 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    with ``NONFINITE_TOKEN`` on the device, so the flag rides in the step's one read-back of the ids, and the
    broadcast makes the verdict the same on every rank.
 
+**Async scheduling** (``LLMEngine(async_scheduling=True)``, as vLLM's ``async_scheduling``): the host schedules and
+launches step N+1 while step N runs on the device, for consecutive greedy pure-decode steps of requests past their
+prompt. Step N+1's input ids are step N's agreed ids, gathered on the device (no host round-trip); it is launched
+(graph replay or eager) before the host reads step N's ids back, and then the host processes step N (outputs, stops,
+frees). A request that ends by length at step N is known on the host and is left out of step N+1; one that hits EOS
+(or NaN/inf) at step N was computed in step N+1 too: that row is discarded (its KV slot lies inside the request's
+reservation) and the request freed. Every step keeps its one read-back (two pinned buffers alternate). Prefill and
+mixed steps run synchronously: the pipeline drains first, and so it does when a waiting request could be admitted
+(now, or into the room a length stop frees; room freed by an EOS is seen one step later than synchronously, which
+moves an admission, not an id). Every decision reads host state only, the same on every rank, so the collectives
+stay in step. The ids equal the synchronous engine's: a greedy row depends on its own request only (up to
+batch-size-dependent rounding, the condition under which a graph's padded batch gives the eager ids too). Sampling
+with temperature > 0 stays synchronous: the generator's draws depend on the batch's rows, so one extra row (a
+request computed past its EOS) would shift every later draw.
+
 ``generate`` first runs ``validate_requests`` (pure: token ids, lengths, sampling), so a bad request raises
 ``ValueError`` on every rank before any collective and the engine stays usable.
 
@@ -64,11 +79,14 @@ class RequestOutput:
 class EngineStats:
     """Timings of the last ``generate`` and this rank's KV numbers.
 
-    ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time.
+    ``decode_tokens_per_s`` counts the tokens of steps that ran no prefill work, over those steps' wall time (with
+    async scheduling: time two steps in flight share is counted once, and discarded rows are not tokens).
     ``kv_capacity_tokens`` is how many tokens the CP group's caches hold (``num_kv_blocks·block_size·pcp·dcp``);
     ``kv_slots_per_rank`` how many token slots this rank has; ``peak_tokens_stored`` the most this rank held at once.
     ``cuda_graphs``: "on", or why decode runs eagerly; ``graph_replays``: decode steps run as a graph replay;
-    ``graph_capture_s`` / ``graph_capture_bytes``: what capturing cost (once per engine).
+    ``graph_capture_s`` / ``graph_capture_bytes``: what capturing cost (once per engine). ``async_scheduling``:
+    whether the engine ran with ``LLMEngine(async_scheduling=True)``; ``async_steps``: steps launched on the device ids
+    of a step still in flight (greedy pure-decode steps only, see the module docstring).
     """
 
     ttft_s: list[float] = field(default_factory=list)
@@ -83,6 +101,8 @@ class EngineStats:
     graph_replays: int = 0
     graph_capture_s: float = 0.0
     graph_capture_bytes: int = 0
+    async_scheduling: bool = False
+    async_steps: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -110,6 +130,35 @@ class _Request:
         return self.prompt[position] if position < n else self.output[position - n]
 
 
+@dataclass
+class _Step:
+    """A launched step: what it scheduled, and its sampled ids once ``_agree`` started their read-back."""
+
+    index: int  # steps of this generate before it
+    sched: list[tuple[_Request, int]]
+    need: list[int]  # indices into sched of the entries that sample
+    pure_decode: bool
+    t0: float  # when it was launched
+    tokens: Tensor | None = None  # [len(need)] long on the device, agreed (the next step's input ids when pipelined)
+    logits: Tensor | None = None  # [len(need), vocab] float32 (read before the next step when a first token needs it)
+    host: Tensor | None = None  # the pinned read-back of tokens, valid once ``ready`` fired
+    ready: Any = None  # torch.cuda.Event, None on the CPU (the copy is done)
+
+
+@dataclass
+class _Generation:
+    """The state of one ``generate`` call."""
+
+    waiting: deque[_Request]
+    running: list[_Request]
+    sampling: SamplingParams
+    generator: torch.Generator
+    return_prompt_logits: bool
+    stats: EngineStats
+    start: float
+    last_done: float = 0.0  # when the last step's ids were processed
+
+
 class LLMEngine:
     """Runs ``generate`` for a ``LlamaForCausalLM`` on one DP replica of a ``ParallelContext``.
 
@@ -117,7 +166,9 @@ class LLMEngine:
     ``max_num_seqs``: requests admitted at once (rows of the block table). The KV cache is a ``KVSession``
     (``self.session``): requests are its ids, each step its metadata. On CUDA with NCCL (or one GPU) pure-decode
     steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``parallel_context``: the layout, default the
-    model's (``model.parallel_context``), else ``resolve_parallel_context``'s.
+    model's (``model.parallel_context``), else ``resolve_parallel_context``'s. ``async_scheduling=True``: greedy
+    pure-decode steps are launched one ahead of the host's processing of their predecessor (module docstring), with
+    the synchronous engine's ids; sampling with temperature > 0 runs synchronously.
     """
 
     def __init__(
@@ -129,12 +180,14 @@ class LLMEngine:
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
         parallel_context: ParallelContext | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         num_kv_blocks = check_int("LLMEngine(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
         block_size = check_int("LLMEngine(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")
         max_num_batched_tokens = check_int("LLMEngine(max_num_batched_tokens)", max_num_batched_tokens, 1,
                                            hint="tokens per step, e.g. 512")
         max_num_seqs = check_int("LLMEngine(max_num_seqs)", max_num_seqs, 1, hint="requests run at once, e.g. 64")
+        self.async_scheduling = check_bool("LLMEngine(async_scheduling)", async_scheduling)
         ctx = self.parallel_context = resolve_parallel_context(
             parallel_context if parallel_context is not None else getattr(model, "parallel_context", None))
         validate_moe_data_parallel(getattr(model.config, "is_moe", False), ctx.dp_size)
@@ -145,7 +198,10 @@ class LLMEngine:
         self.max_model_len = int(model.config.max_position_embeddings)
         self.session = KVSession.for_model(model, num_kv_blocks, block_size, max_num_seqs,
                                            max_seq_len=self.max_model_len, parallel_context=ctx)  # K/V or latent rows
-        self._sampled = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)  # the step's read-back
+        # The step's read-back, two buffers: with async scheduling a step's copy is queued before the previous
+        # step's ids are read. And the rows of the in-flight step's ids that feed the next step.
+        self._sampled = tuple(CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device) for _ in range(2))
+        self._fed_index = CpuGpuBuffer(max_num_seqs, dtype=torch.long, device=self.device)
         # CUDA-graph decode (megacp/cuda_graph.py), captured at the first pure-decode step.
         self.graphs_off_reason = "enforce_eager=True" if enforce_eager else graph_support(model, self.device)
         self.graph_runner: DecodeGraphRunner | None = None
@@ -198,42 +254,75 @@ class LLMEngine:
         return sched
 
     # ------------------------------------------------------------------ one step
+    def _launch(self, g: _Generation, sched: list[tuple[_Request, int]], feed: _Step | None = None) -> _Step:
+        """Build and launch one step (``_run_step``); ``feed``: the in-flight step whose device ids are its input."""
+        if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
+            raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
+        need = [i for i, (r, n) in enumerate(sched) if self._computed(r) + n >= len(r.prompt)]
+        step = _Step(g.stats.num_steps, sched, need, self._is_pure_decode(sched), time.perf_counter())
+        self._run_step(step, g.sampling, g.generator, feed)  # advances the cache
+        g.stats.num_steps += 1
+        g.stats.async_steps += feed is not None
+        g.stats.peak_tokens_stored = max(g.stats.peak_tokens_stored, self.session.tokens_stored())
+        return step
+
     @torch.inference_mode()
-    def _run_step(self, sched: list[tuple[_Request, int]], need: list[int], pure_decode: bool,
-                  sampling: SamplingParams, generator: torch.Generator) -> tuple[list[int], Tensor | None]:
-        """Forward the scheduled tokens; return sampled ids of the entries ``need`` (indices into ``sched`` that end
-        a prompt or decode, in ``sched`` order) and their logits [n, vocab] (None when ``need`` is empty).
-        ``pure_decode``: every entry is a decode (``_is_pure_decode``): the step may replay a CUDA graph."""
+    def _run_step(self, step: _Step, sampling: SamplingParams, generator: torch.Generator,
+                  feed: _Step | None = None) -> None:
+        """Forward the scheduled tokens, sample the entries ``step.need`` (indices into ``step.sched`` that end a
+        prompt or decode), agree on them and start their read-back (``_agree``). A pure-decode step whose every row
+        samples may replay a CUDA graph; ``feed`` (async scheduling): its ids come from that step's sampled ids on
+        the device instead of the host."""
         # Host work only until the sampled ids come back: the metadata and the input ids cross over in the
         # session's persistent buffers without a sync, and the copy of the sampled ids into pinned memory at the end
         # is the step's one read-back (docs/benchmarks.md: host-bound decode).
+        sched, need = step.sched, step.need
         for r, n in sched:
             r.computed += n  # the session's count once the step is built (a failed step ends generate)
-        runner = self._graph_runner_for(sched, need, pure_decode)
-        if pure_decode and len(need) == len(sched):  # the metadata from the session's per-row state
+        runner = self._graph_runner_for(sched, need, step.pure_decode)
+        if step.pure_decode and len(need) == len(sched):  # the metadata from the session's per-row state
             rids = [r.index for r, _ in sched]
-            ids = torch.tensor([r.token_at(r.computed - 1) for r, _ in sched], dtype=torch.long)
+            ids = self._fed_ids(sched, feed) if feed is not None else \
+                torch.tensor([r.token_at(r.computed - 1) for r, _ in sched], dtype=torch.long)
             if runner is not None:
                 logits, greedy = runner.run(rids, ids)
                 self.stats.graph_replays += 1
                 tokens = greedy if sampling.temperature == 0 else sample(logits, sampling.temperature,
                                                                          sampling.top_p, generator)
-                return self._agree(tokens), logits
+                self._agree(step, tokens, logits)
+                return
             meta = self.session.decode_step(rids, ids)
         else:
             meta = self.session.step([(r.index, r.tokens[r.computed - n : r.computed]) for r, n in sched],
                                      logits_requests=need)
         logits = step_logits(self.model, meta, self.session.kv_caches, logits=bool(need))  # [n, vocab] float32
-        if logits is None:
-            return [], None
-        tokens = sample(logits, sampling.temperature, sampling.top_p, generator)
-        return self._agree(tokens), logits
+        if logits is not None:
+            self._agree(step, sample(logits, sampling.temperature, sampling.top_p, generator), logits)
 
-    def _agree(self, tokens: Tensor) -> list[int]:
-        """Broadcast the sampled ids from the replica's first rank (over TP, then PCP) and read them back once."""
+    def _fed_ids(self, sched: list[tuple[_Request, int]], feed: _Step) -> Tensor:
+        """The input ids of a decode step of requests that all sampled in ``feed``: their rows of ``feed.tokens``,
+        gathered on the device (the index crosses over in a persistent buffer: no sync). A NaN/inf row's
+        ``NONFINITE_TOKEN`` becomes id 0: its request stops with ``feed`` and this step's row is discarded.
+
+        # -> [len(sched)] long on the engine's device
+        """
+        row = {r.index: i for i, (r, _) in enumerate(feed.sched)}
+        index = [row[r.index] for r, _ in sched]
+        if index == list(range(len(index))):
+            ids = feed.tokens[: len(index)]
+        else:
+            host = self._fed_index.host()
+            host[: len(index)] = torch.tensor(index, dtype=torch.long)
+            ids = feed.tokens.index_select(0, self._fed_index.to_device(len(index)))
+        return ids.clamp(min=0)
+
+    def _agree(self, step: _Step, tokens: Tensor, logits: Tensor) -> None:
+        """Broadcast the sampled ids from the replica's first rank (over TP, then PCP) and start their one read-back
+        (into one of two pinned buffers, so a step in flight and the next one never share one)."""
         tokens = self.parallel_context.tp.broadcast(tokens.contiguous(), src=0)
         tokens = self.parallel_context.pcp.broadcast(tokens, src=0)
-        return self._sampled.to_host(tokens).tolist()
+        step.tokens, step.logits = tokens, logits
+        step.host, step.ready = self._sampled[step.index % 2].to_host_async(tokens)
 
     def _is_pure_decode(self, sched: list[tuple[_Request, int]]) -> bool:
         """Every scheduled request is a decode, by the metadata's own rule (``cp_metadata.is_decode``, which makes
@@ -254,6 +343,38 @@ class LLMEngine:
             self.stats.graph_capture_bytes = self.graph_runner.capture_bytes
         return self.graph_runner if len(sched) <= self.graph_runner.max_batch else None
 
+    # ------------------------------------------------------------------ async scheduling
+    def _pipelined(self, step: _Step, sampling: SamplingParams) -> bool:
+        """Whether ``step`` may stay in flight while the next one is launched: async scheduling, greedy, and a pure
+        decode of requests past their prompt (every row samples; no first token, so no prompt logits to keep)."""
+        return (self.async_scheduling and sampling.temperature == 0 and step.pure_decode
+                and len(step.need) == len(step.sched) and all(r.output for r, _ in step.sched))
+
+    def _lookahead(self, g: _Generation, inflight: _Step) -> list[tuple[_Request, int]] | None:
+        """The next step, scheduled before ``inflight``'s ids are read, or None when it needs them read first.
+
+        It is a decode of ``inflight``'s requests but those it ends by length (``len(output) + 1`` reaches
+        ``max_new_tokens``: known on the host) and those that ended before it (an EOS or NaN/inf at the step
+        before: their ``inflight`` row is discarded). None, so the pipeline drains and the step is scheduled as the
+        synchronous engine does, when another running request would join (a prompt chunk: a mixed step) or when
+        a waiting request could be admitted now or into the room a length stop frees. (Room freed by an EOS is seen
+        one step later than the synchronous engine sees it: the admission, not the ids, moves by a step.)
+        """
+        rows = [r for r, _ in inflight.sched if not r.finish_reason]
+        keep = [r for r in rows if len(r.output) + 1 < g.sampling.max_new_tokens]
+        held = {r.index for r in rows}
+        if not keep or any(r.index not in held for r in g.running):
+            return None
+        if g.waiting and (len(keep) < len(rows) or self._admits(g, len(keep))):
+            return None
+        return [(r, 1) for r in keep]
+
+    def _admits(self, g: _Generation, num_decodes: int) -> bool:
+        """Whether ``_schedule`` would admit the first waiting request next to ``num_decodes`` decodes now."""
+        head = g.waiting[0]
+        return (self.max_num_batched_tokens > num_decodes
+                and self.session.can_reserve(head.index, len(head.prompt) + g.sampling.max_new_tokens))
+
     # ------------------------------------------------------------------ the loop
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingParams, return_prompt_logits: bool = False
@@ -263,60 +384,87 @@ class LLMEngine:
         self._nonfinite_weight = None
         reqs = [_Request(i, ids) for i, ids in enumerate(prompts)]
         self._requests = reqs
-        waiting, running = deque(reqs), []
-        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stats = EngineStats(
             kv_capacity_tokens=self.session.capacity_tokens,
             kv_slots_per_rank=self.num_kv_blocks * self.block_size,
             cuda_graphs=self.graphs_off_reason or "on",
+            async_scheduling=self.async_scheduling,
         )
         if self.graph_runner is not None:
             stats.graph_capture_s, stats.graph_capture_bytes = self.graph_runner.capture_s, \
                 self.graph_runner.capture_bytes
         self.stats = stats  # the steps count into it (graph replays, capture)
-        start = time.perf_counter()
+        g = _Generation(deque(reqs), [], sampling, torch.Generator(device=self.device).manual_seed(sampling.seed),
+                        return_prompt_logits, stats, time.perf_counter())
         try:
-            while waiting or running:
-                sched = self._schedule(waiting, running, sampling.max_new_tokens)
-                if not sched:  # cannot happen after validate_requests: an empty cache fits any single request
-                    raise RuntimeError("scheduler made no progress; this is a bug in megacp.engine")
-                pure_decode = self._is_pure_decode(sched)
-                need = [i for i, (r, n) in enumerate(sched) if self._computed(r) + n >= len(r.prompt)]
-                t0 = time.perf_counter()
-                tokens, logits = self._run_step(sched, need, pure_decode, sampling, generator)  # advances the cache
-                now = time.perf_counter()
-                stats.num_steps += 1
-                stats.peak_tokens_stored = max(stats.peak_tokens_stored, self.session.tokens_stored())
-                if pure_decode:
-                    stats.decode_time_s += now - t0
-                    stats.decode_tokens += len(sched)
-                for k, (j, tok) in enumerate(zip(need, tokens)):
-                    r = sched[j][0]
-                    if tok == NONFINITE_TOKEN:  # the same on every rank: the ids were broadcast from one rank
-                        self._stop_nonfinite(r, stats.num_steps - 1)
-                        running.remove(r)
-                        continue
-                    if not r.output:
-                        r.ttft_s = now - start
-                        if return_prompt_logits:
-                            r.prompt_logits = logits[k].cpu()
-                    r.output.append(tok)
-                    if tok in self.eos_token_ids and not sampling.ignore_eos:
-                        r.finish_reason = "eos"
-                    elif len(r.output) >= sampling.max_new_tokens:
-                        r.finish_reason = "length"
-                    if r.finish_reason:
-                        self.session.free(r.index)
-                        running.remove(r)
+            self._loop(g)
         finally:
             # A step that raised (a bad input, a dead peer) must not leak this engine's KV blocks and rows.
-            for r in running:
+            for r in g.running:
                 if r.index in self.session:
                     self.session.free(r.index)
-        stats.total_time_s = time.perf_counter() - start
+        stats.total_time_s = time.perf_counter() - g.start
         stats.ttft_s = [r.ttft_s for r in reqs]
         self.stats = stats
         return self.outputs_so_far()
+
+    def _loop(self, g: _Generation) -> None:
+        """Steps until every request finished. Synchronously each step is launched, then its ids are read back and
+        processed (``_finish``). With async scheduling a pipelined step (``_pipelined``) stays in flight: the next
+        one (``_lookahead``) is launched on its device ids before its own ids are read; when there is no such next
+        step the in-flight one is finished first and the next scheduled from the processed state."""
+        inflight: _Step | None = None
+        while g.waiting or g.running:
+            ahead = None if inflight is None else self._lookahead(g, inflight)
+            if inflight is not None and ahead is None:  # drain
+                self._finish(g, inflight)
+                inflight = None
+                continue
+            if ahead is not None:
+                step = self._launch(g, ahead, feed=inflight)
+            else:
+                step = self._launch(g, self._schedule(g.waiting, g.running, g.sampling.max_new_tokens))
+            if inflight is not None:
+                self._finish(g, inflight)
+            inflight = step if self._pipelined(step, g.sampling) else None
+            if inflight is None:
+                self._finish(g, step)
+        if inflight is not None:  # only rows of requests that already stopped: nothing to append
+            self._finish(g, inflight)
+
+    def _finish(self, g: _Generation, step: _Step) -> None:
+        """Wait for ``step``'s ids and process them: append, stop at EOS / length / NaN-inf, free. A row of a request
+        that stopped at an earlier step (async scheduling computed it ahead) is discarded."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = [] if step.host is None else step.host.tolist()
+        now = time.perf_counter()
+        decoded = 0
+        for k, (j, tok) in enumerate(zip(step.need, tokens)):
+            r = step.sched[j][0]
+            if r.finish_reason:
+                continue
+            decoded += 1
+            if tok == NONFINITE_TOKEN:  # the same on every rank: the ids were broadcast from one rank
+                self._stop_nonfinite(r, step.index)
+                g.running.remove(r)
+                continue
+            if not r.output:
+                r.ttft_s = now - g.start
+                if g.return_prompt_logits:
+                    r.prompt_logits = step.logits[k].cpu()
+            r.output.append(tok)
+            if tok in self.eos_token_ids and not g.sampling.ignore_eos:
+                r.finish_reason = "eos"
+            elif len(r.output) >= g.sampling.max_new_tokens:
+                r.finish_reason = "length"
+            if r.finish_reason:
+                self.session.free(r.index)
+                g.running.remove(r)
+        if step.pure_decode:  # wall time not already counted for the step before (in flight alongside)
+            g.stats.decode_time_s += now - max(step.t0, g.last_done)
+            g.stats.decode_tokens += decoded
+        g.last_done = now
 
     def outputs_so_far(self) -> list[RequestOutput]:
         """The requests of the running (or last) ``generate`` as they stand, in its prompt order: after an interrupt

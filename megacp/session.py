@@ -374,6 +374,9 @@ class KVSession:
         with no Python loop over requests but the id -> row lookup.
 
         # token_ids: [n] long (one new id per request, or None: counts only, ``meta.input_ids`` None)
+        ``token_ids`` may live on the session's device (the previous step's sampled ids, what
+        ``LLMEngine(async_scheduling=True)`` feeds): they reach the step's input buffer by a device copy, with no
+        host round-trip, and are not checked against ``vocab_size`` (that would read them back).
         """
         try:
             rows = torch.tensor([self._seqs[rid].row for rid in request_ids], dtype=torch.long)
@@ -388,8 +391,10 @@ class KVSession:
                 raise ValueError(f"KVSession.decode_step: token_ids must be {rows.numel()} integer ids (one per "
                                  f"request), got {ids.numel()} of {ids.dtype}")
             ids = ids.long()
-            if self.vocab_size is not None and ids.numel() and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
-                bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+            outside = None if self.vocab_size is None or ids.device.type != "cpu" else \
+                (ids < 0) | (ids >= self.vocab_size)
+            if outside is not None and bool(outside.any()):
+                bad = int(ids[outside][0])
                 raise ValueError(f"KVSession.decode_step new token ids: id {bad} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
         pos = self._cached[rows]

@@ -16,6 +16,10 @@ bfloat16), a seeded tiny Llama (2 layers, 8 query heads of 64, one KV head) runs
 - in float32, every layout's ids equal the single-rank layout's (the model's logits have clear argmax margins, so a
   wrong layout shows up as different tokens, not as rounding).
 
+``--async-scheduling``: the graph engine runs with ``LLMEngine(async_scheduling=True)`` (each decode step launched on
+the previous step's device ids before their read-back), so the same checks hold it to the eager synchronous ids, and
+each generate must have launched steps ahead.
+
 Prints one line per case and, on rank 0, a JSON summary; exits 1 if any case failed.
 """
 
@@ -55,17 +59,18 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (batch,), generator=g)]
 
 
-def run_case(dtype: str, device: torch.device) -> dict:
+def run_case(dtype: str, device: torch.device, async_scheduling: bool = False) -> dict:
     """This rank's eager and graph runs of one layout: ids per batch, replay counts, pieces per graph."""
     from megacp.engine import LLMEngine
     from megacp.sampling import SamplingParams
 
     model = tiny_model(DTYPES[dtype], device)
     kwargs = dict(num_kv_blocks=256, block_size=16, max_num_seqs=max(BATCHES))
-    eager, graphs = LLMEngine(model, enforce_eager=True, **kwargs), LLMEngine(model, **kwargs)
+    eager = LLMEngine(model, enforce_eager=True, **kwargs)
+    graphs = LLMEngine(model, async_scheduling=async_scheduling, **kwargs)
     sampling = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     res: dict = {"eager": {}, "graph": {}, "eager_replays": {}, "graph_replays": {}, "errors": [],
-                 "eager_repeatable": {}, "graph_repeatable": {}}
+                 "eager_repeatable": {}, "graph_repeatable": {}, "async_steps": {}}
     if graphs.graphs_off_reason is not None:
         res["errors"].append(f"graphs are off: {graphs.graphs_off_reason}")
     for batch in BATCHES:
@@ -73,6 +78,7 @@ def run_case(dtype: str, device: torch.device) -> dict:
         for name, engine in (("eager", eager), ("graph", graphs)):
             res[name][batch] = [o.output_ids for o in engine.generate(p, sampling)]
             res[f"{name}_replays"][batch] = engine.stats.graph_replays
+        res["async_steps"][batch] = graphs.stats.async_steps
         # diagnostic, not a check: does each engine repeat its own ids (a mismatch with the graph then points at a
         # difference between the paths, else at nondeterminism)?
         res["eager_repeatable"][batch] = [o.output_ids for o in eager.generate(p, sampling)] == res["eager"][batch]
@@ -83,7 +89,8 @@ def run_case(dtype: str, device: torch.device) -> dict:
     return res
 
 
-def check(tp: int, pcp: int, dcp: int, dtype: str, gathered: list[dict], single_rank: dict | None) -> list[str]:
+def check(tp: int, pcp: int, dcp: int, dtype: str, gathered: list[dict], single_rank: dict | None,
+          async_scheduling: bool = False) -> list[str]:
     fails = []
     for r, g in enumerate(gathered):
         fails += [f"rank {r}: {e}" for e in g["errors"]]
@@ -93,6 +100,8 @@ def check(tp: int, pcp: int, dcp: int, dtype: str, gathered: list[dict], single_
             if g["graph_replays"].get(batch) != MAX_NEW - 1 or g["eager_replays"].get(batch) != 0:
                 fails.append(f"rank {r} batch {batch}: replays graph {g['graph_replays'].get(batch)} "
                              f"(want {MAX_NEW - 1}), eager {g['eager_replays'].get(batch)} (want 0)")
+            if async_scheduling and not g.get("async_steps", {}).get(batch):
+                fails.append(f"rank {r} batch {batch}: async scheduling launched no step ahead")
             if single_rank is not None and dtype == "float32" and g["graph"].get(batch) != single_rank.get(batch):
                 fails.append(f"rank {r} batch {batch}: float32 ids differ from the single-rank layout's")
         has_collectives = tp > 1 or pcp > 1 or dcp > 1
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--group-timeout-s", type=float, default=120.0)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--async-scheduling", action="store_true", help="the graph engine pipelines its decode steps")
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "0")) != WORLD:
         raise ValueError(f"the matrix needs {WORLD} ranks: run it as torchrun --nproc-per-node {WORLD} {sys.argv[0]}")
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in args.dtypes:
                 start = time.perf_counter()
                 try:
-                    mine = run_case(dtype, device)
+                    mine = run_case(dtype, device, args.async_scheduling)
                 except Exception as exc:  # noqa: BLE001  (reported in the row; peers may time out)
                     mine = {"errors": [f"{type(exc).__name__}: {exc}"[:400]], "eager": {}, "graph": {},
                             "eager_replays": {}, "graph_replays": {}, "pieces": {}}
@@ -135,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 dist.all_gather_object(gathered, mine)
                 if (tp, pcp, dcp) == (1, 1, 1):
                     single[dtype] = gathered[0]["graph"]
-                fails = check(tp, pcp, dcp, dtype, gathered, single.get(dtype))
+                fails = check(tp, pcp, dcp, dtype, gathered, single.get(dtype), args.async_scheduling)
                 pieces = sorted({n for g in gathered for n in g["pieces"].values()})
                 row = {"tp": tp, "pcp": pcp, "dcp": dcp, "dp": WORLD // (tp * pcp), "dtype": dtype,
-                       "batches": list(BATCHES), "graph_pieces": pieces,
+                       "batches": list(BATCHES), "graph_pieces": pieces, "async_scheduling": args.async_scheduling,
                        "replays_per_generate": sorted({n for g in gathered for n in g["graph_replays"].values()}),
                        "eager_repeatable": all(all(g.get("eager_repeatable", {}).values()) for g in gathered),
                        "graph_repeatable": all(all(g.get("graph_repeatable", {}).values()) for g in gathered),

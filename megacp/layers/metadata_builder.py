@@ -153,6 +153,8 @@ class AttentionMetadataBuilder:
 
         # req_rows: [n] long (block-table rows), num_computed: [n] long (cached tokens, each >= 1),
         # token_ids: [n] long or None -> AttentionMetadata of max(n, pad_to) rows
+        ``token_ids`` on the step's device (the previous step's sampled ids, ``LLMEngine(async_scheduling=True)``)
+        reach the input buffer by a device copy queued after the metadata's host copy: no host round-trip.
         """
         n = int(req_rows.numel())
         if n == 0 and not pad_to:
@@ -166,9 +168,12 @@ class AttentionMetadataBuilder:
             raise ValueError(f"pad_decodes_to={pad_to} needs a pure-decode step of at most that many "
                              f"requests and at most max_num_reqs={self.max_num_reqs}")
         self.block_table.commit()
-        decode = self._build_decode(req_rows, num_computed, torch.arange(n), token_ids, pad_to)
+        on_device = token_ids is not None and token_ids.device.type != "cpu"
+        decode = self._build_decode(req_rows, num_computed, torch.arange(n), None if on_device else token_ids, pad_to)
         B = decode.num_reqs
         dev = self._decode_buf.gpu
+        if on_device:  # after _build_decode's copy of the host rows, in stream order
+            dev[self._IDS, :n].copy_(token_ids)
         tok_host = self._decode_buf.cpu[self._TOK, :B].clone()
         # the common part lives in the fixed decode buffer too
         return AttentionMetadata(
