@@ -11,7 +11,10 @@ size once per session (see the ``dist_pool_*`` fixtures in conftest.py) and ship
     def test_sum(dist_pool_2):
         assert dist_pool_2.run(_check_sum) == [1.0, 1.0]
 
-Every worker has called ``torch.distributed.init_process_group("gloo", ...)`` once; a task runs on all ranks and
+Every worker has called ``torch.distributed.init_process_group("gloo", ...)`` once, meeting the others through a
+``TCPStore`` that the pool hosts in the parent process for as long as it runs. The store binds port 0 (the OS picks a
+free port in the same call that listens on it), so no port is picked first and bound later, which another process
+could take in between (EADDRINUSE under load); gloo's own connections bind port 0 too. A task runs on all ranks and
 ``run`` returns the per-rank results in rank order. A failing rank's traceback is re-raised in the test; a task
 that does not finish within ``timeout`` seconds kills the pool (so a collective bug fails, never hangs) and the
 next ``run`` starts a fresh one. After any failure the pool is restarted too, since a half-finished task can leave
@@ -27,7 +30,6 @@ import contextlib
 import multiprocessing.connection as mp_connection
 import os
 import pickle
-import socket
 import sys
 import time
 import traceback
@@ -36,6 +38,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +47,7 @@ _REPO_ROOT = os.path.dirname(_TESTS_DIR)
 DEFAULT_TIMEOUT_S = 120.0
 _START_TIMEOUT_S = 180.0  # spawning 8 processes that import torch on a loaded 2-core box is slow
 _ERROR_GRACE_S = 3.0  # after one rank fails, how long the others get to report before the pool is killed
+_STORE_TIMEOUT = timedelta(seconds=300)  # store waits and the default group's collectives
 
 
 def _is_gloo_setup_failure(message: str) -> bool:
@@ -52,12 +56,6 @@ def _is_gloo_setup_failure(message: str) -> bool:
 
 class DistTaskError(RuntimeError):
     """A task failed (raised, died or timed out) on at least one rank."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_import_paths() -> None:
@@ -74,15 +72,12 @@ def _destroy_leftover_model_parallel() -> None:
         ps.destroy_model_parallel()
 
 
-def _worker_main(rank: int, world_size: int, init_method: str, conn: mp_connection.Connection) -> None:
+def _worker_main(rank: int, world_size: int, store_port: int, conn: mp_connection.Connection) -> None:
     _ensure_import_paths()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=300)
-    )
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=_STORE_TIMEOUT)  # the pool's
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_STORE_TIMEOUT)
     conn.send_bytes(pickle.dumps(("ok", None)))  # ready
     while True:
         try:
@@ -127,6 +122,7 @@ class DistPool:
         self.timeout = timeout
         self._procs: list[Any] = []
         self._conns: list[mp_connection.Connection] = []
+        self._store: dist.TCPStore | None = None  # the running pool's rendezvous, served from this process
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -134,12 +130,14 @@ class DistPool:
             return
         _ensure_import_paths()
         ctx = torch_mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # A fresh store for every start (a restart after a failure must not find the killed pool's keys), on port 0:
+        # bound and listening before any worker exists, so its port cannot be taken from under it.
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
         for rank in range(self.world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=_worker_main,
-                args=(rank, self.world_size, init_method, child_conn),
+                args=(rank, self.world_size, self._store.port, child_conn),
                 daemon=True,
                 name=f"dist-pool-{self.world_size}-rank{rank}",
             )
@@ -169,6 +167,7 @@ class DistPool:
             with contextlib.suppress(Exception):
                 conn.close()
         self._procs, self._conns = [], []
+        self._store = None  # its server stops with it
 
     def __enter__(self) -> "DistPool":
         self.start()

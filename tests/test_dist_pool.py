@@ -38,3 +38,28 @@ def test_pool_results_errors_and_timeouts():
         # The killed pool restarts on the next run (the message names the task, not start-up) and is killed again.
         with pytest.raises(DistTaskError, match=r"(?s)task _sleep failed.*ranks \[0, 1\] timed out after 1 s"):
             pool.run(_sleep, 60, timeout=1)
+
+
+def _store_port() -> int:
+    """The port of the store the default group met through (under its prefix stores)."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store.port
+
+
+def test_pool_meets_through_a_store_it_hosts_on_port_zero():
+    """No port is picked first and bound later (another process can take it in between: EADDRINUSE under load): the
+    pool hosts the ranks' TCPStore itself, bound to port 0, one per start (a restart must not find the killed pool's
+    keys), dropped at shutdown."""
+    pool = DistPool(2, timeout=30)
+    try:
+        assert pool.run(_rank_info, 0) == [(0, 1.0, 1), (1, 1.0, 1)]
+        first = pool._store
+        assert first is not None and first.port > 0 and pool.run(_store_port) == [first.port] * 2
+        pool.shutdown()
+        assert pool._store is None
+        assert pool.run(_rank_info, 1) == [(0, 3.0, 1), (1, 3.0, 1)]  # a restart: a new store, same results
+        assert pool._store is not first and pool.run(_store_port) == [pool._store.port] * 2
+    finally:
+        pool.shutdown()

@@ -30,3 +30,14 @@ def test_every_export_resolves():
     assert megacp.KVSession is __import__("megacp.session", fromlist=["KVSession"]).KVSession
     assert megacp.layers.MoELayer is __import__("megacp.moe", fromlist=["MoELayer"]).MoELayer
     assert {"KVSession", "LLMEngine", "load_model", "SamplingParams", "AttentionMetadata"} <= set(dir(megacp))
+
+
+def test_parallel_state_re_exports_the_group_names():
+    """``ParallelGroup`` and its collective helpers live in ``megacp.parallel_group``; ``megacp.parallel_state``
+    keeps every one importable (DESIGN.md and outside code name them there), as the same objects."""
+    from megacp import parallel_group, parallel_state
+
+    assert parallel_group.__all__  # negative control: the check below compares a non-empty list
+    for name in parallel_group.__all__:
+        assert getattr(parallel_state, name) is getattr(parallel_group, name), name
+    assert parallel_state.ParallelGroup.__module__ == "megacp.parallel_group"

@@ -1,7 +1,9 @@
-"""One Triton kernel that merges N partial attention states by LSE (``merge.merge_attn_states_n``'s math, fused).
+"""Triton LSE merges of N partial attention states (``merge.merge_attn_states_n``'s math, fused).
 
-Two decode paths merge partials in it: the paged decode kernel's split-KV partials (``paged_decode``) and the CP
-ranks' gathered partials of a decode step (``merge.cp_merge_gathered``). In PyTorch ops the CP merge is about fifteen
+``merge_partials`` is one kernel; two decode paths merge partials in it: the paged decode kernels' split-KV partials
+(``paged_decode``, ``paged_mla_decode``) and the CP ranks' gathered partials of a decode step
+(``merge.cp_merge_gathered``). ``merge_splits_on_arrival`` is the same merge inside a split-KV kernel: the last of a
+tile's split programs to finish merges them all (the fused merge of both paged decode kernels, no second launch). In PyTorch ops the CP merge is about fifteen
 small kernels per layer (max, exp, sums, divisions, casts); inside a CUDA-graph decode step each costs a few
 microseconds of launch gap, which is most of what DCP added to a step on two H200s (docs/benchmarks.md). Here it is
 one launch: one program per (row, head) walks the partials in chunks.
@@ -90,6 +92,46 @@ if triton is not None:
         merged_lse = tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
         tl.store(lse_ptr + b * stride_fb + h * stride_fh, merged_lse)
+
+    @triton.jit
+    def merge_splits_on_arrival(
+        counter, num_splits, part_lse_rows, stride_ls, part_rows, stride_ps, rows_ok, cols_ok, out_rows, lse_rows,
+        ROWS: tl.constexpr, COLS: tl.constexpr,
+    ):
+        """Called by every split program of one tile (after it stored its partial): the last to arrive merges the
+        ``num_splits`` partials of the tile's rows by LSE into the final output and resets ``counter``.
+
+        # counter: the tile's int32 arrival counter (0 before the launch, 0 again after it)
+        # part_lse_rows: [ROWS] pointers to split 0's partial LSE (split s at + s * stride_ls)
+        # part_rows: [ROWS, COLS] pointers to split 0's float32 partial output (split s at + s * stride_ps)
+        # rows_ok: [ROWS], cols_ok: [COLS] masks -> out_rows [ROWS, COLS], lse_rows [ROWS] pointers, written
+        Empty partials (lse -inf) weigh 0 and are not read; rows with none give out 0 and lse -inf. The barrier
+        orders this program's stores before its arrival; acq_rel makes the others' visible to the last one.
+        """
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            m = tl.full([ROWS], float("-inf"), tl.float32)
+            for s_i in range(0, num_splits):
+                m = tl.maximum(m, tl.load(part_lse_rows + s_i * stride_ls, mask=rows_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            total = tl.zeros([ROWS], tl.float32)
+            merged = tl.zeros([ROWS, COLS], tl.float32)
+            for s_i in range(0, num_splits):
+                ls = tl.load(part_lse_rows + s_i * stride_ls, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
+                w = tl.exp(ls - m_safe)
+                live = ls > float("-inf")
+                part = tl.load(part_rows + s_i * stride_ps, mask=(rows_ok & live)[:, None] & cols_ok[None, :],
+                               other=0.0, cache_modifier=".cg")
+                total += w
+                merged += part * w[:, None]
+            has_any = total > 0
+            tot_safe = tl.where(has_any, total, 1.0)
+            tl.store(out_rows, (merged / tot_safe[:, None]).to(out_rows.dtype.element_ty),
+                     mask=rows_ok[:, None] & cols_ok[None, :])
+            tl.store(lse_rows, tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=rows_ok)
+            tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
 
 
 __all__ = ["merge_partials"]

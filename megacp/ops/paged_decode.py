@@ -9,11 +9,12 @@ Design (split-KV, "flash decoding"): one program per (sequence, KV head, split o
 ``G = Hq / Hkv`` query heads that share its KV head (GQA: the K/V tile is read once for all of them), walks its
 tokens in tiles of ``block_n``, looking up every token's block in the block table, and keeps an online softmax in
 base 2. It writes a float32 partial output and a partial LSE per split; a second small kernel (``merge_kernel``)
-merges the splits by LSE. Splits give enough programs to fill the GPU when the batch is small and the context long.
-The number of splits is planned on the host (``choose_plan``: from the batch and an upper bound on the length, no
-device read), but each program derives its token range from its sequence's real length on the device, so a plan
-sized by the block table's capacity (a CUDA graph) still spreads a short sequence over every split. With one split
-the kernel writes the final output itself and the merge kernel is skipped.
+merges the splits by LSE, or, for a few splits, the last split program to finish does (``merge_splits_on_arrival``).
+Splits give enough programs to fill the GPU when the batch is small and the context long. The number of splits is
+planned on the host (``choose_plan``: from the batch and an upper bound on the length, no device read), but each
+program derives its token range from its sequence's real length on the device, so a plan sized by the block table's
+capacity (a CUDA graph) still spreads a short sequence over every split. With one split the kernel writes the final
+output itself and the merge kernel is skipped.
 
 Without Triton (CPU, or no ``triton`` package) ``available()`` is False and callers use the gather path.
 """
@@ -35,6 +36,8 @@ try:  # optional: never let a missing or broken Triton break ``import megacp``
 except Exception:  # noqa: BLE001
     triton = None
     tl = None
+if triton is not None:
+    from megacp.ops.merge_kernel import merge_splits_on_arrival
 
 _LOG2E = 1.4426950408889634
 # Triton reads TRITON_INTERPRET when it is imported; read it once here too (``available`` runs in every decode step).
@@ -275,36 +278,14 @@ if triton is not None:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
-        if FUSED_MERGE:
-            # The last split program of this (sequence, KV head) to arrive merges every split's partial by LSE. The
-            # barrier makes this program's stores precede its arrival; acq_rel makes the others' visible to the last.
-            tl.debug_barrier()
-            counter = counter_ptr + b * tl.num_programs(1) + kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                lse_row = lse_ptr + b * stride_lb + heads * stride_lh  # [GROUP_PAD] pointers, + split
-                m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                for s_i in range(0, num_splits):
-                    m = tl.maximum(m, tl.load(lse_row + s_i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-                m_safe = tl.where(m == float("-inf"), 0.0, m)
-                total = tl.zeros([GROUP_PAD], tl.float32)
-                merged = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-                for s_i in range(0, num_splits):
-                    ls = tl.load(lse_row + s_i, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.exp(ls - m_safe)
-                    live = ls > float("-inf")
-                    part = tl.load(out_ptr + b * stride_ob + heads[:, None] * stride_oh + s_i * stride_os + d[None, :],
-                                   mask=(g_ok & live)[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-                    total += w
-                    merged += part * w[:, None]
-                has_any = total > 0
-                tot_safe = tl.where(has_any, total, 1.0)
-                fin = merged / tot_safe[:, None]
-                tl.store(fin_out_ptr + b * stride_fb + heads[:, None] * stride_fh + d[None, :],
-                         fin.to(fin_out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-                tl.store(fin_lse_ptr + b * stride_flb + heads * stride_flh,
-                         tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=g_ok)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
+        if FUSED_MERGE:  # the last split program of this (sequence, KV head) to arrive merges every split
+            merge_splits_on_arrival(
+                counter_ptr + b * tl.num_programs(1) + kvh, num_splits,
+                lse_ptr + b * stride_lb + heads * stride_lh, 1,
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], stride_os, g_ok, d_ok,
+                fin_out_ptr + b * stride_fb + heads[:, None] * stride_fh + d[None, :],
+                fin_lse_ptr + b * stride_flb + heads * stride_flh, GROUP_PAD, D_PAD,
+            )
 
 
 __all__ = ["DecodePlan", "available", "supports", "choose_plan", "paged_decode_with_lse"]

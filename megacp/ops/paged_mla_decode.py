@@ -26,6 +26,8 @@ from megacp.ops.paged_decode import DecodePlan, triton
 if triton is not None:
     import triton.language as tl
 
+    from megacp.ops.merge_kernel import merge_splits_on_arrival
+
 _REF_CHUNK_TOKENS = 4096  # reference: latent rows gathered at once (bounds its float32 copy)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 128  # the merge kernel walks any number; the fused merge up to _MAX_FUSED_SPLITS
@@ -346,37 +348,14 @@ if triton is not None:
                  res.to(out_ptr.dtype.element_ty), mask=o_mask)
         tl.store(lse_ptr + b * stride_lb + h * stride_lh + split * stride_ls, res_lse, mask=h_ok)
 
-        if FUSED_MERGE:
-            # The last split program of this (sequence, head block) to arrive merges every split's partial by LSE
-            # (as paged_decode's kernel: the barrier orders this program's stores before its arrival, acq_rel makes
-            # the others' visible to the last one).
-            tl.debug_barrier()
-            counter = counter_ptr + b * tl.num_programs(0) + hb
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                lse_row = lse_ptr + b * stride_lb + h * stride_lh  # [BLOCK_H] pointers, + split
-                m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-                for s_i in range(0, num_splits):
-                    m = tl.maximum(m, tl.load(lse_row + s_i * stride_ls, mask=h_ok, other=float("-inf"),
-                                              cache_modifier=".cg"))
-                m_safe = tl.where(m == float("-inf"), 0.0, m)
-                total = tl.zeros([BLOCK_H], tl.float32)
-                merged = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
-                for s_i in range(0, num_splits):
-                    ls = tl.load(lse_row + s_i * stride_ls, mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.exp(ls - m_safe)
-                    live = ls > float("-inf")
-                    part = tl.load(out_ptr + b * stride_ob + h[:, None] * stride_oh + s_i * stride_os + dv[None, :],
-                                   mask=(h_ok & live)[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
-                    total += w
-                    merged += part * w[:, None]
-                has_any = total > 0
-                tot_safe = tl.where(has_any, total, 1.0)
-                tl.store(fin_out_ptr + b * stride_fb + h[:, None] * stride_fh + dv[None, :],
-                         (merged / tot_safe[:, None]).to(fin_out_ptr.dtype.element_ty), mask=o_mask)
-                tl.store(fin_lse_ptr + b * stride_flb + h * stride_flh,
-                         tl.where(has_any, m_safe + tl.log(tot_safe), float("-inf")), mask=h_ok)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
+        if FUSED_MERGE:  # the last split program of this (sequence, head block) to arrive merges every split
+            merge_splits_on_arrival(
+                counter_ptr + b * tl.num_programs(0) + hb, num_splits,
+                lse_ptr + b * stride_lb + h * stride_lh, stride_ls,
+                out_ptr + b * stride_ob + h[:, None] * stride_oh + dv[None, :], stride_os, h_ok, dv_ok,
+                fin_out_ptr + b * stride_fb + h[:, None] * stride_fh + dv[None, :],
+                fin_lse_ptr + b * stride_flb + h * stride_flh, BLOCK_H, DV_PAD,
+            )
 
 
 __all__ = ["MLADecodePlan", "choose_mla_plan", "kernel_supports", "paged_mla_decode_with_lse",
