@@ -1,0 +1,102 @@
+"""The fused decode kernels (megacp/ops/decode_fused.py) on a GPU: bitwise equal to the eager ops they replace,
+captured in a CUDA graph, and the engine's greedy ids unchanged with them on or off (``MEGACP_FUSED_DECODE``).
+
+The CPU runs the same kernels under Triton's interpreter (tests/triton_interpreter_checks.py), whose bf16 casts
+truncate; here the roundings are the GPU's, so equality is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacp.kv import PagedKVCache
+from megacp.layers.rotary import apply_rotary_tables, compute_inv_freq, rotary_tables
+from megacp.ops import decode_fused
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or decode_fused.triton is None,
+                                 reason="needs a CUDA device and triton")]
+
+
+def _case(dtype, B=5, hq=32, hkv=8, D=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, (hq + 2 * hkv) * D, device="cuda", generator=g).to(dtype)
+    positions = torch.tensor([0, 1, 517, 8191, 131000][:B], device="cuda")
+    tables = rotary_tables(positions, compute_inv_freq(D, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                     "original_max_position_embeddings": 8192}),
+                           dtype)
+    return qkv, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_and_cache_write_is_bitwise_the_eager_path(dtype):
+    hq, hkv, D = 32, 8, 128
+    qkv, tables = _case(dtype)
+    mine, ref = (PagedKVCache(8, 16, hkv, D, dtype=dtype, device="cuda") for _ in range(2))
+    for a, b in zip(mine.storage, ref.storage):
+        a.normal_()
+        b.copy_(a)
+    slots = torch.tensor([17, mine.null_slot, 3, 127, 64], device="cuda")
+    q = decode_fused.rope_and_cache_write(qkv, tables.cos, tables.sin_signed, *mine.storage, slots, hq, hkv)
+    qk = apply_rotary_tables(qkv[:, : (hq + hkv) * D].view(-1, hq + hkv, D), tables)
+    ref.write_rows(qk[:, hq:], qkv[:, (hq + hkv) * D:].view(-1, hkv, D), None, slots)
+    assert torch.equal(q, qk[:, :hq])
+    assert torch.equal(mine.storage[0], ref.storage[0]) and torch.equal(mine.storage[1], ref.storage[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 64])
+def test_silu_mul_is_bitwise_the_eager_path(dtype, T):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(T, 2 * 14336, device="cuda", generator=g) * 3).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(decode_fused.silu_mul(x), F.silu(gate) * up)
+
+
+def test_fused_kernels_replay_in_a_cuda_graph():
+    qkv, tables = _case(torch.bfloat16, B=2)
+    cache = PagedKVCache(4, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    slots = torch.tensor([5, 9], device="cuda")
+    gate_up = torch.randn(2, 2 * 256, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up compiles outside the capture
+        decode_fused.rope_and_cache_write(qkv, tables.cos, tables.sin_signed, *cache.storage, slots, 32, 8)
+        decode_fused.silu_mul(gate_up)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = decode_fused.rope_and_cache_write(qkv, tables.cos, tables.sin_signed, *cache.storage, slots, 32, 8)
+        h = decode_fused.silu_mul(gate_up)
+    qkv.normal_(), gate_up.normal_(), slots.copy_(torch.tensor([1, 2], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_q = apply_rotary_tables(qkv[:, : 40 * 128].view(2, 40, 128), tables)
+    assert torch.equal(q, want_q[:, :32])
+    assert torch.equal(cache.storage[0].view(-1, 8, 128)[1:3], want_q[:, 32:])
+    assert torch.equal(h, F.silu(gate_up[:, :256]) * gate_up[:, 256:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_ids_equal_with_fused_kernels_on_and_off(dtype, monkeypatch):
+    """Graph decode with the fused kernels == eager decode without them (same weights, greedy, batch 3)."""
+    from megacp.engine import LLMEngine
+    from megacp.sampling import SamplingParams
+    from tests.dist_pool import model_parallel
+    from tests.test_no_host_sync import _tiny_model
+
+    prompts = [[3, 14, 15, 92, 65], [27, 18, 28], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    ids = {}
+    with model_parallel(backend="gloo"):
+        for fused, eager in ((True, False), (False, True)):
+            monkeypatch.setenv(decode_fused.ENV_FUSED, "1" if fused else "0")  # read when the layers are built
+            model = _tiny_model(dtype, "cuda")  # head dim 64, seeded: the same weights both times
+            engine = LLMEngine(model, num_kv_blocks=64, block_size=16, enforce_eager=eager)
+            outs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+            ids[fused] = [o.output_ids for o in outs]
+            if not eager:
+                assert engine.stats.graph_replays > 0, engine.stats.cuda_graphs  # the fused run replays graphs
+            del engine
+    assert ids[True] == ids[False]
