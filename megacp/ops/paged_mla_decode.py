@@ -36,8 +36,6 @@ _MIN_SPLIT_TOKENS = 256  # a split's float32 partial (H·v_head_dim·4 bytes, wr
 _SHORT_SHARD_SPLITS, _MIN_SHORT_SPLIT_TOKENS = 32, 64  # ... except that up to 32 splits of >= 64 tokens may cut a
 # short shard: there the launch, not the bandwidth, is the cost (H200: 1-2k-token shards at batch 1 and 16 ran
 # 1.3-2x faster with 16-32 splits than with 4-8 of 256 tokens, docs/benchmarks.md)
-_MAX_SPLIT_TOKENS = 2048  # and at most this many: long shards at batch 64 ran ~5% faster in 2k-token splits (more
-# waves of shorter programs) than in one wave of 8k-token ones (H200 sweep, docs/benchmarks.md)
 _MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 _MAX_ID_TILES = 1024  # block ids a split program holds in registers (8 per thread at 4 warps)
 
@@ -70,8 +68,7 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Tiles of
     32 rows, 3 stages; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
     allows), each of at least ``_MIN_SPLIT_TOKENS`` tokens (short shards: up to ``_SHORT_SHARD_SPLITS`` splits of
-    ``_MIN_SHORT_SPLIT_TOKENS``) and at most ``_MAX_SPLIT_TOKENS`` (more splits than two programs per multiprocessor
-    when a shard is long), at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
+    ``_MIN_SHORT_SPLIT_TOKENS``), at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
     splits are merged in the kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
     grid (docs/benchmarks.md: on the H200 it beat tiles of 16 or 64, 8 warps and 4 to 6 stages at batch 16 and 64).
     """
@@ -80,7 +77,7 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     want = max(1, round(2 * num_sms / max(1, batch * head_blocks)))
     by_size = max(-(-max_tokens // _MIN_SPLIT_TOKENS),
                   min(_SHORT_SHARD_SPLITS, -(-max_tokens // _MIN_SHORT_SPLIT_TOKENS)))
-    splits = min(max(want, -(-max_tokens // _MAX_SPLIT_TOKENS)), max(1, by_size), _MAX_SPLITS)
+    splits = min(want, max(1, by_size), _MAX_SPLITS)
     return MLADecodePlan(num_splits=splits, block_h=block_h, num_warps=4 if block_h <= 16 else 8,
                          fused_merge=1 < splits <= _MAX_FUSED_SPLITS)
 
