@@ -152,6 +152,7 @@ def test_async_equals_sync_with_cuda_graphs(dtype):
     with model_parallel(backend="gloo"):
         model = _tiny_model(dtype, "cuda")
         engine = dict(num_kv_blocks=256, block_size=16, max_num_batched_tokens=512, max_num_seqs=16)
+        eos_cases = 0
         for batch in (1, 16):
             g = torch.Generator().manual_seed(batch)
             lens = torch.randint(1, 40, (batch,), generator=g).tolist()
@@ -164,13 +165,15 @@ def test_async_equals_sync_with_cuda_graphs(dtype):
             assert a_st.async_steps > 0 and a_st.num_steps == s_st.num_steps, (a_st, s_st)
             assert a_st.graph_replays == s_st.graph_replays, (a_st, s_st)
             # EOS ids first produced at outputs 3..8 (a token produced earlier would stop the request before any
-            # pure-decode step, leaving nothing to pipeline)
+            # pure-decode step, leaving nothing to pipeline). A tiny random model often repeats a short cycle from
+            # its first tokens (batch 1 may have none): the EOS case is required of at least one batch.
             eos = sorted({t for r in s_ids for t in r if 3 <= r.index(t) <= 8})[:2]
-            assert eos, s_ids
-            s_e = _generate(_engine(model, False, eos, **engine), prompts)
-            a_e = _generate(_engine(model, True, eos, **engine), prompts)
-            assert (a_e[0], a_e[1]) == (s_e[0], s_e[1]), f"batch {batch} {dtype} eos {eos}"
-            assert "eos" in a_e[1] and a_e[3] == 256 and a_e[2].async_steps > 0
+            if eos:
+                s_e = _generate(_engine(model, False, eos, **engine), prompts)
+                a_e = _generate(_engine(model, True, eos, **engine), prompts)
+                assert (a_e[0], a_e[1]) == (s_e[0], s_e[1]), f"batch {batch} {dtype} eos {eos}"
+                assert "eos" in a_e[1] and a_e[3] == 256 and a_e[2].async_steps > 0
+                eos_cases += 1
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:  # the graphs were captured by the first run
                 warnings.simplefilter("always")
@@ -182,6 +185,7 @@ def test_async_equals_sync_with_cuda_graphs(dtype):
             syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
             assert again == s_ids and st.async_steps == a_st.async_steps
             assert len(syncs) <= st.num_steps, [str(w.message) for w in syncs[:5]]
+        assert eos_cases > 0, "no batch produced an EOS candidate"
 
 
 def test_example_flag(dist_pool_4):
