@@ -1,1 +1,0 @@
-"""Test package: makes test modules importable by name (``tests.test_x``) in DistPool worker processes."""
