@@ -6,7 +6,7 @@ copy of the same K/V, and reports each plan's time, its ratio to SDPA, and the p
 ``choose_plan``'s rule was chosen (docs/benchmarks.md); rerun it after changing the kernel.
 
 ``--kind mla`` sweeps the paged latent (MLA) kernel instead: every ``MLADecodePlan`` of its grid (splits × tile ×
-head block × warps × stages × fused merge × orientation) on latent cases, each plan's time in a graph replay and its fraction of
+head block × warps × stages × fused merge) on latent cases, each plan's time in a graph replay and its fraction of
 the copy bandwidth measured in the same run, and ``choose_mla_plan``'s pick against the best.
 
     python bench/decode_sweep.py --json-out decode_sweep.json
@@ -78,14 +78,13 @@ def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) ->
                                                       c["v_head_dim"])[0].float()
     nbytes = B * L * c["cache"].shape[-1] * c["cache"].element_size()
     rows = []
-    grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge,
-                             args.transposed)
-    for splits, block_n, block_h, warps, stages, fused, transposed in grid:
+    grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge)
+    for splits, block_n, block_h, warps, stages, fused in grid:
         if fused == 2:  # the rule's own choice: fused where the kernel can merge
             fused = 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS
         if splits > -(-L // block_n) or (fused and not 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS):
             continue
-        plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h, bool(transposed))
+        plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h)
 
         def run():
             return paged_mla_decode.paged_mla_decode_kernel(c["q"], c["cache"], c["block_table"], c["lens"],
@@ -145,8 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="default: 1 2 4 8 16 32 64 (gqa), 1 2 4 8 16 32 64 128 (mla)")
     p.add_argument("--block-n", type=int, nargs="+", default=None, help="default: 32 64 128 (gqa), 16 32 64 (mla)")
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
-    p.add_argument("--transposed", type=int, nargs="+", default=[0, 1], choices=[0, 1],
-                   help="mla: 0 rows per head, 1 rows per token (MLADecodePlan.transposed)")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
     p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1, 2],

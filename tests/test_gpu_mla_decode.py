@@ -23,11 +23,7 @@ SCALE = 192 ** -0.5  # DeepSeek-V2's qk_head_dim (nope 128 + rope 64)
 PLANS = [mla.MLADecodePlan(1), mla.MLADecodePlan(5, block_n=16), mla.MLADecodePlan(3, fused_merge=True),
          mla.MLADecodePlan(8, block_n=16, fused_merge=True), mla.MLADecodePlan(24, block_h=32, num_warps=8),
          mla.MLADecodePlan(12, block_n=64, num_warps=8, num_stages=1), mla.MLADecodePlan(2, num_stages=4),
-         mla.MLADecodePlan(7, block_n=16, num_warps=2, num_stages=5, fused_merge=False),
-         mla.MLADecodePlan(16, block_n=64, transposed=True), mla.MLADecodePlan(4, block_n=64, num_stages=2,
-                                                                                 fused_merge=True, transposed=True),
-         mla.MLADecodePlan(9, block_n=32, num_warps=8, transposed=True), mla.MLADecodePlan(24, block_h=32, num_warps=8,
-                                                                                            transposed=True)]
+         mla.MLADecodePlan(7, block_n=16, num_warps=2, num_stages=5, fused_merge=False)]
 
 
 def _run_ranks(case: dict, plan=None, dtype=None) -> tuple[list, list]:

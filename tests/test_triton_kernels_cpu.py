@@ -69,26 +69,19 @@ def test_kernels_compile_for_hopper():
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_PAD": max(16, group),
                  "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision},
                 floats=("scale_log2",))
-        for fused, block_h, block_n, warps, ids, transposed in (
-                (False, 16, 32, 4, 64, False), (True, 16, 16, 4, 0, False), (False, 32, 32, 8, 1024, False),
-                (True, 16, 64, 4, 64, True)):
-            stages = 2 if transposed else 4  # a 64-row tile: two buffers fit the shared memory
+        for fused, block_h, block_n, warps, ids in ((False, 16, 32, 4, 64), (True, 16, 16, 4, 0),
+                                                    (False, 32, 32, 8, 1024)):
             compiled = _compile_for_hopper(
                 paged_mla_decode._mla_split_kernel,
                 {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
                  "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}", "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
-                {"FUSED_MERGE": fused, "TRANSPOSED": transposed, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512,
-                 "DV_PAD": 512, "DPE": 64, "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n,
-                 "DOT_PRECISION": precision, "ID_TILES": ids},
-                floats=("scale_log2",), num_warps=warps, num_stages=stages,
+                {"FUSED_MERGE": fused, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512, "DV_PAD": 512, "DPE": 64,
+                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids},
+                floats=("scale_log2",), num_warps=warps, num_stages=4,
                 aligned=("stride_qb", "stride_qh", "stride_cn", "stride_ct", "stride_btb"))
-            if ids:  # block ids read before the loop: the pipeliner buffers the latent tiles (num_stages - 1 of
-                # them for the register MMA, num_stages for the asynchronous warpgroup MMA)
-                buffers = stages if transposed and dtype == "bf16" else stages - 1
-                buffer = f"memdesc<{buffers}x{block_n}x512x{dtype.replace('fp', 'f')}"
+            if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
+                buffer = f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}"
                 assert buffer in compiled.asm["ttgir"], "MLA tile loop not pipelined"
-            if transposed and dtype == "bf16":  # token rows: both products are Hopper warpgroup MMAs
-                assert "wgmma.mma_async" in compiled.asm["ptx"] and "mma.sync" not in compiled.asm["ptx"]
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})

@@ -73,11 +73,10 @@ def check_paged_decode() -> None:
 
 def mla_plans() -> list:
     """MLA launch plans covering one split, uneven splits, more splits than tiles, the merge kernel, the fused
-    merge (listed twice: its counters must reset), two head blocks, every block_n, and the transposed products."""
+    merge (listed twice: its counters must reset), two head blocks and every block_n."""
     P = paged_mla_decode.MLADecodePlan
     return [P(1, block_n=16), P(3, block_n=16), P(9, block_n=16), P(2, block_n=32, fused_merge=True),
-            P(3, block_n=16, fused_merge=True), P(3, block_n=16, fused_merge=True, transposed=True),
-            P(2, block_n=64, num_warps=8), P(1, block_n=16, transposed=True), P(5, block_n=64, transposed=True)]
+            P(3, block_n=16, fused_merge=True), P(3, block_n=16, fused_merge=True), P(2, block_n=64, num_warps=8)]
 
 
 def check_paged_mla_decode(device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -333,7 +332,7 @@ def main() -> None:
     P = paged_mla_decode.MLADecodePlan  # block ids read up front (block_n 16 | 16), 32 still in the loop
     check_paged_mla_decode(block_size=16, seq_lens=(0, 2, 37, 150), plans=[
         P(1, block_n=16, num_stages=4), P(3, block_n=16, num_stages=3), P(3, block_n=16, fused_merge=True),
-        P(2, block_n=32), P(3, block_n=16, transposed=True)])
+        P(2, block_n=32)])
     check_merge_partials()
     check_cp_merge_gathered(dtype=torch.float32)
     check_cp_merge_gathered(dtype=torch.bfloat16)

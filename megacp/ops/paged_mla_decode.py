@@ -46,15 +46,11 @@ class MLADecodePlan(DecodePlan):
     block, tiles of ``block_n`` tokens, ``num_warps``, ``num_stages``, ``fused_merge``) plus ``block_h``, the query
     heads one program takes (all of a sequence's heads when they fit: each latent row is then read once per
     split). ``num_stages`` defaults to 3: two latent tiles buffered, one in flight while the other is computed, in
-    93 KB of shared memory, so two programs share a multiprocessor (4 stages: one program, slower). ``transposed`` computes
-    the tile's products with the tokens as the rows (``S^T = K·Q^T``, ``O^T += V^T·P^T``): with ``block_n`` 64 both
-    are Hopper warpgroup MMAs of 64-row tiles reading the latent tile and the queries from shared memory, where
-    the row-per-head form (16 rows) takes the older MMA with the queries held in registers."""
+    93 KB of shared memory, so two programs share a multiprocessor (4 stages: one program, slower)."""
 
     block_n: int = 32
     num_stages: int = 3
     block_h: int = 16
-    transposed: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,8 +58,6 @@ class MLADecodePlan(DecodePlan):
                 or self.block_h & (self.block_h - 1)):
             raise ValueError(f"MLADecodePlan(block_h={self.block_h!r}) is not valid: use a power of two from 16, "
                              f"e.g. 16")
-        if not isinstance(self.transposed, bool):
-            raise ValueError(f"MLADecodePlan(transposed={self.transposed!r}) is not valid: use True or False")
 
 
 def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 132) -> MLADecodePlan:
@@ -249,7 +243,7 @@ def paged_mla_decode_kernel(
         out_part.stride(0), out_part.stride(1), stride_os, lse_part.stride(0), lse_part.stride(1), stride_ls,
         out, lse, counters, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         H, float(scale) * _LOG2E, splits,
-        FUSED_MERGE=fused, TRANSPOSED=plan.transposed, BLOCK_SIZE=bs, BLOCK_H=plan.block_h,
+        FUSED_MERGE=fused, BLOCK_SIZE=bs, BLOCK_H=plan.block_h,
         DV=v_head_dim, DV_PAD=max(16, triton.next_power_of_2(v_head_dim)),
         DPE=pe, DPE_PAD=max(16, triton.next_power_of_2(max(pe, 1))), HAS_PE=pe > 0, BLOCK_N=plan.block_n,
         ID_TILES=_id_tiles(plan, bs, block_table.shape[1] * bs),
@@ -284,7 +278,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         fin_out_ptr, fin_lse_ptr, counter_ptr, stride_fb, stride_fh, stride_flb, stride_flh,
         num_heads, scale_log2, num_splits,
-        FUSED_MERGE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+        FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, DPE: tl.constexpr, DPE_PAD: tl.constexpr, HAS_PE: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr,
     ):
@@ -301,22 +295,16 @@ if triton is not None:
         h_ok = h < num_heads
         dv = tl.arange(0, DV_PAD)
         dv_ok = dv < DV
-        dp = tl.arange(0, DPE_PAD)
-        dp_ok = dp < DPE
-        if TRANSPOSED:  # queries as [D, BLOCK_H] (the B operand), accumulator [DV_PAD, BLOCK_H]
-            q_col = q_ptr + b * stride_qb + h[None, :] * stride_qh
-            q_nope = tl.load(q_col + dv[:, None], mask=dv_ok[:, None] & h_ok[None, :], other=0.0)
-            if HAS_PE:
-                q_pe = tl.load(q_col + DV + dp[:, None], mask=dp_ok[:, None] & h_ok[None, :], other=0.0)
-            acc = tl.zeros([DV_PAD, BLOCK_H], tl.float32)
-        else:  # queries as [BLOCK_H, D] (the A operand), accumulator [BLOCK_H, DV_PAD]
-            q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
-            q_nope = tl.load(q_row + dv[None, :], mask=h_ok[:, None] & dv_ok[None, :], other=0.0)
-            if HAS_PE:
-                q_pe = tl.load(q_row + DV + dp[None, :], mask=h_ok[:, None] & dp_ok[None, :], other=0.0)
-            acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
+        q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
+        q_nope = tl.load(q_row + dv[None, :], mask=h_ok[:, None] & dv_ok[None, :], other=0.0)
+        if HAS_PE:
+            dp = tl.arange(0, DPE_PAD)
+            dp_ok = dp < DPE
+            q_pe = tl.load(q_row + DV + dp[None, :], mask=h_ok[:, None] & dp_ok[None, :], other=0.0)
+
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
         bt_row = bt_ptr + b * stride_btb
         if ID_TILES > 0:
             # This split's block ids, one per tile (a tile lies in one block), read once: the tile loop then holds no
@@ -336,36 +324,21 @@ if triton is not None:
             row = c_ptr + blk * stride_cn + (t % BLOCK_SIZE) * stride_ct  # [BLOCK_N] pointers to latent rows
             # the value columns: keys' first part and, unchanged, the values
             kv = tl.load(row[:, None] + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+            s = tl.dot(q_nope, tl.trans(kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
             if HAS_PE:
                 k_pe = tl.load(row[:, None] + DV + dp[None, :], mask=t_ok[:, None] & dp_ok[None, :], other=0.0)
-            if TRANSPOSED:  # the same online softmax on S^T [BLOCK_N, BLOCK_H], O^T [DV_PAD, BLOCK_H]
-                s = tl.dot(kv, q_nope, input_precision=DOT_PRECISION)
-                if HAS_PE:
-                    s += tl.dot(k_pe, q_pe, input_precision=DOT_PRECISION)
-                s = tl.where(t_ok[:, None], s * scale_log2, float("-inf"))  # base-2 logits
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(p, 0)
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype), input_precision=DOT_PRECISION)
-            else:
-                s = tl.dot(q_nope, tl.trans(kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-                if HAS_PE:
-                    s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-                s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=DOT_PRECISION)
+                s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+            s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # base-2 logits
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=DOT_PRECISION)
             m_i = m_new
 
         has = l_i > 0
         l_safe = tl.where(has, l_i, 1.0)
-        if TRANSPOSED:
-            res = tl.trans(acc / l_safe[None, :])  # [BLOCK_H, DV_PAD]
-        else:
-            res = acc / l_safe[:, None]
+        res = acc / l_safe[:, None]
         res_lse = tl.where(has, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
         o_mask = h_ok[:, None] & dv_ok[None, :]
         tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + split * stride_os + dv[None, :],
