@@ -133,8 +133,12 @@ def test_plan_of_a_pcp_rank():
 def test_plan_declines_what_it_does_not_cover():
     assert backends_cuda._nested_prefix_plan([0, 4, 8], [(0, 16), (0, 8)]) is None  # tail before head
     assert backends_cuda._nested_prefix_plan([0, 6], [(0, 4)]) is None  # more queries than keys
-    plan = backends_cuda._nested_prefix_plan([0, 3, 7], [(0, 5), (5, 9)])  # plain cumulative keys: per sequence
-    assert plan.prefix == [(0, 3, 0, 2)] and plan.squares == [(0, 1, [2]), (1, 2, [5])]
+    assert backends_cuda._nested_prefix_plan([0, 8], [(0, 8)]) is None  # one whole prompt: its one call as it was
+    assert backends_cuda._nested_prefix_plan([0, 3, 7], [(0, 5), (5, 9)]) is None  # no call saved (4 either way)
+    plan = backends_cuda._nested_prefix_plan([0, 4, 8, 12], [(0, 4), (4, 8), (8, 12)])  # equal whole prompts
+    assert plan.prefix == [] and plan.squares == [(0, 3, [0, 4, 8])]
+    plan = backends_cuda._nested_prefix_plan([0, 3, 6], [(0, 5), (5, 10)])  # plain keys, equal lq: squares batched
+    assert plan.prefix == [(0, 3, 0, 2), (3, 6, 5, 7)] and plan.squares == [(0, 2, [2, 7])]
 
 
 def test_diagonal_blocks_are_views_when_evenly_spaced():
@@ -217,6 +221,18 @@ def test_two_requests_on_a_rank(fake, monkeypatch):
         batches = sorted(b for b, _, _, causal in fake.calls[before:] if causal)
         assert batches == ([4] if sizes[0] == sizes[1] else [2, 2]), fake.calls[before:]
     del T1, T2
+
+
+def test_equal_whole_prompts_are_one_call(fake, monkeypatch):
+    """Three causal prompts of one length (plain cumulative keys): one batched call, the diagonal blocks a view."""
+    _exact_dtypes(monkeypatch)
+    q, k, v = _qkv(24, 4, 2, 32, 32, torch.float64, seed=6)
+    cu = torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+    with torch.no_grad():
+        out, lse = attention_with_lse(q, k, v, cu, cu, True, 0.2, backend=CUDNN)
+    ref = _dense(q, k, v, [0, 8, 16, 24], [0, 8, 16], [8, 8, 8], 0.2)
+    assert _close(out, ref[0], 1e-5) and _close(lse, ref[1], 1e-5)
+    assert fake.calls == [(3, 8, 8, True)]
 
 
 def test_layouts_it_does_not_cover_fall_back_to_per_sequence(fake, monkeypatch):
@@ -315,10 +331,13 @@ def test_gpu_pieces_match_per_sequence_and_reference(monkeypatch, pcp, d, dv):
     for r in range(pcp):
         qs, kw = _rank_call(q, k, v, T, pcp, r)
         res = {}
-        for pieces in (True, False):
+        for pieces in (False, True):  # per-sequence first: it settles whether the op takes GQA and this V dim
             monkeypatch.setattr(backends_cuda, "CUDNN_PIECES", pieces)
+            learnt = dict(backends_cuda._CUDNN_GQA), dict(backends_cuda._NATIVE_V_DIM)
             with torch.no_grad():
                 res[pieces] = attention_with_lse(qs, backend=CUDNN, **kw)
+            # the batched call on strided diagonal blocks must not be what makes the op refuse (and flip these)
+            assert not pieces or (learnt == (backends_cuda._CUDNN_GQA, backends_cuda._NATIVE_V_DIM))
         ref = _dense(qs.cpu(), k.cpu(), v.cpu(), kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2],
                      kw["scale"])
         for out, lse in res.values():

@@ -463,7 +463,8 @@ class _Pieces(NamedTuple):
 
 
 def _nested_prefix_plan(cu_q: list[int], keys: list[tuple[int, int]]) -> _Pieces | None:
-    """Bottom-right causal attention of a packed batch as few top-left cuDNN calls, or None where it does not apply.
+    """Bottom-right causal attention of a packed batch as few top-left cuDNN calls, or None where it does not apply
+    or saves no call over the per-sequence path (one whole prompt keeps its single call as it was).
 
     ``keys``: each sequence's key rows ``[start, stop)``. Sequence b has lq_b queries and an unmasked prefix
     P_b = (stop - start) - lq_b seen by all of them, then a square part where top-left == bottom-right. Applies
@@ -500,7 +501,8 @@ def _nested_prefix_plan(cu_q: list[int], keys: list[tuple[int, int]]) -> _Pieces
             squares[-1] = (squares[-1][0], s + 1, squares[-1][2] + [keys[s][1] - lq[s]])
         else:
             squares.append((s, s + 1, [keys[s][1] - lq[s]]))
-    return _Pieces(prefix, squares, parts)
+    per_sequence = sum(1 if lq[b] == k1 - k0 else 2 for b, (k0, k1) in enumerate(keys))
+    return _Pieces(prefix, squares, parts) if len(prefix) + len(squares) < per_sequence else None
 
 
 def _diagonal_blocks(x: Tensor, offsets: list[int], rows: int) -> Tensor:
