@@ -101,7 +101,8 @@ def _dense(q, k, v, cu_q, starts, lens, scale, shift=0):
         vs = v[a:a + n].double().repeat_interleave(group, 1)
         lq = qs.shape[0]
         s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
-        allowed = torch.arange(n)[None, :] <= torch.arange(lq)[:, None] + n - lq + shift
+        pos = torch.arange(max(n, lq), device=q.device)
+        allowed = pos[None, :n] <= pos[:lq, None] + n - lq + shift
         s = s.masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(s, -1)
         outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s - lse.unsqueeze(-1)), vs))
@@ -326,8 +327,8 @@ def test_merge_into_equals_the_stacked_merge():
 def test_gpu_pieces_match_per_sequence_and_reference(monkeypatch, pcp, d, dv):
     """The real cuDNN op, bf16: pieces and per-sequence decompositions agree with each other and with the float64
     reference for every rank (strided diagonal-block batches included)."""
-    T = 2 * pcp * 256
-    q, k, v = _qkv(T, 32, 8, d, dv, torch.bfloat16, seed=pcp, device="cuda")
+    T = 2 * pcp * 128
+    q, k, v = _qkv(T, 16, 4, d, dv, torch.bfloat16, seed=pcp, device="cuda")
     for r in range(pcp):
         qs, kw = _rank_call(q, k, v, T, pcp, r)
         res = {}
@@ -338,7 +339,6 @@ def test_gpu_pieces_match_per_sequence_and_reference(monkeypatch, pcp, d, dv):
                 res[pieces] = attention_with_lse(qs, backend=CUDNN, **kw)
             # the batched call on strided diagonal blocks must not be what makes the op refuse (and flip these)
             assert not pieces or (learnt == (backends_cuda._CUDNN_GQA, backends_cuda._NATIVE_V_DIM))
-        ref = _dense(qs.cpu(), k.cpu(), v.cpu(), kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2],
-                     kw["scale"])
+        ref = _dense(qs, k, v, kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2], kw["scale"])  # float64
         for out, lse in res.values():
-            assert _close(out.cpu(), ref[0], 3e-2) and _close(lse.cpu(), ref[1], 2e-2)
+            assert _close(out, ref[0], 3e-2) and _close(lse, ref[1], 2e-2)

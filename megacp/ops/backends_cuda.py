@@ -33,7 +33,7 @@ nothing to the scores). ``bench/prefill_mla.py`` measures the candidates.
 Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs ``fused_attn_fwd`` in training mode
 and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
 ``megacp.ops.attention_grad`` makes the LSE differentiable too (the ops differentiate their output only), so the LSE
-merge of cuDNN's prefix + square decomposition passes gradients exactly. Without gradients nothing changes.
+merges of cuDNN's prefix + square decomposition and of its pieces pass gradients exactly. Without gradients nothing changes.
 
 Transformer Engine is optional and fragile: it is imported lazily, on first use, inside ``except Exception``. On a
 machine with a system cuDNN besides PyTorch's pip cuDNN, TE loads the system one unless ``CUDNN_PATH`` points at
@@ -391,8 +391,8 @@ CUDNN_PIECES = os.environ.get(ENV_PIECES, "1") != "0"
 def _cudnn_batch(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """B sequences of one shape through ONE cuDNN SDPA call.
 
-    # q: [B, lq, Hq, D], k/v: [B, lk, Hk, D] (any strides, last dim contiguous)
-    # -> (out [B, lq, Hq, D], lse [B, lq, Hq] float32)
+    # q: [B, lq, Hq, D], k/v: [B, lk, Hk, D(v)] (any strides, last dim contiguous)
+    # -> (out [B, lq, Hq, Dv], lse [B, lq, Hq] float32)
     """
     res = _CUDNN_OP(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, top_left_causal,
                     False, scale=scale)
@@ -527,14 +527,18 @@ def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: _Piece
     # q: [Tq, Hq, D], k/v: [Tk, Hk, D(v)] -> (out [Tq, Hq, Dv], lse [Tq, Hq] float32)
     Differentiable like the per-sequence path (``differentiable`` calls, autograd through the views and merges).
     """
-    squares: list[tuple[Tensor, Tensor]] = []  # per sequence
-    for b0, b1, offsets in plan.squares:
+    def square_batch(b0: int, b1: int, offsets: list[int]) -> tuple[Tensor, Tensor]:
         rows = cu_q[b0 + 1] - cu_q[b0]
-        qs = q[cu_q[b0] : cu_q[b1]].unflatten(0, (b1 - b0, rows))
-        out, lse = _cudnn_gqa(_cudnn_grad_batch, qs, _diagonal_blocks(k, offsets, rows),
-                              _diagonal_blocks(v, offsets, rows), True, scale)
-        if len(plan.squares) == 1 and not plan.prefix:  # equal whole prompts (one: a single causal call)
-            return out.flatten(0, 1), lse.flatten(0, 1)
+        qs = q[cu_q[b0] : cu_q[b1]].unflatten(0, (b1 - b0, rows))  # [B, lq, Hq, D], a view
+        return _cudnn_gqa(_cudnn_grad_batch, qs, _diagonal_blocks(k, offsets, rows),
+                          _diagonal_blocks(v, offsets, rows), True, scale)
+
+    if not plan.prefix and len(plan.squares) == 1:  # equal whole prompts: one call is the whole answer
+        out, lse = square_batch(*plan.squares[0])
+        return out.flatten(0, 1), lse.flatten(0, 1)
+    squares: list[tuple[Tensor, Tensor]] = []  # per sequence: its square's (out, lse)
+    for batch in plan.squares:
+        out, lse = square_batch(*batch)
         squares.extend(zip(out.unbind(0), lse.unbind(0)))
     pieces = [_cudnn_gqa(_cudnn_grad_call, q[q0:q1], k[k0:k1], v[k0:k1], False, scale)
               for q0, q1, k0, k1 in plan.prefix]
@@ -542,9 +546,9 @@ def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: _Piece
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for b, own in enumerate(plan.parts):
         r0, r1 = cu_q[b], cu_q[b + 1]
-        rows = [(pieces[i], plan.prefix[i][0]) for i in own]
-        merge_attn_states_into([o[r0 - at : r1 - at] for (o, _), at in rows] + [squares[b][0]],
-                               [s[r0 - at : r1 - at] for (_, s), at in rows] + [squares[b][1]],
+        mine = [(pieces[i], plan.prefix[i][0]) for i in own]  # (piece's (out, lse), its first query row)
+        merge_attn_states_into([o[r0 - at : r1 - at] for (o, _), at in mine] + [squares[b][0]],
+                               [s[r0 - at : r1 - at] for (_, s), at in mine] + [squares[b][1]],
                                out[r0:r1], lse[r0:r1])
     return out, lse
 
