@@ -21,8 +21,8 @@ for step in $steps; do
     tests) timeout 80 python3 -m pytest -q -m gpu -rs tests/test_gpu_decode_fused.py \
              tests/test_gpu_backends.py::test_backend_pcp_chunk_equals_full_causal_rows 2>&1 \
              | tee "$OUT/speed_tests.log" | tail -25 ;;
-    prefill) timeout 110 python3 bench/prefill_split.py --tokens 32768 131072 --pcp 1 2 4 8 --layouts shared copied \
-             --reps 5 --json-out "$OUT/prefill_split.json" 2>&1 | tail -70 ;;
+    prefill) timeout 110 python3 bench/prefill_split.py --tokens 32768 131072 --pcp 1 2 4 8 --layouts shared \
+             --rounds 3 --json-out "$OUT/prefill_split.json" 2>&1 | tail -70 ;;
     e2e32) timeout 280 python3 bench/e2e.py --layers 32 --engines megacp transformers-static --prompt-lens 8192 \
              --batch 1 16 64 --new-tokens 32 --reps 2 --count-kernels --json-out "$OUT/e2e32_static.json" 2>&1 \
              | grep -v '^ ' | tail -20 ;;

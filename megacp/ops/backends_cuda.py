@@ -10,9 +10,12 @@ there (``paged`` hook), else to the gather path.
   H200 with TE 2.20.2 (the notes that came with the TE wheels the GPU sessions install; not in this repository):
   ``o_format="thd"`` always (leaving it out corrupts the heap), both padded cu_seqlens, stats ``[T, H, 1]`` =
   natural-log LSE.
-- "cudnn": ``aten::_scaled_dot_product_cudnn_attention``, one call per sequence. Its causal mask is top-left, so a chunk with
-  fewer queries than keys runs as an unmasked prefix plus a square causal part, merged by LSE
-  (``bottom_right_causal_from_top_left``).
+- "cudnn": ``aten::_scaled_dot_product_cudnn_attention``. Its causal mask is top-left, so a chunk with fewer queries
+  than keys runs as unmasked prefix keys plus a square causal part, merged by LSE. Causal batches whose sequences
+  read nested prefixes of one K/V (a PCP rank's head and tail chunks) run as pieces (``_nested_prefix_plan``): one
+  call per distinct prefix piece, on a contiguous suffix of the packed queries, and one batched call for all
+  squares of one length: 3 calls for PCP rank r > 0, 2 for rank 0, instead of 4 and 3. Other layouts, or
+  ``MEGACP_CUDNN_PIECES=0``, run per sequence: one call, or prefix + square (``bottom_right_causal_from_top_left``).
 - "flash": ``aten::_flash_attention_forward`` on the packed layout (varlen; its causal mask is bottom-right; GQA
   native).
 - "cuda" (the automatic choice): picks one of the above per call by shape, from the measurements in
@@ -30,7 +33,7 @@ nothing to the scores). ``bench/prefill_mla.py`` measures the candidates.
 Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs ``fused_attn_fwd`` in training mode
 and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
 ``megacp.ops.attention_grad`` makes the LSE differentiable too (the ops differentiate their output only), so the LSE
-merge of cuDNN's prefix + square decomposition passes gradients exactly. Without gradients nothing changes.
+merges of cuDNN's prefix + square decomposition and of its pieces pass gradients exactly. Without gradients nothing changes.
 
 Transformer Engine is optional and fragile: it is imported lazily, on first use, inside ``except Exception``. On a
 machine with a system cuDNN besides PyTorch's pip cuDNN, TE loads the system one unless ``CUDNN_PATH`` points at
@@ -43,6 +46,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,6 +62,7 @@ from megacp.ops.attention import (
     register_backend,
 )
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
+from megacp.ops.merge import merge_attn_states_into
 
 _HALF = (torch.float16, torch.bfloat16)
 _FUSED_MAX_HEAD_DIM = 256
@@ -376,21 +381,48 @@ _CUDNN_GQA: dict[str, bool | None] = {"native": None}
 # With gradients: the op differentiates its output, attention_grad its LSE (for the prefix + square merge).
 _cudnn_grad_call = differentiable(_cudnn_call)
 
+ENV_PIECES = "MEGACP_CUDNN_PIECES"
+# Whether the "cudnn" kernel runs nested-prefix layouts (PCP's chunks) as pieces (``_cudnn_pieces``); False (or
+# MEGACP_CUDNN_PIECES=0 at import) keeps the per-sequence prefix + square calls. bench/prefill_split.py sets it to
+# measure both in one run.
+CUDNN_PIECES = os.environ.get(ENV_PIECES, "1") != "0"
 
-def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    group = q.shape[1] // k.shape[1]
+
+def _cudnn_batch(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """B sequences of one shape through ONE cuDNN SDPA call.
+
+    # q: [B, lq, Hq, D], k/v: [B, lk, Hk, D(v)] (any strides, last dim contiguous)
+    # -> (out [B, lq, Hq, Dv], lse [B, lq, Hq] float32)
+    """
+    res = _CUDNN_OP(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, top_left_causal,
+                    False, scale=scale)
+    batch, lq, heads = q.shape[:3]
+    return res[0].transpose(1, 2), res[1].reshape(batch, heads, -1)[:, :, :lq].transpose(1, 2).float()
+
+
+_cudnn_grad_batch = differentiable(_cudnn_batch)  # attention_grad's LSE backward broadcasts over [B, lq, H]
+
+
+def _cudnn_gqa(call, q: Tensor, k: Tensor, v: Tensor, flag: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """``call(q, k, v, flag, scale)`` with fewer K/V heads than query heads (heads: dim -2): K/V as they are where
+    the op takes that, else repeated to the query heads."""
+    group = q.shape[-2] // k.shape[-2]
     # Training repeats K/V for GQA (autograd sums the copies' gradients): whether cuDNN's *backward* takes fewer KV
     # heads would only show after the forward succeeded, too late to fall back.
     if group > 1 and _CUDNN_GQA["native"] is not False and not needs_grad(q, k, v):
         try:
-            res = _cudnn_seq_heads(q, k, v, causal, scale)
+            res = call(q, k, v, flag, scale)
             _CUDNN_GQA["native"] = True
             return res
         except RuntimeError:  # this torch/cuDNN wants equal head counts: repeat K/V from now on
             _CUDNN_GQA["native"] = False
     if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return _cudnn_seq_heads(q, k, v, causal, scale)
+        k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
+    return call(q, k, v, flag, scale)
+
+
+def _cudnn_seq(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return _cudnn_gqa(_cudnn_seq_heads, q, k, v, causal, scale)
 
 
 def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -400,10 +432,19 @@ def _cudnn_seq_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
 
 
 def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
-    """Packed varlen through one cuDNN call (two for a causal chunk with lq < lk) per sequence: aten's cuDNN op has
-    no bottom-right varlen form in torch 2.11. Overlapping key ranges are slices (no copy)."""
+    """Packed varlen through cuDNN SDPA, which has a top-left causal mask and no bottom-right varlen form in aten.
+
+    Causal batches whose sequences read nested prefixes of one K/V (PCP's head and tail chunks) run as
+    ``_cudnn_pieces``: one call per distinct unmasked prefix piece and one for all square parts of one length.
+    Other layouts (and ``CUDNN_PIECES`` off) run per sequence: one call, two for a causal chunk with lq < lk
+    (prefix + square, merged by LSE). Overlapping key ranges are slices (no copy).
+    """
+    keys = _key_ranges(cu_k, used_k)
+    plan = _nested_prefix_plan(cu_q, keys) if causal and CUDNN_PIECES else None
+    if plan is not None:
+        return _cudnn_pieces(q, k, v, cu_q, plan, scale)
     outs, lses = [], []
-    for b, (k0, k1) in enumerate(_key_ranges(cu_k, used_k)):
+    for b, (k0, k1) in enumerate(keys):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(k0, k1)
         out, lse = _cudnn_seq(q[qs], k[ks], v[ks], causal, scale)
         outs.append(out)
@@ -411,6 +452,105 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
     if len(outs) == 1:  # a whole prompt: no copy (cat of one tensor still copies)
         return outs[0], lses[0]
     return torch.cat(outs), torch.cat(lses)
+
+
+class _Pieces(NamedTuple):
+    """The cuDNN calls of a causal nested-prefix batch (``_nested_prefix_plan``), as host ranges."""
+
+    prefix: list[tuple[int, int, int, int]]  # (q0, q1, k0, k1): query rows [q0, q1) attend keys [k0, k1), unmasked
+    squares: list[tuple[int, int, list[int]]]  # (b0, b1, offsets): sequences b0..b1-1 of one lq, square at offsets
+    parts: list[list[int]]  # per sequence: the prefix pieces its rows take part in
+
+
+def _nested_prefix_plan(cu_q: list[int], keys: list[tuple[int, int]]) -> _Pieces | None:
+    """Bottom-right causal attention of a packed batch as few top-left cuDNN calls, or None where it does not apply
+    or saves no call over the per-sequence path (one whole prompt keeps its single call as it was).
+
+    ``keys``: each sequence's key rows ``[start, stop)``. Sequence b has lq_b queries and an unmasked prefix
+    P_b = (stop - start) - lq_b seen by all of them, then a square part where top-left == bottom-right. Applies
+    when every 0 < lq_b <= its key count and, within each run of consecutive sequences with one key start (nested
+    prefixes of one K/V: PCP's head then tail chunk of a request), P_b does not decrease. Then, with P_0 = 0 <
+    P_1 < ... the distinct prefixes of a run, piece j (keys [P_{j-1}, P_j) of the run's start) is attended by the
+    rows of every sequence with P_b >= P_j: a suffix of the run's query rows, so ONE call on slices of q and K/V.
+    The squares of consecutive sequences with equal lq are one call with batch B.
+    """
+    n = len(cu_q) - 1
+    lq = [cu_q[b + 1] - cu_q[b] for b in range(n)]
+    if any(not 0 < lq[b] <= k1 - k0 for b, (k0, k1) in enumerate(keys)):
+        return None
+    prefix: list[tuple[int, int, int, int]] = []
+    parts: list[list[int]] = []
+    b = 0
+    while b < n:
+        end = b + 1
+        while end < n and keys[end][0] == keys[b][0]:
+            end += 1
+        start, done, first = keys[b][0], 0, len(prefix)
+        for s in range(b, end):
+            p = keys[s][1] - keys[s][0] - lq[s]
+            if p < done:
+                return None
+            if p > done:
+                prefix.append((cu_q[s], cu_q[end], start + done, start + p))
+                done = p
+            parts.append(list(range(first, len(prefix))))
+        b = end
+    squares: list[tuple[int, int, list[int]]] = []
+    for s in range(n):
+        if squares and lq[squares[-1][0]] == lq[s]:
+            squares[-1] = (squares[-1][0], s + 1, squares[-1][2] + [keys[s][1] - lq[s]])
+        else:
+            squares.append((s, s + 1, [keys[s][1] - lq[s]]))
+    per_sequence = sum(1 if lq[b] == k1 - k0 else 2 for b, (k0, k1) in enumerate(keys))
+    return _Pieces(prefix, squares, parts) if len(prefix) + len(squares) < per_sequence else None
+
+
+def _diagonal_blocks(x: Tensor, offsets: list[int], rows: int) -> Tensor:
+    """Rows ``[o, o + rows)`` of ``x`` for each offset o, as one batch: a view (no copy) where the offsets are
+    evenly spaced (one or two always are: PCP's head and tail squares), else stacked (a copy of B·rows rows).
+
+    # x: [T, H, D] -> [B, rows, H, D]
+    """
+    o0, count = offsets[0], len(offsets)
+    if count == 1:
+        return x[o0 : o0 + rows].unsqueeze(0)
+    step = offsets[1] - o0
+    if step > 0 and all(b - a == step for a, b in zip(offsets, offsets[1:])):
+        return x[o0 : o0 + step * (count - 1) + rows].unfold(0, rows, step).movedim(-1, 1)
+    return torch.stack([x[o : o + rows] for o in offsets])
+
+
+def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: _Pieces,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """Run ``plan``'s calls and LSE-merge each query row's partials into one output.
+
+    # q: [Tq, Hq, D], k/v: [Tk, Hk, D(v)] -> (out [Tq, Hq, Dv], lse [Tq, Hq] float32)
+    Differentiable like the per-sequence path (``differentiable`` calls, autograd through the views and merges).
+    """
+    def square_batch(b0: int, b1: int, offsets: list[int]) -> tuple[Tensor, Tensor]:
+        rows = cu_q[b0 + 1] - cu_q[b0]
+        qs = q[cu_q[b0] : cu_q[b1]].unflatten(0, (b1 - b0, rows))  # [B, lq, Hq, D], a view
+        return _cudnn_gqa(_cudnn_grad_batch, qs, _diagonal_blocks(k, offsets, rows),
+                          _diagonal_blocks(v, offsets, rows), True, scale)
+
+    if not plan.prefix and len(plan.squares) == 1:  # equal whole prompts: one call is the whole answer
+        out, lse = square_batch(*plan.squares[0])
+        return out.flatten(0, 1), lse.flatten(0, 1)
+    squares: list[tuple[Tensor, Tensor]] = []  # per sequence: its square's (out, lse)
+    for batch in plan.squares:
+        out, lse = square_batch(*batch)
+        squares.extend(zip(out.unbind(0), lse.unbind(0)))
+    pieces = [_cudnn_gqa(_cudnn_grad_call, q[q0:q1], k[k0:k1], v[k0:k1], False, scale)
+              for q0, q1, k0, k1 in plan.prefix]
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    for b, own in enumerate(plan.parts):
+        r0, r1 = cu_q[b], cu_q[b + 1]
+        mine = [(pieces[i], plan.prefix[i][0]) for i in own]  # (piece's (out, lse), its first query row)
+        merge_attn_states_into([o[r0 - at : r1 - at] for (o, _), at in mine] + [squares[b][0]],
+                               [s[r0 - at : r1 - at] for (_, s), at in mine] + [squares[b][1]],
+                               out[r0:r1], lse[r0:r1])
+    return out, lse
 
 
 def _cudnn_available(device: torch.device) -> bool:
@@ -448,6 +588,9 @@ def _flash_available(device: torch.device) -> bool:
 # on cuDNN (32k: 14.6-15.4 ms vs TE 15.4-15.7; 128k: 258-262 ms vs 263-274); for 128k-token prompts cuDNN's
 # per-sequence calls also beat TE's packed call at every PCP size; at 32k TE wins once chunks need cuDNN's
 # prefix + square decomposition (TE runs them as one packed bottom-right launch, no LSE merges).
+# Those PCP numbers predate the "cudnn" kernel's pieces (3 calls per rank instead of 4; not yet measured against
+# TE), so the rule still sends 32k PCP chunks to TE when it is there. Without TE (the H200 runs so far) "cuda" runs
+# the "cudnn" kernel for a few sequences, pieces included.
 LONG_KEYS = 65536
 FEW_SEQUENCES = 4
 _KERNELS = {name: _any_v_dim(name, kernel)

@@ -6,7 +6,8 @@ Attention over the union of disjoint subsets is
 
     L = logsumexp_i l_i,        o = Σ_i exp(l_i − L) · o_i .
 
-The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``) do this locally;
+The pure functions (``lse_merge_weights``, ``merge_attn_states_n``, ``merge_attn_states``, and
+``merge_attn_states_into`` for partials in separate tensors written into a given output) do this locally;
 ``dcp_merge`` is a thin layer that applies the same weights across the ranks of a ``ParallelGroup`` (the prefill
 over cached context uses it), and
 ``cp_merge_gathered`` does both at once with one all-gather over the CP group (decode uses its packed form
@@ -17,6 +18,8 @@ never NaN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -69,6 +72,32 @@ def merge_attn_states(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[T
     """
     work = torch.promote_types(torch.promote_types(l1.dtype, l2.dtype), torch.float32)
     return merge_attn_states_n(torch.stack([o1, o2.to(o1.dtype)]), torch.stack([l1.to(work), l2.to(work)]))
+
+
+def merge_attn_states_into(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> None:
+    """Merge N partial states held in separate tensors, writing the result into ``out`` and ``lse`` (in place).
+
+    # outs[i]: [..., D] (any float dtype), lses[i]: [...] -> out: [..., D] (written), lse: [...] float32 (written)
+    ``merge_attn_states_n``'s math without stacking the outputs: the weighted sum accumulates in float32 (float64
+    for float64 inputs) one partial at a time and is cast once, into ``out``. That is about half the memory
+    traffic of stack + merge + copy, which matters when the partials are whole prefill chunks (the cuDNN
+    decomposition of ``backends_cuda``). One partial is copied as it is. Differentiable (autograd records the
+    writes into ``out``/``lse``).
+    """
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"merge_attn_states_into: need as many outputs as LSEs, at least one ({len(outs)}, "
+                         f"{len(lses)})")
+    if len(outs) == 1:
+        out.copy_(outs[0])
+        lse.copy_(lses[0])
+        return
+    work = torch.promote_types(lses[0].dtype, torch.float32)
+    weights, merged_lse = lse_merge_weights(torch.stack([x.to(work) for x in lses]))
+    acc = weights[0].unsqueeze(-1) * outs[0]
+    for w, o in zip(weights[1:], outs[1:]):
+        acc.addcmul_(w.unsqueeze(-1), o)
+    out.copy_(acc)
+    lse.copy_(merged_lse)
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
