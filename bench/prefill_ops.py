@@ -58,13 +58,15 @@ class OpCounter(TorchDispatchMode):
         self.active = False
         return super().__exit__(*exc)
 
-    def record(self, name: str, tensors: list[torch.Tensor]) -> None:
+    def record(self, name: str, tensors: list[torch.Tensor], written: tuple[torch.Tensor, ...] = ()) -> None:
+        """One op over ``tensors`` (each distinct one counted once); ``written``: results counted again even when
+        they are arguments (an in-place kernel reads and writes them)."""
         if not self.active:
             return
         seen = {(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype): t.numel() * t.element_size()
                 for t in tensors}
         self.calls[name] += 1
-        self.bytes[name] += sum(seen.values())
+        self.bytes[name] += sum(seen.values()) + sum(t.numel() * t.element_size() for t in written)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -88,8 +90,8 @@ def _standin(counter: OpCounter, name: str, reference: Callable) -> Callable:
     def call(*args, **kwargs):
         with counter.uncounted():
             out = reference(*args, **kwargs)
-        res = out if isinstance(out, tuple) else (out,)
-        counter.record(f"triton:{name}", [t for t in (*args, *res) if isinstance(t, torch.Tensor)])
+        res = tuple(t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))
+        counter.record(f"triton:{name}", [t for t in args if isinstance(t, torch.Tensor)], written=res)
         return out
 
     return call
@@ -116,8 +118,19 @@ def cuda_kernel_standins(counter: OpCounter) -> list[tuple[Any, str, Any]]:
         from megacp.ops import moe_combine
     except ImportError:
         return patches
-    return patches + [(moe_combine, "available", lambda *a: True),
-                      (moe_combine, "combine_rows_fused", _standin(counter, "moe_combine", moe_combine.combine_rows))]
+    patches += [(moe_combine, "available", lambda *a: True),
+                (moe_combine, "combine_rows_fused", _standin(counter, "moe_combine", moe_combine.combine_rows))]
+    try:
+        from megacp.ops import rope_inplace
+    except ImportError:
+        return patches
+    from megacp.layers.rotary import RotaryTables, apply_rotary_tables
+
+    def rotate_(x, cos, sin_signed, interleave=False):
+        return x.copy_(apply_rotary_tables(x, RotaryTables(cos, sin_signed), interleave))
+
+    return patches + [(rope_inplace, "available", lambda *a: True),
+                      (rope_inplace, "rotate_", _standin(counter, "rope_inplace", rotate_))]
 
 
 @contextlib.contextmanager

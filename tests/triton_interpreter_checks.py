@@ -22,7 +22,7 @@ from megacp.ops import cp_merge_gathered, cp_merge_packed, merge_attn_states_n, 
 from megacp.ops import merge as merge_mod
 from megacp.kv import PagedKVCache
 from megacp.layers.rotary import apply_rotary_tables, compute_inv_freq, rotary_tables
-from megacp.ops import decode_fused, moe_combine, paged_decode, paged_mla_decode, rms_norm
+from megacp.ops import decode_fused, moe_combine, paged_decode, paged_mla_decode, rms_norm, rope_inplace
 from megacp.ops.merge_kernel import merge_partials
 from tests.mla_decode_cases import bf16_reference, dense_reference, merge_ranks, sharded_case
 
@@ -336,6 +336,51 @@ def check_moe_grouped_wiring() -> None:
         _close(got, want, 1e-5 * float(want.abs().max()), f"grouped experts fused vs eager k={k} map={expert_map}")
 
 
+def check_rope_inplace(dtype: torch.dtype, rope_dim: int, interleave: bool, device: str = "cpu") -> None:
+    """In-place RoPE of the rope part of a wider row (MLA's q_pe inside [q_nope | q_pe]) equals
+    ``apply_rotary_tables`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``), the other columns untouched;
+    interleaved pairs and halves, a non-power-of-two dim (masked)."""
+    g = torch.Generator().manual_seed(rope_dim)
+    T, H, nope = 5, 3, 7
+    q = torch.randn(T, H, nope + rope_dim, generator=g).to(device=device, dtype=dtype)
+    tables = rotary_tables(torch.tensor([3, 0, 77, 1000, 5], device=device), compute_inv_freq(rope_dim, 10000.0),
+                           dtype)
+    want = apply_rotary_tables(q[..., nope:], tables, interleave=interleave)
+    got = q.clone()
+    out = rope_inplace.rotate_(got[..., nope:], tables.cos, tables.sin_signed, interleave)
+    what = f"rope_inplace {dtype} D={rope_dim} interleave={interleave}"
+    assert out.data_ptr() == got[..., nope:].data_ptr(), f"{what}: not in place"
+    assert torch.equal(got[..., :nope], q[..., :nope]), f"{what}: the other columns changed"
+    assert _bitwise_or_one_bf16_ulp(dtype)(got[..., nope:], want), f"{what}: differs from apply_rotary_tables"
+    other = apply_rotary_tables(q[..., nope:], tables, interleave=not interleave)
+    assert not torch.equal(got[..., nope:], other), f"{what}: the check cannot tell the pairings apart"
+
+
+def check_mla_rope_wiring() -> None:
+    """MLAAttention with the in-place RoPE switched on (what CUDA runs; interpreted on CPU tensors) gives the eager
+    path's output, float32, interleaved pairs (bitwise: the same roundings)."""
+    from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.layers.mla_attention import MLAAttention
+
+    torch.manual_seed(4)
+    attn = MLAAttention(32, 4, 16, 8, 8, 6, q_lora_rank=None, rope_interleave=True)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    meta = build_attention_metadata([0, 1], [0, 0], [4, 3], None)  # two prompts, a training-style prefill
+    hidden = torch.randn(meta.num_local_tokens, 32)
+    tables = rotary_tables(meta.positions, compute_inv_freq(8, 10000.0), torch.float32)
+    saved = rope_inplace.available
+    with torch.no_grad():
+        want = attn(hidden, meta, None, tables)
+        calls = []
+        rope_inplace.available = lambda x: calls.append(1) or True
+        try:
+            got = attn(hidden, meta, None, tables)
+        finally:
+            rope_inplace.available = saved
+    assert calls and torch.equal(got, want), "MLA in-place rope vs eager"
+
+
 def check_llama_decode_wiring() -> None:
     """The tiny seeded Llama with the fused kernels switched on (what CUDA runs; here interpreted on CPU tensors) gives
     the eager model's logits over a prefill and three pure-decode steps, and each decode step calls the RoPE + cache
@@ -423,6 +468,11 @@ def main() -> None:
     check_rope_and_cache_write(torch.float32, 12)
     check_llama_decode_wiring()
     check_moe_combine()
+    for dtype in (torch.float32, torch.bfloat16):
+        for interleave in (True, False):
+            check_rope_inplace(dtype, 16, interleave)
+    check_rope_inplace(torch.float32, 12, True)
+    check_mla_rope_wiring()
     check_moe_grouped_wiring()
     check_bench_gemv()
     print("triton interpreter checks: ok")
