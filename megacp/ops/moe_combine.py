@@ -1,10 +1,10 @@
 """The MoE combine: each token's weighted sum of its experts' output rows, in one pass over the rows.
 
 The grouped expert computation (``megacp.moe.layer.expert_forward_grouped``) leaves one output row per (token,
-expert) pair, sorted by expert. A token's result is ``Σ_j w[t, j] · y[pos[t, j]]`` over its ``k`` pairs. As PyTorch ops
-that is five passes over a float32 ``[N·k, H]`` tensor (cast, weight, mask, unsort, sum): ~1 ms per layer for an
-8k-token DeepSeek-V2-Lite prefill on an H200, more than its grouped GEMMs' elementwise neighbours together. Here ONE
-kernel reads each pair's row once in the activations' dtype and writes the token's row:
+expert) pair, sorted by expert. A token's result is ``Σ_j w[t, j] · y[pos[t, j]]`` over its ``k`` pairs. As
+PyTorch ops that is five passes over a float32 ``[N·k, H]`` tensor (cast, weight, mask, unsort, sum): ~1 ms per
+layer of an 8k-token DeepSeek-V2-Lite prefill on an H200 (profile of 2026-12-03b, estimated from its kernels).
+Here ONE kernel reads each pair's row once in the activations' dtype and writes the token's row:
 
     out[t, :] = Σ_{j = 0..k-1} (valid(t, j) ? w[t, j] · float32(y[pos[t, j], :]) : 0)      accumulated in float32
     valid(t, j) = pos[t, j] >= 0           (-1: a pair of another rank's expert; its row is never read)
