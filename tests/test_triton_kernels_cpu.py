@@ -57,7 +57,8 @@ def _compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floa
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels cannot be compiled")
 def test_kernels_compile_for_hopper():
-    from megacp.ops import decode_fused, merge_kernel, paged_decode, paged_mla_decode, rms_norm
+    from megacp.ops import (decode_fused, merge_kernel, moe_combine, paged_decode, paged_mla_decode, rms_norm,
+                            rope_inplace)
 
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for fused, group, block_n in ((False, 4, 64), (True, 4, 64), (True, 32, 32), (False, 16, 128)):
@@ -91,6 +92,14 @@ def test_kernels_compile_for_hopper():
                              "slot_ptr": "*i64"}, {"HQ": 32, "HKV": 8, "D": 128, "HALF": 64, "D_PAD": 128})
         _compile_for_hopper(decode_fused._silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
                             {"BLOCK": 1024, "LIBDEVICE": True})
+        for interleave in (True, False):
+            _compile_for_hopper(rope_inplace._rope_inplace_kernel,
+                                {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}"},
+                                {"D": 64, "HALF": 32, "D_PAD": 64, "INTERLEAVE": interleave}, num_warps=1)
+        for k in (1, 6):  # the expert rows in the activations' dtype, the sorted-row positions int64
+            _compile_for_hopper(moe_combine._combine_kernel, {"y_ptr": f"*{dtype}", "pos_ptr": "*i64",
+                                                              "w_ptr": "*fp32", "out_ptr": f"*{dtype}"},
+                                {"K": k, "BLOCK": 1024})
         if dtype == "bf16":
             from bench import gemv
 

@@ -22,7 +22,7 @@ from megacp.ops import cp_merge_gathered, cp_merge_packed, merge_attn_states_n, 
 from megacp.ops import merge as merge_mod
 from megacp.kv import PagedKVCache
 from megacp.layers.rotary import apply_rotary_tables, compute_inv_freq, rotary_tables
-from megacp.ops import decode_fused, paged_decode, paged_mla_decode, rms_norm
+from megacp.ops import decode_fused, moe_combine, paged_decode, paged_mla_decode, rms_norm, rope_inplace
 from megacp.ops.merge_kernel import merge_partials
 from tests.mla_decode_cases import bf16_reference, dense_reference, merge_ranks, sharded_case
 
@@ -256,6 +256,131 @@ def check_silu_mul(dtype: torch.dtype, device: str = "cpu") -> None:
         assert not torch.equal(got, (torch.nn.functional.silu(gate.bfloat16()) * up.bfloat16()).float())
 
 
+def combine_in_order(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The MoE combine's contract spelled out: pairs j = 0..k-1 in order from +0.0, each float32 product rounded
+    before its add; a pair with pos -1 adds exactly 0 (its row is never used)."""
+    acc = torch.zeros(pos.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(pos.shape[1]):
+        rows = y[pos[:, j].clamp(min=0)].float()
+        acc = acc + torch.where((pos[:, j] >= 0)[:, None], weights[:, j, None].float() * rows, 0.0)
+    return acc.to(out_dtype)
+
+
+def moe_combine_case(n: int, k: int, h: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """Expert rows ``y`` [n·k + 3, h] with the pairs' rows shuffled, about a third of the pairs non-local (pos -1,
+    their rows NaN), the 3 rows past the pairs NaN (the grouped GEMM's junk), token 0 with no local pair at all."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n * k + 3, h, generator=g)
+    pos = torch.randperm(n * k, generator=g).view(n, k)
+    off = torch.rand(n, k, generator=g) < 0.35
+    if n:
+        off[0] = True
+    y[pos[off]] = float("nan")
+    y[n * k:] = float("nan")
+    pos = torch.where(off, -1, pos)
+    weights = torch.rand(n, k, generator=g)
+    return y.to(device=device, dtype=dtype), pos.to(device), weights.to(device)
+
+
+def check_moe_combine(device: str = "cpu") -> None:
+    """The one-kernel MoE combine: bitwise the in-order float32 sum (float32 output), within float32 rounding of the
+    PyTorch path (torch's own sum order), no NaN from junk or non-local rows, a token without local pairs exactly
+    0; k = 1 and 6 (DeepSeek-V2), a row wider than one block (1100: two column blocks, masked tail), N = 0."""
+    for n, k, h, dtype in ((7, 6, 40, torch.float32), (9, 6, 48, torch.bfloat16), (5, 1, 1100, torch.bfloat16),
+                           (4, 6, 1100, torch.float32), (0, 6, 16, torch.bfloat16)):
+        y, pos, weights = moe_combine_case(n, k, h, dtype, seed=n * 10 + k, device=device)
+        what = f"moe combine n={n} k={k} h={h} {dtype}"
+        got = moe_combine.combine_rows_fused(y, pos, weights, torch.float32)
+        assert got.shape == (n, h) and bool(torch.isfinite(got).all()), f"{what}: shape or a NaN leaked"
+        assert torch.equal(got, combine_in_order(y, pos, weights, torch.float32)), f"{what}: not the in-order sum"
+        torch_path = moe_combine.combine_rows(y, pos, weights, torch.float32)
+        _close(got, torch_path, 4 * 2 ** -24 * k * float(torch_path.abs().max()) if n else 0.0, what + " vs torch")
+        if n:
+            assert torch.equal(got[0], torch.zeros(h)), f"{what}: a token without local pairs is not 0"
+            # negative control: the same rows combined with the pairs of two tokens swapped differ
+            swapped = moe_combine.combine_rows_fused(y, pos[[1, 0] + list(range(2, n))], weights, torch.float32)
+            assert not torch.equal(swapped, got), f"{what}: the check cannot tell tokens apart"
+        in_dtype = moe_combine.combine_rows_fused(y, pos, weights, dtype)
+        assert in_dtype.dtype == dtype and in_dtype.shape == (n, h)
+        if not n:
+            continue
+        # bf16 out: the interpreter's float32 -> bf16 cast truncates where the GPU rounds to nearest (one ulp)
+        same = _bitwise_or_one_bf16_ulp(dtype)
+        assert same(in_dtype, got.to(dtype)), f"{what}: output in {dtype} differs"
+
+
+def check_moe_grouped_wiring() -> None:
+    """``expert_forward_grouped`` with its Triton SiLU·mul and combine switched on (what CUDA runs; interpreted on
+    CPU tensors) equals the PyTorch ops, with and without an expert map (non-local pairs), k = 1 and 3."""
+    from megacp.moe import determine_expert_map
+    from megacp.moe.layer import expert_forward_grouped
+
+    g = torch.Generator().manual_seed(12)
+    E, H, I, n = 6, 16, 12, 11
+    x = torch.randn(n, H, generator=g)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) * 0.3, torch.randn(E, H, I, generator=g) * 0.3
+    _, emap = determine_expert_map(2, 1, 2 * E, "round_robin")  # E local experts of 2·E
+    saved = decode_fused.available, moe_combine.available
+    for k, expert_map in ((3, None), (1, None), (3, emap)):
+        experts = E if expert_map is None else 2 * E
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])
+        weights = torch.rand(n, k, generator=g)
+        want = expert_forward_grouped(x, w13, w2, weights, ids, expert_map, False)
+        calls = []
+        decode_fused.available = moe_combine.available = lambda t: calls.append(1) or True
+        try:
+            got = expert_forward_grouped(x, w13, w2, weights, ids, expert_map, True)
+        finally:
+            decode_fused.available, moe_combine.available = saved
+        assert len(calls) == 2, "the fused kernels were not used"
+        _close(got, want, 1e-5 * float(want.abs().max()), f"grouped experts fused vs eager k={k} map={expert_map}")
+
+
+def check_rope_inplace(dtype: torch.dtype, rope_dim: int, interleave: bool, device: str = "cpu") -> None:
+    """In-place RoPE of the rope part of a wider row (MLA's q_pe inside [q_nope | q_pe]) equals
+    ``apply_rotary_tables`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``), the other columns untouched;
+    interleaved pairs and halves, a non-power-of-two dim (masked)."""
+    g = torch.Generator().manual_seed(rope_dim)
+    T, H, nope = 5, 3, 7
+    q = torch.randn(T, H, nope + rope_dim, generator=g).to(device=device, dtype=dtype)
+    tables = rotary_tables(torch.tensor([3, 0, 77, 1000, 5], device=device), compute_inv_freq(rope_dim, 10000.0),
+                           dtype)
+    want = apply_rotary_tables(q[..., nope:], tables, interleave=interleave)
+    got = q.clone()
+    out = rope_inplace.rotate_(got[..., nope:], tables.cos, tables.sin_signed, interleave)
+    what = f"rope_inplace {dtype} D={rope_dim} interleave={interleave}"
+    assert out.data_ptr() == got[..., nope:].data_ptr(), f"{what}: not in place"
+    assert torch.equal(got[..., :nope], q[..., :nope]), f"{what}: the other columns changed"
+    assert _bitwise_or_one_bf16_ulp(dtype)(got[..., nope:], want), f"{what}: differs from apply_rotary_tables"
+    other = apply_rotary_tables(q[..., nope:], tables, interleave=not interleave)
+    assert not torch.equal(got[..., nope:], other), f"{what}: the check cannot tell the pairings apart"
+
+
+def check_mla_rope_wiring() -> None:
+    """MLAAttention with the in-place RoPE switched on (what CUDA runs; interpreted on CPU tensors) gives the eager
+    path's output, float32, interleaved pairs (bitwise: the same roundings)."""
+    from megacp.layers.metadata_builder import build_attention_metadata
+    from megacp.layers.mla_attention import MLAAttention
+
+    torch.manual_seed(4)
+    attn = MLAAttention(32, 4, 16, 8, 8, 6, q_lora_rank=None, rope_interleave=True)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    meta = build_attention_metadata([0, 1], [0, 0], [4, 3], None)  # two prompts, a training-style prefill
+    hidden = torch.randn(meta.num_local_tokens, 32)
+    tables = rotary_tables(meta.positions, compute_inv_freq(8, 10000.0), torch.float32)
+    saved = rope_inplace.available
+    with torch.no_grad():
+        want = attn(hidden, meta, None, tables)
+        calls = []
+        rope_inplace.available = lambda x: calls.append(1) or True
+        try:
+            got = attn(hidden, meta, None, tables)
+        finally:
+            rope_inplace.available = saved
+    assert calls and torch.equal(got, want), "MLA in-place rope vs eager"
+
+
 def check_llama_decode_wiring() -> None:
     """The tiny seeded Llama with the fused kernels switched on (what CUDA runs; here interpreted on CPU tensors) gives
     the eager model's logits over a prefill and three pure-decode steps, and each decode step calls the RoPE + cache
@@ -342,6 +467,13 @@ def main() -> None:
         check_silu_mul(dtype)
     check_rope_and_cache_write(torch.float32, 12)
     check_llama_decode_wiring()
+    check_moe_combine()
+    for dtype in (torch.float32, torch.bfloat16):
+        for interleave in (True, False):
+            check_rope_inplace(dtype, 16, interleave)
+    check_rope_inplace(torch.float32, 12, True)
+    check_mla_rope_wiring()
+    check_moe_grouped_wiring()
     check_bench_gemv()
     print("triton interpreter checks: ok")
 

@@ -13,7 +13,9 @@ whole once (``copy_to_tp_region``), so the replicated weights get whole gradient
 RoPE pairs follow the checkpoint: with ``rope_interleave`` (DeepSeek's layout, pairs ``(x0, x1), (x2, x3), ...``)
 ``apply_rotary_tables(..., interleave=True)`` de-interleaves first, bit for bit transformers' V3 rotation; the latent
 cache then stores ``k_pe`` in halves order (q and k alike, so the scores are unchanged). The softmax scale is
-``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²`` with YaRN).
+``ModelConfig.attention_scale`` (``qk_head_dim^-0.5``, times ``mscale²`` with YaRN). At inference on CUDA one
+kernel rotates ``q_pe`` inside the query projection's output and another ``k_pe`` inside ``kv_a_proj_with_mqa``'s
+(``megacp.ops.rope_inplace``: exact, the eager roundings), so no ``[q_nope | q_pe]`` concatenation is made.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from megacp.layers.latent_attention import LatentAttention, LatentUpProjection
 from megacp.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp_region
 from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryTables, apply_rotary_tables
+from megacp.ops import decode_fused, rope_inplace
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 
 if TYPE_CHECKING:
@@ -93,6 +96,7 @@ class MLAAttention(nn.Module):
             self.qk_head_dim**-0.5 if scale is None else scale, up, backend=backend, parallel_context=ctx,
             context_transfer=context_transfer,
         )
+        self.fused_decode = decode_fused.enabled()  # $MEGACP_FUSED_DECODE, read once: in-place RoPE on CUDA
 
     @classmethod
     def from_config(cls, config: Any, params_dtype: torch.dtype | None = None,
@@ -122,9 +126,16 @@ class MLAAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q = q.view(T, self.num_local_heads, self.qk_head_dim)
-        q = torch.cat([q[..., : self.nope], self._rotate(q[..., self.nope :], rope)], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope], dim=-1)
-        k_pe = self._rotate(k_pe.unsqueeze(1), rope).squeeze(1)
+        kv = self.kv_a_proj_with_mqa(hidden)  # [T, r + rope]: c_kv | k_pe
+        if self.fused_decode and rope_inplace.available(q) and rope.cos.dtype == q.dtype:
+            # one kernel each rotates q_pe and k_pe where the projections wrote them: no cat (exact, rope_inplace)
+            rope_inplace.rotate_(q[..., self.nope :], rope.cos, rope.sin_signed, self.rope_interleave)
+            rope_inplace.rotate_(kv[:, None, self.kv_lora_rank :], rope.cos, rope.sin_signed, self.rope_interleave)
+            c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        else:
+            q = torch.cat([q[..., : self.nope], self._rotate(q[..., self.nope :], rope)], dim=-1)
+            c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+            k_pe = self._rotate(k_pe.unsqueeze(1), rope).squeeze(1)
         latent = copy_to_tp_region(torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1), self.tp_group)
         out = self.attn(q, latent, meta, kv_cache)  # [T, H_local, v_head_dim]
         return self.o_proj(out.reshape(T, -1))

@@ -36,6 +36,7 @@ from torch import nn
 
 from megacp import parallel_state
 from megacp.moe.config import MoEParallelConfig, determine_expert_map
+from megacp.ops import decode_fused, moe_combine
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.weights import load_shard
 
@@ -58,9 +59,14 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return weights, ids
 
 
-def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))``. x: [N, H], w13: [2I, H] (gate rows then up rows), w2: [H, I] -> [N, H]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))``. x: [N, H], w13: [2I, H] (gate rows then up rows), w2: [H, I] -> [N, H].
+
+    ``fused``: SiLU·mul as one kernel where ``decode_fused.available`` (CUDA, no gradient; exact)."""
+    gate_up = F.linear(x, w13)
+    if fused and decode_fused.available(gate_up):
+        return F.linear(decode_fused.silu_mul(gate_up), w2)
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w2)
 
 
@@ -96,14 +102,17 @@ def expert_forward_grouped(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """``expert_forward`` with fixed shapes and no host sync: two grouped GEMMs (``torch._grouped_mm``) over the
     (token, expert) pairs sorted by local expert, so a CUDA graph can capture it. Same arguments and result.
 
     Every one of the ``N·k`` pairs is computed once: the pairs are sorted by local expert id (non-local pairs last,
-    outside every group: their rows are masked out, never read), each expert's rows form one group of the GEMMs, and
-    the weighted rows go back to their (token, k) place and are summed over k in float32. Inference only (the
-    grouped GEMM has no autograd on every build); ``grouped_experts_usable`` says when it applies.
+    outside every group: their rows are never read), each expert's rows form one group of the GEMMs, and each token
+    sums its pairs' weighted rows in float32 (``megacp.ops.moe_combine``). Inference only (the grouped GEMM has no
+    autograd on every build); ``grouped_experts_usable`` says when it applies. ``fused`` (a layer's
+    ``fused_decode``): on CUDA, SiLU·mul and the combine run as one Triton kernel each (``decode_fused.silu_mul``:
+    exact; ``moe_combine.combine_rows_fused``: the float32 sum in a fixed order), else as PyTorch ops.
     """
     n, k = topk_ids.shape
     e_local = w13.shape[0]
@@ -116,12 +125,17 @@ def expert_forward_grouped(
     counts.scatter_add_(0, local_ids, torch.ones_like(local_ids, dtype=torch.int32))
     offs = counts[:e_local].cumsum(0, dtype=torch.int32)  # [E_local] end of each expert's rows
     gate_up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [N·k, H]; rows past offs[-1]: junk
-    local = (local_ids[order] < e_local)[:, None]
-    y = torch.where(local, y.float() * topk_weights.flatten()[order, None].float(), 0.0)  # where: junk never leaks
-    out = torch.empty_like(y).index_copy_(0, order, y)  # back to pair order (a permutation: deterministic)
-    return out.view(n, k, -1).sum(dim=1).to(x.dtype)
+    if fused and decode_fused.available(gate_up):
+        act = decode_fused.silu_mul(gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [N·k, H]; rows past offs[-1]: junk
+    # pos[t, j]: the sorted row of pair (t, j) (the inverse permutation of order), -1 for a non-local pair
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
+    pos = torch.where(local_ids < e_local, pos, -1).view(n, k)
+    combine = moe_combine.combine_rows_fused if fused and moe_combine.available(y) else moe_combine.combine_rows
+    return combine(y, pos, topk_weights, x.dtype)
 
 
 def grouped_experts_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -229,6 +243,8 @@ class MoELayer(nn.Module):
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.shared_expert_gate = bool(shared_expert_intermediate_size) and shared_expert_gate
         self._groups_checked = False
+        # Triton SiLU·mul and expert combine at inference on CUDA ($MEGACP_FUSED_DECODE, read once, not per step)
+        self.fused_decode = decode_fused.enabled()
 
         self.num_local_experts, expert_map = determine_expert_map(cfg.ep_size, cfg.ep_rank, num_experts, placement)
         self.register_buffer("expert_map", expert_map, persistent=False)
@@ -302,10 +318,12 @@ class MoELayer(nn.Module):
     def partial_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's share of the MoE output for tokens x: [N, H] with router_logits [N, E] -> [N, H]."""
         weights, ids = self.select_experts(router_logits)
-        experts = expert_forward_grouped if grouped_experts_usable(x, self.w13, self.w2) else expert_forward
-        out = experts(x, self.w13, self.w2, weights, ids, self.expert_map)
+        if grouped_experts_usable(x, self.w13, self.w2):
+            out = expert_forward_grouped(x, self.w13, self.w2, weights, ids, self.expert_map, self.fused_decode)
+        else:
+            out = expert_forward(x, self.w13, self.w2, weights, ids, self.expert_map)
         if self.shared_expert_intermediate_size:
-            shared = swiglu(x, self.shared_w13, self.shared_w2)
+            shared = swiglu(x, self.shared_w13, self.shared_w2, self.fused_decode)
             if self.shared_expert_gate:
                 # sigmoid(g(x)) * Σ_r shared_r(x) = Σ_r sigmoid(g(x)) * shared_r(x): gating the partial sum is exact.
                 shared = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * shared
