@@ -436,11 +436,14 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
 
     Causal batches whose sequences read nested prefixes of one K/V (PCP's head and tail chunks) run as
     ``_cudnn_pieces``: one call per distinct unmasked prefix piece and one for all square parts of one length.
-    Other layouts (and ``CUDNN_PIECES`` off) run per sequence: one call, two for a causal chunk with lq < lk
-    (prefix + square, merged by LSE). Overlapping key ranges are slices (no copy).
+    Other layouts, ``CUDNN_PIECES`` off and anything that needs gradients run per sequence: one call, two for a
+    causal chunk with lq < lk (prefix + square, merged by LSE). Overlapping key ranges are slices (no copy).
+    The pieces are inference only: on an H200 (2026-12-03) the real op's backward through them gave q/k/v
+    gradients 13% (relative norm) away from the per-sequence path's, which the CPU stand-in does not reproduce.
     """
     keys = _key_ranges(cu_k, used_k)
-    plan = _nested_prefix_plan(cu_q, keys) if causal and CUDNN_PIECES else None
+    pieces = causal and CUDNN_PIECES and not needs_grad(q, k, v)
+    plan = _nested_prefix_plan(cu_q, keys) if pieces else None
     if plan is not None:
         return _cudnn_pieces(q, k, v, cu_q, plan, scale)
     outs, lses = [], []
