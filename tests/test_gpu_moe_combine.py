@@ -22,8 +22,13 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _within_bf16_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to one bf16 ulp of each value (a float32 sum in another order may round to the neighbour)."""
-    return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -7 + 1e-30).all())
+    """Equal up to one bf16 ulp of each value (a float32 sum in another order may round to the neighbour), plus a
+    floor of 1e-5 of the row's largest value: where the k terms cancel, the two float32 orders differ by a few
+    float32 ulps of the terms, which is far more than an ulp of the small result (the H200 run of 2026-12-03 failed
+    the bare relative bound there while the in-order sums were bitwise equal)."""
+    a, b = a.float(), b.float()
+    floor = 1e-5 * b.abs().amax(dim=-1, keepdim=True) if b.numel() else 0.0
+    return bool(((a - b).abs() <= b.abs() * 2 ** -7 + floor + 1e-30).all())
 
 
 @pytest.mark.parametrize("n,k,h", [(0, 6, 2048), (1, 1, 2048), (37, 6, 2048), (8192, 6, 2048), (300, 8, 7168)])
