@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megacp.ops import attention_with_lse, get_backend
-from megacp.ops import backends_cuda
+from megacp.ops import backends_cuda, cudnn_pieces
 from megacp.ops.merge import merge_attn_states_into, merge_attn_states_n
 
 CUDA = torch.cuda.is_available()
@@ -124,7 +124,7 @@ def test_plan_of_a_pcp_rank():
     c, p = 4, 4
     for r in range(p):
         tail = 2 * p - 1 - r
-        plan = backends_cuda._nested_prefix_plan([0, c, 2 * c], [(0, (r + 1) * c), (0, (tail + 1) * c)])
+        plan = cudnn_pieces.nested_prefix_plan([0, c, 2 * c], [(0, (r + 1) * c), (0, (tail + 1) * c)])
         want_prefix = ([(0, 2 * c, 0, r * c)] if r else []) + [(c, 2 * c, r * c, tail * c)]
         assert plan.prefix == want_prefix
         assert plan.squares == [(0, 2, [r * c, tail * c])]
@@ -132,21 +132,21 @@ def test_plan_of_a_pcp_rank():
 
 
 def test_plan_declines_what_it_does_not_cover():
-    assert backends_cuda._nested_prefix_plan([0, 4, 8], [(0, 16), (0, 8)]) is None  # tail before head
-    assert backends_cuda._nested_prefix_plan([0, 6], [(0, 4)]) is None  # more queries than keys
-    assert backends_cuda._nested_prefix_plan([0, 8], [(0, 8)]) is None  # one whole prompt: its one call as it was
-    assert backends_cuda._nested_prefix_plan([0, 3, 7], [(0, 5), (5, 9)]) is None  # no call saved (4 either way)
-    plan = backends_cuda._nested_prefix_plan([0, 4, 8, 12], [(0, 4), (4, 8), (8, 12)])  # equal whole prompts
+    assert cudnn_pieces.nested_prefix_plan([0, 4, 8], [(0, 16), (0, 8)]) is None  # tail before head
+    assert cudnn_pieces.nested_prefix_plan([0, 6], [(0, 4)]) is None  # more queries than keys
+    assert cudnn_pieces.nested_prefix_plan([0, 8], [(0, 8)]) is None  # one whole prompt: its one call as it was
+    assert cudnn_pieces.nested_prefix_plan([0, 3, 7], [(0, 5), (5, 9)]) is None  # no call saved (4 either way)
+    plan = cudnn_pieces.nested_prefix_plan([0, 4, 8, 12], [(0, 4), (4, 8), (8, 12)])  # equal whole prompts
     assert plan.prefix == [] and plan.squares == [(0, 3, [0, 4, 8])]
-    plan = backends_cuda._nested_prefix_plan([0, 3, 6], [(0, 5), (5, 10)])  # plain keys, equal lq: squares batched
+    plan = cudnn_pieces.nested_prefix_plan([0, 3, 6], [(0, 5), (5, 10)])  # plain keys, equal lq: squares batched
     assert plan.prefix == [(0, 3, 0, 2), (3, 6, 5, 7)] and plan.squares == [(0, 2, [2, 7])]
 
 
 def test_diagonal_blocks_are_views_when_evenly_spaced():
     x = torch.arange(40.0).reshape(20, 2, 1).expand(20, 2, 8).contiguous()
-    view = backends_cuda._diagonal_blocks(x, [2, 9, 16], 3)
+    view = cudnn_pieces.diagonal_blocks(x, [2, 9, 16], 3)
     assert view.shape == (3, 3, 2, 8) and view.data_ptr() == x[2].data_ptr()
-    stacked = backends_cuda._diagonal_blocks(x, [2, 9, 12], 3)
+    stacked = cudnn_pieces.diagonal_blocks(x, [2, 9, 12], 3)
     for blocks, offsets in ((view, [2, 9, 16]), (stacked, [2, 9, 12])):
         assert torch.equal(blocks, torch.stack([x[o:o + 3] for o in offsets]))
 
@@ -281,13 +281,13 @@ def test_gradients_of_out_and_lse(fake, monkeypatch, pieces, r):
 def test_a_misplaced_square_fails_the_comparison(fake, monkeypatch):
     """Negative control: squares read one row too early (a wrong diagonal alignment) must not pass."""
     _exact_dtypes(monkeypatch)
-    right = backends_cuda._nested_prefix_plan
+    right = backends_cuda.nested_prefix_plan
 
     def off_by_one(cu_q, keys):
         plan = right(cu_q, keys)
         return plan._replace(squares=[(b0, b1, [o - 1 for o in offs]) for b0, b1, offs in plan.squares])
 
-    monkeypatch.setattr(backends_cuda, "_nested_prefix_plan", off_by_one)
+    monkeypatch.setattr(backends_cuda, "nested_prefix_plan", off_by_one)
     T, pcp = 32, 2
     q, k, v = _qkv(T, 4, 1, 32, 32, torch.float64, seed=1)
     qs, kw = _rank_call(q, k, v, T, pcp, 1)

@@ -12,7 +12,7 @@ there (``paged`` hook), else to the gather path.
   natural-log LSE.
 - "cudnn": ``aten::_scaled_dot_product_cudnn_attention``. Its causal mask is top-left, so a chunk with fewer queries
   than keys runs as unmasked prefix keys plus a square causal part, merged by LSE. Causal batches whose sequences
-  read nested prefixes of one K/V (a PCP rank's head and tail chunks) run as pieces (``_nested_prefix_plan``): one
+  read nested prefixes of one K/V (a PCP rank's head and tail chunks) run as pieces (``nested_prefix_plan``): one
   call per distinct prefix piece, on a contiguous suffix of the packed queries, and one batched call for all
   squares of one length: 3 calls for PCP rank r > 0, 2 for rank 0, instead of 4 and 3. Other layouts, or
   ``MEGACP_CUDNN_PIECES=0``, run per sequence: one call, or prefix + square (``bottom_right_causal_from_top_left``).
@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +61,7 @@ from megacp.ops.attention import (
     register_backend,
 )
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
+from megacp.ops.cudnn_pieces import PiecesPlan, diagonal_blocks, nested_prefix_plan
 from megacp.ops.merge import merge_attn_states_into
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -443,7 +443,7 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
     """
     keys = _key_ranges(cu_k, used_k)
     pieces = causal and CUDNN_PIECES and not needs_grad(q, k, v)
-    plan = _nested_prefix_plan(cu_q, keys) if pieces else None
+    plan = nested_prefix_plan(cu_q, keys) if pieces else None
     if plan is not None:
         return _cudnn_pieces(q, k, v, cu_q, plan, scale)
     outs, lses = [], []
@@ -457,73 +457,7 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
     return torch.cat(outs), torch.cat(lses)
 
 
-class _Pieces(NamedTuple):
-    """The cuDNN calls of a causal nested-prefix batch (``_nested_prefix_plan``), as host ranges."""
-
-    prefix: list[tuple[int, int, int, int]]  # (q0, q1, k0, k1): query rows [q0, q1) attend keys [k0, k1), unmasked
-    squares: list[tuple[int, int, list[int]]]  # (b0, b1, offsets): sequences b0..b1-1 of one lq, square at offsets
-    parts: list[list[int]]  # per sequence: the prefix pieces its rows take part in
-
-
-def _nested_prefix_plan(cu_q: list[int], keys: list[tuple[int, int]]) -> _Pieces | None:
-    """Bottom-right causal attention of a packed batch as few top-left cuDNN calls, or None where it does not apply
-    or saves no call over the per-sequence path (one whole prompt keeps its single call as it was).
-
-    ``keys``: each sequence's key rows ``[start, stop)``. Sequence b has lq_b queries and an unmasked prefix
-    P_b = (stop - start) - lq_b seen by all of them, then a square part where top-left == bottom-right. Applies
-    when every 0 < lq_b <= its key count and, within each run of consecutive sequences with one key start (nested
-    prefixes of one K/V: PCP's head then tail chunk of a request), P_b does not decrease. Then, with P_0 = 0 <
-    P_1 < ... the distinct prefixes of a run, piece j (keys [P_{j-1}, P_j) of the run's start) is attended by the
-    rows of every sequence with P_b >= P_j: a suffix of the run's query rows, so ONE call on slices of q and K/V.
-    The squares of consecutive sequences with equal lq are one call with batch B.
-    """
-    n = len(cu_q) - 1
-    lq = [cu_q[b + 1] - cu_q[b] for b in range(n)]
-    if any(not 0 < lq[b] <= k1 - k0 for b, (k0, k1) in enumerate(keys)):
-        return None
-    prefix: list[tuple[int, int, int, int]] = []
-    parts: list[list[int]] = []
-    b = 0
-    while b < n:
-        end = b + 1
-        while end < n and keys[end][0] == keys[b][0]:
-            end += 1
-        start, done, first = keys[b][0], 0, len(prefix)
-        for s in range(b, end):
-            p = keys[s][1] - keys[s][0] - lq[s]
-            if p < done:
-                return None
-            if p > done:
-                prefix.append((cu_q[s], cu_q[end], start + done, start + p))
-                done = p
-            parts.append(list(range(first, len(prefix))))
-        b = end
-    squares: list[tuple[int, int, list[int]]] = []
-    for s in range(n):
-        if squares and lq[squares[-1][0]] == lq[s]:
-            squares[-1] = (squares[-1][0], s + 1, squares[-1][2] + [keys[s][1] - lq[s]])
-        else:
-            squares.append((s, s + 1, [keys[s][1] - lq[s]]))
-    per_sequence = sum(1 if lq[b] == k1 - k0 else 2 for b, (k0, k1) in enumerate(keys))
-    return _Pieces(prefix, squares, parts) if len(prefix) + len(squares) < per_sequence else None
-
-
-def _diagonal_blocks(x: Tensor, offsets: list[int], rows: int) -> Tensor:
-    """Rows ``[o, o + rows)`` of ``x`` for each offset o, as one batch: a view (no copy) where the offsets are
-    evenly spaced (one or two always are: PCP's head and tail squares), else stacked (a copy of B·rows rows).
-
-    # x: [T, H, D] -> [B, rows, H, D]
-    """
-    o0, count = offsets[0], len(offsets)
-    if count == 1:
-        return x[o0 : o0 + rows].unsqueeze(0)
-    step = offsets[1] - o0
-    if step > 0 and all(b - a == step for a, b in zip(offsets, offsets[1:])):
-        return x[o0 : o0 + step * (count - 1) + rows].unfold(0, rows, step).movedim(-1, 1)
-    return torch.stack([x[o : o + rows] for o in offsets])
-
-
-def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: _Pieces,
+def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: PiecesPlan,
                   scale: float) -> tuple[Tensor, Tensor]:
     """Run ``plan``'s calls and LSE-merge each query row's partials into one output.
 
@@ -533,8 +467,8 @@ def _cudnn_pieces(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], plan: _Piece
     def square_batch(b0: int, b1: int, offsets: list[int]) -> tuple[Tensor, Tensor]:
         rows = cu_q[b0 + 1] - cu_q[b0]
         qs = q[cu_q[b0] : cu_q[b1]].unflatten(0, (b1 - b0, rows))  # [B, lq, Hq, D], a view
-        return _cudnn_gqa(_cudnn_grad_batch, qs, _diagonal_blocks(k, offsets, rows),
-                          _diagonal_blocks(v, offsets, rows), True, scale)
+        return _cudnn_gqa(_cudnn_grad_batch, qs, diagonal_blocks(k, offsets, rows),
+                          diagonal_blocks(v, offsets, rows), True, scale)
 
     if not plan.prefix and len(plan.squares) == 1:  # equal whole prompts: one call is the whole answer
         out, lse = square_batch(*plan.squares[0])
