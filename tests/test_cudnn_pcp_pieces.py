@@ -152,6 +152,23 @@ def test_diagonal_blocks_are_views_when_evenly_spaced():
 
 
 # ----------------------------------------------------------------------------------------------- exactness
+def test_long_key_ranges_keep_the_per_sequence_calls(fake, monkeypatch):
+    """Key ranges of ``PIECES_MAX_KEYS`` or more run per sequence (at 128k tokens the pieces measured no faster):
+    4 calls for rank 1 of pcp 2 instead of 3, with the same result."""
+    _exact_dtypes(monkeypatch)
+    T, pcp = 16, 2
+    q, k, v = _qkv(T, 4, 1, 16, 16, torch.float64, seed=5)
+    qs, kw = _rank_call(q, k, v, T, pcp, 1)
+    for limit, calls in ((13, 3), (12, 4)):  # the rank's longest key range: its tail chunk's 12 keys
+        monkeypatch.setattr(backends_cuda, "PIECES_MAX_KEYS", limit)
+        before = len(fake.calls)
+        with torch.no_grad():
+            out, lse = attention_with_lse(qs, backend=CUDNN, **kw)
+            ref_out, ref_lse = attention_with_lse(qs, backend="torch", **kw)
+        assert len(fake.calls) - before == calls, (limit, fake.calls[before:])
+        assert _close(out, ref_out, 1e-5) and _close(lse, ref_lse, 1e-5)
+
+
 @pytest.mark.parametrize("pcp", [1, 2, 4, 8])
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128)])
 def test_pcp_ranks_match_the_reference(fake, monkeypatch, pcp, d, dv):

@@ -386,6 +386,10 @@ ENV_PIECES = "MEGACP_CUDNN_PIECES"
 # MEGACP_CUDNN_PIECES=0 at import) keeps the per-sequence prefix + square calls. bench/prefill_split.py sets it to
 # measure both in one run.
 CUDNN_PIECES = os.environ.get(ENV_PIECES, "1") != "0"
+# Measured on an H200 (2026-12-03, bench/prefill_split.py, pieces vs per sequence in the same rounds): 1.05-1.06x
+# faster at 32k tokens (pcp 1-8), 0.99-1.01x at 128k; so batches whose longest key range reaches this many keys
+# keep the per-sequence calls.
+PIECES_MAX_KEYS = 65536
 
 
 def _cudnn_batch(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -436,13 +440,15 @@ def _cudnn_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu=None, used_k=None):
 
     Causal batches whose sequences read nested prefixes of one K/V (PCP's head and tail chunks) run as
     ``_cudnn_pieces``: one call per distinct unmasked prefix piece and one for all square parts of one length.
-    Other layouts, ``CUDNN_PIECES`` off and anything that needs gradients run per sequence: one call, two for a
-    causal chunk with lq < lk (prefix + square, merged by LSE). Overlapping key ranges are slices (no copy).
+    Other layouts, ``CUDNN_PIECES`` off, key ranges of ``PIECES_MAX_KEYS`` or more and anything that needs
+    gradients run per sequence: one call, two for a causal chunk with lq < lk (prefix + square, merged by LSE).
+    Overlapping key ranges are slices (no copy).
     The pieces are inference only: on an H200 (2026-12-03) the real op's backward through them gave q/k/v
     gradients 13% (relative norm) away from the per-sequence path's, which the CPU stand-in does not reproduce.
     """
     keys = _key_ranges(cu_k, used_k)
-    pieces = causal and CUDNN_PIECES and not needs_grad(q, k, v)
+    pieces = (causal and CUDNN_PIECES and not needs_grad(q, k, v)
+              and max((k1 - k0 for k0, k1 in keys), default=0) < PIECES_MAX_KEYS)
     plan = nested_prefix_plan(cu_q, keys) if pieces else None
     if plan is not None:
         return _cudnn_pieces(q, k, v, cu_q, plan, scale)
