@@ -29,7 +29,9 @@ the "cudnn" kernel's two decompositions of a rank's chunks (``backends_cuda.CUDN
 (round i: single, ranks with pieces, ranks per sequence), so both rows share the single calls, and the pieces row
 gets ``speedup_vs_per_sequence``: per round, the slowest rank per sequence / the slowest rank with pieces, median
 (and its min / max). Decompositions apply to "cudnn", and to "cuda" where that routes to cuDNN; other backends run
-once, decomposition "-". The single whole-prompt call is the same in both (one causal cuDNN call).
+once, decomposition "-". The single whole-prompt call is the same in both (one causal cuDNN call). Ranks whose
+longest key range reaches ``backends_cuda.PIECES_MAX_KEYS`` (64k) run per sequence in both rows; set it higher to
+time the pieces there.
 ``--profile`` prints (to stderr) a torch.profiler kernel table of one rank's call at the largest pcp, per T,
 backend and decomposition.
 
