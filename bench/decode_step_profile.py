@@ -26,7 +26,7 @@ from bench.common import emit, environment, require_cuda  # noqa: E402
 from bench.e2e import SHAPES, Megacp, build_checkpoint, model_config  # noqa: E402
 
 KINDS = (  # first match wins: (kind, name fragments)
-    ("splitk_reduce", ("splitKreduce", "splitk")),
+    ("splitk_reduce", ("splitKreduce",)),  # the GEMMs named *_splitK_* count as GEMMs
     ("attention", ("_split_kernel", "_mla_split_kernel", "_merge_kernel", "paged", "flash", "sdpa")),
     ("norm", ("rms", "norm")),
     ("rope_cache", ("rope", "index_copy", "cache")),
