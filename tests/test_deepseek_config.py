@@ -99,6 +99,8 @@ def test_moe_layer_rules():
     assert not no_interleave.rope_interleave
     # V2 always interleaves (transformers rotates V2's pairs as complex numbers, whatever the config says).
     assert model_config_from_dict(dict(V2_LITE_V4_LAYOUT, rope_interleave=False)).rope_interleave
+    # ... in float32, rounding once; V3 rotates in the activations' dtype (rope_float32 picks the MLA layers' form)
+    assert model_config_from_dict(V2_LITE_V4_LAYOUT).rope_float32 and not model_config_from_dict(V3_V4_LAYOUT).rope_float32
     # factor null: transformers derives it as max_position_embeddings / original_max_position_embeddings.
     derived = model_config_from_dict(dict(V3_V4_LAYOUT, rope_scaling=dict(V3_V4_LAYOUT["rope_scaling"], factor=None)))
     assert derived.rope_scaling["factor"] == 256 / 64

@@ -19,15 +19,16 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs a CUDA device and triton")]
 
 
+@pytest.mark.parametrize("tables_dtype", [torch.bfloat16, torch.float32])  # float32: DeepSeek-V2's rope_float32
 @pytest.mark.parametrize("interleave", [True, False])
 @pytest.mark.parametrize("T", [1, 8192])
-def test_rotate_in_place_is_bitwise_the_eager_path(T, interleave):
+def test_rotate_in_place_is_bitwise_the_eager_path(T, interleave, tables_dtype):
     g = torch.Generator(device="cuda").manual_seed(T)
     q = torch.randn(T, 16, 192, device="cuda", generator=g).bfloat16()
     kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
-    tables = rotary_tables(torch.randperm(T, device="cuda") * 3, compute_inv_freq(64, 10000.0), torch.bfloat16)
-    want_q = apply_rotary_tables(q[..., 128:], tables, interleave)
-    want_k = apply_rotary_tables(kv[:, None, 512:], tables, interleave)
+    tables = rotary_tables(torch.randperm(T, device="cuda") * 3, compute_inv_freq(64, 10000.0), tables_dtype)
+    want_q = apply_rotary_tables(q[..., 128:].to(tables_dtype), tables, interleave).bfloat16()
+    want_k = apply_rotary_tables(kv[:, None, 512:].to(tables_dtype), tables, interleave).bfloat16()
     q_before, kv_before = q.clone(), kv.clone()
     rope_inplace.rotate_(q[..., 128:], tables.cos, tables.sin_signed, interleave)
     rope_inplace.rotate_(kv[:, None, 512:], tables.cos, tables.sin_signed, interleave)
@@ -50,7 +51,8 @@ def test_rotate_in_place_replays_in_a_cuda_graph():
     assert torch.equal(q[..., 128:], want)
 
 
-def test_mla_attention_output_is_unchanged_by_the_kernel():
+@pytest.mark.parametrize("tables_dtype", [torch.bfloat16, torch.float32])
+def test_mla_attention_output_is_unchanged_by_the_kernel(tables_dtype):
     from megacp.layers.metadata_builder import build_attention_metadata
     from megacp.layers.mla_attention import MLAAttention
 
@@ -61,7 +63,7 @@ def test_mla_attention_output_is_unchanged_by_the_kernel():
         torch.nn.init.normal_(p, std=0.02)
     meta = build_attention_metadata([0], [0], [1000], None, device="cuda")
     hidden = torch.randn(meta.num_local_tokens, 2048, device="cuda").bfloat16()
-    tables = rotary_tables(meta.positions, compute_inv_freq(64, 10000.0), torch.bfloat16)
+    tables = rotary_tables(meta.positions, compute_inv_freq(64, 10000.0), tables_dtype)
     with torch.inference_mode():
         fused = attn(hidden, meta, None, tables)
         attn.fused_decode = False

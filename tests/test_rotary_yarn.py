@@ -121,6 +121,35 @@ def test_deepseek_v2_complex_rotation_equals_ours_up_to_pair_order(case, dtype):
     torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1)[..., index], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["deepseek_v2", "mscale_ne"])
+def test_deepseek_v2_bf16_rotation_is_bitwise_transformers(case):
+    """In bf16, DeepSeek-V2's MLA rotation (``rope_float32``: float32 tables, ``MLAAttention._rotate`` rotates in float32
+    and rounds once) is bit for bit transformers' complex-number ``apply_rotary_emb`` up to the pair order; the
+    activation-dtype tables (Llama's and V3's form, V2's before) differ in a good part of the elements (negative
+    control)."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RotaryEmbedding, apply_rotary_emb
+
+    from megacp.layers.mla_attention import MLAAttention
+
+    rope = YARN_CASES[case]
+    g = torch.Generator().manual_seed(2)
+    positions = torch.arange(300) * 37
+    q = torch.randn(len(positions), 4, ROPE_DIM, generator=g).bfloat16()
+    k = torch.randn(len(positions), 1, ROPE_DIM, generator=g).bfloat16()
+    freqs_cis = DeepseekV2RotaryEmbedding(_hf_config(2, rope))(q, positions[None])
+    q_ref, k_ref = apply_rotary_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], freqs_cis)
+    index = rope_deinterleave_index(ROPE_DIM)
+    ours = _ours(rope, True)
+    attn = MLAAttention(64, 4, 16, 8, ROPE_DIM, 8, q_lora_rank=None, rope_interleave=True,
+                        params_dtype=torch.bfloat16)
+    for x, ref in ((q, q_ref), (k, k_ref)):
+        want = ref[0].transpose(0, 1)[..., index]
+        got = attn._rotate(x, ours.tables(positions, torch.float32))
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        narrow = attn._rotate(x, ours.tables(positions, torch.bfloat16))
+        assert (narrow != want).float().mean() > 0.1
+
+
 def test_deinterleave_index_folds_into_weights():
     """Rotating x (pairs) with interleave=True equals rotating x[..., index] as plain halves: the permutation can be
     applied to a projection's output rows once instead of every step."""

@@ -336,19 +336,21 @@ def check_moe_grouped_wiring() -> None:
         _close(got, want, 1e-5 * float(want.abs().max()), f"grouped experts fused vs eager k={k} map={expert_map}")
 
 
-def check_rope_inplace(dtype: torch.dtype, rope_dim: int, interleave: bool, device: str = "cpu") -> None:
+def check_rope_inplace(dtype: torch.dtype, rope_dim: int, interleave: bool, device: str = "cpu",
+                       tables_dtype: torch.dtype | None = None) -> None:
     """In-place RoPE of the rope part of a wider row (MLA's q_pe inside [q_nope | q_pe]) equals
     ``apply_rotary_tables`` (bit for bit in float32, see ``_bitwise_or_one_bf16_ulp``), the other columns untouched;
-    interleaved pairs and halves, a non-power-of-two dim (masked)."""
+    interleaved pairs and halves, a non-power-of-two dim (masked). ``tables_dtype`` float32 for a bf16 ``x``
+    (DeepSeek-V2's ``rope_float32``): equals the float32 rotation rounded once."""
     g = torch.Generator().manual_seed(rope_dim)
     T, H, nope = 5, 3, 7
     q = torch.randn(T, H, nope + rope_dim, generator=g).to(device=device, dtype=dtype)
     tables = rotary_tables(torch.tensor([3, 0, 77, 1000, 5], device=device), compute_inv_freq(rope_dim, 10000.0),
-                           dtype)
-    want = apply_rotary_tables(q[..., nope:], tables, interleave=interleave)
+                           tables_dtype or dtype)
+    want = apply_rotary_tables(q[..., nope:].to(tables.cos.dtype), tables, interleave=interleave).to(dtype)
     got = q.clone()
     out = rope_inplace.rotate_(got[..., nope:], tables.cos, tables.sin_signed, interleave)
-    what = f"rope_inplace {dtype} D={rope_dim} interleave={interleave}"
+    what = f"rope_inplace {dtype} D={rope_dim} interleave={interleave} tables {tables.cos.dtype}"
     assert out.data_ptr() == got[..., nope:].data_ptr(), f"{what}: not in place"
     assert torch.equal(got[..., :nope], q[..., :nope]), f"{what}: the other columns changed"
     assert _bitwise_or_one_bf16_ulp(dtype)(got[..., nope:], want), f"{what}: differs from apply_rotary_tables"
@@ -472,6 +474,7 @@ def main() -> None:
         for interleave in (True, False):
             check_rope_inplace(dtype, 16, interleave)
     check_rope_inplace(torch.float32, 12, True)
+    check_rope_inplace(torch.bfloat16, 16, True, tables_dtype=torch.float32)
     check_mla_rope_wiring()
     check_moe_grouped_wiring()
     check_bench_gemv()

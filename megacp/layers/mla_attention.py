@@ -116,6 +116,8 @@ class MLAAttention(nn.Module):
         return self.kv_lora_rank + self.rope
 
     def _rotate(self, x: Tensor, rope: RotaryTables) -> Tensor:
+        if rope.cos.dtype != x.dtype:  # float32 tables (DeepSeek-V2): rotate in float32, round once
+            return apply_rotary_tables(x.float(), rope, interleave=self.rope_interleave).to(x.dtype)
         return apply_rotary_tables(x, rope, interleave=self.rope_interleave)
 
     def forward(self, hidden: Tensor, meta: "AttentionMetadata", kv_cache: LatentPagedCache | None,
@@ -127,7 +129,7 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q = q.view(T, self.num_local_heads, self.qk_head_dim)
         kv = self.kv_a_proj_with_mqa(hidden)  # [T, r + rope]: c_kv | k_pe
-        if self.fused_decode and rope_inplace.available(q) and rope.cos.dtype == q.dtype:
+        if self.fused_decode and rope_inplace.available(q) and rope.cos.dtype in (q.dtype, torch.float32):
             # one kernel each rotates q_pe and k_pe where the projections wrote them: no cat (exact, rope_inplace)
             rope_inplace.rotate_(q[..., self.nope :], rope.cos, rope.sin_signed, self.rope_interleave)
             rope_inplace.rotate_(kv[:, None, self.kv_lora_rank :], rope.cos, rope.sin_signed, self.rope_interleave)

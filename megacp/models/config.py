@@ -76,6 +76,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # rotary pairs (x_2i, x_2i+1) (DeepSeek) instead of neox halves
+    # rotate in float32 and round once (DeepSeek-V2's complex-number form in transformers) instead of in the
+    # activations' dtype with each product rounded (Llama, DeepSeek-V3)
+    rope_float32: bool = False
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw config.json
 
     @property
@@ -361,6 +364,7 @@ def _mla_fields(cfg: dict[str, Any], version: str) -> dict[str, Any]:
         v_head_dim=_int(cfg, "v_head_dim"),
         # DeepSeek-V2's checkpoints always pair (x_2i, x_2i+1) (transformers rotates them as complex numbers).
         rope_interleave=True if version == "deepseek_v2" else _bool(cfg, "rope_interleave", True),
+        rope_float32=version == "deepseek_v2",
         qkv_bias=bias,  # MLA: q_a_proj / kv_a_proj_with_mqa biases, as transformers' attention_bias
         o_proj_bias=bias,
     )

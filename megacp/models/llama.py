@@ -327,7 +327,8 @@ class LlamaForCausalLM(nn.Module):
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for a model with {len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary_emb.tables(meta.positions, hidden.dtype)  # the same positions in every layer
+        # the same positions in every layer; float32 tables make the MLA layers rotate in float32 (rope_float32)
+        rope = self.rotary_emb.tables(meta.positions, torch.float32 if self.config.rope_float32 else hidden.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None, rope, residual)
