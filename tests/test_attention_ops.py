@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megacp.ops import attention as attn_mod
+from megacp.ops import backends_cpu
 from megacp.ops import (
     AttentionBackend,
     attention_with_lse,
@@ -155,7 +156,7 @@ def test_lse_differentiable_attention_matches_autograd_of_the_math():
     w_out, w_lse = torch.randn(5, 4, D, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g)
 
     def call(q_, k_, v_):  # a kernel whose LSE autograd cannot see (detached), like the fused ones
-        out, lse = attn_mod._torch_seq(q_, k_, v_, False, 0.7)
+        out, lse = backends_cpu._torch_seq(q_, k_, v_, False, 0.7)
         return out, lse.detach()
 
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -170,7 +171,7 @@ def test_lse_differentiable_attention_matches_autograd_of_the_math():
 
 
 def test_a_backend_without_backward_is_refused_when_gradients_are_needed():
-    forward_only = AttentionBackend("forward_only_test", attn_mod.per_sequence(attn_mod._torch_seq),
+    forward_only = AttentionBackend("forward_only_test", attn_mod.per_sequence(backends_cpu._torch_seq),
                                     lambda device: True, priority=-1)
     register_backend(forward_only)
     try:
@@ -242,7 +243,7 @@ def test_kernel_lse_zero_and_nan_rows_are_normalised(monkeypatch):
     """A kernel returning lse 0 / NaN out for rows that see no key is normalised by attention_with_lse."""
 
     def sloppy(q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = attn_mod.per_sequence(attn_mod._torch_seq)(q, k, v, cu_q, cu_k, causal, scale)
+        out, lse = attn_mod.per_sequence(backends_cpu._torch_seq)(q, k, v, cu_q, cu_k, causal, scale)
         empty = ~attn_mod.rows_with_keys(cu_q, cu_k, causal, q.shape[0])
         out[empty] = float("nan")
         lse[empty] = 0.0
@@ -281,7 +282,7 @@ def test_backend_selection(monkeypatch):
         select_backend("cpu")
     monkeypatch.delenv(attn_mod.ENV_BACKEND)
     monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
-    torch_varlen = attn_mod.per_sequence(attn_mod._torch_seq)
+    torch_varlen = attn_mod.per_sequence(backends_cpu._torch_seq)
     register_backend(AttentionBackend("gpu_only", torch_varlen, lambda d: d.type == "cuda", 99))
     assert select_backend("cpu").name == "sdpa_cpu"  # higher priority but unavailable on CPU
     with pytest.raises(ValueError, match=r"not available on cpu.*\['sdpa_cpu', 'torch'\]"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megacp.ops import attention as attn_mod
+from megacp.ops import backends_cpu
 from megacp.ops import AttentionBackend, attention_with_lse, per_sequence
 from megacp.layers import pcp_split_positions
 
@@ -93,13 +94,13 @@ def test_sdpa_cpu_runs_the_two_chunks_as_one_kernel_call(monkeypatch):
     """The shared-K call is one aten kernel call per rank; the copied layout (negative control of the counter) makes
     three (the tail chunk is a prefix + square pair)."""
     calls = []
-    real = attn_mod._CPU_FLASH_OP
+    real = backends_cpu._CPU_FLASH_OP
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attn_mod, "_CPU_FLASH_OP", counting)
+    monkeypatch.setattr(backends_cpu, "_CPU_FLASH_OP", counting)
     q, k, v = _qkv(32, 4, 2, torch.float32)
     _shared_call(q, k, v, 32, 2, 0, "sdpa_cpu")
     assert len(calls) == 1
@@ -135,7 +136,7 @@ class _NoSeqused:
 @pytest.mark.parametrize("causal", [True, False])
 def test_arbitrary_key_ranges_match_the_reference(backend, causal, monkeypatch):
     monkeypatch.setitem(attn_mod._BACKENDS, _NoSeqused.name, AttentionBackend(
-        _NoSeqused.name, per_sequence(attn_mod._torch_seq), lambda d: True, -1, takes_host_cu_seqlens=True))
+        _NoSeqused.name, per_sequence(backends_cpu._torch_seq), lambda d: True, -1, takes_host_cu_seqlens=True))
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(12, 2, D, generator=g), torch.randn(12, 2, D, generator=g)
     spec = [r for r, _ in RANGES]

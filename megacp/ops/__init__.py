@@ -14,6 +14,7 @@ from megacp.ops.attention import (
     rows_with_keys,
     select_backend,
 )
+from megacp.ops import backends_cpu as _backends_cpu  # noqa: E402,F401  (registers "torch", "sdpa_cpu")
 from megacp.ops import backends_cuda as _backends_cuda  # noqa: E402,F401  (registers "te", "cudnn", "flash")
 from megacp.ops.merge import (
     cp_merge_gathered,
