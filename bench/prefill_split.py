@@ -5,7 +5,9 @@ For a prompt of T tokens and PCP size p, DualChunkSwap gives rank r the query ch
 c = T / 2p tokens); each chunk attends, bottom-right causal, to the gathered keys up to its own end. This script runs
 rank r's two chunks as one packed varlen call over the one K/V, keys by start and length (``seqused_k``: exactly
 what ``ContextParallelAttention._prefill_pcp`` does; layout "shared"), and, for comparison, over each chunk's key
-prefix copied out (layout "copied": the layer before, copy not timed).
+prefix copied out (layout "copied": the layer before, copy not timed). At p = 1 the layer does not split a prompt
+(``megacp.layers.pcp_split``: one chunk, one call, which is the single-device call itself); the pcp-1 rows time the
+head + tail split anyway, as a measure of what the decomposition itself costs.
 
 Timing: the GPU's clock drifts over a run (thermal / power: the same 32k call measured 13.2 ms and then 15.1 ms in
 one run), so for every (backend, pcp, layout) the calls are timed in ROUNDS: round i runs the
