@@ -43,6 +43,7 @@ from megacp.checks import check_int, check_memory, check_real
 from megacp.config import ParallelConfig, launched_by_torchrun
 from megacp.engine import LLMEngine
 from megacp.kv import blocks_needed
+from megacp.layers.context_transfer import CONTEXT_TRANSFERS
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
 from megacp.sampling import SEED_RANGE, SamplingParams
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run decode steps eagerly (default on CUDA with a dense model: replay CUDA graphs)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="launch each greedy decode step before the previous step's ids are read back (same ids)")
+    p.add_argument("--context-transfer", choices=CONTEXT_TRANSFERS, default="auto",
+                   help="how a prompt chunk after the first (over cached context) reaches the other CP ranks' KV "
+                        "shards: pass the queries or the K/V (auto: fewer bytes); the same tokens either way")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     p.add_argument("--chat", action="store_true",
                    help="apply the checkpoint's chat template to each --prompt (one user turn, then the assistant's)")
@@ -411,7 +415,8 @@ def run(args: argparse.Namespace, progress: dict[str, Any] | None = None
 
     def load_and_build() -> None:
         try:
-            built["model"] = load_model(args.model, dtype, device, check_finite=not args.skip_finite_check)
+            built["model"] = load_model(args.model, dtype, device, check_finite=not args.skip_finite_check,
+                                        context_transfer=args.context_transfer)
         except (ValueError, OSError, KeyError) as e:
             raise ValueError(f"could not load --model {args.model}: {e}") from None
         built["engine"] = LLMEngine(built["model"], num_blocks, args.block_size, args.max_num_batched_tokens,

@@ -120,6 +120,31 @@ def test_rule_picks_pass_q_for_few_new_tokens_and_pass_kv_for_many():
     assert choose_context_transfer(8, 8, 4, 4, 4, 8, 1, 4) == ("pass_q", {"pass_q": 0, "pass_kv": 0})
 
 
+def test_models_and_load_model_take_a_context_transfer(tmp_path):
+    """``load_model(..., context_transfer=)`` (the CLI's ``--context-transfer``) sets every attention layer's way, MLA
+    models' included; ``set_context_transfer`` changes it later; a bad value fails before any layer changes."""
+    from megacp.layers.cp_attention import ContextParallelAttention
+    from megacp.models import load_model
+    from megacp.parallel_state import ParallelContext
+    from tests.deepseek_tiny import save_tiny_deepseek
+
+    one = ParallelContext.single()
+    ways = {}
+    for name in ("llama", "deepseek"):
+        path = None if name == "llama" else save_tiny_deepseek(str(tmp_path), version=2)
+        model = load_model(path, parallel_context=one, context_transfer="pass_kv")
+        layers = [m for m in model.modules() if isinstance(m, ContextParallelAttention)]
+        assert len(layers) == model.config.num_hidden_layers
+        assert {m.context_transfer for m in layers} == {"pass_kv"}
+        model.set_context_transfer("pass_q")
+        with pytest.raises(ValueError, match=r"context_transfer='ring'.*'auto', 'pass_q', 'pass_kv'"):
+            model.set_context_transfer("ring")
+        ways[name] = {m.context_transfer for m in layers}
+    assert ways == {"llama": {"pass_q"}, "deepseek": {"pass_q"}}
+    with pytest.raises(ValueError, match=r"context_transfer='ring'"):
+        load_model(None, parallel_context=one, context_transfer="ring")
+
+
 def test_unknown_context_transfer_is_rejected_naming_the_choices():
     from megacp.layers.cp_attention import ContextParallelAttention
 

@@ -383,6 +383,7 @@ def test_worker_killed_mid_generation():
     ("--max-num-seqs", "0", "argument --max-num-seqs: must be an integer >= 1, got 0"),
     ("-tp", "x", "argument --tensor-parallel-size/-tp: must be an integer >= 1, got 'x'"),
     ("--no-such-flag", "1", "unrecognized arguments: --no-such-flag 1"),
+    ("--context-transfer", "ring", "argument --context-transfer: invalid choice: 'ring'"),
 ])
 def test_flag_errors_in_process(flag, value, needle, capfd, monkeypatch):
     """Flag values are checked at parse time (NaN, inf, non-integers, out of range), before any process group

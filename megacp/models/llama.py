@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacp.kv.paged_cache import PagedKVCache
+from megacp.layers.context_transfer import check_context_transfer
 from megacp.layers.cp_attention import ContextParallelAttention
 from megacp.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from megacp.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -333,6 +334,16 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, meta, kv_caches[i] if kv_caches is not None else None, rope, residual)
         return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
+
+    def set_context_transfer(self, context_transfer: str) -> None:
+        """How every attention layer's prefill over cached context (a chunk of a long prompt after the first, with
+        ``pcp·dcp > 1``) reaches the other CP ranks' KV shards: ``"auto"`` (fewer bytes, the rule of
+        ``megacp.layers.context_transfer``), ``"pass_q"`` or ``"pass_kv"``. Results are the same either way.
+        ValueError naming the argument for another value (before changing any layer)."""
+        way = check_context_transfer(context_transfer)
+        for module in self.modules():
+            if isinstance(module, ContextParallelAttention):
+                module.context_transfer = way
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[N, hidden]`` → float32 logits ``[N, vocab_size]``, the full vocabulary on every TP rank."""

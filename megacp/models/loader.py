@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from megacp import parallel_state
+from megacp.layers.context_transfer import check_context_transfer
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config, read_json
 from megacp.models.deepseek import DeepseekForCausalLM
 from megacp.models.llama import LlamaForCausalLM
@@ -239,6 +240,7 @@ def load_model(
     enable_expert_parallel: bool | None = None,
     check_finite: bool = True,
     parallel_context: ParallelContext | None = None,
+    context_transfer: str = "auto",
 ) -> LlamaForCausalLM:
     """Build the model for this rank's TP shard and load it; ``model_dir=None`` → the seeded tiny Llama.
 
@@ -250,8 +252,10 @@ def load_model(
     safetensors file, an index that maps a tensor to the wrong shard, and, unless ``check_finite=False`` (faster),
     NaN/inf weights. Ranks read different shards, so the read errors are agreed on over all ranks (one collective):
     every rank raises the same message, none is left waiting. ``parallel_context``: the layout to build for
-    (default: ``initialize_model_parallel``'s, ``get_parallel_context()``).
+    (default: ``initialize_model_parallel``'s, ``get_parallel_context()``). ``context_transfer``: pass-Q or pass-KV
+    for prefills over cached context (``LlamaForCausalLM.set_context_transfer``; checked first).
     """
+    check_context_transfer(context_transfer)
     if model_dir is None:
         config, files = build_tiny_llama_config(), None
     else:
@@ -261,6 +265,7 @@ def load_model(
     model_cls = DeepseekForCausalLM if config.is_mla else LlamaForCausalLM
     with torch.device(device):
         model = model_cls(config, params_dtype=dtype, moe_parallel_config=moe_config, parallel_context=ctx)
+    model.set_context_transfer(context_transfer)
     if model_dir is None:
         loaders = model.hf_weight_loaders()
         for name, tensor in seeded_hf_weights(model, seed).items():
