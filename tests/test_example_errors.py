@@ -46,6 +46,14 @@ def _torchrun(nproc: int, args: list[str], env_extra: dict[str, str] | None = No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env_extra), cwd=REPO)
 
 
+
+def _free_port() -> int:
+    """A port free now, for ranks this file launches itself with torchrun's environment (MASTER_PORT); another
+    process may take it before rank 0 binds it, which would fail that test's rendezvous (rare)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 def _launch_ranks(nproc: int, args: list[str], env_extra: dict[str, str] | None = None,
                   wait_for: list[int] | None = None) -> list[subprocess.CompletedProcess | None]:
     """Start the example as ``nproc`` ranks with torchrun's environment, each waited for on its own.
@@ -55,9 +63,7 @@ def _launch_ranks(nproc: int, args: list[str], env_extra: dict[str, str] | None 
     every rank with one message" means. Only the ranks in ``wait_for`` (default: all) are waited for; the others
     (e.g. one stopped on purpose) are killed afterwards and reported as None.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for rank in range(nproc):
         env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
@@ -193,9 +199,7 @@ def test_ctrl_c_under_torchrun_ends_every_rank_with_one_line(tmp_path):
 
 def test_sigterm_ends_every_rank_with_exit_143():
     """SIGTERM to both ranks mid-generation (what a scheduler sends): one line each, exit 143, no traceback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for rank in range(2):
         env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
