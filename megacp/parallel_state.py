@@ -22,6 +22,7 @@ gradient must be summed over after ``backward``, and ``allreduce_grads(model)`` 
 from __future__ import annotations
 
 import os
+import socket
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -257,8 +258,10 @@ def _init_distributed_from_env(backend: str | None, timeout: timedelta | None) -
     if launched_by_torchrun():
         dist.init_process_group(backend, **kwargs)
         return
-    # one rank: an in-process store, no port to pick (a probed free port can be taken before it is bound)
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
 
 
 def initialize_model_parallel(
