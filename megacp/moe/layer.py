@@ -59,15 +59,19 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return weights, ids
 
 
+def silu_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up`` [N, 2I] (gate columns then up) -> [N, I]; ``fused``: one kernel where
+    ``decode_fused.available`` (CUDA, no gradient; exact), else the PyTorch ops."""
+    if fused and decode_fused.available(gate_up):
+        return decode_fused.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))``. x: [N, H], w13: [2I, H] (gate rows then up rows), w2: [H, I] -> [N, H].
-
-    ``fused``: SiLU·mul as one kernel where ``decode_fused.available`` (CUDA, no gradient; exact)."""
-    gate_up = F.linear(x, w13)
-    if fused and decode_fused.available(gate_up):
-        return F.linear(decode_fused.silu_mul(gate_up), w2)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    ``fused``: see ``silu_mul``."""
+    return F.linear(silu_mul(F.linear(x, w13), fused), w2)
 
 
 def expert_forward(
@@ -125,12 +129,7 @@ def expert_forward_grouped(
     counts.scatter_add_(0, local_ids, torch.ones_like(local_ids, dtype=torch.int32))
     offs = counts[:e_local].cumsum(0, dtype=torch.int32)  # [E_local] end of each expert's rows
     gate_up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
-    if fused and decode_fused.available(gate_up):
-        act = decode_fused.silu_mul(gate_up)
-    else:
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [N·k, H]; rows past offs[-1]: junk
+    y = torch._grouped_mm(silu_mul(gate_up, fused), w2.transpose(1, 2), offs=offs)  # [N·k, H]; rows past offs[-1]: junk
     # pos[t, j]: the sorted row of pair (t, j) (the inverse permutation of order), -1 for a non-local pair
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
     pos = torch.where(local_ids < e_local, pos, -1).view(n, k)

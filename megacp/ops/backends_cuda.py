@@ -361,25 +361,8 @@ def _te_available(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------------------------- "cudnn"
 _CUDNN_OP = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
-
-
-def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One sequence through cuDNN SDPA.
-
-    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32)
-    """
-    res = _CUDNN_OP(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        None, True, 0.0, top_left_causal, False, scale=scale,
-    )
-    out, lse = res[0], res[1]
-    return out[0].transpose(0, 1), lse.reshape(q.shape[1], -1)[:, : q.shape[0]].t().float()
-
-
 # Whether the cuDNN op takes fewer K/V heads than query heads (GQA) itself; None until the first GQA call tells.
 _CUDNN_GQA: dict[str, bool | None] = {"native": None}
-# With gradients: the op differentiates its output, attention_grad its LSE (for the prefix + square merge).
-_cudnn_grad_call = differentiable(_cudnn_call)
 
 ENV_PIECES = "MEGACP_CUDNN_PIECES"
 # Whether the "cudnn" kernel runs nested-prefix layouts (PCP's chunks) as pieces (``_cudnn_pieces``); False (or
@@ -405,6 +388,19 @@ def _cudnn_batch(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: 
 
 
 _cudnn_grad_batch = differentiable(_cudnn_batch)  # attention_grad's LSE backward broadcasts over [B, lq, H]
+
+
+def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, top_left_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One sequence through cuDNN SDPA (``_cudnn_batch`` of one).
+
+    # q: [lq, Hq, D], k/v: [lk, Hk, D] -> (out [lq, Hq, D], lse [lq, Hq] float32)
+    """
+    out, lse = _cudnn_batch(q[None], k[None], v[None], top_left_causal, scale)
+    return out[0], lse[0]
+
+
+# With gradients: the op differentiates its output, attention_grad its LSE (for the prefix + square merge).
+_cudnn_grad_call = differentiable(_cudnn_call)
 
 
 def _cudnn_gqa(call, q: Tensor, k: Tensor, v: Tensor, flag: bool, scale: float) -> tuple[Tensor, Tensor]:

@@ -79,7 +79,7 @@ def rope_and_cache_write(qkv: Tensor, cos: Tensor, sin_signed: Tensor, k_cache: 
     _rope_cache_kernel[(B, hq + hkv)](
         qkv, cos2, sin2, q, k_cache, v_cache, slots,
         qkv.stride(0), cos2.stride(0), sin2.stride(0),
-        HQ=hq, HKV=hkv, D=D, HALF=D // 2, D_PAD=triton.next_power_of_2(D), **_EXACT,
+        HQ=hq, HKV=hkv, D=D, HALF=D // 2, D_PAD=triton.next_power_of_2(D), **EXACT,
     )
     return q
 
@@ -99,7 +99,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inner))
     _silu_mul_kernel[(T, triton.cdiv(inner, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, LIBDEVICE=not _INTERPRETED, **_EXACT,
+        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, LIBDEVICE=not _INTERPRETED, **EXACT,
     )
     return out
 
@@ -107,9 +107,17 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 # FMA contraction would fuse `a*b + c*d` into one rounding where PyTorch rounds twice. Triton's interpreter (numpy)
 # has no such option, and no libdevice: it takes numpy's exp.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_EXACT = {} if _INTERPRETED else {"enable_fp_fusion": False}
+EXACT = {} if _INTERPRETED else {"enable_fp_fusion": False}  # launch options of every kernel that keeps the roundings
 
 if triton is not None:
+
+    @triton.jit
+    def rotate_pairs(x, xs, cos, sin):
+        """RoPE of one row, ``x·cos + swap(x)·sin_signed`` (``xs``: the swapped row), each product and the sum rounded
+        to x's dtype as the eager ops store them (launch with ``EXACT``)."""
+        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
+        b = (xs.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
+        return (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
 
     @triton.jit
     def _rope_cache_kernel(
@@ -128,10 +136,7 @@ if triton is not None:
         xs = tl.load(row + partner, mask=m, other=0.0)
         cos = tl.load(cos_ptr + t * stride_cos + d, mask=m, other=0.0)
         sin = tl.load(sin_ptr + t * stride_sin + d, mask=m, other=0.0)
-        # x·cos + swap(x)·sin_signed, each product and the sum rounded to x's dtype as the eager ops store them
-        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
-        b = (xs.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
-        rot = (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+        rot = rotate_pairs(x, xs, cos, sin)
         if h < HQ:
             tl.store(q_ptr + (t * HQ + h) * D + d, rot, mask=m)
         else:
@@ -159,4 +164,4 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + cols, out, mask=mask)
 
 
-__all__ = ["ENV_FUSED", "available", "enabled", "rope_and_cache_write", "silu_mul"]
+__all__ = ["ENV_FUSED", "EXACT", "available", "enabled", "rope_and_cache_write", "silu_mul"]

@@ -21,24 +21,11 @@ a fixed grid from the shapes and no host reads, so a CUDA graph captures it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # optional: never let a missing or broken Triton break ``import megacp``
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
-
-
-def available(y: Tensor) -> bool:
-    """Whether ``combine_rows_fused`` may run on the expert rows ``y``: Triton, a CUDA tensor, no gradient wanted."""
-    if triton is None or not y.is_cuda:
-        return False
-    return not (torch.is_grad_enabled() and y.requires_grad)
+# ``available(y)``: whether ``combine_rows_fused`` may run on the expert rows ``y`` (Triton, CUDA, no gradient wanted)
+from megacp.ops.decode_fused import EXACT, available, tl, triton
 
 
 def combine_rows(y: Tensor, pos: Tensor, weights: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -67,14 +54,11 @@ def combine_rows_fused(y: Tensor, pos: Tensor, weights: Tensor, out_dtype: torch
     pos, weights = pos.contiguous(), weights.float().contiguous()
     block = min(1024, triton.next_power_of_2(h))
     _combine_kernel[(n, triton.cdiv(h, block))](
-        y, pos, weights, out, y.stride(0), out.stride(0), h, K=k, BLOCK=block, **_EXACT,
+        # EXACT: FMA contraction would fuse `acc + w·y` into one rounding; the contract rounds the product first
+        y, pos, weights, out, y.stride(0), out.stride(0), h, K=k, BLOCK=block, **EXACT,
     )
     return out
 
-
-# FMA contraction would fuse `acc + w·y` into one rounding; the contract rounds the product first. Triton's
-# interpreter (numpy) has no such option and never fuses.
-_EXACT = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 if triton is not None:
 

@@ -21,24 +21,13 @@ fixed grid from the shapes and no host reads, so a CUDA graph captures it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # optional: never let a missing or broken Triton break ``import megacp``
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
-
-
-def available(x: Tensor) -> bool:
-    """Whether ``rotate_`` may run on ``x``: Triton, a CUDA tensor, no gradient wanted (it writes in place)."""
-    if triton is None or not x.is_cuda:
-        return False
-    return not (torch.is_grad_enabled() and x.requires_grad)
+# ``available``: whether ``rotate_`` may run on ``x`` (Triton, a CUDA tensor, no gradient wanted: it writes in place)
+from megacp.ops.decode_fused import EXACT, available, tl, triton
+if triton is not None:
+    from megacp.ops.decode_fused import rotate_pairs
 
 
 def rotate_(x: Tensor, cos: Tensor, sin_signed: Tensor, interleave: bool = False) -> Tensor:
@@ -60,13 +49,10 @@ def rotate_(x: Tensor, cos: Tensor, sin_signed: Tensor, interleave: bool = False
     _rope_inplace_kernel[(T, H)](
         x, cos2, sin2, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
         D=D, HALF=D // 2, D_PAD=triton.next_power_of_2(D), INTERLEAVE=interleave, ROUND_EACH=cos.dtype == x.dtype,
-        num_warps=1, **_EXACT,
+        num_warps=1, **EXACT,
     )
     return x
 
-
-# FMA contraction would fuse `a*b + c*d` into one rounding where PyTorch rounds twice (as in decode_fused).
-_EXACT = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 if triton is not None:
 
@@ -91,10 +77,8 @@ if triton is not None:
         xs = tl.load(row + src_partner, mask=m, other=0.0)
         cos = tl.load(cos_ptr + t * stride_cos + d, mask=m, other=0.0)
         sin = tl.load(sin_ptr + t * stride_sin + d, mask=m, other=0.0)
-        if ROUND_EACH:  # x·cos + swap(x)·sin_signed, each product and the sum rounded to x's dtype (the eager ops)
-            a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
-            b = (xs.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
-            rot = (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+        if ROUND_EACH:  # each product and the sum rounded to x's dtype (the eager ops)
+            rot = rotate_pairs(x, xs, cos, sin)
         else:  # float32 tables: the same in float32, rounded once
             rot = (x.to(tl.float32) * cos + xs.to(tl.float32) * sin).to(x.dtype)
         tl.debug_barrier()  # every thread has read the row before any overwrites it
