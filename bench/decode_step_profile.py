@@ -9,6 +9,10 @@ profiler (``step_us``), the summed kernel time (``busy_us``), ``idle_us = step_u
 graph, host time between replays), the busy time and kernel count of each kind (GEMM, split-K reduce, attention,
 norm, RoPE + cache write, SiLU·mul, MoE, other), and the kernels with the most time. Kinds are read from kernel
 names (cuBLAS ``nvjet``/``gemm``, megacp's Triton kernel names); unknown names land in "other".
+
+``--variants`` profiles the same checkpoint under several kernel settings in one run, each a comma list of
+``pdl=0|1`` (``MEGACP_PDL``: programmatic dependent launch) and ``gemv=ROLES`` (``MEGACP_DECODE_GEMV``, roles joined
+by ``+``, or ``none``/``all``), e.g. ``--variants pdl=0,gemv=none pdl=1,gemv=o+down``; ``default`` leaves both unset.
 """
 
 from __future__ import annotations
@@ -83,6 +87,32 @@ def step_profile(eng: Megacp, prompts: list[list[int]], steps: int) -> dict:
             "top": [{"name": name[:90], **v} for name, v in top]}
 
 
+VARIANT_ENV = {"pdl": "MEGACP_PDL", "gemv": "MEGACP_DECODE_GEMV"}
+
+
+def variant_env(spec: str) -> dict[str, str]:
+    """``"pdl=1,gemv=o+down"`` -> ``{"MEGACP_PDL": "1", "MEGACP_DECODE_GEMV": "o,down"}`` (``default``: {})."""
+    if spec == "default":
+        return {}
+    env = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_ENV or not value:
+            raise SystemExit(f"--variants {spec!r}: use comma-separated pdl=0|1 and gemv=ROLE+ROLE|none|all")
+        env[VARIANT_ENV[key]] = value.replace("+", ",")
+    return env
+
+
+def apply_variant(spec: str) -> None:
+    """Set the variant's environment before a model is built (layers read it then; the PDL answer is cached)."""
+    from megacp.ops import decode_fused
+
+    for name in VARIANT_ENV.values():
+        os.environ.pop(name, None)
+    os.environ.update(variant_env(spec))
+    decode_fused._pdl_on.cache_clear()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
@@ -90,8 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--variants", nargs="+", default=["default"],
+                   help="kernel settings to profile in turn, e.g. pdl=0,gemv=none pdl=1,gemv=all (module docstring)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    for spec in args.variants:
+        variant_env(spec)  # a bad spec fails before the model is built
     require_cuda()
     config = model_config(args.model_shape, args.layers, args.prompt_len + 2 * args.steps + 64, {})
     g = torch.Generator().manual_seed(0)
@@ -102,17 +136,22 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path, config, "cuda")
         blocks = max(args.batch) * -(-(args.prompt_len + 2 * args.steps + 8) // 16) + 16
-        eng = Megacp(path, max_batched=args.prompt_len * max(args.batch), num_blocks=blocks)
-        try:
-            for b in args.batch:
-                r = step_profile(eng, prompts[:b], args.steps)
-                result["results"].append(r)
-                kinds = ", ".join(f"{k} {v['us']:.0f}us/{v['count']:.0f}" for k, v in
-                                  sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us"]))
-                print(f"batch {b}: step {r['step_us']:.0f}us busy {r['busy_us']:.0f}us idle {r['idle_us']:.0f}us "
-                      f"kernels {r['kernels_per_step']:.0f} | {kinds}", flush=True)
-        finally:
-            eng.close()
+        for spec in args.variants:
+            apply_variant(spec)
+            eng = Megacp(path, max_batched=args.prompt_len * max(args.batch), num_blocks=blocks)
+            try:
+                for b in args.batch:
+                    r = {"variant": spec, **step_profile(eng, prompts[:b], args.steps)}
+                    r["kernels_per_layer"] = r["kernels_per_step"] / args.layers
+                    result["results"].append(r)
+                    kinds = ", ".join(f"{k} {v['us']:.0f}us/{v['count']:.0f}" for k, v in
+                                      sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us"]))
+                    print(f"[{spec}] batch {b}: step {r['step_us']:.0f}us busy {r['busy_us']:.0f}us idle "
+                          f"{r['idle_us']:.0f}us kernels {r['kernels_per_step']:.0f} | {kinds}", flush=True)
+            finally:
+                eng.close()
+                del eng
+                torch.cuda.empty_cache()
     emit(result, args.json_out)
     return result
 

@@ -686,23 +686,7 @@ def _teardown(owns_process_group: bool) -> None:
         dist.destroy_process_group()
 
 
-def _exit_without_finalizing() -> NoReturn:
-    """Run ``main`` as the program and leave with its exit code without finalizing Python.
-
-    gloo's worker threads may still be releasing the last collectives' tensors after the process group is destroyed;
-    that takes the GIL, and once Python is finalizing, taking it ends the thread inside a noexcept destructor:
-    std::terminate, SIGABRT, "terminate called without an active exception" after a run that succeeded (2026-12-03:
-    rank 0 of ``-pcp 2`` on CPU, about 1 run in 4). Everything is written by then (JSON closed, the lines out).
-    """
-    try:
-        main()
-        code = 0
-    except SystemExit as e:  # argparse's errors and _fail: their line is out
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit_without_finalizing()
+    from megacp.program import exit_after  # no Python finalization: see megacp/program.py
+
+    exit_after(main)

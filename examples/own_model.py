@@ -220,4 +220,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megacp.program import exit_after  # no Python finalization: see megacp/program.py
+
+    exit_after(main)

@@ -3,6 +3,7 @@
 # /root/te, apply the cuDNN fix, run the GPU tests and the benchmarks, write logs and JSON under $OUT.
 #   usage: bash scripts/gpu_session.sh [tests] [prefill] [decode] [sweep] [e2e] [e2e32] [cpmatrix] [graphmatrix]
 #          [mlatests] [mladecode] [mlasweep] [prefillmla] [e2edsv2]      (MLA: issue 21; DSV2_LAYERS=27 for the
+#          [gemv] [stepprofile]   (decode GEMV sweep; 32-layer step profile per PROFILE_VARIANTS)
 #   (default: tests prefill decode e2e)                                    whole DeepSeek-V2-Lite, default 4)
 set -o pipefail
 OUT=${OUT:-$PWD/out}
@@ -44,10 +45,15 @@ for step in $steps; do
     mlasweep) timeout 300 python3 bench/decode_sweep.py --kind mla ${SWEEP_ARGS:-} \
              --json-out "$OUT/decode_sweep_mla.json" 2>&1 | tail -12 ;;
     prefillmla) timeout 150 python3 bench/prefill_mla.py --json-out "$OUT/prefill_mla.json" 2>&1 | tail -40 ;;
+    gemv) timeout ${GEMV_TIMEOUT:-240} python3 bench/gemv.py ${GEMV_ARGS:---m 1 16 64} --json-out "$OUT/gemv.json" \
+             2>&1 | tail -20 ;;
+    stepprofile) timeout ${PROFILE_TIMEOUT:-420} python3 bench/decode_step_profile.py --layers 32 --batch 1 16 \
+             --variants ${PROFILE_VARIANTS:-pdl=0,gemv=none default} --json-out "$OUT/decode_step_profile.json" \
+             2>&1 | tail -20 ;;
     e2edsv2) timeout 300 python3 bench/e2e.py --model-shape deepseek-v2-lite --layers ${DSV2_LAYERS:-4} ${E2E_ARGS:-} \
              --json-out "$OUT/e2e_dsv2lite.json" 2>&1 | grep -v '^ ' | tail -30 ;;
     *) echo "unknown step $step (tests, prefill, decode, sweep, e2e, e2e32, cpmatrix, graphmatrix, mlatests, mladecode,"\
-            "mlasweep, prefillmla, e2edsv2)" ;;
+            "mlasweep, prefillmla, e2edsv2, gemv, stepprofile)" ;;
   esac
   echo "== $step exit ${PIPESTATUS[0]}"
 done

@@ -100,3 +100,81 @@ def test_engine_ids_equal_with_fused_kernels_on_and_off(dtype, monkeypatch):
                 assert engine.stats.graph_replays > 0, engine.stats.cuda_graphs  # the fused run replays graphs
             del engine
     assert ids[True] == ids[False]
+
+
+@pytest.mark.parametrize("M", [1, 7, 16, 33, 64])
+def test_gemv_error_is_within_twice_cublas(M):
+    """The decode GEMV (megacp.ops.gemv) in bf16 against a float64 reference: its error at most twice cuBLAS's (plus
+    one bf16 ulp of the largest output), with and without PDL and L2 prefetch (bitwise the same), on an aligned and
+    a ragged shape."""
+    from megacp.ops import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for N, K in ((4096, 4096), (1000, 1000)):
+        x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+        assert gemv.applies(x, w)
+        ref = x.double() @ w.double().T
+        cublas_err = (F.linear(x, w).double() - ref).abs().max().item()
+        ulp = ref.abs().max().item() * 2 ** -8
+        for pdl in (True, False):
+            got = gemv.linear(x, w, pdl=pdl)
+            err = (got.double() - ref).abs().max().item()
+            assert err <= 2 * cublas_err + ulp, (N, K, pdl, err, cublas_err)
+        plain = gemv.linear(x, w, pdl=False)
+        assert torch.equal(gemv.linear(x, w, pdl=True), plain)
+        prefetching = gemv.GemvConfig(prefetch_k=1024)
+        assert torch.equal(gemv.linear(x, w, config=prefetching, pdl=True), gemv.linear(x, w, config=prefetching))
+
+
+def test_pdl_chain_replays_in_a_cuda_graph():
+    """norm → GEMV → SiLU·mul → GEMV, every kernel launched with PDL, captured and replayed on new inputs: the
+    replay equals the same calls made eagerly (each kernel waits for its predecessor's writes)."""
+    from megacp.ops import gemv, rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x, res = (torch.randn(4, 4096, device="cuda", generator=g).bfloat16() for _ in range(2))
+    norm_w = torch.rand(4096, device="cuda", generator=g).bfloat16()
+    w_up = (torch.randn(2 * 2048, 4096, device="cuda", generator=g) * 0.02).bfloat16()
+    w_down = (torch.randn(4096, 2048, device="cuda", generator=g) * 0.02).bfloat16()
+
+    def chain():
+        h, _ = rms_norm.fused_add_rms_norm(x, res, norm_w, 1e-5)
+        return gemv.linear(decode_fused.silu_mul(gemv.linear(h, w_up, pdl=True)), w_down, pdl=True)
+
+    assert decode_fused.pdl_options(x), "an sm_90+ GPU launches with PDL"
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    x.normal_(), res.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, chain())
+
+
+def test_engine_graph_ids_equal_eager_with_every_projection_on_the_gemv(monkeypatch):
+    """``MEGACP_DECODE_GEMV=all``: graph decode == eager decode (greedy, batch 3, bf16), graphs replayed."""
+    from megacp.engine import LLMEngine
+    from megacp.ops import gemv
+    from megacp.sampling import SamplingParams
+    from tests.dist_pool import model_parallel
+    from tests.test_no_host_sync import _tiny_model
+
+    monkeypatch.setenv(gemv.ENV_ROLES, "all")
+    prompts = [[3, 14, 15, 92, 65], [27, 18, 28], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    ids = {}
+    with model_parallel(backend="gloo"):
+        for eager in (False, True):
+            model = _tiny_model(torch.bfloat16, "cuda")
+            assert all(m.decode_gemv for m in model.modules() if hasattr(m, "decode_gemv"))
+            engine = LLMEngine(model, num_kv_blocks=64, block_size=16, enforce_eager=eager)
+            ids[eager] = [o.output_ids for o in engine.generate(prompts, SamplingParams(max_new_tokens=12,
+                                                                                         ignore_eos=True))]
+            if not eager:
+                assert engine.stats.graph_replays > 0, engine.stats.cuda_graphs
+            del engine
+    assert ids[True] == ids[False]

@@ -68,7 +68,7 @@ def test_kernels_compile_for_hopper():
                  "lens_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}",
                  "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_PAD": max(16, group),
-                 "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision},
+                 "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_N": block_n, "DOT_PRECISION": precision, "GDC": fused},
                 floats=("scale_log2",))
         for fused, block_h, block_n, warps, ids in ((False, 16, 32, 4, 64), (True, 16, 16, 4, 0),
                                                     (False, 32, 32, 8, 1024)):
@@ -85,13 +85,14 @@ def test_kernels_compile_for_hopper():
                 assert buffer in compiled.asm["ttgir"], "MLA tile loop not pipelined"
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
-                            {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16})
+                            {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16, "GDC": True})
         _compile_for_hopper(decode_fused._rope_cache_kernel,  # slots: the decode metadata's int64 buffer
                             {"qkv_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}",
                              "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
-                             "slot_ptr": "*i64"}, {"HQ": 32, "HKV": 8, "D": 128, "HALF": 64, "D_PAD": 128})
+                             "slot_ptr": "*i64"}, {"HQ": 32, "HKV": 8, "D": 128, "HALF": 64, "D_PAD": 128,
+                                                    "GDC": dtype == "bf16"})
         _compile_for_hopper(decode_fused._silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
-                            {"BLOCK": 1024, "LIBDEVICE": True})
+                            {"BLOCK": 1024, "LIBDEVICE": True, "GDC": True})
         for interleave in (True, False):
             _compile_for_hopper(rope_inplace._rope_inplace_kernel,
                                 {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}"},
@@ -100,16 +101,21 @@ def test_kernels_compile_for_hopper():
             _compile_for_hopper(moe_combine._combine_kernel, {"y_ptr": f"*{dtype}", "pos_ptr": "*i64",
                                                               "w_ptr": "*fp32", "out_ptr": f"*{dtype}"},
                                 {"K": k, "BLOCK": 1024})
-        if dtype == "bf16":
-            from bench import gemv
+        if dtype == "bf16":  # the decode GEMV (half dtypes only): plain, with PDL, with PDL + L2 prefetch
+            from megacp.ops import gemv
 
-            for block_m, block_n, block_k, split in ((16, 64, 128, 1), (64, 32, 256, 4)):
-                _compile_for_hopper(gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16",
-                                                        "y_ptr": "*bf16" if split == 1 else "*fp32"},
-                                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split},
-                                    num_stages=4)
+            for block_m, block_n, block_k, prefetch, pdl in ((16, 32, 256, 0, False), (16, 32, 256, 0, True),
+                                                             (64, 64, 128, 1024, True)):
+                compiled = _compile_for_hopper(
+                    gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH_K": prefetch,
+                     "GDC": pdl}, num_stages=4)
+                ptx = compiled.asm["ptx"]
+                assert ("griddepcontrol.wait" in ptx) == pdl, "PDL wait"
+                assert ("prefetch.global.L2" in ptx) == (prefetch > 0), "L2 prefetch"
         for residual in (True, False):
             _compile_for_hopper(rms_norm._add_rms_norm_kernel,
                                 {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
                                  "out_ptr": f"*{dtype}", "sum_ptr": f"*{dtype}"},
-                                {"HAS_RESIDUAL": residual, "BLOCK": 4096}, floats=("eps",), num_warps=8)
+                                {"HAS_RESIDUAL": residual, "BLOCK": 4096, "GDC": residual}, floats=("eps",),
+                                num_warps=8)

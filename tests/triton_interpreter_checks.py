@@ -384,37 +384,47 @@ def check_mla_rope_wiring() -> None:
 
 
 def check_llama_decode_wiring() -> None:
-    """The tiny seeded Llama with the fused kernels switched on (what CUDA runs; here interpreted on CPU tensors) gives
-    the eager model's logits over a prefill and three pure-decode steps, and each decode step calls the RoPE + cache
-    kernel once per layer (prefills keep the eager RoPE; SiLU·mul is fused in every step)."""
+    """The tiny seeded Llama with the fused kernels and the decode GEMV of every projection switched on (what CUDA
+    runs; here interpreted on CPU tensors) gives the eager model's logits over a prefill and three pure-decode steps;
+    each decode step calls the RoPE + cache kernel once per layer (prefills keep the eager RoPE), SiLU·mul is fused
+    in every step and every projection of every step is a GEMV call (rows ≤ gemv.MAX_ROWS); with it off, none."""
     from megacp.kv import BlockTable
     from megacp.layers.metadata_builder import build_attention_metadata
     from megacp.models.config import build_tiny_llama_config
     from megacp.models.llama import LlamaForCausalLM
     from megacp.models.loader import seeded_hf_weights
+    from megacp.ops import gemv
 
-    model = LlamaForCausalLM(build_tiny_llama_config(), params_dtype=torch.float32)
+    saved_roles = os.environ.get(gemv.ENV_ROLES)
+    os.environ[gemv.ENV_ROLES] = "all"
+    try:
+        model = LlamaForCausalLM(build_tiny_llama_config(), params_dtype=torch.float32)
+    finally:
+        os.environ.pop(gemv.ENV_ROLES) if saved_roles is None else os.environ.__setitem__(gemv.ENV_ROLES, saved_roles)
+    projections = [m for m in model.modules() if hasattr(m, "decode_gemv")]
+    assert projections and all(m.decode_gemv for m in projections)
     loaders = model.hf_weight_loaders()
     for name, tensor in seeded_hf_weights(model, 0).items():
         loaders[name](tensor)
     layers = model.config.num_hidden_layers
     seqs = [[3, 14, 15, 92, 65, 35, 89, 7, 8, 9], [27, 18, 28, 18, 28, 9, 10, 11, 12]]
     steps = [([0, 1], [0, 0], [6, 5])] + [([0, 1], [6 + i, 5 + i], [1, 1]) for i in range(3)]
-    calls = {"rope": 0, "silu": 0}
-    real = decode_fused.rope_and_cache_write, decode_fused.silu_mul
+    calls = {"rope": 0, "silu": 0, "gemv": 0}
+    real = decode_fused.rope_and_cache_write, decode_fused.silu_mul, gemv.linear, gemv.applies
 
     def counted(name, fn):
-        def call(*args):
+        def call(*args, **kwargs):
             calls[name] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return call
 
-    def run(fused: bool) -> list[torch.Tensor]:
+    def run(fused: bool, use_gemv: bool = True) -> list[torch.Tensor]:
         table = BlockTable(4, 2, 4, 1, 0, 1)
         table.set_row(0, [0, 1, 2, 3]), table.set_row(1, [4, 5, 6, 7])
         caches = [PagedKVCache(8, 4, model.num_local_kv_heads, model.head_dim) for _ in range(layers)]
         saved = decode_fused.available
         decode_fused.available = (lambda x: True) if fused else (lambda x: False)
+        gemv.applies = (lambda x, w, b=None: fused and use_gemv and x.shape[0] <= gemv.MAX_ROWS)
         try:
             logits = []
             for rows, computed, new in steps:
@@ -426,28 +436,35 @@ def check_llama_decode_wiring() -> None:
             return logits
         finally:
             decode_fused.available = saved
+            gemv.applies = real[3]
 
     decode_fused.rope_and_cache_write, decode_fused.silu_mul = counted("rope", real[0]), counted("silu", real[1])
+    gemv.linear = counted("gemv", real[2])
     try:
         fused = run(True)
+        assert calls == {"rope": 3 * layers, "silu": 4 * layers, "gemv": 4 * 4 * layers}, calls
+        calls.update(rope=0, silu=0, gemv=0)
+        no_gemv = run(True, use_gemv=False)
+        assert calls == {"rope": 3 * layers, "silu": 4 * layers, "gemv": 0}, calls
     finally:
-        decode_fused.rope_and_cache_write, decode_fused.silu_mul = real
-    assert calls == {"rope": 3 * layers, "silu": 4 * layers}, calls
-    for i, (a, b) in enumerate(zip(fused, run(False))):
-        _close(a, b, 1e-5 * float(b.abs().max()), f"llama step {i} fused vs eager logits")
+        decode_fused.rope_and_cache_write, decode_fused.silu_mul = real[:2]
+        gemv.linear = real[2]
+    for i, (a, b, c) in enumerate(zip(fused, no_gemv, run(False))):
+        _close(a, c, 1e-5 * float(c.abs().max()), f"llama step {i} fused + gemv vs eager logits")
+        _close(b, c, 1e-5 * float(c.abs().max()), f"llama step {i} fused vs eager logits")
 
 
-def check_bench_gemv() -> None:
-    """bench/gemv.py's split-K GEMV against ``x @ w.T``: rows below, at and above one 16-row tile, ragged N and K,
-    split K 1 and 3 (atomics). float32: the interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9), so bf16 is
-    checked on the GPU, where the benchmark drops any configuration not within bf16 rounding of cuBLAS."""
-    from bench import gemv
+def check_gemv() -> None:
+    """megacp.ops.gemv's decode GEMV against ``x @ w.T``: rows below, at and above one 16-row tile, ragged N and K,
+    two tilings. float32: the interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9), so bf16 is checked on the
+    GPU (tests/test_gpu_decode_fused.py)."""
+    from megacp.ops import gemv
 
     g = torch.Generator().manual_seed(9)
     for M in (1, 5, 20):
         x, w = torch.randn(M, 300, generator=g), torch.randn(70, 300, generator=g)
-        for config in ((32, 128, 1, 4, 4), (16, 64, 3, 4, 4)):
-            _close(gemv.gemv(x, w, *config), x @ w.T, 2e-4, f"gemv M={M} {config}")
+        for config in (gemv.GemvConfig(32, 128), gemv.GemvConfig(16, 64)):
+            _close(gemv.linear(x, w, config=config), x @ w.T, 2e-4, f"gemv M={M} {config}")
 
 
 def main() -> None:
@@ -477,7 +494,7 @@ def main() -> None:
     check_rope_inplace(torch.bfloat16, 16, True, tables_dtype=torch.float32)
     check_mla_rope_wiring()
     check_moe_grouped_wiring()
-    check_bench_gemv()
+    check_gemv()
     print("triton interpreter checks: ok")
 
 

@@ -17,6 +17,10 @@ The TP group is ``parallel_context.tp`` (``parallel_state.resolve_parallel_conte
 global one, else a single rank). Parameters are created trainable, like ``nn.Linear`` (``load_model`` freezes the
 model for inference), in ``params_dtype`` (default: torch's default dtype), and carry ``grad_reduce_groups`` for
 ``parallel_state.allreduce_grads``: their gradients are partial over the PCP and DP ranks, which hold other tokens.
+
+``decode_gemv`` (off unless the owning model turns it on, per projection: ``megacp.ops.gemv.roles()``): decode-shaped
+inference calls (CUDA, at most ``gemv.MAX_ROWS`` rows, no gradient) run ``megacp.ops.gemv``'s Triton GEMV instead of
+cuBLAS; every other call, and any call under autograd, is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacp.config import kv_head_layout, validate_model_parallel
+from megacp.ops import gemv
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.weights import default_weight_loader, load_shard, new_param
 
@@ -128,6 +133,7 @@ class ColumnParallelLinear(nn.Module):
         self.output_size = output_size
         self.output_size_per_partition = divide(output_size, self.tp_size, "linear output size")
         self.gather_output = gather_output
+        self.decode_gemv = False  # the owner may turn on megacp.ops.gemv for decode-shaped calls (see the module)
         self.weight = new_param((self.output_size_per_partition, input_size), params_dtype)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -147,7 +153,11 @@ class ColumnParallelLinear(nn.Module):
         load_shard(param.data, loaded, (slice(start, start + n),), self.checkpoint_shape(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        x = copy_to_tp_region(x, self.group)
+        if self.decode_gemv and gemv.applies(x, self.weight, self.bias):
+            y = gemv.linear(x, self.weight)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_tp_region(y, self.group) if self.gather_output else y
 
 
@@ -176,6 +186,7 @@ class RowParallelLinear(nn.Module):
         self.output_size = output_size
         self.input_size_per_partition = divide(input_size, self.tp_size, "linear input size")
         self.reduce_results = reduce_results
+        self.decode_gemv = False  # the owner may turn on megacp.ops.gemv for decode-shaped calls (see the module)
         self.weight = new_param((output_size, self.input_size_per_partition), params_dtype)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -196,7 +207,10 @@ class RowParallelLinear(nn.Module):
         load_shard(param.data, loaded, (slice(None), slice(start, start + n)), self.checkpoint_shape(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        if self.decode_gemv and gemv.applies(x, self.weight):
+            y = gemv.linear(x, self.weight)
+        else:
+            y = F.linear(x, self.weight)
         if not self.reduce_results:
             return y
         y = reduce_from_tp_region(y, self.group)

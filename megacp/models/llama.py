@@ -7,7 +7,8 @@
 The RoPE cos/sin tables of the step's positions are built once per forward and shared by every layer. On CUDA a
 pure-decode step rotates q and k and writes k and v into the paged cache in one kernel, and SwiGLU's ``silu·mul`` is
 one kernel in every step (``megacp.ops.decode_fused``: exact, the same ops and roundings as the eager path the CPU
-runs; ``MEGACP_FUSED_DECODE=0`` when the model is built turns them off: each layer's ``fused_decode``).
+runs; ``MEGACP_FUSED_DECODE=0`` when the model is built turns them off: each layer's ``fused_decode``). The
+projections named by ``megacp.ops.gemv.roles()`` run decode-shaped calls on a Triton GEMV (``decode_gemv``).
 
 In MoE models the layers listed in ``config.moe_layers`` replace the dense MLP by ``megacp.moe.MoELayer`` (router,
 experts, optional shared expert), parallelised over all ranks as its ``MoEParallelConfig`` says. Its forward is a
@@ -42,7 +43,7 @@ from megacp.layers.norm import RMSNorm
 from megacp.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary_tables
 from megacp.models.config import ModelConfig
 from megacp.moe import MoELayer, MoEParallelConfig
-from megacp.ops import decode_fused
+from megacp.ops import decode_fused, gemv
 from megacp.parallel_state import ParallelContext, resolve_parallel_context
 from megacp.weights import default_weight_loader
 
@@ -92,6 +93,8 @@ class LlamaAttention(nn.Module):
             parallel_context=parallel_context,
         )
         self.fused_decode = decode_fused.enabled()  # $MEGACP_FUSED_DECODE, read once (not per step)
+        roles = gemv.roles()  # $MEGACP_DECODE_GEMV, read once
+        self.qkv_proj.decode_gemv, self.o_proj.decode_gemv = "qkv" in roles, "o" in roles
 
     def forward(
         self, hidden: torch.Tensor, meta: Any, kv_cache: PagedKVCache | None, rope: RotaryTables
@@ -128,6 +131,8 @@ class LlamaMLP(nn.Module):
             parallel_context=parallel_context,
         )
         self.fused_decode = decode_fused.enabled()  # $MEGACP_FUSED_DECODE, read once (not per step)
+        roles = gemv.roles()  # $MEGACP_DECODE_GEMV, read once
+        self.gate_up_proj.decode_gemv, self.down_proj.decode_gemv = "gate_up" in roles, "down" in roles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

@@ -17,10 +17,17 @@ one ulp of the dtype (CPU PyTorch's vectorised ``exp`` is another implementation
 Inference only, CUDA only (``available``); fixed grids from the shapes and no host reads, so a CUDA graph captures
 them. ``MEGACP_FUSED_DECODE=0`` turns them off (the eager ops run), e.g. to count kernels before and after: a
 model reads it once, when its layers are built (``enabled``), and keeps the answer in their ``fused_decode``.
+
+Programmatic dependent launch (``pdl_options``): on Hopper and later, megacp's small decode kernels (these, the
+fused residual-add + RMSNorm, the paged GQA decode and LSE merge kernels) are launched so that each may start while
+the previous kernel drains; each waits for it (``wait_for_previous_kernel``) before touching memory, so the results
+are bitwise the same. ``MEGACP_PDL=0`` launches them plainly (the 32-layer step profile of docs/benchmarks.md
+measures both).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +43,7 @@ except Exception:  # noqa: BLE001
     libdevice = None
 
 ENV_FUSED = "MEGACP_FUSED_DECODE"
+ENV_PDL = "MEGACP_PDL"
 
 
 def enabled() -> bool:
@@ -51,6 +59,24 @@ def available(x: Tensor) -> bool:
     if triton is None or not x.is_cuda:
         return False
     return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def pdl_options(x: Tensor) -> dict:
+    """Launch options for a decode kernel on ``x``'s device: ``{"launch_pdl": True}`` where programmatic dependent
+    launch applies (CUDA, compute capability 9.0+, compiled kernels, ``$MEGACP_PDL`` not "0"), else ``{}``. A kernel
+    launched with it must call ``wait_for_previous_kernel`` before its first memory access that an earlier kernel
+    could have written or could still read (its ``GDC`` constexpr is ``bool(pdl_options(x))``)."""
+    if triton is None or INTERPRETED or not x.is_cuda:
+        return {}
+    return _PDL if _pdl_on(x.device.index if x.device.index is not None else torch.cuda.current_device()) else {}
+
+
+_PDL = {"launch_pdl": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_on(device_index: int) -> bool:
+    return os.environ.get(ENV_PDL, "1") != "0" and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def rope_and_cache_write(qkv: Tensor, cos: Tensor, sin_signed: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -76,10 +102,11 @@ def rope_and_cache_write(qkv: Tensor, cos: Tensor, sin_signed: Tensor, k_cache: 
     if B == 0:
         return q
     cos2, sin2 = cos.reshape(B, D), sin_signed.reshape(B, D)
+    pdl = pdl_options(qkv)
     _rope_cache_kernel[(B, hq + hkv)](
         qkv, cos2, sin2, q, k_cache, v_cache, slots,
         qkv.stride(0), cos2.stride(0), sin2.stride(0),
-        HQ=hq, HKV=hkv, D=D, HALF=D // 2, D_PAD=triton.next_power_of_2(D), **EXACT,
+        HQ=hq, HKV=hkv, D=D, HALF=D // 2, D_PAD=triton.next_power_of_2(D), GDC=bool(pdl), **EXACT, **pdl,
     )
     return q
 
@@ -98,16 +125,18 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     if T == 0 or inner == 0:
         return out
     block = min(1024, triton.next_power_of_2(inner))
+    pdl = pdl_options(gate_up)
     _silu_mul_kernel[(T, triton.cdiv(inner, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, LIBDEVICE=not _INTERPRETED, **EXACT,
+        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, LIBDEVICE=not INTERPRETED,
+        GDC=bool(pdl), **EXACT, **pdl,
     )
     return out
 
 
 # FMA contraction would fuse `a*b + c*d` into one rounding where PyTorch rounds twice. Triton's interpreter (numpy)
 # has no such option, and no libdevice: it takes numpy's exp.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-EXACT = {} if _INTERPRETED else {"enable_fp_fusion": False}  # launch options of every kernel that keeps the roundings
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+EXACT = {} if INTERPRETED else {"enable_fp_fusion": False}  # launch options of every kernel that keeps the roundings
 
 if triton is not None:
 
@@ -120,12 +149,22 @@ if triton is not None:
         return (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
 
     @triton.jit
+    def wait_for_previous_kernel():
+        """The PDL handshake at a kernel's start: wait until the previous kernel in the stream has finished and its
+        writes are visible, then let the next kernel launch (it waits in turn). A no-op without PDL."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _rope_cache_kernel(
         qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         stride_row, stride_cos, stride_sin,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, D_PAD: tl.constexpr,
+        GDC: tl.constexpr,
     ):
         # one program per (token, head): heads [0, HQ) are q, [HQ, HQ + HKV) are k, whose program also copies v
+        if GDC:
+            wait_for_previous_kernel()
         t = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, D_PAD)
@@ -147,7 +186,10 @@ if triton is not None:
             tl.store(v_cache_ptr + dst + d, v.to(v_cache_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inner, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inner, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+                         GDC: tl.constexpr):
+        if GDC:
+            wait_for_previous_kernel()
         t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inner
@@ -164,4 +206,5 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + cols, out, mask=mask)
 
 
-__all__ = ["ENV_FUSED", "EXACT", "available", "enabled", "rope_and_cache_write", "silu_mul"]
+__all__ = ["ENV_FUSED", "ENV_PDL", "EXACT", "INTERPRETED", "available", "enabled", "pdl_options",
+           "rope_and_cache_write", "silu_mul"]

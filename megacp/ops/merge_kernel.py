@@ -18,12 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:  # optional: never let a missing or broken Triton break ``import megacp``
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
+from megacp.ops.decode_fused import pdl_options, tl, triton
+
+if triton is not None:
+    from megacp.ops.decode_fused import wait_for_previous_kernel
 
 _CHUNK = 16  # partials loaded at once
 
@@ -43,13 +41,14 @@ def merge_partials(part: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> 
         raise ValueError("merge_partials: part's and out's last dim must be contiguous")
     if B == 0 or H == 0:
         return
+    pdl = pdl_options(out)
     _merge_kernel[(B, H)](
         part, part_lse, out, lse, S,
         part.stride(0), part.stride(1), part.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), CHUNK=_CHUNK,
-        num_warps=4,
+        HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), CHUNK=_CHUNK, GDC=bool(pdl),
+        num_warps=4, **pdl,
     )
 
 
@@ -61,8 +60,10 @@ if triton is not None:
         stride_ps, stride_pb, stride_ph,
         stride_ls, stride_lb, stride_lh,
         stride_ob, stride_oh, stride_fb, stride_fh,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:  # launched with PDL (decode_fused.pdl_options)
+            wait_for_previous_kernel()
         b = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, D_PAD)

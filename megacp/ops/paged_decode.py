@@ -28,15 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megacp.ops.decode_fused import pdl_options, tl, triton
 from megacp.ops.merge_kernel import merge_partials
 
-try:  # optional: never let a missing or broken Triton break ``import megacp``
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
 if triton is not None:
+    from megacp.ops.decode_fused import wait_for_previous_kernel
     from megacp.ops.merge_kernel import merge_splits_on_arrival
 
 _LOG2E = 1.4426950408889634
@@ -166,6 +162,7 @@ def paged_decode_with_lse(
     counters = _arrival_counters(q.device, B * Hkv) if fused else seq_lens
     block_table = block_table.to(device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
+    pdl = pdl_options(q)
     _split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, out_part, lse_part,
         q.stride(0), q.stride(1),
@@ -179,8 +176,8 @@ def paged_decode_with_lse(
         FUSED_MERGE=fused, BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=plan.block_n,
         # float32 caches (tests, CPU-style runs) must not silently drop to tf32 in the matrix units
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GDC=bool(pdl),
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
     )
     if splits > 1 and not fused:  # [B, Hq, S, ...] partials, merged as [S, B, Hq, ...] strided views
         merge_partials(out_part.permute(2, 0, 1, 3), lse_part.permute(2, 0, 1), out, lse)
@@ -229,7 +226,10 @@ if triton is not None:
         scale_log2, num_splits,
         FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        if GDC:  # launched with PDL (decode_fused.pdl_options)
+            wait_for_previous_kernel()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)

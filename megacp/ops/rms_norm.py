@@ -14,12 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:  # optional: never let a missing or broken Triton break ``import megacp``
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
+from megacp.ops.decode_fused import pdl_options, tl, triton
+
+if triton is not None:
+    from megacp.ops.decode_fused import wait_for_previous_kernel
 
 _MAX_HIDDEN = 32768  # one program holds a whole row
 
@@ -43,10 +41,12 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: 
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
     block = triton.next_power_of_2(H)
+    pdl = pdl_options(x)
     _add_rms_norm_kernel[(T,)](
         x, residual if residual is not None else x, weight, out, summed,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), summed.stride(0),
-        H, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        H, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block, GDC=bool(pdl),
+        num_warps=8 if block >= 4096 else 4, **pdl,
     )
     return out, summed
 
@@ -58,8 +58,10 @@ if triton is not None:
         x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,
         stride_x, stride_r, stride_o, stride_s,
         H, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:  # launched with PDL (decode_fused.pdl_options)
+            wait_for_previous_kernel()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
