@@ -363,3 +363,29 @@ def test_gpu_pieces_match_per_sequence_and_reference(monkeypatch, pcp, d, dv):
         ref = _dense(qs, k, v, kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2], kw["scale"])  # float64
         for out, lse in res.values():
             assert _close(out, ref[0], 3e-2) and _close(lse, ref[1], 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [2, 3])
+def test_gpu_merge_into_kernel_matches_the_pytorch_merge(n):
+    """The pieces' LSE merge on the GPU (``merge_kernel.merge_into``, taken by ``merge_attn_states_into`` without
+    gradients) against ``merge_attn_states_n`` in float32: bf16 partials as cuDNN returns them, row slices of them
+    (the pieces' views), an empty partial and an all-empty row."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    R, H, D = 1000, 32, 128
+    full = [torch.randn(R + 7, H, D, device="cuda", generator=g).bfloat16() for _ in range(n)]
+    outs = [f[3:R + 3] for f in full]
+    lses = [torch.randn(R + 7, H, device="cuda", generator=g)[3:R + 3] * 4 for _ in range(n)]
+    lses[0][5] = float("-inf")
+    for s in lses:
+        s[9, 1] = float("-inf")
+    out = torch.empty(R, H, D, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(R, H, device="cuda")
+    merge_attn_states_into(outs, lses, out, lse)
+    want_o, want_l = merge_attn_states_n(torch.stack([o.float() for o in outs]), torch.stack(lses))
+    assert (out.float() - want_o).abs().max().item() <= want_o.abs().max().item() * 2 ** -8 + 1e-6
+    finite = torch.isfinite(want_l)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - want_l[finite]).abs().max().item() <= 1e-5
+    assert out[9, 1].abs().max().item() == 0

@@ -83,6 +83,11 @@ def test_kernels_compile_for_hopper():
             if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
                 buffer = f"memdesc<3x{block_n}x512x{dtype.replace('fp', 'f')}"
                 assert buffer in compiled.asm["ttgir"], "MLA tile loop not pipelined"
+        for n in (2, 4):
+            _compile_for_hopper(merge_kernel._merge_into_kernel,
+                                {**{f"o{i}_ptr": f"*{dtype}" for i in range(4)}, **{f"l{i}_ptr": "*fp32" for i in range(4)},
+                                 "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
+                                {"N": n, "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_H": 16, "GDC": n == 2})
         _compile_for_hopper(merge_kernel._merge_kernel,
                             {"part_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
                             {"HEAD_DIM": 128, "D_PAD": 128, "CHUNK": 16, "GDC": True})

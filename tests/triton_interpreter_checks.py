@@ -154,6 +154,44 @@ class GatheredGroup:
         return torch.stack([x[0] if w == self.rank_in_group else p for w, p in enumerate(self.packed)])
 
 
+def check_merge_into() -> None:
+    """``merge_attn_states_into`` on 2, 3 and 4 strided partials through the Triton kernel (``merge_into``) against
+    ``merge_attn_states_n``: float32 and bf16 partials, empty partials and an all-empty row, head count not a
+    multiple of the head block, in-place views of a larger output."""
+    from megacp.ops.merge_kernel import merge_into
+
+    g = torch.Generator().manual_seed(11)
+    for n, dtype in ((2, torch.float32), (3, torch.bfloat16), (4, torch.float32)):
+        R, H, D = 5, 20, 24
+        base = torch.randn(n, R + 2, H, D + 8, generator=g).to(dtype)
+        outs = [base[i, 1:R + 1, :, :D] for i in range(n)]  # strided views
+        lses = [torch.randn(R, H, generator=g) * 3 for _ in range(n)]
+        lses[0][0] = float("-inf")  # an empty partial
+        for s in lses:
+            s[2, 3] = float("-inf")  # a row with none
+        want_o, want_l = merge_attn_states_n(torch.stack([o.float() for o in outs]), torch.stack(lses))
+        big = torch.full((R + 1, H, D), float("nan"), dtype=dtype)
+        out, lse = big[1:], torch.empty(R, H)
+        calls = []
+        real = merge_mod.merge_into
+        merge_mod.merge_into = lambda *a: (calls.append(1), real(*a))
+        try:
+            merge_mod.merge_attn_states_into(outs, lses, out, lse)
+        finally:
+            merge_mod.merge_into = real
+        assert calls, "merge_attn_states_into did not take the kernel"
+        ulp = float(want_o.abs().max()) * 2 ** -7  # one bf16 ulp at the largest value: the two roundings may differ
+        _close(out, want_o.to(dtype), 1e-5 if dtype == torch.float32 else ulp, f"merge_into n={n} {dtype}")
+        _lse_close(lse, want_l, 1e-5, f"merge_into n={n}")
+        assert torch.isnan(big[0]).all() and out[2, 3].abs().max() == 0
+    try:
+        merge_into([outs[0]], [lses[0]], out, lse)
+    except ValueError as e:
+        assert "2..4" in str(e)
+    else:
+        raise AssertionError("merge_into accepted one partial")
+
+
 def check_cp_merge_gathered(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Decode's CP merge (pcp 2 × dcp 2) takes the kernel and gives every rank the PyTorch merge of its heads (an
     empty shard for one row, a row and head no rank has keys for); a merge that needs gradients goes through
@@ -478,6 +516,7 @@ def main() -> None:
         P(1, block_n=16, num_stages=4), P(3, block_n=16, num_stages=3), P(3, block_n=16, fused_merge=True),
         P(2, block_n=32)])
     check_merge_partials()
+    check_merge_into()
     check_cp_merge_gathered(dtype=torch.float32)
     check_cp_merge_gathered(dtype=torch.bfloat16)
     check_rms_norm()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from megacp.ops import paged_decode
-from megacp.ops.merge_kernel import merge_partials
+from megacp.ops.merge_kernel import MAX_INTO, merge_into, merge_partials
 from megacp.parallel_state import ParallelGroup, resolve_parallel_context
 
 
@@ -82,7 +82,9 @@ def merge_attn_states_into(outs: Sequence[Tensor], lses: Sequence[Tensor], out: 
     for float64 inputs) one partial at a time and is cast once, into ``out``. That is about half the memory
     traffic of stack + merge + copy, which matters when the partials are whole prefill chunks (the cuDNN
     decomposition of ``backends_cuda``). One partial is copied as it is. Differentiable (autograd records the
-    writes into ``out``/``lse``).
+    writes into ``out``/``lse``); without a gradient to record, 2..4 ``[R, H, D]`` partials on a GPU merge in one
+    Triton kernel (``merge_kernel.merge_into``: the same math, the sum divided once instead of pre-normalised
+    weights, so float32 rounding may differ in the last bits).
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge_attn_states_into: need as many outputs as LSEs, at least one ({len(outs)}, "
@@ -91,6 +93,9 @@ def merge_attn_states_into(outs: Sequence[Tensor], lses: Sequence[Tensor], out: 
         out.copy_(outs[0])
         lse.copy_(lses[0])
         return
+    if _merge_into_applies(outs, lses, out, lse):  # one kernel instead of ~10 elementwise passes (merge_kernel)
+        merge_into(list(outs), list(lses), out, lse)
+        return
     work = torch.promote_types(lses[0].dtype, torch.float32)
     weights, merged_lse = lse_merge_weights(torch.stack([x.to(work) for x in lses]))
     acc = weights[0].unsqueeze(-1) * outs[0]
@@ -98,6 +103,19 @@ def merge_attn_states_into(outs: Sequence[Tensor], lses: Sequence[Tensor], out: 
         acc.addcmul_(w.unsqueeze(-1), o)
     out.copy_(acc)
     lse.copy_(merged_lse)
+
+
+def _merge_into_applies(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> bool:
+    """Whether ``merge_kernel.merge_into`` takes this merge: Triton on the outputs' device, 2..MAX_INTO partials
+    shaped ``[R, H, D]`` / ``[R, H]`` float32 with contiguous last dims, and no gradient to record."""
+    if not 2 <= len(outs) <= MAX_INTO or out.dim() != 3 or not paged_decode.available(out.device):
+        return False
+    if lse.dtype != torch.float32 or any(s.dtype != torch.float32 for s in lses) or out.stride(-1) != 1:
+        return False
+    if any(o.shape != out.shape or o.stride(-1) != 1 for o in outs):
+        return False
+    tensors = (*outs, *lses, out, lse)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ if triton is not None:
     from megacp.ops.decode_fused import wait_for_previous_kernel
 
 _CHUNK = 16  # partials loaded at once
+MAX_INTO = 4  # partials merge_into takes in one launch
 
 
 def merge_partials(part: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -52,7 +53,89 @@ def merge_partials(part: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> 
     )
 
 
+def merge_into(outs: list[Tensor], lses: list[Tensor], out: Tensor, lse: Tensor) -> None:
+    """Merge 2..``MAX_INTO`` partial states held in separate tensors into ``out`` and ``lse`` (written in place).
+
+    # outs[i]: [R, H, D] (any float dtype, any row/head strides, last dim contiguous), lses[i]: [R, H] float32
+    # (any strides) -> out: [R, H, D] (last dim contiguous), lse: [R, H] float32
+    ``merge.merge_attn_states_into``'s math in one kernel (float32 weights ``exp(l_i − max)``, the weighted sum
+    divided once, cast once); empty partials (lse -inf) weigh 0 and are not read, rows with none give out 0 and lse
+    -inf. Needs Triton and CUDA tensors (or the interpreter); no autograd.
+    """
+    n = len(outs)
+    if not 2 <= n <= MAX_INTO or len(lses) != n:
+        raise ValueError(f"merge_into: takes 2..{MAX_INTO} partials with as many LSEs ({n}, {len(lses)})")
+    R, H, D = out.shape
+    for o, s in zip(outs, lses):
+        if o.shape != (R, H, D) or s.shape != (R, H) or o.stride(-1) != 1:
+            raise ValueError(f"merge_into: partial {tuple(o.shape)} / lse {tuple(s.shape)} must be [{R}, {H}, {D}] "
+                             f"(last dim contiguous) / [{R}, {H}]")
+    if R == 0:
+        return
+    outs = list(outs) + [outs[0]] * (MAX_INTO - n)  # unused slots: never read (N below)
+    lses = list(lses) + [lses[0]] * (MAX_INTO - n)
+    block_h = min(16, triton.next_power_of_2(H))
+    pdl = pdl_options(out)
+    _merge_into_kernel[(R, triton.cdiv(H, block_h))](
+        *outs, *lses, out, lse,
+        *[x for o in outs for x in (o.stride(0), o.stride(1))], *[x for s in lses for x in (s.stride(0), s.stride(1))],
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), H,
+        N=n, HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_H=block_h, GDC=bool(pdl), **pdl,
+    )
+
+
 if triton is not None:
+
+    @triton.jit
+    def _partial_term(o_ptr, l_ptr, row, heads, d, h_ok, d_ok, so_r, so_h, sl_r, sl_h, m_safe):
+        """One partial's weight ``exp(l − m)`` [BLOCK_H] and weighted rows [BLOCK_H, D_PAD] (empty ones not read)."""
+        ls = tl.load(l_ptr + row * sl_r + heads * sl_h, mask=h_ok, other=float("-inf"))
+        w = tl.exp(ls - m_safe)
+        live = ls > float("-inf")
+        o = tl.load(o_ptr + row * so_r + heads[:, None] * so_h + d[None, :],
+                    mask=(h_ok & live)[:, None] & d_ok[None, :], other=0.0)
+        return w, o.to(tl.float32) * w[:, None]
+
+    @triton.jit
+    def _merge_into_kernel(
+        o0_ptr, o1_ptr, o2_ptr, o3_ptr, l0_ptr, l1_ptr, l2_ptr, l3_ptr, out_ptr, lse_ptr,
+        so0_r, so0_h, so1_r, so1_h, so2_r, so2_h, so3_r, so3_h,
+        sl0_r, sl0_h, sl1_r, sl1_h, sl2_r, sl2_h, sl3_r, sl3_h,
+        sout_r, sout_h, slse_r, slse_h, H,
+        N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_H: tl.constexpr, GDC: tl.constexpr,
+    ):
+        if GDC:  # launched with PDL (decode_fused.pdl_options)
+            wait_for_previous_kernel()
+        row = tl.program_id(0).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D_PAD)
+        h_ok = heads < H
+        d_ok = d < HEAD_DIM
+        ninf = float("-inf")
+        m = tl.maximum(tl.load(l0_ptr + row * sl0_r + heads * sl0_h, mask=h_ok, other=ninf),
+                       tl.load(l1_ptr + row * sl1_r + heads * sl1_h, mask=h_ok, other=ninf))
+        if N > 2:
+            m = tl.maximum(m, tl.load(l2_ptr + row * sl2_r + heads * sl2_h, mask=h_ok, other=ninf))
+        if N > 3:
+            m = tl.maximum(m, tl.load(l3_ptr + row * sl3_r + heads * sl3_h, mask=h_ok, other=ninf))
+        m_safe = tl.where(m == ninf, 0.0, m)
+        tot, acc = _partial_term(o0_ptr, l0_ptr, row, heads, d, h_ok, d_ok, so0_r, so0_h, sl0_r, sl0_h, m_safe)
+        w, term = _partial_term(o1_ptr, l1_ptr, row, heads, d, h_ok, d_ok, so1_r, so1_h, sl1_r, sl1_h, m_safe)
+        tot += w
+        acc += term
+        if N > 2:
+            w, term = _partial_term(o2_ptr, l2_ptr, row, heads, d, h_ok, d_ok, so2_r, so2_h, sl2_r, sl2_h, m_safe)
+            tot += w
+            acc += term
+        if N > 3:
+            w, term = _partial_term(o3_ptr, l3_ptr, row, heads, d, h_ok, d_ok, so3_r, so3_h, sl3_r, sl3_h, m_safe)
+            tot += w
+            acc += term
+        has = tot > 0
+        tot_safe = tl.where(has, tot, 1.0)
+        tl.store(out_ptr + row * sout_r + heads[:, None] * sout_h + d[None, :],
+                 (acc / tot_safe[:, None]).to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + row * slse_r + heads * slse_h, tl.where(has, m_safe + tl.log(tot_safe), ninf), mask=h_ok)
 
     @triton.jit
     def _merge_kernel(
@@ -135,4 +218,4 @@ if triton is not None:
             tl.atomic_xchg(counter, 0)  # ready for the next launch (or graph replay)
 
 
-__all__ = ["merge_partials"]
+__all__ = ["MAX_INTO", "merge_into", "merge_partials"]
