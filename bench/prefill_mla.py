@@ -2,7 +2,7 @@
 
 For each case (a causal prompt of T tokens, or a packed batch of prompts) and each CUDA backend it times
 ``attention_with_lse`` with V of 128 columns as it is (``native``: TE / cuDNN take it when they can,
-``backends_cuda._NATIVE_V_DIM`` records whether they did; FlashAttention is padded inside) and with V zero-padded
+``backends_common._NATIVE_V_DIM`` records whether they did; FlashAttention is padded inside) and with V zero-padded
 to 192 by the caller (``padded``, the pad and the slice included), next to the equal-dims 192 / 192 call
 (``equal_dims``, what padding costs at most). TFLOP/s count the unmasked (query, key) pairs: 2·H·(192 + 128) per
 pair. ``rel_diff`` is each result against the first backend's native one.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, environment, require_cuda, time_ms  # noqa: E402
-from megacp.ops import attention_with_lse, available_backends, backends_cuda  # noqa: E402
+from megacp.ops import attention_with_lse, available_backends, backends_common  # noqa: E402
 
 
 def case_inputs(lens: list[int], heads: int, dq: int, dv: int) -> tuple:
@@ -64,7 +64,7 @@ def bench_case(lens: list[int], args: argparse.Namespace, backends: list[str]) -
             out = out[..., :dv].float()
             first = out if first is None else first
             rows.append({"lens": lens, "backend": name, "mode": mode, "ms": ms, "tflops": flops / ms / 1e9,
-                         "native_v_dim": dict(backends_cuda._NATIVE_V_DIM) if mode == "native" else None,
+                         "native_v_dim": dict(backends_common._NATIVE_V_DIM) if mode == "native" else None,
                          "rel_diff": ((out - first).norm() / first.norm()).item()})
     del q, k, v, v_pad
     torch.cuda.empty_cache()
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "prefill_mla", "env": environment(),
               "shape": {"heads": args.heads, "qk_head_dim": args.qk_head_dim, "v_head_dim": args.v_head_dim,
                         "dtype": "bfloat16", "causal": True},
-              "native_v_dim": dict(backends_cuda._NATIVE_V_DIM), "results": rows}
+              "native_v_dim": dict(backends_common._NATIVE_V_DIM), "results": rows}
     emit(result, args.json_out)
     print("lens            backend mode        ms      TFLOP/s  rel_diff", flush=True)
     for r in rows:
         what = (f"{r['ms']:9.3f} {r['tflops']:8.1f}  {r['rel_diff']:.1e}" if "ms" in r else r["error"][:70])
         print(f"{str(r['lens'])[:15]:15} {r['backend']:7} {r['mode']:10} {what}", flush=True)
-    print(f"native V head dim: {backends_cuda._NATIVE_V_DIM}", flush=True)
+    print(f"native V head dim: {backends_common._NATIVE_V_DIM}", flush=True)
     return result
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megacp import parallel_state as ps  # noqa: E402
-from megacp.ops import backends_cuda, paged_decode  # noqa: E402
+from megacp.ops import backends_common, backends_cuda, paged_decode  # noqa: E402
 from tests import test_cp_attention_dist as matrix  # noqa: E402
 
 WORLD = 8
@@ -63,7 +63,7 @@ def count_kernels(counts: collections.Counter) -> None:
     # and the paged decode kernel.
     for name, fn in list(backends_cuda._KERNELS.items()):
         backends_cuda._KERNELS[name] = counted(name, fn)
-    backends_cuda._reference = counted("torch fallback", backends_cuda._reference)
+    backends_common._reference = counted("torch fallback", backends_common._reference)
     paged_decode.paged_decode_with_lse = counted("triton paged decode", paged_decode.paged_decode_with_lse)
 
 

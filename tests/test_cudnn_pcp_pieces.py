@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megacp.ops import attention_with_lse, get_backend
-from megacp.ops import backends_cuda, cudnn_pieces
+from megacp.ops import backends_common, backends_cuda, cudnn_pieces
 from megacp.ops.merge import merge_attn_states_into, merge_attn_states_n
 
 CUDA = torch.cuda.is_available()
@@ -64,13 +64,13 @@ def fake(monkeypatch):
     op = FakeCudnnOp()
     monkeypatch.setattr(backends_cuda, "_CUDNN_OP", op)
     monkeypatch.setattr(backends_cuda, "_CUDNN_GQA", {"native": None})
-    monkeypatch.setattr(backends_cuda, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
+    monkeypatch.setattr(backends_common, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
     monkeypatch.setattr(backends_cuda, "CUDNN_PIECES", True)
     return op
 
 
 def _exact_dtypes(monkeypatch):
-    monkeypatch.setattr(backends_cuda, "fused_shapes_ok", lambda q, k, v: True)
+    monkeypatch.setattr(backends_common, "fused_shapes_ok", lambda q, k, v: True)
 
 
 # ----------------------------------------------------------------------------------------------- PCP inputs
@@ -198,7 +198,7 @@ def test_bf16_through_the_padded_and_repeated_paths(monkeypatch, gqa, other_v_di
     op = FakeCudnnOp(gqa=gqa, other_v_dim=other_v_dim)
     monkeypatch.setattr(backends_cuda, "_CUDNN_OP", op)
     monkeypatch.setattr(backends_cuda, "_CUDNN_GQA", {"native": None})
-    monkeypatch.setattr(backends_cuda, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
+    monkeypatch.setattr(backends_common, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
     T, pcp = 64, 4
     q, k, v = _qkv(T, 8, 2, 192, 128, torch.bfloat16, seed=5)
     for r in range(pcp):
@@ -207,7 +207,7 @@ def test_bf16_through_the_padded_and_repeated_paths(monkeypatch, gqa, other_v_di
             out, lse = attention_with_lse(qs, backend=CUDNN, **kw)
         ref = _dense(qs, k, v, kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2], kw["scale"])
         assert out.dtype == torch.bfloat16 and _close(out, ref[0], 2e-2) and _close(lse, ref[1], 1e-2)
-    assert backends_cuda._CUDNN_GQA["native"] is gqa and backends_cuda._NATIVE_V_DIM["cudnn"] is other_v_dim
+    assert backends_cuda._CUDNN_GQA["native"] is gqa and backends_common._NATIVE_V_DIM["cudnn"] is other_v_dim
 
 
 def test_two_requests_on_a_rank(fake, monkeypatch):
@@ -355,11 +355,11 @@ def test_gpu_pieces_match_per_sequence_and_reference(monkeypatch, pcp, d, dv):
         res = {}
         for pieces in (False, True):  # per-sequence first: it settles whether the op takes GQA and this V dim
             monkeypatch.setattr(backends_cuda, "CUDNN_PIECES", pieces)
-            learnt = dict(backends_cuda._CUDNN_GQA), dict(backends_cuda._NATIVE_V_DIM)
+            learnt = dict(backends_cuda._CUDNN_GQA), dict(backends_common._NATIVE_V_DIM)
             with torch.no_grad():
                 res[pieces] = attention_with_lse(qs, backend=CUDNN, **kw)
             # the batched call on strided diagonal blocks must not be what makes the op refuse (and flip these)
-            assert not pieces or (learnt == (backends_cuda._CUDNN_GQA, backends_cuda._NATIVE_V_DIM))
+            assert not pieces or (learnt == (backends_cuda._CUDNN_GQA, backends_common._NATIVE_V_DIM))
         ref = _dense(qs, k, v, kw["host_cu_seqlens"][0], [0, 0], kw["host_cu_seqlens"][2], kw["scale"])  # float64
         for out, lse in res.values():
             assert _close(out, ref[0], 3e-2) and _close(lse, ref[1], 2e-2)

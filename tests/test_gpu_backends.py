@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megacp.ops import attention_with_lse, available_backends, paged_attention_with_lse, select_backend
-from megacp.ops import backends_cuda, paged_decode
+from megacp.ops import backends_common, backends_cuda, backends_te, paged_decode
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -98,11 +98,11 @@ def test_packed_wrapper_drops_keyless_and_queryless_sequences():
         seen.append(lens)
         assert dev_cu[0].tolist() == cu_q and dev_cu[1].tolist() == cu_k  # device offsets match the host lists
         assert all(a > 0 and b > 0 for a, b in lens)
-        return backends_cuda._reference(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), causal, scale)
+        return backends_common._reference(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), causal, scale)
 
     lq, lk = [3, 0, 2, 4, 1], [5, 6, 0, 4, 2]
     q, k, v = _packed_inputs(lq, lk, 4, 2, 8, torch.bfloat16, "cpu", seed=1)
-    out, lse = backends_cuda._packed(kernel)(q, k, v, _cu(lq, "cpu"), _cu(lk, "cpu"), True, 0.3)
+    out, lse = backends_common._packed(kernel)(q, k, v, _cu(lq, "cpu"), _cu(lk, "cpu"), True, 0.3)
     assert seen == [[(3, 5), (4, 4), (1, 2)]]
     ref_out, ref_lse = attention_with_lse(q.float(), k.float(), v.float(), _cu(lq, "cpu"), _cu(lk, "cpu"), True, 0.3,
                                           backend="torch")
@@ -160,14 +160,14 @@ def test_te_backward_plumbing_with_te_signatures(monkeypatch, causal):
     """The "te" backend's training path (fused_attn_fwd + fused_attn_bwd, the LSE gradient through two more calls)
     on the CPU with signature-exact stand-ins: out and LSE gradients equal the reference backend's."""
     fake = _FakeTE()
-    monkeypatch.setattr(backends_cuda, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
+    monkeypatch.setattr(backends_te, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
     lq, lk = [3, 4, 2], [7, 4, 5]
     grads = {}
     for name in ("te", "torch"):
         q, k, v = (t.requires_grad_(True) for t in _packed_inputs(lq, lk, 4, 2, 8, torch.float32, "cpu", seed=3))
         if name == "te":
             dev_cu = (_cu(lq, "cpu"), _cu(lk, "cpu"))
-            out, lse = backends_cuda._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, dev_cu)
+            out, lse = backends_te._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, dev_cu)
         else:
             out, lse = attention_with_lse(q, k, v, _cu(lq, "cpu"), _cu(lk, "cpu"), causal, 0.3, backend="torch")
         g = torch.Generator().manual_seed(9)
@@ -179,20 +179,20 @@ def test_te_backward_plumbing_with_te_signatures(monkeypatch, causal):
     assert fake.calls == {"fwd": 2, "bwd": 2}  # the output's backward; the LSE's extra forward and backward
     with torch.no_grad():  # inference: one forward, no graph
         q, k, v = _packed_inputs(lq, lk, 4, 2, 8, torch.float32, "cpu", seed=3)
-        backends_cuda._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, (_cu(lq, "cpu"), _cu(lk, "cpu")))
+        backends_te._te_kernel(q, k, v, [0, 3, 7, 9], [0, 7, 11, 16], causal, 0.3, (_cu(lq, "cpu"), _cu(lk, "cpu")))
     assert fake.calls == {"fwd": 3, "bwd": 2}
 
 
 def test_te_takes_overlapping_key_ranges_in_one_launch(monkeypatch):
     """A PCP rank's two chunks over one K/V (seqused_k): TE gets them laid out per chunk, in ONE forward call."""
     fake = _FakeTE()
-    monkeypatch.setattr(backends_cuda, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
-    monkeypatch.setattr(backends_cuda, "fused_shapes_ok", lambda q, k, v: True)
+    monkeypatch.setattr(backends_te, "_te_state", lambda: ((fake.fwd, fake.bwd, "F16_arbitrary_seqlen"), ""))
+    monkeypatch.setattr(backends_common, "fused_shapes_ok", lambda q, k, v: True)
     q, k, v = _packed_inputs([8], [16], 4, 2, 8, torch.float32, "cpu", seed=4)
     host = ([0, 4, 8], [0, 0, 16], [8, 16])
     t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     with torch.no_grad():
-        out, lse = backends_cuda._packed(backends_cuda._te_kernel)(q, k, v, t(host[0]), t(host[1]), True, 0.3,
+        out, lse = backends_common._packed(backends_te._te_kernel)(q, k, v, t(host[0]), t(host[1]), True, 0.3,
                                                                    host_cu_seqlens=host, seqused_k=t(host[2]))
     ref = attention_with_lse(q, torch.cat([k[:8], k]), torch.cat([v[:8], v]), t([0, 4, 8]), t([0, 8, 24]), True,
                              0.3, backend="torch")
@@ -239,7 +239,7 @@ def test_padding_to_one_head_dim_is_exact(dq, dv):
 def test_v_head_dim_routing_native_then_padded(monkeypatch):
     """TE / cuDNN get a narrower V as it is until a call refuses it (then padding, remembered); FlashAttention is
     always padded; with gradients everything is padded; equal dims pass straight through."""
-    monkeypatch.setattr(backends_cuda, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
+    monkeypatch.setattr(backends_common, "_NATIVE_V_DIM", {"te": None, "cudnn": None})
     calls = []
 
     def fake(refuses: bool):
@@ -253,14 +253,14 @@ def test_v_head_dim_routing_native_then_padded(monkeypatch):
     q, k, v = torch.randn(5, 2, 24), torch.randn(5, 2, 24), torch.randn(5, 2, 16)
     args = ([0, 5], [0, 5], True, 0.2, (_cu([5], "cpu"), _cu([5], "cpu")))
     want = _ref_packed(q, k, v, *args)[0]
-    te = backends_cuda._any_v_dim("te", fake(refuses=False))
-    cudnn = backends_cuda._any_v_dim("cudnn", fake(refuses=True))
-    flash = backends_cuda._any_v_dim("flash", fake(refuses=True))
+    te = backends_common._any_v_dim("te", fake(refuses=False))
+    cudnn = backends_common._any_v_dim("cudnn", fake(refuses=True))
+    flash = backends_common._any_v_dim("flash", fake(refuses=True))
     for kernel, expect in ((te, [(24, 16)]), (cudnn, [(24, 16), (24, 24)]), (cudnn, [(24, 24)]),
                            (flash, [(24, 24)]), (te, [(24, 16)])):
         calls.clear()
         assert torch.allclose(kernel(q, k, v, *args)[0], want, atol=1e-5) and calls == expect, (calls, expect)
-    assert backends_cuda._NATIVE_V_DIM == {"te": True, "cudnn": False}
+    assert backends_common._NATIVE_V_DIM == {"te": True, "cudnn": False}
     calls.clear()
     te(q.requires_grad_(), k, v, *args)
     assert calls == [(24, 24)], "with gradients the padded call runs (autograd through pad and slice)"
@@ -281,7 +281,7 @@ def test_cudnn_clash_is_detected_before_importing_te(monkeypatch, tmp_path):
     parent.cudnn = fake
     monkeypatch.setitem(sys.modules, "nvidia", parent)
     monkeypatch.setitem(sys.modules, "nvidia.cudnn", fake)
-    monkeypatch.setattr(backends_cuda.glob, "glob", lambda pattern: ["/lib/x86_64-linux-gnu/libcudnn.so.9"]
+    monkeypatch.setattr(backends_te.glob, "glob", lambda pattern: ["/lib/x86_64-linux-gnu/libcudnn.so.9"]
                         if pattern.startswith("/lib/x86_64-linux-gnu") else [])
     monkeypatch.delenv("CUDNN_HOME", raising=False)
     monkeypatch.delenv("CUDNN_PATH", raising=False)
@@ -289,7 +289,7 @@ def test_cudnn_clash_is_detected_before_importing_te(monkeypatch, tmp_path):
     assert msg is not None and "CUDNN_PATH" in msg and str(pip_dir) in msg
     monkeypatch.setenv("CUDNN_PATH", str(pip_dir))
     assert backends_cuda.cudnn_clash() is None
-    monkeypatch.setattr(backends_cuda.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(backends_te.glob, "glob", lambda pattern: [])
     monkeypatch.delenv("CUDNN_PATH")
     assert backends_cuda.cudnn_clash() is None  # no system cuDNN: nothing to clash with
 
@@ -374,7 +374,7 @@ def test_backend_takes_mla_prefill_head_dims(name, causal):
     ref_out, ref_lse = attention_with_lse(*(t.bfloat16().float() for t in (q, k, v)), _cu(lq, "cpu"), _cu(lk, "cpu"),
                                           causal, 192 ** -0.5, backend="torch")
     assert out.shape == (sum(lq), 16, 128)
-    print(f"{name} causal={causal}: native V head dim {backends_cuda._NATIVE_V_DIM}, rel err "
+    print(f"{name} causal={causal}: native V head dim {backends_common._NATIVE_V_DIM}, rel err "
           f"{_rel(out.cpu(), ref_out):.2e}")
     assert _rel(out.cpu(), ref_out) < 1e-2 and _lse_err(lse, ref_lse) < 1e-2
 

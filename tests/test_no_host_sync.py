@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megacp.kv import BlockTable, LatentPagedCache, PagedKVCache, blocks_needed
 from megacp.layers.metadata_builder import build_attention_metadata
 from megacp.ops import attention_with_lse, paged_attention_with_lse
-from megacp.ops import backends_cuda
+from megacp.ops import backends_common
 from tests.dist_pool import model_parallel
 
 aten = torch.ops.aten
@@ -349,10 +349,10 @@ def test_packed_cuda_wrapper_uses_host_offsets():
 
     def kernel(q, k, v, hq, hk, causal, scale, dev_cu, used_k):
         seen.append((hq, hk, dev_cu[0].tolist(), dev_cu[1].tolist(), used_k))
-        return backends_cuda._reference(q, k, v, dev_cu[0], dev_cu[1], causal, scale, (hq, hk))
+        return backends_common._reference(q, k, v, dev_cu[0], dev_cu[1], causal, scale, (hq, hk))
 
     fake_q = torch.full((len(cu_q),), -7, dtype=torch.int32)  # never read: the host offsets are used
-    out, lse = backends_cuda._packed(kernel)(q, k, v, fake_q, fake_q, True, 0.3, host_cu_seqlens=(cu_q, cu_k))
+    out, lse = backends_common._packed(kernel)(q, k, v, fake_q, fake_q, True, 0.3, host_cu_seqlens=(cu_q, cu_k))
     hq, hk, dq, dk, used = seen[0]
     assert hq == dq == [0, 3, 7, 12] and hk == dk == [0, 5, 9, 11] and used is None  # the kept sequences only
     ref_out, ref_lse = attention_with_lse(q.float(), k.float(), v.float(), torch.tensor(cu_q), torch.tensor(cu_k),
@@ -373,7 +373,7 @@ def test_packed_cuda_wrapper_passes_overlapping_key_ranges_from_the_host():
 
     fake = torch.full((3,), -7, dtype=torch.int32)
     with HostReads() as r:
-        backends_cuda._packed(kernel)(q, k, v, fake, fake, True, 0.3, host_cu_seqlens=([0, 4, 8], [0, 0, 16], [8, 16]),
+        backends_common._packed(kernel)(q, k, v, fake, fake, True, 0.3, host_cu_seqlens=([0, 4, 8], [0, 0, 16], [8, 16]),
                                       seqused_k=torch.tensor([8, 16], dtype=torch.int32))
     assert r.reads == [] and seen == [([0, 4, 8], [0, 0, 16], [8, 16])]
 

@@ -218,9 +218,9 @@ def _gpu_train_task(sizes: dict, ref: dict, backend: str) -> dict:
 
     from megacp.models.config import model_config_from_dict
     from megacp.models.llama import LlamaForCausalLM
-    from megacp.ops import backends_cuda
+    from megacp.ops import backends_common
 
-    previous_env, reference = os.environ.get("MEGACP_ATTN_BACKEND"), backends_cuda._reference
+    previous_env, reference = os.environ.get("MEGACP_ATTN_BACKEND"), backends_common._reference
     fallbacks = []
 
     def counted_reference(*args, **kwargs):
@@ -228,7 +228,7 @@ def _gpu_train_task(sizes: dict, ref: dict, backend: str) -> dict:
         return reference(*args, **kwargs)
 
     os.environ["MEGACP_ATTN_BACKEND"] = backend
-    backends_cuda._reference = counted_reference  # looked up at call time by the fused backends' wrapper
+    backends_common._reference = counted_reference  # looked up at call time by the fused backends' wrapper
     try:
         with model_parallel(**sizes) as ps:
             config = model_config_from_dict(ref["config"])
@@ -242,7 +242,7 @@ def _gpu_train_task(sizes: dict, ref: dict, backend: str) -> dict:
             ps.allreduce_grads(model)
             return {"errs": _compare(model, expected), "fallbacks": len(fallbacks)}
     finally:
-        backends_cuda._reference = reference
+        backends_common._reference = reference
         if previous_env is None:
             os.environ.pop("MEGACP_ATTN_BACKEND", None)
         else:

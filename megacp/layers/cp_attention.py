@@ -109,7 +109,7 @@ class ContextParallelAttention(nn.Module):
         """The attention backend this layer runs on ``device``'s type: chosen on the first call for that device
         (``select_backend``: ``backend=``, else ``$MEGACP_ATTN_BACKEND``, else the best available) and kept, so the
         environment is read once and every step runs the same kernels. Its ``varlen`` serves prefill; its ``paged``
-        hook decode (the CUDA backends': ``megacp.ops.backends_cuda._paged`` → the Triton kernel of
+        hook decode (the CUDA backends': ``megacp.ops.backends_common._paged`` → the Triton kernel of
         ``megacp.ops.paged_decode``), else ``paged_attention_with_lse`` gathers the shard."""
         impl = self._backends.get(device.type)
         if impl is None:

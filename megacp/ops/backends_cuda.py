@@ -1,15 +1,12 @@
 """CUDA attention-with-LSE backends: Transformer Engine ("te"), cuDNN SDPA ("cudnn"), FlashAttention-2 ("flash").
 
-All three plug into the registry of ``megacp.ops.attention`` and share its contract: packed varlen
+All three plug into the registry of ``megacp.ops.attention`` (registered here) and share its contract: packed varlen
 ``q [Tq, Hq, D], k/v [Tk, Hk, D]``, ``cu_seqlens`` int ``[B+1]``, causal = bottom-right aligned, natural-log float32
 LSE ``[Tq, Hq]``. Decode over the paged cache goes to the Triton kernel of ``megacp.ops.paged_decode`` when Triton is
 there (``paged`` hook), else to the gather path.
 
 - "te": ``transformer_engine.pytorch``'s low-level ``fused_attn_fwd`` on the packed THD layout, one call per step for
-  all sequences (``padding_causal_bottom_right`` or ``padding`` masks). The call is the one verified on H100 and
-  H200 with TE 2.20.2 (the notes that came with the TE wheels the GPU sessions install; not in this repository):
-  ``o_format="thd"`` always (leaving it out corrupts the heap), both padded cu_seqlens, stats ``[T, H, 1]`` =
-  natural-log LSE.
+  all sequences (its kernel, the lazy import and the cuDNN-clash check: ``megacp.ops.backends_te``).
 - "cudnn": ``aten::_scaled_dot_product_cudnn_attention``. Its causal mask is top-left, so a chunk with fewer queries
   than keys runs as unmasked prefix keys plus a square causal part, merged by LSE. Causal batches whose sequences
   read nested prefixes of one K/V (a PCP rank's head and tail chunks) run as pieces (``nested_prefix_plan``): one
@@ -34,329 +31,32 @@ Backward (all four are ``differentiable``): when q/k/v require grad, "te" runs `
 and ``fused_attn_bwd`` for the gradient, "cudnn" and "flash" let PyTorch's autograd differentiate their ops, and
 ``megacp.ops.attention_grad`` makes the LSE differentiable too (the ops differentiate their output only), so the LSE
 merges of cuDNN's prefix + square decomposition and of its pieces pass gradients exactly. Without gradients nothing changes.
-
-Transformer Engine is optional and fragile: it is imported lazily, on first use, inside ``except Exception``. On a
-machine with a system cuDNN besides PyTorch's pip cuDNN, TE loads the system one unless ``CUDNN_PATH`` points at
-PyTorch's, after which PyTorch's own cuDNN kernels refuse to run. We detect that situation *before* importing TE,
-keep TE out of the automatic choice, and say how to fix it when someone forces ``backend="te"``.
+What the kernels share (the packed wrapper, the V-head-dim adapter, ``lse_rows``): ``megacp.ops.backends_common``.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
 import os
 
 import torch
 from torch import Tensor
 
-from megacp.ops import paged_decode
-from megacp.ops.attention import (
-    AttentionBackend,
-    bottom_right_causal_from_top_left,
-    get_backend,
-    host_cu_seqlens_or_read,
-    key_lengths,
-    keys_per_sequence,
-    register_backend,
-)
+from megacp.ops.attention import AttentionBackend, bottom_right_causal_from_top_left, register_backend
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
+from megacp.ops.backends_common import (  # noqa: F401  (fused_shapes_ok, lse_rows, padded_v_dim: public here too)
+    _any_v_dim,
+    _is_cuda,
+    _key_ranges,
+    _max_len,
+    _packed,
+    _paged,
+    fused_shapes_ok,
+    lse_rows,
+    padded_v_dim,
+)
+from megacp.ops.backends_te import _te_available, _te_kernel, cudnn_clash, te_unavailable_reason  # noqa: F401
 from megacp.ops.cudnn_pieces import PiecesPlan, diagonal_blocks, nested_prefix_plan
 from megacp.ops.merge import merge_attn_states_into
-
-_HALF = (torch.float16, torch.bfloat16)
-_FUSED_MAX_HEAD_DIM = 256
-
-
-# ----------------------------------------------------------------------------------------------- shared helpers
-def fused_shapes_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether q/k/v suit the fused kernels: one half dtype, head dims (Q/K's and V's, which may differ) multiples
-    of 8 and at most 256."""
-    return (
-        q.dtype in _HALF and k.dtype == q.dtype and v.dtype == q.dtype
-        and all(d % 8 == 0 and d <= _FUSED_MAX_HEAD_DIM for d in (q.shape[-1], v.shape[-1]))
-    )
-
-
-# Whether TE's / cuDNN's kernel takes a V head dim other than Q/K's, learnt on the first such call (None: not yet).
-_NATIVE_V_DIM: dict[str, bool | None] = {"te": None, "cudnn": None}
-
-
-def _any_v_dim(name: str, kernel):
-    """``kernel`` (a packed kernel of ``_packed``) made to take V of another head dim than Q/K.
-
-    # q/k: [T, H, D], v: [Tk, Hk, Dv] -> (out [Tq, Hq, Dv], lse [Tq, Hq])
-    TE and cuDNN get the shapes as they are until one refuses them (a RuntimeError on the first such call); with
-    gradients, or for the others, the narrower side is zero-padded to the wider and the output sliced: exact.
-    """
-
-    def call(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
-        d, dv = q.shape[-1], v.shape[-1]
-        if dv == d:
-            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
-        if name in _NATIVE_V_DIM and _NATIVE_V_DIM[name] is not False and not needs_grad(q, k, v):
-            try:
-                res = kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
-                _NATIVE_V_DIM[name] = True
-                return res
-            except RuntimeError:
-                _NATIVE_V_DIM[name] = False
-        return padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
-
-    return call
-
-
-def padded_v_dim(kernel, q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
-    """Run ``kernel`` with Q/K and V zero-padded to one head dim; the output sliced back to V's (exact)."""
-    d, dv = q.shape[-1], v.shape[-1]
-    if dv < d:
-        out, lse = kernel(q, k, torch.nn.functional.pad(v, (0, d - dv)), cu_q, cu_k, causal, scale, dev_cu, used_k)
-        return out[..., :dv].contiguous(), lse
-    pad = (0, dv - d)
-    return kernel(torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), v, cu_q, cu_k, causal, scale,
-                  dev_cu, used_k)
-
-
-def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
-    impl = get_backend("torch")  # the pure PyTorch reference of megacp.ops.attention
-    return impl.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=host_cu_seqlens,
-                       seqused_k=seqused_k)
-
-
-def lse_rows(lse: Tensor, cu_q: list[int], heads: int) -> Tensor:
-    """Bring a kernel's LSE to ``[Tq, H]`` whatever layout it came in.
-
-    # lse: [Tq, H, 1] (TE THD stats) | [H, Tq] (unpadded varlen) | [B, H, max_q(+padding)] (padded per sequence)
-    # -> [Tq, H] float32
-    """
-    total = cu_q[-1]
-    if lse.dim() == 3 and lse.shape[0] == total and lse.shape[1] == heads and lse.shape[2] == 1:
-        return lse[..., 0].float()
-    if lse.dim() == 2 and lse.shape == (heads, total):
-        return lse.t().float()
-    if lse.dim() == 3 and lse.shape[0] == len(cu_q) - 1 and lse.shape[1] == heads:
-        lens = _host_to_device([b - a for a, b in zip(cu_q[:-1], cu_q[1:])], torch.long, lse.device)
-        seq = torch.repeat_interleave(torch.arange(len(lens), device=lse.device), lens, output_size=total)
-        starts = _host_to_device(cu_q[:-1], torch.long, lse.device)
-        within = torch.arange(total, device=lse.device) - starts[seq]
-        return lse[seq, :, within].float()
-    raise ValueError(f"unexpected LSE layout {tuple(lse.shape)} for {total} query rows and {heads} heads")
-
-
-def _keep_sequences(q, k, v, cu_q: list[int], cu_k: list[int]):
-    """Drop sequences with no queries or no keys (kernels differ on them; their rows are out 0 / lse -inf anyway).
-
-    Returns ``None`` when every sequence is kept, else ``(q_rows, q, k, v, cu_q, cu_k)`` for the kept ones, with
-    ``q_rows`` the kept query rows' indices in the original packing.
-    """
-    keep = [b for b in range(len(cu_q) - 1) if cu_q[b + 1] > cu_q[b] and cu_k[b + 1] > cu_k[b]]
-    if len(keep) == len(cu_q) - 1:
-        return None
-    dev = q.device
-
-    def rows(cu):
-        parts = [torch.arange(cu[b], cu[b + 1], device=dev) for b in keep]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
-
-    def cums(cu):
-        out = [0]
-        for b in keep:
-            out.append(out[-1] + cu[b + 1] - cu[b])
-        return out
-
-    q_rows, k_rows = rows(cu_q), rows(cu_k)
-    return q_rows, q[q_rows], k[k_rows], v[k_rows], cums(cu_q), cums(cu_k)
-
-
-def _packed(kernel):
-    """Wrap a packed-varlen kernel ``(q, k, v, cu_q list, cu_k list, causal, scale, dev_cu, used_k) -> (out, lse)``.
-
-    ``dev_cu`` is ``(cu_seqlens_q, cu_seqlens_k)`` int32 on the device, matching the host lists; ``used_k`` is None
-    or ``(seqused_k host list, seqused_k int32 on the device)``: key ranges by start (``cu_k[b]``) and length, maybe
-    overlapping (``attention_with_lse``'s ``seqused_k``). Handles what every packed kernel needs: the float32/odd-shape
-    fallback, empty batches and sequences without queries or keys (dropped before the call, filled with out 0 /
-    lse -inf after). The host lists come from ``host_cu_seqlens`` when the caller has them (no sync), else from one
-    read of ``cu_seqlens``.
-    """
-
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens=None, seqused_k=None):
-        if not fused_shapes_ok(q, k, v):
-            return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, host_cu_seqlens, seqused_k)
-        # The kernels need the lengths on the host: a sync unless the caller passed them.
-        host = host_cu_seqlens_or_read(cu_seqlens_q, cu_seqlens_k, host_cu_seqlens, seqused_k)
-        cu_q, cu_k = host[0], host[1]
-        lens_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
-        if seqused_k is not None and 0 in lens_q + key_lengths(host):  # rare: drop empties from a plain layout
-            k, v, cu_seqlens_k, host = keys_per_sequence(k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, host)
-            cu_k, seqused_k = host[1], None
-        used_k = None if seqused_k is None else (key_lengths(host), seqused_k.to(torch.int32))
-        kept = None if used_k is not None else _keep_sequences(q, k, v, cu_q, cu_k)  # used_k: none is empty
-        if kept is None:
-            dev_cu = (cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32))
-            return kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k)
-        q_rows, qs, ks, vs, cq, ck = kept
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
-        lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-        if q_rows.numel():
-            dev_cu = (_host_to_device(cq, torch.int32, q.device), _host_to_device(ck, torch.int32, q.device))
-            o, l = kernel(qs, ks, vs, cq, ck, causal, scale, dev_cu, None)
-            out[q_rows] = o.to(out.dtype)
-            lse[q_rows] = l
-        return out, lse
-
-    return varlen
-
-
-def _plain_keys(q, k, v, cu_q, cu_k, dev_cu, used_k):
-    """A kernel without overlapping key ranges: lay them out one after another (``keys_per_sequence``).
-    -> (k, v, cu_k list, dev_cu)"""
-    if used_k is None:
-        return k, v, cu_k, dev_cu
-    k, v, cu_t, host = keys_per_sequence(k, v, dev_cu[0], dev_cu[1], used_k[1], (cu_q, cu_k, used_k[0]))
-    return k, v, list(host[1]), (dev_cu[0], cu_t)
-
-
-def _key_ranges(cu_k: list[int], used_k) -> list[tuple[int, int]]:
-    """Each sequence's key rows ``[start, stop)``."""
-    if used_k is None:
-        return list(zip(cu_k[:-1], cu_k[1:]))
-    return [(a, a + n) for a, n in zip(cu_k[:-1], used_k[0])]
-
-
-def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host list on ``device`` without a stream sync (pinned + non-blocking; a blocking copy syncs)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _max_len(cu: list[int], used: list[int] | None = None) -> int:
-    return max(b - a for a, b in zip(cu[:-1], cu[1:])) if used is None else max(used)
-
-
-def _paged(q, k_cache, v_cache, block_table, seq_lens, scale, out=None, lse=None):
-    """Paged decode for the CUDA backends: the Triton kernel when it can run (half or float32 caches), else the
-    gather path (None)."""
-    if not paged_decode.available(q.device) or not paged_decode.supports(q, k_cache):
-        return None
-    return paged_decode.paged_decode_with_lse(q, k_cache, v_cache, block_table, seq_lens, scale, out=out, lse=lse)
-
-
-def _is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available()
-
-
-# ----------------------------------------------------------------------------------------------- "te"
-def cudnn_clash() -> str | None:
-    """Why importing TE here would break PyTorch's cuDNN, or None if we see no reason.
-
-    The clash: PyTorch uses its pip cuDNN (``nvidia.cudnn``); TE, unless ``CUDNN_PATH`` points at that copy, may load
-    a system cuDNN of another version, after which PyTorch's cuDNN refuses to start.
-    """
-    try:
-        import nvidia.cudnn as pip_cudnn  # the copy PyTorch loads (absent when torch bundles or uses the system one)
-
-        torch_dir = os.path.realpath(list(pip_cudnn.__path__)[0])
-    except Exception:  # noqa: BLE001
-        return None
-    chosen = os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME")
-    if chosen and os.path.realpath(chosen) == torch_dir:
-        return None
-    system = sorted(
-        p for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/local/cuda/lib64", "/lib64")
-        for p in glob.glob(os.path.join(d, "libcudnn.so*"))
-    )
-    if not system:
-        return None
-    return (
-        f"a system cuDNN ({system[0]}) is installed besides PyTorch's ({torch_dir}/lib) and CUDNN_PATH does not point "
-        f"at PyTorch's, so Transformer Engine would load the system copy and break PyTorch's cuDNN kernels. Fix: "
-        f"export CUDNN_PATH={torch_dir}; export LD_LIBRARY_PATH=$CUDNN_PATH/lib:$LD_LIBRARY_PATH (before Python "
-        f"starts), or use backend 'cudnn' / 'flash'"
-    )
-
-
-@functools.lru_cache(maxsize=1)
-def _te_state() -> tuple[tuple | None, str]:
-    """``((fused_attn_fwd, fused_attn_bwd, sub-backend), "")`` when TE is usable, else ``(None, reason)``. Imports
-    TE at most once."""
-    clash = cudnn_clash()
-    if clash is not None:
-        return None, clash
-    try:
-        import transformer_engine.pytorch  # noqa: F401  (loads the extension and registers transformer_engine_torch)
-        from transformer_engine.pytorch.cpp_extensions.fused_attn import (
-            FusedAttnBackend,
-            fused_attn_bwd,
-            fused_attn_fwd,
-        )
-    except Exception as exc:  # noqa: BLE001  (ImportError, RuntimeError from a broken install, OSError, ...)
-        reason = f"transformer_engine does not import ({type(exc).__name__}: {exc})"
-        if "undefined symbol" in str(exc) or "cudnn" in str(exc).lower():
-            reason += "; this looks like the cuDNN version clash: " + (
-                "export CUDNN_PATH to PyTorch's nvidia.cudnn folder and prepend $CUDNN_PATH/lib to LD_LIBRARY_PATH")
-        return None, reason
-    return (fused_attn_fwd, fused_attn_bwd, FusedAttnBackend["F16_arbitrary_seqlen"]), ""
-
-
-def te_unavailable_reason() -> str:
-    """Empty when TE can be used, else why not (imports TE on first call)."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return _te_state()[1]
-
-
-class _TECall:
-    """TE's fused attention over one packed THD batch, forward and backward (an ``attention_grad.AttentionKernel``).
-
-    The call is the one of the module docstring (``o_format="thd"`` always, both padded cu_seqlens); the backward
-    passes the forward's output, its aux tensors (softmax stats, RNG state) and the same layout and mask arguments,
-    with dO in the THD layout too.
-    """
-
-    def __init__(self, te: tuple, cu_q: list[int], cu_k: list[int], dev_cu, causal: bool, scale: float) -> None:
-        self.fwd, self.bwd, self.sub_backend = te
-        self.cu_q = cu_q
-        self.max_q, self.max_k = _max_len(cu_q), _max_len(cu_k)
-        self.cq, self.ck = dev_cu
-        self.layout = dict(
-            cu_seqlens_q_padded=self.cq, cu_seqlens_kv_padded=self.ck, attn_scale=scale, dropout=0.0,
-            qkv_layout="thd_thd_thd", o_format="thd", attn_mask_type="padding_causal_bottom_right" if causal else "padding",
-            window_size=(-1, 0) if causal else (-1, -1),
-        )
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        raw, aux = self.fwd(True, self.max_q, self.max_k, self.cq, self.ck, q, k, v, q.dtype, self.sub_backend,
-                            rng_gen=None, **self.layout)
-        out = raw.view(q.shape[0], q.shape[1], v.shape[2])
-        return out, lse_rows(aux[0], self.cu_q, q.shape[1]), (q, k, v, raw, list(aux))
-
-    def backward(self, saved, d_out: Tensor):
-        q, k, v, raw, aux = saved
-        grads = self.bwd(self.max_q, self.max_k, self.cq, self.ck, q, k, v, raw,
-                         d_out.to(q.dtype).reshape(raw.shape).contiguous(), q.dtype, aux, self.sub_backend,
-                         do_format="thd", dqkv_layout="thd_thd_thd", **self.layout)
-        return grads[0].view(q.shape), grads[1].view(k.shape), grads[2].view(v.shape)
-
-
-def _te_kernel(q, k, v, cu_q, cu_k, causal, scale, dev_cu, used_k=None):
-    te, reason = _te_state()
-    if te is None:
-        raise ValueError(f"attention backend 'te' cannot run: {reason}")
-    # TE's THD layout reads sequence b at cu_seqlens_kv_padded[b]; overlapping ranges are not a documented use, so
-    # the keys are laid out per sequence (one gather) and TE still runs all sequences in ONE launch.
-    k, v, cu_k, dev_cu = _plain_keys(q, k, v, cu_q, cu_k, dev_cu, used_k)
-    call = _TECall(te, cu_q, cu_k, dev_cu, causal, scale)
-    if needs_grad(q, k, v):
-        return lse_differentiable_attention(call, q, k, v, scale)
-    out, lse, _ = call.forward(q, k, v)
-    return out, lse
-
-
-def _te_available(device: torch.device) -> bool:
-    return _is_cuda(device) and te_unavailable_reason() == ""
 
 
 # ----------------------------------------------------------------------------------------------- "cudnn"
