@@ -46,6 +46,7 @@ from megacp.kv import blocks_needed
 from megacp.layers.context_transfer import CONTEXT_TRANSFERS
 from megacp.models import load_model
 from megacp.models.config import ModelConfig, build_tiny_llama_config, load_model_config
+from megacp.ops import gemv
 from megacp.sampling import SEED_RANGE, SamplingParams
 from megacp.session import check_request_fits, kv_session_bytes
 
@@ -289,6 +290,7 @@ def validate(args: argparse.Namespace, world_size: int) -> tuple[ModelConfig, li
     parallel.validate(world_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dense_intermediate_size,
                       cfg.is_moe, cfg.is_mla)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p)  # validates the sampling flags
+    gemv.roles()  # $MEGACP_DECODE_GEMV, read again when the layers are built: a bad value fails here, by name
     tokenizer = Tokenizer(args.model, required=bool(args.prompt))
     encode = tokenizer.encode_chat if args.chat else tokenizer.encode
     prompts = [encode(t) for t in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]

@@ -18,8 +18,8 @@ from typing import Any, Callable, NoReturn
 
 def exit_after(main: Callable[[], Any]) -> NoReturn:
     """Run ``main()`` and leave with its exit code (an int it returns, or ``SystemExit``'s; ``None`` is 0, a message
-    is printed to stderr and gives 1, as Python does) through ``os._exit`` after flushing stdout and stderr. Any
-    other exception prints its traceback and exits 1."""
+    is printed to stderr and gives 1, as Python does) through ``os._exit`` after flushing stdout and stderr. Ctrl-C
+    prints one line and exits 130; any other exception prints its traceback and exits 1."""
     try:
         result = main()
         code = result if isinstance(result, int) else 0
@@ -27,6 +27,9 @@ def exit_after(main: Callable[[], Any]) -> NoReturn:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if e.code is not None and not isinstance(e.code, int):  # sys.exit("message"): printed as Python does
             print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C (each torchrun rank gets it): one line, the shell's 128 + SIGINT
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        code = 130
     except BaseException:  # noqa: BLE001  (print it as Python would, then leave the same way)
         import traceback
 

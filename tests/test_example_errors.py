@@ -445,3 +445,19 @@ def test_cli_names_its_flags_for_library_arguments():
         "--nproc-per-node 6 but ...; launch with --nproc-per-node 4, or use --tensor-parallel-size/-tp 3"
     assert cli_message("model_dir='/a b/c' is not a directory; raise num_kv_blocks to 5 (block_size=16)") == \
         "--model '/a b/c' is not a directory; raise --num-kv-blocks to 5 (--block-size 16)"
+
+
+def test_bad_decode_gemv_switch_is_named_before_loading(capfd, monkeypatch):
+    """``MEGACP_DECODE_GEMV`` with an unknown projection: exit 2 in ``validate`` (no process group, no model), one
+    line naming the variable and the valid projections."""
+    from examples.infer_llama import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MEGACP_DECODE_GEMV", "o,mlp")
+    with pytest.raises(SystemExit) as exc:
+        main(["--prompt-ids", "1,2,3"])
+    assert exc.value.code == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[rank 0] error: ")]
+    assert len(lines) == 1 and "MEGACP_DECODE_GEMV='o,mlp': unknown projection(s) ['mlp']" in lines[0], err
+    assert "qkv, o, gate_up, down" in lines[0] and "could not load" not in lines[0], err

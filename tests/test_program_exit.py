@@ -30,6 +30,7 @@ exit_after(main)
     ("raise SystemExit(2)", 2, ""),
     ("raise SystemExit('usage: bad flag')", 1, "usage: bad flag"),
     ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ("raise KeyboardInterrupt", 130, "interrupted (Ctrl-C)"),
 ])
 def test_exit_after(body, code, tail):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -96,8 +96,9 @@ def test_kernels_compile_for_hopper():
                              "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
                              "slot_ptr": "*i64"}, {"HQ": 32, "HKV": 8, "D": 128, "HALF": 64, "D_PAD": 128,
                                                     "GDC": dtype == "bf16"})
-        _compile_for_hopper(decode_fused._silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
-                            {"BLOCK": 1024, "LIBDEVICE": True, "GDC": True})
+        ptx = _compile_for_hopper(decode_fused._silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+                                  {"BLOCK": 1024, "LIBDEVICE": True, "GDC": True}).asm["ptx"]
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, "PDL handshake"
         for interleave in (True, False):
             _compile_for_hopper(rope_inplace._rope_inplace_kernel,
                                 {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}"},
@@ -106,18 +107,12 @@ def test_kernels_compile_for_hopper():
             _compile_for_hopper(moe_combine._combine_kernel, {"y_ptr": f"*{dtype}", "pos_ptr": "*i64",
                                                               "w_ptr": "*fp32", "out_ptr": f"*{dtype}"},
                                 {"K": k, "BLOCK": 1024})
-        if dtype == "bf16":  # the decode GEMV (half dtypes only): plain, with PDL, with PDL + L2 prefetch
+        if dtype == "bf16":  # the decode GEMV (half dtypes only)
             from megacp.ops import gemv
 
-            for block_m, block_n, block_k, prefetch, pdl in ((16, 32, 256, 0, False), (16, 32, 256, 0, True),
-                                                             (64, 64, 128, 1024, True)):
-                compiled = _compile_for_hopper(
-                    gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
-                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH_K": prefetch,
-                     "GDC": pdl}, num_stages=4)
-                ptx = compiled.asm["ptx"]
-                assert ("griddepcontrol.wait" in ptx) == pdl, "PDL wait"
-                assert ("prefetch.global.L2" in ptx) == (prefetch > 0), "L2 prefetch"
+            for block_m, block_n, block_k in ((16, 32, 256), (64, 64, 128)):
+                _compile_for_hopper(gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+                                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_stages=4)
         for residual in (True, False):
             _compile_for_hopper(rms_norm._add_rms_norm_kernel,
                                 {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",

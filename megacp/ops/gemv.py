@@ -2,17 +2,15 @@
 
 A batch-1 decode step on one GPU reads every weight once; cuBLAS runs its GEMV-shaped kernels near the copy
 bandwidth but adds a split-K reduce kernel to the o and down projections. This kernel is a plain split-K-free GEMV:
-one program per ``BLOCK_N`` output columns walks all of K, float32 accumulation, one rounding. It can be launched
-with programmatic dependent launch (``pdl=True``, Hopper+: it may start while the previous kernel drains, waits for
-it with ``griddepcontrol.wait``, then lets the next kernel launch) and can prefetch the start of its weight rows
-into L2 before that wait (``GemvConfig.prefetch_k``; weights are no earlier kernel's output).
+one program per ``BLOCK_N`` output columns walks all of K, float32 accumulation, one rounding.
 
 Measured on an H200 (docs/benchmarks.md, 2026-12-04): alone, in graphs of back-to-back calls, it beats cuBLAS on
-the o (11.2 vs 13.9 µs), qkv and down projections of Llama-3-8B at M = 1 and 16 and loses on gate-up (60.5 vs
-55.2 µs); prefetching never paid. Inside the 32-layer decode step it saved nothing measurable (cuBLAS's kernels run
-faster there than alone), and launched with PDL it made the step slower. So no projection uses it by default
-(``DEFAULT_ROLES`` is empty), the layers launch it without PDL, and ``bench/gemv.py`` and
-``bench/decode_step_profile.py --variants`` keep measuring it.
+Llama-3-8B's o projection (11.9 vs 13.9 µs at M = 1), is within ~4% either way on qkv and down, and loses on
+gate-up (61.0 vs 55.2–56.6 µs). Inside the 32-layer decode step it saved nothing measurable (cuBLAS's kernels run
+faster there than alone), so no projection uses it by default (``DEFAULT_ROLES`` is empty); ``bench/gemv.py`` and
+``bench/decode_step_profile.py --variants`` keep measuring it. (Launching it with programmatic dependent launch
+made the step slower, and prefetching its weights into L2 before that launch's wait never paid: both were
+measured and removed.)
 
 Inference only (``applies``: CUDA, no gradient, half dtypes, no bias, ``M ≤ MAX_ROWS``). Its sums run in another
 order than cuBLAS's, so results differ from ``F.linear`` by bf16 rounding (both within it of a float32 reference).
@@ -27,10 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacp.ops.decode_fused import EXACT, pdl_options, tl, triton
-
-if triton is not None:
-    from megacp.ops.decode_fused import wait_for_previous_kernel
+from megacp.ops.decode_fused import EXACT, tl, triton
 
 ENV_ROLES = "MEGACP_DECODE_GEMV"
 ROLES = ("qkv", "o", "gate_up", "down")  # a Llama-family layer's projections
@@ -71,12 +66,10 @@ def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """A launch of the kernel: output columns per program, K per loop step, weight columns prefetched into L2
-    before the PDL wait (0: none), Triton's warps and stages."""
+    """A launch of the kernel: output columns per program, K per loop step, Triton's warps and stages."""
 
     block_n: int = 32
     block_k: int = 256
-    prefetch_k: int = 0
     num_warps: int = 4
     num_stages: int = 4
 
@@ -89,12 +82,11 @@ def choose_config(m: int, n: int, k: int) -> GemvConfig:
     return GemvConfig()
 
 
-def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: bool = False) -> Tensor:
+def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     """``x @ weight.T`` by the Triton GEMV.
 
     # x: [M, K], weight: [N, K] -> [M, N] in x's dtype
-    ``applies(x, weight)`` must hold; ``config`` overrides ``choose_config``; ``pdl=True`` launches with programmatic
-    dependent launch where ``pdl_options`` allows it (measured slower in the decode step: benchmarks only).
+    ``applies(x, weight)`` must hold; ``config`` overrides ``choose_config`` (benchmarks).
     """
     M = x.shape[0]
     N, K = weight.shape
@@ -102,11 +94,10 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: boo
         raise ValueError(f"gemv.linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     cfg = config or choose_config(M, N, K)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    pdl = pdl_options(x) if pdl else {}
     _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
         x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREFETCH_K=cfg.prefetch_k if pdl else 0, GDC=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **EXACT, **pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **EXACT,
     )
     return y
 
@@ -114,26 +105,14 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: boo
 if triton is not None:
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte lines at ``ptrs`` (no registers filled, nothing waits for them)."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_K: tl.constexpr,
-                     GDC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # program n-tile: y[:, tile] = x @ w[tile, :]^T, float32 accumulation over all of K
         rm = tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
-        if PREFETCH_K > 0:  # weights are no earlier kernel's output: fetch before waiting for it
-            lines = tl.arange(0, PREFETCH_K // 64) * 64  # 64 half-precision values = one 128-byte line
-            _prefetch_l2(w_rows + tl.where(n_ok[:, None] & (lines < K)[None, :], lines[None, :], 0))
-        if GDC:
-            wait_for_previous_kernel()
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_rows = x_ptr + rm[:, None] * stride_x
         for k0 in range(0, K, BLOCK_K):
