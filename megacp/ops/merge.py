@@ -106,16 +106,15 @@ def merge_attn_states_into(outs: Sequence[Tensor], lses: Sequence[Tensor], out: 
 
 
 def _merge_into_applies(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> bool:
-    """Whether ``merge_kernel.merge_into`` takes this merge: Triton on the outputs' device, 2..MAX_INTO partials
-    shaped ``[R, H, D]`` / ``[R, H]`` float32 with contiguous last dims, and no gradient to record."""
-    if not 2 <= len(outs) <= MAX_INTO or out.dim() != 3 or not paged_decode.available(out.device):
+    """Whether ``merge_kernel.merge_into`` takes this merge: 2..MAX_INTO partials shaped ``[R, H, D]`` / ``[R, H]``
+    float32 with contiguous last dims, and ``_kernel_may_merge``."""
+    if not 2 <= len(outs) <= MAX_INTO or out.dim() != 3:
         return False
     if lse.dtype != torch.float32 or any(s.dtype != torch.float32 for s in lses) or out.stride(-1) != 1:
         return False
     if any(o.shape != out.shape or o.stride(-1) != 1 for o in outs):
         return False
-    tensors = (*outs, *lses, out, lse)
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return _kernel_may_merge(*outs, *lses, out, lse)
 
 
 def _scale_for_group(out: Tensor, lse: Tensor, group: "ParallelGroup") -> tuple[Tensor, Tensor]:
@@ -223,10 +222,15 @@ def _check_dcp_size(fn: str, dcp_size: int, group: "ParallelGroup", num_heads: i
 
 
 def _fused_merge_applies(partials: Tensor) -> bool:
-    """Whether ``merge_partials`` takes this merge: Triton can run here, float32 partials (not float64), and no
-    gradient is needed (the kernel has no backward; training goes through the PyTorch merge)."""
-    return (partials.dtype == torch.float32 and paged_decode.available(partials.device)
-            and not (torch.is_grad_enabled() and partials.requires_grad))
+    """Whether ``merge_partials`` takes this merge: float32 partials (not float64) and ``_kernel_may_merge``."""
+    return partials.dtype == torch.float32 and _kernel_may_merge(partials)
+
+
+def _kernel_may_merge(*tensors: Tensor) -> bool:
+    """Whether a Triton merge kernel may replace the PyTorch merge of ``tensors``: Triton runs on their device and no
+    gradient is needed (the kernels have no backward; training goes through the PyTorch merge)."""
+    return (paged_decode.available(tensors[0].device)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _check_merge_shapes(fn: str, out: Tensor, lse: Tensor) -> None:

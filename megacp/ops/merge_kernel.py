@@ -72,7 +72,7 @@ def merge_into(outs: list[Tensor], lses: list[Tensor], out: Tensor, lse: Tensor)
                              f"(last dim contiguous) / [{R}, {H}]")
     if R == 0:
         return
-    outs = list(outs) + [outs[0]] * (MAX_INTO - n)  # unused slots: never read (N below)
+    outs = list(outs) + [outs[0]] * (MAX_INTO - n)  # unused slots: never read (the kernel's N)
     lses = list(lses) + [lses[0]] * (MAX_INTO - n)
     block_h = min(16, triton.next_power_of_2(H))
     pdl = pdl_options(out)
@@ -87,13 +87,20 @@ def merge_into(outs: list[Tensor], lses: list[Tensor], out: Tensor, lse: Tensor)
 if triton is not None:
 
     @triton.jit
-    def _partial_term(o_ptr, l_ptr, row, heads, d, h_ok, d_ok, so_r, so_h, sl_r, sl_h, m_safe):
-        """One partial's weight ``exp(l − m)`` [BLOCK_H] and weighted rows [BLOCK_H, D_PAD] (empty ones not read)."""
-        ls = tl.load(l_ptr + row * sl_r + heads * sl_h, mask=h_ok, other=float("-inf"))
-        w = tl.exp(ls - m_safe)
-        live = ls > float("-inf")
+    def _slot_lse(l_ptr, row, heads, sl_r, sl_h, h_ok, USED: tl.constexpr):
+        """A partial's LSE [BLOCK_H]; -inf for an unused slot (then it weighs 0 and its rows are never read)."""
+        if USED:
+            ls = tl.load(l_ptr + row * sl_r + heads * sl_h, mask=h_ok, other=float("-inf"))
+        else:
+            ls = tl.full(heads.shape, float("-inf"), tl.float32)
+        return ls
+
+    @triton.jit
+    def _weighted(o_ptr, ls, m_safe, row, heads, d, h_ok, d_ok, so_r, so_h):
+        """A partial's weight ``exp(l − m)`` [BLOCK_H] and weighted rows [BLOCK_H, D_PAD] (empty ones not read)."""
         o = tl.load(o_ptr + row * so_r + heads[:, None] * so_h + d[None, :],
-                    mask=(h_ok & live)[:, None] & d_ok[None, :], other=0.0)
+                    mask=(h_ok & (ls > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
+        w = tl.exp(ls - m_safe)
         return w, o.to(tl.float32) * w[:, None]
 
     @triton.jit
@@ -111,31 +118,24 @@ if triton is not None:
         d = tl.arange(0, D_PAD)
         h_ok = heads < H
         d_ok = d < HEAD_DIM
-        ninf = float("-inf")
-        m = tl.maximum(tl.load(l0_ptr + row * sl0_r + heads * sl0_h, mask=h_ok, other=ninf),
-                       tl.load(l1_ptr + row * sl1_r + heads * sl1_h, mask=h_ok, other=ninf))
-        if N > 2:
-            m = tl.maximum(m, tl.load(l2_ptr + row * sl2_r + heads * sl2_h, mask=h_ok, other=ninf))
-        if N > 3:
-            m = tl.maximum(m, tl.load(l3_ptr + row * sl3_r + heads * sl3_h, mask=h_ok, other=ninf))
-        m_safe = tl.where(m == ninf, 0.0, m)
-        tot, acc = _partial_term(o0_ptr, l0_ptr, row, heads, d, h_ok, d_ok, so0_r, so0_h, sl0_r, sl0_h, m_safe)
-        w, term = _partial_term(o1_ptr, l1_ptr, row, heads, d, h_ok, d_ok, so1_r, so1_h, sl1_r, sl1_h, m_safe)
-        tot += w
-        acc += term
-        if N > 2:
-            w, term = _partial_term(o2_ptr, l2_ptr, row, heads, d, h_ok, d_ok, so2_r, so2_h, sl2_r, sl2_h, m_safe)
-            tot += w
-            acc += term
-        if N > 3:
-            w, term = _partial_term(o3_ptr, l3_ptr, row, heads, d, h_ok, d_ok, so3_r, so3_h, sl3_r, sl3_h, m_safe)
-            tot += w
-            acc += term
+        l0 = _slot_lse(l0_ptr, row, heads, sl0_r, sl0_h, h_ok, True)
+        l1 = _slot_lse(l1_ptr, row, heads, sl1_r, sl1_h, h_ok, True)
+        l2 = _slot_lse(l2_ptr, row, heads, sl2_r, sl2_h, h_ok, N > 2)
+        l3 = _slot_lse(l3_ptr, row, heads, sl3_r, sl3_h, h_ok, N > 3)
+        m = tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w0, a0 = _weighted(o0_ptr, l0, m_safe, row, heads, d, h_ok, d_ok, so0_r, so0_h)
+        w1, a1 = _weighted(o1_ptr, l1, m_safe, row, heads, d, h_ok, d_ok, so1_r, so1_h)
+        w2, a2 = _weighted(o2_ptr, l2, m_safe, row, heads, d, h_ok, d_ok, so2_r, so2_h)
+        w3, a3 = _weighted(o3_ptr, l3, m_safe, row, heads, d, h_ok, d_ok, so3_r, so3_h)
+        tot = w0 + w1 + w2 + w3  # unused slots add exact zeros
+        acc = a0 + a1 + a2 + a3
         has = tot > 0
         tot_safe = tl.where(has, tot, 1.0)
         tl.store(out_ptr + row * sout_r + heads[:, None] * sout_h + d[None, :],
                  (acc / tot_safe[:, None]).to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + row * slse_r + heads * slse_h, tl.where(has, m_safe + tl.log(tot_safe), ninf), mask=h_ok)
+        tl.store(lse_ptr + row * slse_r + heads * slse_h, tl.where(has, m_safe + tl.log(tot_safe), float("-inf")),
+                 mask=h_ok)
 
     @triton.jit
     def _merge_kernel(
