@@ -80,9 +80,7 @@ def sweep_mla_case(B: int, L: int, args: argparse.Namespace, copy_bps: float) ->
     rows = []
     grid = itertools.product(args.splits, args.block_n, args.block_h, args.warps, args.stages, args.fused_merge)
     for splits, block_n, block_h, warps, stages, fused in grid:
-        if fused == 2:  # the rule's own choice: fused where the kernel can merge
-            fused = 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS
-        if splits > -(-L // block_n) or (fused and not 1 < splits <= paged_mla_decode._MAX_FUSED_SPLITS):
+        if splits > -(-L // block_n) or (fused and splits == 1):
             continue
         plan = paged_mla_decode.MLADecodePlan(splits, block_n, warps, stages, bool(fused), block_h)
 
@@ -146,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block-h", type=int, nargs="+", default=[16], help="mla: heads per program")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=None, help="default: 2 3 4 (gqa), 2 3 (mla)")
-    p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1, 2],
-                   help="0 merge kernel, 1 fused merge, 2 (mla) fused wherever the kernel can merge")
+    p.add_argument("--fused-merge", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                   help="0 merge kernel, 1 fused merge (the split kernel's last program merges)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)

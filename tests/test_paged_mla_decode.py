@@ -88,7 +88,7 @@ def test_plans_are_validated_and_chosen_within_bounds():
         plan = choose_mla_plan(batch, heads, tokens, num_sms=132)
         assert 1 <= plan.num_splits <= min(128, max(1, -(-tokens // 256), min(32, -(-tokens // 64))))
         assert plan.block_h == (16 if heads <= 16 else 32)
-        assert plan.fused_merge == (1 < plan.num_splits <= 8)
+        assert not plan.fused_merge  # the merge kernel merges (the fused merge measured slower)
         programs = batch * -(-heads // plan.block_h) * plan.num_splits
         assert programs <= 2 * 132 * 1.5 or plan.num_splits == 1, (batch, heads, tokens, plan)
     assert choose_mla_plan(1, 16, 131072).num_splits == 128  # batch 1, long shard: many splits fill the GPU

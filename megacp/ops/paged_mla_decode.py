@@ -20,23 +20,24 @@ import torch
 from torch import Tensor
 
 from megacp.ops import paged_decode
+from megacp.ops.decode_fused import pdl_options
 from megacp.ops.merge_kernel import merge_partials
 from megacp.ops.paged_decode import DecodePlan, triton
 
 if triton is not None:
     import triton.language as tl
 
+    from megacp.ops.decode_fused import wait_for_previous_kernel
     from megacp.ops.merge_kernel import merge_splits_on_arrival
 
 _REF_CHUNK_TOKENS = 4096  # reference: latent rows gathered at once (bounds its float32 copy)
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 128  # the merge kernel walks any number; the fused merge up to _MAX_FUSED_SPLITS
+_MAX_SPLITS = 128  # the merge kernel walks any number
 _MIN_SPLIT_TOKENS = 256  # a split's float32 partial (H·v_head_dim·4 bytes, written and read) stays small next to
 # the latent rows it reads (tokens·576·2 bytes): at 256 tokens and 16 heads about a tenth ...
 _SHORT_SHARD_SPLITS, _MIN_SHORT_SPLIT_TOKENS = 32, 64  # ... except that up to 32 splits of >= 64 tokens may cut a
 # short shard: there the launch, not the bandwidth, is the cost (H200: 1-2k-token shards at batch 1 and 16 ran
 # 1.3-2x faster with 16-32 splits than with 4-8 of 256 tokens, docs/benchmarks.md)
-_MAX_FUSED_SPLITS = 8  # the in-kernel merge walks the splits one by one
 _MAX_ID_TILES = 1024  # block ids a split program holds in registers (8 per thread at 4 warps)
 
 
@@ -68,8 +69,9 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     float32 accumulator, a [block_n, 576] latent tile) in registers without spilling, block_h 64 spills. Tiles of
     32 rows, 3 stages; splits aim at two programs per multiprocessor (what the shared memory of that pipeline
     allows), each of at least ``_MIN_SPLIT_TOKENS`` tokens (short shards: up to ``_SHORT_SHARD_SPLITS`` splits of
-    ``_MIN_SHORT_SPLIT_TOKENS``), at most ``_MAX_SPLITS``; up to ``_MAX_FUSED_SPLITS``
-    splits are merged in the kernel. ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
+    ``_MIN_SHORT_SPLIT_TOKENS``), at most ``_MAX_SPLITS``; the splits are merged by the merge kernel, never in
+    the split kernel (``fused_merge`` stays a plan option: its last program walks the splits one by one, which measured
+    5-35% slower than the merge kernel at every split count on the H200, docs/benchmarks.md). ``bench/decode_sweep.py --kind mla`` times this rule against every plan of a
     grid (docs/benchmarks.md: on the H200 it beat tiles of 16 or 64, 8 warps and 4 to 6 stages at batch 16 and 64).
     """
     block_h = 16 if num_heads <= 16 else 32
@@ -78,8 +80,7 @@ def choose_mla_plan(batch: int, num_heads: int, max_tokens: int, num_sms: int = 
     by_size = max(-(-max_tokens // _MIN_SPLIT_TOKENS),
                   min(_SHORT_SHARD_SPLITS, -(-max_tokens // _MIN_SHORT_SPLIT_TOKENS)))
     splits = min(want, max(1, by_size), _MAX_SPLITS)
-    return MLADecodePlan(num_splits=splits, block_h=block_h, num_warps=4 if block_h <= 16 else 8,
-                         fused_merge=1 < splits <= _MAX_FUSED_SPLITS)
+    return MLADecodePlan(num_splits=splits, block_h=block_h, num_warps=4 if block_h <= 16 else 8)
 
 
 def kernel_supports(q: Tensor, latent_cache: Tensor, v_head_dim: int) -> bool:
@@ -237,6 +238,7 @@ def paged_mla_decode_kernel(
     counters = paged_decode._arrival_counters(q.device, B * head_blocks) if fused else lens
     block_table = block_table.to(device=q.device)
     pe = D - v_head_dim
+    pdl = pdl_options(q)
     _mla_split_kernel[(head_blocks, B, splits)](
         q, latent_cache, block_table, lens, out_part, lse_part,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), block_table.stride(0),
@@ -248,8 +250,8 @@ def paged_mla_decode_kernel(
         DPE=pe, DPE_PAD=max(16, triton.next_power_of_2(max(pe, 1))), HAS_PE=pe > 0, BLOCK_N=plan.block_n,
         ID_TILES=_id_tiles(plan, bs, block_table.shape[1] * bs),
         # float32 caches (tests) must not silently drop to tf32 in the matrix units
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GDC=bool(pdl),
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
     )
     if splits > 1 and not fused:  # [B, H, S, Dv] partials, merged as [S, B, H, Dv] strided views
         merge_partials(out_part.permute(2, 0, 1, 3), lse_part.permute(2, 0, 1), out, lse)
@@ -280,8 +282,10 @@ if triton is not None:
         num_heads, scale_log2, num_splits,
         FUSED_MERGE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         DV: tl.constexpr, DV_PAD: tl.constexpr, DPE: tl.constexpr, DPE_PAD: tl.constexpr, HAS_PE: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ID_TILES: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:  # launched with PDL (decode_fused.pdl_options): the queries come from the previous kernel
+            wait_for_previous_kernel()
         hb = tl.program_id(0)  # fastest-varying: a (sequence, split)'s head blocks run together and share L2
         b = tl.program_id(1)
         split = tl.program_id(2)
