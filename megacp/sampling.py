@@ -13,6 +13,7 @@ import torch
 from torch import LongTensor, Tensor
 
 from megacp.checks import check_bool, check_int, check_real
+from megacp.ops.greedy import greedy_tokens
 
 
 # What ``sample`` returns for a row whose logits hold NaN or inf (the engine stops that request with an error).
@@ -69,14 +70,13 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     """
     if logits.dim() != 2:
         raise ValueError(f"sample expects logits [N, V], got shape {tuple(logits.shape)}")
-    finite = torch.isfinite(logits).all(dim=-1)  # [N]
     if temperature == 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        # Non-finite rows are replaced (their draw is discarded below) so multinomial never sees NaN; subtracting the
-        # row max first keeps logits / temperature finite for tiny temperatures.
-        safe = torch.where(finite[:, None], logits.float(), 0.0)
-        safe = safe - safe.amax(dim=-1, keepdim=True)
-        probs = top_p_filter(torch.softmax(safe / temperature, dim=-1), top_p)
-        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return greedy_tokens(logits, NONFINITE_TOKEN)  # one kernel on CUDA: argmax and the finiteness flag
+    finite = torch.isfinite(logits).all(dim=-1)  # [N]
+    # Non-finite rows are replaced (their draw is discarded below) so multinomial never sees NaN; subtracting the row
+    # max first keeps logits / temperature finite for tiny temperatures.
+    safe = torch.where(finite[:, None], logits.float(), 0.0)
+    safe = safe - safe.amax(dim=-1, keepdim=True)
+    probs = top_p_filter(torch.softmax(safe / temperature, dim=-1), top_p)
+    tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return torch.where(finite, tokens, NONFINITE_TOKEN)

@@ -173,3 +173,35 @@ def test_engine_graph_ids_equal_eager_with_every_projection_on_the_gemv(monkeypa
                 assert engine.stats.graph_replays > 0, engine.stats.cuda_graphs
             del engine
     assert ids[True] == ids[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_kernel_equals_argmax_and_replays_in_a_graph(dtype):
+    """megacp.ops.greedy on a 128k vocabulary equals ``where(isfinite.all, argmax, -1)`` (ties inside and across
+    programs: the lowest id; NaN and inf rows flagged), the same after a CUDA-graph capture replayed on new logits,
+    and what ``sampling.sample`` returns at temperature 0."""
+    from megacp.ops import greedy
+    from megacp.sampling import NONFINITE_TOKEN, sample
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(64, 128256, device="cuda", generator=g).to(dtype)
+    x[1, [128000, 70000, 4095]] = 99.0
+    x[2, [4096, 4097]] = 99.0
+    x[3, 17] = float("nan")
+    x[4, 128255] = float("inf")
+    x[5] = 0.0
+
+    def want(t):
+        return torch.where(torch.isfinite(t).all(-1), t.argmax(-1), NONFINITE_TOKEN)
+
+    assert torch.equal(greedy.greedy_tokens(x, NONFINITE_TOKEN), want(x))
+    assert want(x)[1:6].tolist() == [4095, 4096, -1, -1, 0]
+    assert torch.equal(sample(x, 0.0, 1.0, None), want(x))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = greedy.greedy_tokens(x, NONFINITE_TOKEN)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want(x))

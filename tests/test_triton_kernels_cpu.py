@@ -77,7 +77,8 @@ def test_kernels_compile_for_hopper():
                 {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
                  "lse_ptr": "*fp32", "fin_out_ptr": f"*{dtype}", "fin_lse_ptr": "*fp32", "counter_ptr": "*i32"},
                 {"FUSED_MERGE": fused, "BLOCK_SIZE": 64, "BLOCK_H": block_h, "DV": 512, "DV_PAD": 512, "DPE": 64,
-                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids},
+                 "DPE_PAD": 64, "HAS_PE": True, "BLOCK_N": block_n, "DOT_PRECISION": precision, "ID_TILES": ids,
+                 "GDC": not fused},
                 floats=("scale_log2",), num_warps=warps, num_stages=4,
                 aligned=("stride_qb", "stride_qh", "stride_cn", "stride_ct", "stride_btb"))
             if ids:  # block ids read before the loop: the pipeliner keeps num_stages - 1 = 3 latent tiles in flight
@@ -113,6 +114,11 @@ def test_kernels_compile_for_hopper():
             for block_m, block_n, block_k in ((16, 32, 256), (64, 64, 128)):
                 _compile_for_hopper(gemv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
                                     {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_stages=4)
+        from megacp.ops import greedy
+
+        _compile_for_hopper(greedy._greedy_kernel, {"x_ptr": f"*{dtype}", "val_ptr": "*fp32", "idx_ptr": "*i32",
+                                                    "bad_ptr": "*i32", "tok_ptr": "*i64", "counter_ptr": "*i32"},
+                            {"BLOCK": 4096, "CHUNKS_PAD": 32, "GDC": True}, num_warps=8)
         for residual in (True, False):
             _compile_for_hopper(rms_norm._add_rms_norm_kernel,
                                 {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",

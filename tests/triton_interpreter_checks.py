@@ -505,6 +505,33 @@ def check_gemv() -> None:
             _close(gemv.linear(x, w, config=config), x @ w.T, 2e-4, f"gemv M={M} {config}")
 
 
+def check_greedy_tokens() -> None:
+    """megacp.ops.greedy's kernel equals ``where(isfinite.all, argmax, -1)``: rows spanning 1-3 programs, the max
+    tied inside a program and across programs (the lowest id wins: the check tells first from last), NaN and inf
+    rows, float32 and bfloat16, the same launch twice (its arrival counters reset)."""
+    from megacp.ops import greedy
+
+    g = torch.Generator().manual_seed(5)
+    V = 2 * greedy._BLOCK + 37
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, V, generator=g).to(dtype)
+        x[1, [8200, 5000, 100]] = 50.0  # ties across programs
+        x[2, [7, 3]] = 50.0  # ties inside one
+        x[3, 4100] = float("nan")
+        x[4, V - 1] = float("-inf")
+        x[5, :] = 0.0  # all tied
+        want = torch.where(torch.isfinite(x).all(-1), x.argmax(-1), -1)
+        assert want[1:3].tolist() == [100, 3] and want[5] == 0, "reference tie-breaking"
+        assert torch.flip(x, [1]).argmax(-1)[1] != V - 1 - 100, "negative control: the last max differs"
+        for _ in range(2):
+            got = greedy.greedy_tokens(x, -1)
+            assert got.dtype == torch.long and torch.equal(got, want), f"greedy {dtype}: {got} vs {want}"
+        assert torch.equal(greedy.greedy_tokens(x[:, :100], -1), torch.where(torch.isfinite(x[:, :100]).all(-1),
+                                                                              x[:, :100].argmax(-1), -1))
+    counters = paged_decode._COUNTERS[torch.device("cpu")]
+    assert all(int(c.abs().sum()) == 0 for c in counters), "greedy left its arrival counters non-zero"
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
@@ -534,6 +561,7 @@ def main() -> None:
     check_mla_rope_wiring()
     check_moe_grouped_wiring()
     check_gemv()
+    check_greedy_tokens()
     print("triton interpreter checks: ok")
 
 
