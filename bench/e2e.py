@@ -185,7 +185,7 @@ class Megacp:
     whatever happens) destroys it again, so a later engine, test or caller in the same process starts clean."""
 
     def __init__(self, path: str, max_batched: int, num_blocks: int, enforce_eager: bool = False,
-                 device: str = "cuda", async_scheduling: bool = False):
+                 device: str = "cuda", async_scheduling: bool = True):
         import torch.distributed as dist
 
         from megacp import parallel_state as ps
@@ -383,8 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--enforce-eager", action="store_true", help="megacp without CUDA graphs")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="megacp launches each decode step before reading the previous step's ids back")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="megacp launches each decode step before reading the previous step's ids back (default on, "
+                        "as the engine)")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="also time megacp's TTFT with prompts prefilled in chunks of this many tokens (chunked "
                         "prefill over the cached context), reported as chunked_ttft_s and chunked_vs_whole")

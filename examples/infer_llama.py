@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly (default on CUDA with a dense model: replay CUDA graphs)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="launch each greedy decode step before the previous step's ids are read back (same ids)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch each greedy decode step before the previous step's ids are read back (same ids; "
+                        "default on, --no-async-scheduling runs every step synchronously)")
     p.add_argument("--context-transfer", choices=CONTEXT_TRANSFERS, default="auto",
                    help="how a prompt chunk after the first (over cached context) reaches the other CP ranks' KV "
                         "shards: pass the queries or the K/V (auto: fewer bytes); the same tokens either way")

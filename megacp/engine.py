@@ -20,7 +20,7 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    with ``NONFINITE_TOKEN`` on the device, so the flag rides in the step's one read-back of the ids, and the
    broadcast makes the verdict the same on every rank.
 
-**Async scheduling** (``LLMEngine(async_scheduling=True)``, as vLLM's ``async_scheduling``): the host schedules and
+**Async scheduling** (``LLMEngine(async_scheduling=True)``, the default; as vLLM's ``async_scheduling``): the host schedules and
 launches step N+1 while step N runs on the device, for consecutive greedy pure-decode steps of requests past their
 prompt. Step N+1's input ids are step N's agreed ids, gathered on the device (no host round-trip); it is launched
 (graph replay or eager) before the host reads step N's ids back, and then the host processes step N (outputs, stops,
@@ -166,9 +166,11 @@ class LLMEngine:
     ``max_num_seqs``: requests admitted at once (rows of the block table). The KV cache is a ``KVSession``
     (``self.session``): requests are its ids, each step its metadata. On CUDA with NCCL (or one GPU) pure-decode
     steps replay CUDA graphs; ``enforce_eager=True`` turns that off. ``parallel_context``: the layout, default the
-    model's (``model.parallel_context``), else ``resolve_parallel_context``'s. ``async_scheduling=True``: greedy
-    pure-decode steps are launched one ahead of the host's processing of their predecessor (module docstring), with
-    the synchronous engine's ids; sampling with temperature > 0 runs synchronously.
+    model's (``model.parallel_context``), else ``resolve_parallel_context``'s. ``async_scheduling=True`` (the
+    default): greedy pure-decode steps are launched one ahead of the host's processing of their predecessor (module
+    docstring), with the synchronous engine's ids; sampling with temperature > 0 runs synchronously; ``False`` runs
+    every step synchronously (the host's per-step work then adds to the step time: ~15% of a batch-1 8B step on an
+    H200, docs/benchmarks.md).
     """
 
     def __init__(
@@ -180,7 +182,7 @@ class LLMEngine:
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
         parallel_context: ParallelContext | None = None,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         num_kv_blocks = check_int("LLMEngine(num_kv_blocks)", num_kv_blocks, 1, hint="KV blocks per rank, e.g. 64")
         block_size = check_int("LLMEngine(block_size)", block_size, 1, hint="KV tokens per block, e.g. 16")

@@ -189,15 +189,19 @@ def test_async_equals_sync_with_cuda_graphs(dtype):
 
 
 def test_example_flag(dist_pool_4):
-    """examples/infer_llama.py --async-scheduling: the synchronous run's ids, and the JSON says what ran."""
+    """examples/infer_llama.py: async scheduling (the default, and --async-scheduling) gives --no-async-scheduling's
+    ids, and the JSON says what ran."""
     from tests.test_engine_e2e import _main_task
 
     base = ["-tp", "2", "-pcp", "2", "-dcp", "2", "--max-new-tokens", "8", "--max-num-seqs", "2",
             "--max-num-batched-tokens", "16", "--dtype", "float32", "--device", "cpu"]
     for ids in _prompts(256, (3, 30, 7)):
         base += ["--prompt-ids", ",".join(map(str, ids))]
-    sync = dist_pool_4.run(_main_task, base)[0]
+    sync = dist_pool_4.run(_main_task, [*base, "--no-async-scheduling"])[0]
     fast = dist_pool_4.run(_main_task, [*base, "--async-scheduling"])[0]
+    default = dist_pool_4.run(_main_task, base)[0]
+    assert default["timings"]["async_scheduling"] is True
+    assert [o["output_ids"] for o in default["outputs"]] == [o["output_ids"] for o in fast["outputs"]]
     assert [o["output_ids"] for o in fast["outputs"]] == [o["output_ids"] for o in sync["outputs"]]
     assert fast["timings"]["async_scheduling"] is True and fast["timings"]["async_steps"] > 0
     assert sync["timings"]["async_scheduling"] is False and sync["timings"]["async_steps"] == 0
