@@ -194,7 +194,9 @@ def test_ctrl_c_under_torchrun_ends_every_rank_with_one_line(tmp_path):
     assert "KeyboardInterrupt" not in err and err.count("Traceback") <= 1 and "[rank0]:" not in err, err
     partial = json.loads(out.read_text())
     assert partial["interrupted"]["signal"] == "SIGINT" and partial["interrupted"]["step"] >= 3
-    assert 3 <= len(partial["outputs"][0]["output_ids"]) < 2000 and partial["outputs"][0]["finish_reason"] == ""
+    # async scheduling (the default) has step N+1 in flight while step N's ids are processed: the step in flight
+    # when the signal lands is not in the partial outputs, so 2 ids by step 3
+    assert 2 <= len(partial["outputs"][0]["output_ids"]) < 2000 and partial["outputs"][0]["finish_reason"] == ""
 
 
 def test_sigterm_ends_every_rank_with_exit_143():
