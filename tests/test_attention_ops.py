@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megacp.ops import attention as attn_mod
-from megacp.ops import backends_cpu
+from megacp.ops import backends_cpu, varlen
 from megacp.ops import (
     AttentionBackend,
     attention_with_lse,
@@ -171,7 +171,7 @@ def test_lse_differentiable_attention_matches_autograd_of_the_math():
 
 
 def test_a_backend_without_backward_is_refused_when_gradients_are_needed():
-    forward_only = AttentionBackend("forward_only_test", attn_mod.per_sequence(backends_cpu._torch_seq),
+    forward_only = AttentionBackend("forward_only_test", varlen.per_sequence(backends_cpu._torch_seq),
                                     lambda device: True, priority=-1)
     register_backend(forward_only)
     try:
@@ -243,8 +243,8 @@ def test_kernel_lse_zero_and_nan_rows_are_normalised(monkeypatch):
     """A kernel returning lse 0 / NaN out for rows that see no key is normalised by attention_with_lse."""
 
     def sloppy(q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = attn_mod.per_sequence(backends_cpu._torch_seq)(q, k, v, cu_q, cu_k, causal, scale)
-        empty = ~attn_mod.rows_with_keys(cu_q, cu_k, causal, q.shape[0])
+        out, lse = varlen.per_sequence(backends_cpu._torch_seq)(q, k, v, cu_q, cu_k, causal, scale)
+        empty = ~varlen.rows_with_keys(cu_q, cu_k, causal, q.shape[0])
         out[empty] = float("nan")
         lse[empty] = 0.0
         return out, lse
@@ -260,13 +260,13 @@ def test_kernel_lse_zero_and_nan_rows_are_normalised(monkeypatch):
 
 def test_rows_with_keys():
     cu_q, cu_k = _cu([2, 3, 1, 0]), _cu([1, 0, 4, 2])
-    assert attn_mod.rows_with_keys(cu_q, cu_k, True, 6).tolist() == [False, True, False, False, False, True]
-    assert attn_mod.rows_with_keys(cu_q, cu_k, False, 6).tolist() == [True, True, False, False, False, True]
+    assert varlen.rows_with_keys(cu_q, cu_k, True, 6).tolist() == [False, True, False, False, False, True]
+    assert varlen.rows_with_keys(cu_q, cu_k, False, 6).tolist() == [True, True, False, False, False, True]
 
 
 def test_bottom_right_causal_mask():
-    assert attn_mod.bottom_right_causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
-    assert attn_mod.bottom_right_causal_mask(3, 2).tolist() == [[False, False], [True, False], [True, True]]
+    assert varlen.bottom_right_causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert varlen.bottom_right_causal_mask(3, 2).tolist() == [[False, False], [True, False], [True, True]]
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -282,7 +282,7 @@ def test_backend_selection(monkeypatch):
         select_backend("cpu")
     monkeypatch.delenv(attn_mod.ENV_BACKEND)
     monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
-    torch_varlen = attn_mod.per_sequence(backends_cpu._torch_seq)
+    torch_varlen = varlen.per_sequence(backends_cpu._torch_seq)
     register_backend(AttentionBackend("gpu_only", torch_varlen, lambda d: d.type == "cuda", 99))
     assert select_backend("cpu").name == "sdpa_cpu"  # higher priority but unavailable on CPU
     with pytest.raises(ValueError, match=r"not available on cpu.*\['sdpa_cpu', 'torch'\]"):

@@ -6,14 +6,11 @@ from megacp.ops.attention import (
     attention_with_lse,
     available_backends,
     get_backend,
-    bottom_right_causal_from_top_left,
-    bottom_right_causal_mask,
     paged_attention_with_lse,
-    per_sequence,
     register_backend,
-    rows_with_keys,
     select_backend,
 )
+from megacp.ops.varlen import bottom_right_causal_from_top_left, bottom_right_causal_mask, per_sequence, rows_with_keys
 from megacp.ops import backends_cpu as _backends_cpu  # noqa: E402,F401  (registers "torch", "sdpa_cpu")
 from megacp.ops import backends_cuda as _backends_cuda  # noqa: E402,F401  (registers "te", "cudnn", "flash")
 from megacp.ops.merge import (

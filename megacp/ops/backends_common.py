@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from megacp.ops import paged_decode
-from megacp.ops.attention import get_backend, host_cu_seqlens_or_read, key_lengths, keys_per_sequence
+from megacp.ops.attention import get_backend
+from megacp.ops.varlen import host_cu_seqlens_or_read, key_lengths, keys_per_sequence
 from megacp.ops.attention_grad import needs_grad
 
 _HALF = (torch.float16, torch.bfloat16)

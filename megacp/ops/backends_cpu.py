@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megacp.ops.attention import (
-    AttentionBackend,
+from megacp.ops.attention import AttentionBackend, register_backend
+from megacp.ops.varlen import (
     bottom_right_causal_from_top_left,
     bottom_right_causal_mask,
     cat_results,
     empty_lse,
     per_sequence,
-    register_backend,
     segments,
 )
 from megacp.ops.attention_grad import differentiable

@@ -41,7 +41,8 @@ import os
 import torch
 from torch import Tensor
 
-from megacp.ops.attention import AttentionBackend, bottom_right_causal_from_top_left, register_backend
+from megacp.ops.attention import AttentionBackend, register_backend
+from megacp.ops.varlen import bottom_right_causal_from_top_left
 from megacp.ops.attention_grad import AutogradCall, differentiable, lse_differentiable_attention, needs_grad
 from megacp.ops.backends_common import (  # noqa: F401  (fused_shapes_ok, lse_rows, padded_v_dim: public here too)
     _any_v_dim,
