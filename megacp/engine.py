@@ -20,11 +20,11 @@ makes the same scheduling decisions, so all ranks build the same step and call t
    with ``NONFINITE_TOKEN`` on the device, so the flag rides in the step's one read-back of the ids, and the
    broadcast makes the verdict the same on every rank.
 
-**Async scheduling** (``LLMEngine(async_scheduling=True)``, the default; as vLLM's ``async_scheduling``): the host schedules and
-launches step N+1 while step N runs on the device, for consecutive greedy pure-decode steps of requests past their
-prompt. Step N+1's input ids are step N's agreed ids, gathered on the device (no host round-trip); it is launched
-(graph replay or eager) before the host reads step N's ids back, and then the host processes step N (outputs, stops,
-frees). A request that ends by length at step N is known on the host and is left out of step N+1; one that hits EOS
+**Async scheduling** (``LLMEngine(async_scheduling=True)``, the default; as vLLM's ``async_scheduling``): the host
+schedules and launches step N+1 while step N runs on the device, for consecutive greedy pure-decode steps of requests
+past their prompt. Step N+1's input ids are step N's agreed ids, gathered on the device (no host round-trip); it is
+launched (graph replay or eager) before the host reads step N's ids back, and then the host processes step N (outputs,
+stops, frees). A request that ends by length at step N is known on the host and is left out of step N+1; one that hits EOS
 (or NaN/inf) at step N was computed in step N+1 too: that row is discarded (its KV slot lies inside the request's
 reservation) and the request freed. Every step keeps its one read-back (two pinned buffers alternate). Prefill and
 mixed steps run synchronously: the pipeline drains first, and so it does when a waiting request could be admitted
