@@ -11,8 +11,9 @@ default 4) and random weights, in bfloat16; ``--override KEY=VALUE`` changes any
 - decode tokens/s at each ``--batch`` (prompts of ``--decode-prompt-len`` tokens, ``--new-tokens`` generated, greedy;
   tokens/s counts only the steps after the first token),
 - ``ttft_ratio = megacp / transformers`` (target ≤ 0.98) and ``decode_speedup = megacp / transformers`` (≥ 2.0),
-  and the same for every peer in ``vs``: ``transformers`` (eager, dynamic cache) and ``transformers-static`` (static
-  cache, decode forward compiled by ``generate``: CUDA graphs; its compile time is ``compile_s``, not in tokens/s),
+  and the same for every peer in ``vs``: ``transformers`` (eager, dynamic cache), ``transformers-static`` (static
+  cache, decode forward compiled by ``generate``: CUDA graphs; its compile time is ``compile_s``, not in tokens/s)
+  and ``megacp-sync`` (megacp with every step synchronous: the same-run gain of async scheduling),
 - ``weight_read_fraction``: per megacp decode step, the bytes that must be read (all weights + the batch's KV) over
   the step time, as a fraction of the device-to-device copy bandwidth measured in the same run (the higher of a
   reading before the engines and one after megacp's decode, both in ``copy_bandwidth_readings``: the physical limit
@@ -278,7 +279,7 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-ENGINES = ("megacp", "transformers", "transformers-static")
+ENGINES = ("megacp", "megacp-sync", "transformers", "transformers-static")
 
 
 def decode_kernel_counts(model, prompt: list[int], layers: int, steps: int = 8) -> dict:
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json-out", default=None)
     p.add_argument("--engines", nargs="+", default=["megacp", "transformers"], choices=list(ENGINES),
-                   help="transformers-static: static cache + the decode forward compiled by generate (CUDA)")
+                   help="transformers-static: static cache + the decode forward compiled by generate (CUDA); "
+                        "megacp-sync: megacp with --no-async-scheduling, a peer (same-run A/B of async scheduling)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one prefill and decode")
     p.add_argument("--count-kernels", action="store_true",
                    help="megacp: kernels per batch-1 decode step with the fused decode kernels on and off (CUDA)")
@@ -413,12 +415,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path, config, args.device)
         for name in args.engines:
-            if name == "megacp":
+            if name in ("megacp", "megacp-sync"):  # megacp-sync: the same engine, every step synchronous
                 blocks = max(max(args.batch) * -(-(args.decode_prompt_len + args.new_tokens) // 16),
                              -(-max_len // 16)) + 16
                 eng = Megacp(path, max_batched=max(args.prompt_lens + [args.decode_prompt_len * max(args.batch)]),
                              num_blocks=blocks, enforce_eager=args.enforce_eager, device=args.device,
-                             async_scheduling=args.async_scheduling)
+                             async_scheduling=args.async_scheduling and name == "megacp")
             elif name == "transformers-static":
                 eng = HFStatic(path, args.device, decode_cache_len=args.decode_prompt_len + args.new_tokens)
             else:

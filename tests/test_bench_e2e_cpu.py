@@ -37,9 +37,12 @@ def test_e2e_cpu_reports_every_peer(tmp_path):
     out = tmp_path / "e2e.json"
     result = e2e.main(["--device", "cpu", "--layers", "1", "--override", *TINY, "--prompt-lens", "24", "--batch", "2",
                        "--decode-prompt-len", "12", "--new-tokens", "5", "--reps", "1",
-                       "--engines", "megacp", "transformers", "transformers-static", "--json-out", str(out)])
-    assert json.loads(out.read_text())["vs"].keys() == {"transformers", "transformers-static"}
+                       "--engines", "megacp", "megacp-sync", "transformers", "transformers-static", "--json-out",
+                       str(out)])
+    assert json.loads(out.read_text())["vs"].keys() == {"megacp-sync", "transformers", "transformers-static"}
     res = result["results"]
+    assert res["megacp"]["async_scheduling"]["async_steps"] > 0 and "async_scheduling" not in res["megacp-sync"]
+    assert result["vs"]["megacp-sync"]["greedy_agreement_first_8"] == 8  # async: the synchronous engine's ids
     for name in ("megacp", "transformers", "transformers-static"):
         assert res[name]["decode_tokens_per_s"][2] > 0 and res[name]["ttft_s"][24] > 0
     static = res["transformers-static"]
