@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = {}
     # the copy bandwidth read before any engine and again after megacp's decode: the limit is the higher reading
     # (one reading alone moved by 3% between runs on one card)
-    bw_start = copy_bandwidth() if args.device == "cuda" else None
+    bw_start = copy_bandwidth() if args.device == "cuda" and "megacp" in args.engines else None
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path, config, args.device)
         for name in args.engines:

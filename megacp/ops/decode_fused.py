@@ -156,6 +156,15 @@ if triton is not None:
         tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def last_to_arrive(counter, num_programs):
+        """Called by each of ``num_programs`` programs after its stores: True in the last one to arrive at the int32
+        ``counter`` (0 before), which then sees every other program's stores and must reset the counter to 0
+        (``tl.atomic_xchg(counter, 0)``) for the next launch. The barrier orders this program's stores before its
+        arrival; acq_rel makes the others' visible to the last one."""
+        tl.debug_barrier()
+        return tl.atomic_add(counter, 1, sem="acq_rel") == num_programs - 1
+
+    @triton.jit
     def _rope_cache_kernel(
         qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         stride_row, stride_cos, stride_sin,

@@ -17,7 +17,7 @@ from megacp.ops import paged_decode
 from megacp.ops.decode_fused import pdl_options, tl, triton
 
 if triton is not None:
-    from megacp.ops.decode_fused import wait_for_previous_kernel
+    from megacp.ops.decode_fused import last_to_arrive, wait_for_previous_kernel
 
 _BLOCK = 4096  # columns per program (a 128k vocabulary: 32 programs per row)
 
@@ -68,9 +68,7 @@ if triton is not None:
         tl.store(val_ptr + part, m)
         tl.store(idx_ptr + part, first)
         tl.store(bad_ptr + part, bad)
-        tl.debug_barrier()  # this program's stores before its arrival
-        arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
-        if arrived == chunks - 1:  # the last chunk of the row to arrive reduces the row's chunks
+        if last_to_arrive(counter_ptr + row, chunks):  # the row's last chunk to arrive reduces the row's chunks
             c = tl.arange(0, CHUNKS_PAD)
             c_ok = c < chunks
             vals = tl.load(val_ptr + row * chunks + c, mask=c_ok, other=float("-inf"), cache_modifier=".cg")

@@ -21,7 +21,7 @@ from torch import Tensor
 from megacp.ops.decode_fused import pdl_options, tl, triton
 
 if triton is not None:
-    from megacp.ops.decode_fused import wait_for_previous_kernel
+    from megacp.ops.decode_fused import last_to_arrive, wait_for_previous_kernel
 
 _CHUNK = 16  # partials loaded at once
 MAX_INTO = 4  # partials merge_into takes in one launch
@@ -189,12 +189,10 @@ if triton is not None:
         # part_lse_rows: [ROWS] pointers to split 0's partial LSE (split s at + s * stride_ls)
         # part_rows: [ROWS, COLS] pointers to split 0's float32 partial output (split s at + s * stride_ps)
         # rows_ok: [ROWS], cols_ok: [COLS] masks -> out_rows [ROWS, COLS], lse_rows [ROWS] pointers, written
-        Empty partials (lse -inf) weigh 0 and are not read; rows with none give out 0 and lse -inf. The barrier
-        orders this program's stores before its arrival; acq_rel makes the others' visible to the last one.
+        Empty partials (lse -inf) weigh 0 and are not read; rows with none give out 0 and lse -inf
+        (``decode_fused.last_to_arrive`` says who is last).
         """
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
+        if last_to_arrive(counter, num_splits):
             m = tl.full([ROWS], float("-inf"), tl.float32)
             for s_i in range(0, num_splits):
                 m = tl.maximum(m, tl.load(part_lse_rows + s_i * stride_ls, mask=rows_ok, other=float("-inf"),
